@@ -1,0 +1,71 @@
+"""QuantLinear: a frozen GPTQ-packed linear layer (the base that LoRA adapters wrap)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows
+from gptqlora.kernels.autograd import quant_matmul
+from gptqlora.kernels.reference import dequantize
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: the autocast dtype when autocast is on, else x's own."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W) + bias, with W packed in the GPTQ layout (zeros held as v2, true zeros).
+
+    Buffers: qweight int32 [K*b/32, N], qzeros int32 [G, N*b/32], scales fp16 [G, N], g_idx int32 [K],
+    bias [N] (optional). Nothing here is trainable; the gradient flows to the input only.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.spec = GPTQSpec(in_features, out_features, bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        shapes = self.spec.shapes()
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", self.spec.default_g_idx().to(device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense W [K, N] (input-major, as in x @ W)."""
+        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                   group_size: int, bits: int, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Build from unpacked codes [K, N], scales [G, N], true zeros [G, N], g_idx [K]."""
+        k, n = codes.shape
+        layer = cls(k, n, bits, group_size, bias=bias is not None, device="cpu")
+        layer.qweight = pack_rows(codes.cpu(), bits)
+        layer.qzeros = pack_cols(zeros.cpu(), bits)
+        layer.scales = scales.detach().cpu().to(torch.float16)
+        layer.g_idx = g_idx.cpu().to(torch.int32)
+        if bias is not None:
+            layer.bias = bias.detach().cpu().to(torch.float16)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
+        y = quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)  # (..., N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

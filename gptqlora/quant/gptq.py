@@ -1,0 +1,128 @@
+"""GPTQ for one linear layer (Frantar et al. 2022), with the add_batch / quantize protocol.
+
+    g = GPTQ(layer.weight)            # W [N, K]
+    for x in calibration_inputs:      # x (..., K): what the layer sees
+        g.add_batch(x)
+    result = g.quantize(bits=4, group_size=128, desc_act=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from gptqlora.quant.quantizer import QuantResult, dequant, find_params, quantize
+
+log = logging.getLogger(__name__)
+
+
+class GPTQ:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()  # (N, K)
+        self.columns = weight.shape[1]
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=weight.device)
+        self.nsamples = 0  # rows (tokens) seen
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Accumulate H = (2/n) * sum over tokens of x x^T, in fp32, as a running mean."""
+        x = inp.detach().reshape(-1, self.columns).to(self.H.device, torch.float32)  # (T, K)
+        t = x.shape[0]
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        x = math.sqrt(2 / self.nsamples) * x
+        self.H += x.t() @ x
+
+    def _inverse_cholesky(self, H: torch.Tensor, damp: float) -> torch.Tensor:
+        """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp until it exists."""
+        mean_diag = torch.mean(torch.diag(H))
+        eye = torch.eye(H.shape[0], device=H.device)
+        d = damp
+        while True:
+            try:
+                L = torch.linalg.cholesky(H + d * mean_diag * eye)
+                hinv = torch.cholesky_inverse(L)
+                return torch.linalg.cholesky(hinv, upper=True)
+            except torch.linalg.LinAlgError:
+                if d >= 1.0:
+                    raise RuntimeError(f"GPTQ: Hessian not positive definite even with damp={d:.2f}; "
+                                       f"use more (or more varied) calibration data") from None
+                d = round(d + 0.01, 4)
+                log.warning("GPTQ: Cholesky failed, raising damp to %.2f", d)
+
+    @torch.no_grad()
+    def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                 static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
+                 mse: bool = False) -> QuantResult:
+        if self.nsamples == 0:
+            raise RuntimeError("GPTQ.quantize() called before any add_batch()")
+        maxq = 2**bits - 1
+        W = self.weight.to(self.H.device, torch.float32).clone()  # (N, K)
+        n, k = W.shape
+        gs = k if group_size == -1 else group_size
+        H, self.H = self.H, None  # free as we go
+
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        static = None
+        if static_groups and group_size != -1:  # parameters from the original (unupdated) weights
+            static = [find_params(W[:, s:s + gs], bits, sym, mse) for s in range(0, k, gs)]
+
+        perm = None
+        if desc_act:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        Hinv = self._inverse_cholesky(H, damp)
+        del H
+
+        Q = torch.zeros_like(W)
+        losses = torch.zeros(n, device=W.device)
+        scales, zeros = [], []
+        scale = zero = None
+        if group_size == -1:
+            scale, zero = find_params(W, bits, sym, mse)
+            scales.append(scale)
+            zeros.append(zero)
+
+        for i1 in range(0, k, block_size):
+            i2 = min(i1 + block_size, k)
+            W1 = W[:, i1:i2].clone()  # (N, B), updated in place below
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if group_size != -1:
+                    if static is not None:
+                        scale, zero = static[(int(perm[col]) if perm is not None else col) // gs]
+                    elif col % gs == 0:  # group params from the already-updated weights
+                        upcoming = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                        scale, zero = find_params(upcoming, bits, sym, mse)
+                        scales.append(scale)
+                        zeros.append(zero)
+                w, d = W1[:, i], Hinv1[i, i]
+                q = quantize(w, scale, zero, maxq)
+                Q[:, col] = q
+                err = (w - dequant(q, scale, zero)) / d
+                losses += err.pow(2) / 2
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the remaining columns
+
+        if static is not None:
+            scales, zeros = [s for s, _ in static], [z for _, z in static]
+        g_idx = torch.arange(k, device=W.device) // gs
+        if perm is not None:
+            invperm = torch.argsort(perm)
+            Q = Q[:, invperm]
+            if static is None:  # groups follow the processing order
+                g_idx = g_idx[invperm]
+        return QuantResult(
+            codes=Q.t().to(torch.int32).contiguous(),
+            scales=torch.stack(scales).half(),
+            zeros=torch.stack(zeros).to(torch.int32),
+            g_idx=g_idx.to(torch.int32),
+            error=float(losses.sum()),
+        )
