@@ -139,3 +139,23 @@ def encode_chat(
         "attention_mask": [1] * min(len(input_ids), cutoff_len),
         "labels": labels[:cutoff_len],
     }
+
+
+def encode_record(
+    tokenizer: Any,
+    record: dict[str, Any],
+    kind: str,
+    template: Any,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    where: str | None = None,
+) -> dict[str, list[int]]:
+    """Encode a validated record of ``kind`` ("alpaca" | "cot" | "chat") with ``template`` (a PromptTemplate).
+
+    Chat records ignore ``template`` and use the tokenizer's chat template.
+    """
+    if kind == "chat":
+        return encode_chat(tokenizer, record["messages"], cutoff_len, train_on_inputs, where=where)
+    return encode_example(
+        tokenizer, template.prompt(record), template.response(record), cutoff_len, train_on_inputs, where=where
+    )

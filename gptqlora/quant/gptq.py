@@ -54,7 +54,7 @@ class GPTQ:
     @torch.no_grad()
     def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                  static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
-                 mse: bool = False) -> QuantResult:
+                 mse: bool = False, min_zero: int = 0) -> QuantResult:
         if self.nsamples == 0:
             raise RuntimeError("GPTQ.quantize() called before any add_batch()")
         maxq = 2**bits - 1
@@ -69,7 +69,7 @@ class GPTQ:
 
         static = None
         if static_groups and group_size != -1:  # parameters from the original (unupdated) weights
-            static = [find_params(W[:, s:s + gs], bits, sym, mse) for s in range(0, k, gs)]
+            static = [find_params(W[:, s:s + gs], bits, sym, mse, min_zero) for s in range(0, k, gs)]
 
         perm = None
         if desc_act:
@@ -83,7 +83,7 @@ class GPTQ:
         scales, zeros = [], []
         scale = zero = None
         if group_size == -1:
-            scale, zero = find_params(W, bits, sym, mse)
+            scale, zero = find_params(W, bits, sym, mse, min_zero)
             scales.append(scale)
             zeros.append(zero)
 
@@ -99,7 +99,7 @@ class GPTQ:
                         scale, zero = static[(int(perm[col]) if perm is not None else col) // gs]
                     elif col % gs == 0:  # group params from the already-updated weights
                         upcoming = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
-                        scale, zero = find_params(upcoming, bits, sym, mse)
+                        scale, zero = find_params(upcoming, bits, sym, mse, min_zero)
                         scales.append(scale)
                         zeros.append(zero)
                 w, d = W1[:, i], Hinv1[i, i]

@@ -28,9 +28,12 @@ class QuantResult:
         return ((self.codes.float() - self.zeros.float()[g]) * self.scales.float()[g]).t()
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100,
+def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, min_zero: int = 0, grid: int = 100,
                 maxshrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero per row of w [N, k]. The range always includes 0; `mse` searches shrunken ranges."""
+    """Scale and zero per row of w [N, k]. The range always includes 0; `mse` searches shrunken ranges.
+
+    `min_zero=1` keeps asymmetric zeros off 0, which the v1 checkpoint format cannot store.
+    """
     maxq = 2**bits - 1
     w = w.float()
     xmin = w.min(1).values.clamp(max=0)
@@ -46,7 +49,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: 
         if sym:
             zero = torch.full_like(scale, (maxq + 1) // 2)
         else:
-            zero = torch.round(-lo / scale).clamp(0, maxq)
+            zero = torch.round(-lo / scale).clamp(min_zero, maxq)
         return scale, zero
 
     scale, zero = params(xmin, xmax)
@@ -81,7 +84,7 @@ def group_starts(k: int, group_size: int) -> list[int]:
 
 
 def rtn(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
-        mse: bool = False) -> QuantResult:
+        mse: bool = False, min_zero: int = 0) -> QuantResult:
     """Round-to-nearest per group: W [N, K] -> QuantResult."""
     w = weight.float()
     n, k = w.shape
@@ -90,7 +93,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True
     codes, scales, zeros = [], [], []
     for s in group_starts(k, group_size):
         wg = w[:, s:s + gs]
-        scale, zero = find_params(wg, bits, sym, mse)
+        scale, zero = find_params(wg, bits, sym, mse, min_zero)
         codes.append(quantize(wg, scale, zero, maxq))
         scales.append(scale)
         zeros.append(zero)

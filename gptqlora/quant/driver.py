@@ -1,0 +1,231 @@
+"""Layer-by-layer quantization of a Hugging Face causal LM, streaming one block at a time.
+
+Only the embeddings, the final norm, lm_head and one decoder block are in memory at once: each block's
+weights are read from the (sharded) safetensors source, quantized group by group in true-sequential order
+(qkv -> o -> gate/up -> down), its quantized outputs become the next block's inputs, and its packed tensors
+are written out before the next block is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from gptqlora.formats.gptq import FORMAT_V1, pack_multiple
+from gptqlora.nn.quant_linear import QuantLinear
+from gptqlora.quant.checkpoint import packed_state, write_configs
+from gptqlora.quant.config import QuantConfig
+from gptqlora.quant.gptq import GPTQ
+from gptqlora.quant.io import CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir, copy_side_files
+from gptqlora.quant.model_utils import build_empty_model, decoder_layers, linear_groups
+from gptqlora.quant.quantizer import QuantResult, rtn
+
+log = logging.getLogger(__name__)
+
+
+class TensorSource(Protocol):
+    """Where the fp weights come from: a safetensors dir, or a merge that computes them on the fly."""
+
+    def keys(self) -> list[str]: ...
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
+
+
+@dataclass
+class QuantizeReport:
+    config: dict
+    calibration: dict
+    modules: dict[str, dict] = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[tuple[torch.Tensor, dict]] = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.inputs.append((hidden_states, kwargs))
+        raise _Caught
+
+
+class _Caught(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, samples: list[torch.Tensor],
+                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float16,
+                   method: str = "gptq", source: TensorSource | None = None, overwrite: bool = False,
+                   max_shard_size: int | str = "2GB", progress: bool = True) -> QuantizeReport:
+    """Quantize the model in `model_dir` (its config; weights from its safetensors or from `source`).
+
+    `method` is "gptq" or "rtn". Writes a GPTQ checkpoint (+ tokenizer files and quant_report.json) to
+    `out_dir` atomically and returns the report.
+    """
+    t0 = time.time()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work_dtype = torch.float32 if device.type == "cpu" else dtype  # fp16 matmuls are slow on CPU
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        raise CheckpointError(f"{model_dir}: this model is already quantized (config.json has "
+                              f"quantization_config); start from the fp16/bf16 model")
+    src = source if source is not None else SafetensorsSource(model_dir)
+    model = build_empty_model(config, work_dtype)
+    layers_name, layers = decoder_layers(model)
+    report = QuantizeReport(config=qcfg.to_dict(), calibration={
+        "nsamples": len(samples), "tokens": int(sum(s.numel() for s in samples))})
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_size)
+        _load_outside_blocks(model, src, layers_name, device, work_dtype, writer, dtype)
+        inputs = _capture_block_inputs(model, layers, samples)
+        bar = tqdm(range(len(layers)), desc="quantizing blocks", unit="block", disable=not progress)
+        for i in bar:
+            prefix = f"{layers_name}.{i}"
+            block = _load_block(layers[i], src, prefix, device, work_dtype)
+            fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, method, report)
+            with torch.no_grad():
+                inputs = [(_first(block(h, **kw)), kw) for h, kw in inputs]  # quantized outputs feed block i+1
+            err = _relative_error([h for h, _ in inputs], fp_out)
+            report.blocks.append({"index": i, "rel_output_error": err})
+            bar.set_postfix(rel_err=f"{err:.4f}")
+            log.info("block %d: relative output error %.5f", i, err)
+            for name, t in block.state_dict().items():
+                full = f"{prefix}.{name}"
+                if not any(full in (f"{p}.weight", f"{p}.bias") for p in packed):
+                    writer.add(full, t.to(dtype) if t.is_floating_point() else t)
+            for name, layer in packed.items():
+                for k, v in packed_state(name, layer, qcfg.format).items():
+                    writer.add(k, v)
+            layers[i].to("meta")  # free the block before reading the next
+        writer.close()
+        write_configs(tmp, config.to_dict(), qcfg)
+        copy_side_files(model_dir, tmp)
+        report.seconds = round(time.time() - t0, 2)
+        (tmp / "quant_report.json").write_text(report.to_json())
+    return report
+
+
+def _load_outside_blocks(model: nn.Module, src: TensorSource, layers_name: str, device: torch.device,
+                         work_dtype: torch.dtype, writer: ShardedWriter, dtype: torch.dtype) -> None:
+    """Embeddings, final norm, lm_head: load for the forward pass and write them out as they are."""
+    state = {}
+    for k in src.keys():
+        if k.startswith(layers_name + "."):
+            continue
+        t = src.get(k, device)
+        writer.add(k, t.to(dtype) if t.is_floating_point() else t)
+        state[k] = t.to(work_dtype) if t.is_floating_point() else t
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" and not name.startswith(layers_name + "."):
+            raise CheckpointError(f"the checkpoint has no tensor '{name}'")
+    for mod in model.modules():  # non-persistent buffers (rotary inv_freq) live on CPU until now
+        for bname, b in mod.named_buffers(recurse=False):
+            if b.device.type != "meta":
+                setattr(mod, bname, b.to(device))
+
+
+def _capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
+                          samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """Run the embeddings on each sample and record what block 0 receives (hidden states + kwargs)."""
+    device = next(p.device for p in model.get_input_embeddings().parameters())
+    first, catcher = layers[0], _Catcher()
+    layers[0] = catcher
+    try:
+        for ids in samples:
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids.to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        layers[0] = first
+    return catcher.inputs
+
+
+def _load_block(block: nn.Module, src: TensorSource, prefix: str, device: torch.device,
+                work_dtype: torch.dtype) -> nn.Module:
+    expected = set(block.state_dict())
+    state = {}
+    for name in expected:
+        t = src.get(f"{prefix}.{name}", device)
+        state[name] = t.to(work_dtype) if t.is_floating_point() else t
+    block.load_state_dict(state, strict=True, assign=True)
+    return block
+
+
+def _module_cfg(qcfg: QuantConfig, name: str, linear: nn.Linear) -> dict | None:
+    """This module's quantization settings, or None when it stays in full precision."""
+    mcfg = qcfg.for_module(name)
+    if mcfg is None:
+        return None
+    m = pack_multiple(mcfg["bits"])
+    if linear.in_features % m or linear.out_features % m:
+        log.warning("%s: shape %dx%d cannot be packed at %d bit (needs multiples of %d); kept in full "
+                    "precision", name, linear.out_features, linear.in_features, mcfg["bits"], m)
+        return None
+    return mcfg
+
+
+def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tensor, dict]], qcfg: QuantConfig,
+                    method: str, report: QuantizeReport) -> tuple[list[torch.Tensor], dict[str, QuantLinear]]:
+    """Quantize the block's linears group by group; their weights are replaced by the dequantized ones so
+    later groups see quantized outputs. Returns (the block's full-precision outputs, packed layers)."""
+    fp_out: list[torch.Tensor] = []
+    packed: dict[str, QuantLinear] = {}
+    min_zero = 1 if (qcfg.format == FORMAT_V1 and not qcfg.sym) else 0  # v1 cannot store a zero of 0
+    for gi, group in enumerate(linear_groups(block, qcfg.true_sequential)):
+        todo = {n: (block.get_submodule(n), _module_cfg(qcfg, f"{prefix}.{n}", block.get_submodule(n)))
+                for n in group}
+        todo = {n: (lin, cfg) for n, (lin, cfg) in todo.items() if cfg is not None}
+        solvers = {n: GPTQ(lin.weight) for n, (lin, _) in todo.items()}
+        hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
+                 for n, (lin, _) in todo.items()]
+        with torch.no_grad():
+            for h, kw in inputs:
+                out = _first(block(h, **kw))
+                if gi == 0:
+                    fp_out.append(out)
+        for hk in hooks:
+            hk.remove()
+        for n, (lin, cfg) in todo.items():
+            t = time.time()
+            if method == "rtn":
+                res = rtn(lin.weight, cfg["bits"], cfg["group_size"], cfg["sym"], qcfg.mse, min_zero)
+            else:
+                res = solvers[n].quantize(cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"],
+                                          qcfg.static_groups, qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero)
+            solvers[n] = None  # free the Hessian
+            lin.weight.data = res.dequantize().to(lin.weight.dtype)
+            report.modules[f"{prefix}.{n}"] = {"bits": cfg["bits"], "group_size": cfg["group_size"],
+                                               "error": res.error, "seconds": round(time.time() - t, 3)}
+            packed[f"{prefix}.{n}"] = QuantLinear.from_codes(res.codes, res.scales, res.zeros, res.g_idx,
+                                                             cfg["group_size"], cfg["bits"], bias=lin.bias)
+    return fp_out, packed
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    num = sum(float((g.float() - w.float()).pow(2).sum()) for g, w in zip(got, want))
+    den = sum(float(w.float().pow(2).sum()) for w in want)
+    return (num / den) ** 0.5 if den else 0.0

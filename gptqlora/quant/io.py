@@ -1,0 +1,190 @@
+"""Safetensors I/O: a validated reader over (sharded) checkpoints and an atomic, sharded writer.
+
+Only safetensors are read: pickled `.bin`/`.pt` weights are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not match what it claims to be."""
+
+
+class SafetensorsSource:
+    """Read tensors by name from a model dir holding model.safetensors or an index with shards.
+
+    Every file's header is checked when the source opens, so a truncated or corrupt file fails at once,
+    naming the file, before any work starts. Tensors are read one at a time (memory-mapped).
+    """
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such directory")
+        self.key_to_file: dict[str, Path] = {}
+        for f in self._files():
+            try:
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        self.key_to_file[k] = f
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); "
+                                      f"re-download or re-create it") from None
+        if not self.key_to_file:
+            raise CheckpointError(f"{self.dir}: the safetensors files hold no tensors")
+        self._open: dict[Path, object] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({self.dir / v for v in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if files:
+            return files
+        pickled = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickled:
+            raise CheckpointError(f"{self.dir}: only pickled weights ({', '.join(sorted(pickled))}); gptqlora "
+                                  f"reads safetensors only. Convert them with transformers: "
+                                  f"from_pretrained(...).save_pretrained(dir, safe_serialization=True)")
+        raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        f = self.key_to_file.get(key)
+        if f is None:
+            raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
+        if f not in self._open:
+            self._open[f] = safe_open(f, framework="pt")
+        try:
+            t = self._open[f].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor '{key}' ({e})") from None
+        return t.to(device)
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self.key_to_file if k.startswith(prefix)]
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' / '500MB' / int bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class ShardedWriter:
+    """Write tensors into safetensors shards of at most `max_shard_size`, as they come (streaming).
+
+    Shards are named model-0000i-of-0000n.safetensors with an index, or model.safetensors when one suffices.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_size: int | str = "2GB") -> None:
+        self.dir = Path(out_dir)
+        self.limit = parse_size(max_shard_size)
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + nbytes > self.limit:
+            self.flush()
+        self.buffer[name] = tensor.detach().to("cpu").contiguous()
+        self.buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.dir / f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Finish writing; returns the weight file names."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            self.shards[0][0].rename(self.dir / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (path, keys) in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.dir / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return names
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    Nothing is left half-written: a failed run leaves `out_dir` as it was.
+    """
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def copy_side_files(src: str | Path, dst: str | Path,
+                    skip: tuple[str, ...] = ("config.json", "quantize_config.json", "quant_config.json",
+                                             "quant_report.json", INDEX_NAME)) -> list[str]:
+    """Copy tokenizer and other small side files (not weights, not configs we rewrite)."""
+    copied = []
+    for p in Path(src).iterdir():
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in skip and not p.name.startswith("."):
+            shutil.copy2(p, Path(dst) / p.name)
+            copied.append(p.name)
+    return copied
