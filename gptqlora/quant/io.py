@@ -47,7 +47,6 @@ class SafetensorsSource:
                                       f"re-download or re-create it") from None
         if not self.key_to_file:
             raise CheckpointError(f"{self.dir}: the safetensors files hold no tensors")
-        self._open: dict[Path, object] = {}
 
     def _files(self) -> list[Path]:
         index = self.dir / INDEX_NAME
@@ -81,10 +80,9 @@ class SafetensorsSource:
         f = self.key_to_file.get(key)
         if f is None:
             raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
-        if f not in self._open:
-            self._open[f] = safe_open(f, framework="pt")
-        try:
-            t = self._open[f].get_tensor(key)
+        try:  # opened per read: a mapping kept open would keep every page read so far resident
+            with safe_open(f, framework="pt") as h:
+                t = h.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: cannot read tensor '{key}' ({e})") from None
         return t.to(device)

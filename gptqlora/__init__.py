@@ -1,0 +1,32 @@
+"""gptqlora: fine-tune GPTQ-quantized LLMs with LoRA, then merge, export and chat.
+
+Public API (imported lazily so `import gptqlora` stays light):
+    load_quantized(path, device=None, dtype=torch.float16) -> transformers model with QuantLinear layers
+    get_peft_model(model, config) -> PeftModel with GPTQ-LoRA adapters
+    load_adapter(model, adapter_dir) -> PeftModel
+    load_run(run_dir, device=None, dtype=None) -> quantized base + the run's adapter
+"""
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_quantized": "gptqlora.quant.checkpoint",
+    "save_quantized": "gptqlora.quant.checkpoint",
+    "QuantConfig": "gptqlora.quant.config",
+    "QuantLinear": "gptqlora.nn.quant_linear",
+    "GPTQLoraConfig": "gptqlora.adapters.config",
+    "get_peft_model": "gptqlora.adapters.model",
+    "load_adapter": "gptqlora.adapters.model",
+    "load_run": "gptqlora.run",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'gptqlora' has no attribute {name!r}")
+
+
+__all__ = list(_API)

@@ -1,0 +1,16 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved tiny random LLaMA with a character tokenizer."""
+    from tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "fp")

@@ -1,0 +1,89 @@
+"""GPTQ vs RTN on the layers of a tiny random LLaMA, with the inputs those layers really see."""
+
+import pytest
+import torch
+
+from gptqlora.quant.gptq import GPTQ
+from gptqlora.quant.quantizer import find_params, rtn
+from tiny import calibration_samples, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def layer_and_inputs():
+    model = tiny_llama(layers=1, hidden=128, intermediate=256)
+    lin = model.model.layers[0].mlp.down_proj  # K = 256
+    seen = []
+    h = lin.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for s in calibration_samples(16, 64):
+            model(s)
+    h.remove()
+    return lin.weight.detach().clone(), torch.cat(seen)
+
+
+def output_error(w, x, res):
+    return float((x @ w.t() - x @ res.dequantize().t()).pow(2).mean())
+
+
+def gptq(w, x, bits, **kw):
+    g = GPTQ(w)
+    for chunk in x.split(256):
+        g.add_batch(chunk)
+    return g.quantize(bits, **kw)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn(layer_and_inputs, bits):
+    w, x = layer_and_inputs
+    assert output_error(w, x, gptq(w, x, bits, group_size=64)) < output_error(w, x, rtn(w, bits, 64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_act_order_and_small_groups_do_not_lose(layer_and_inputs, bits):
+    w, x = layer_and_inputs
+    plain = output_error(w, x, gptq(w, x, bits, group_size=128))
+    fancy = output_error(w, x, gptq(w, x, bits, group_size=32, desc_act=True))
+    assert fancy <= plain * 1.01
+
+
+def test_act_order_g_idx_and_static_groups(layer_and_inputs):
+    w, x = layer_and_inputs
+    res = gptq(w, x, 4, group_size=32, desc_act=True)
+    assert res.scales.shape == (8, 128) and sorted(res.g_idx.bincount().tolist()) == [32] * 8
+    assert not torch.equal(res.g_idx, torch.arange(256) // 32)  # groups follow the Hessian order
+    static = gptq(w, x, 4, group_size=32, desc_act=True, static_groups=True)
+    assert torch.equal(static.g_idx, (torch.arange(256) // 32).int())
+
+
+@pytest.mark.parametrize("group_size", [-1, 100])
+def test_odd_group_sizes_and_asym(layer_and_inputs, group_size):
+    w, x = layer_and_inputs
+    res = gptq(w, x, 3, group_size=group_size, sym=False)
+    assert res.scales.shape[0] == (1 if group_size == -1 else 3)
+    assert res.codes.min() >= 0 and res.codes.max() <= 7
+    assert output_error(w, x, res) < output_error(w, x, rtn(w, 3, group_size, sym=False))
+
+
+def test_dead_columns_and_auto_damping():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    x = torch.randn(8, 64)  # rank 8: H is singular
+    x[:, 5] = 0  # a dead input channel
+    g = GPTQ(w)
+    g.add_batch(x)
+    res = g.quantize(4, group_size=32, damp=0.0)
+    assert torch.isfinite(res.dequantize()).all()
+    assert torch.all(res.dequantize()[:, 5] == 0)
+
+
+def test_mse_search_lowers_weight_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) ** 3  # heavy tails: the full range wastes levels on a few weights
+    plain, clipped = rtn(w, 3, 64), rtn(w, 3, 64, mse=True)
+    assert clipped.error < plain.error
+
+
+def test_min_zero_keeps_v1_storable():
+    w = torch.rand(16, 32) + 0.5  # all positive: asymmetric zero would be 0
+    assert find_params(w, 4, sym=False)[1].min() == 0
+    assert find_params(w, 4, sym=False, min_zero=1)[1].min() == 1
