@@ -25,6 +25,7 @@ from gptqlora.nn.quant_linear import QuantLinear
 from gptqlora.quant.checkpoint import packed_state, write_configs
 from gptqlora.quant.config import QuantConfig
 from gptqlora.quant.gptq import GPTQ
+from gptqlora.quant.memory import release_freed_memory
 from gptqlora.quant.io import CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir, copy_side_files
 from gptqlora.quant.model_utils import build_empty_model, decoder_layers, linear_groups
 from gptqlora.quant.quantizer import QuantResult, rtn
@@ -117,6 +118,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
                 for k, v in packed_state(name, layer, qcfg.format).items():
                     writer.add(k, v)
             layers[i].to("meta")  # free the block before reading the next
+            del block, packed, fp_out
+            release_freed_memory()
         writer.close()
         write_configs(tmp, config.to_dict(), qcfg)
         copy_side_files(model_dir, tmp)
@@ -199,14 +202,15 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
         todo = {n: (block.get_submodule(n), _module_cfg(qcfg, f"{prefix}.{n}", block.get_submodule(n)))
                 for n in group}
         todo = {n: (lin, cfg) for n, (lin, cfg) in todo.items() if cfg is not None}
-        solvers = {n: GPTQ(lin.weight) for n, (lin, _) in todo.items()}
+        solvers = {n: GPTQ(lin.weight) for n, (lin, _) in todo.items()} if method == "gptq" else {}
         hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
-                 for n, (lin, _) in todo.items()]
-        with torch.no_grad():
-            for h, kw in inputs:
-                out = _first(block(h, **kw))
-                if gi == 0:
-                    fp_out.append(out)
+                 for n, (lin, _) in todo.items() if n in solvers]
+        if hooks or gi == 0:  # RTN needs no inputs, only the block's fp outputs for the report
+            with torch.no_grad():
+                for h, kw in inputs:
+                    out = _first(block(h, **kw))
+                    if gi == 0:
+                        fp_out.append(out)
         for hk in hooks:
             hk.remove()
         for n, (lin, cfg) in todo.items():

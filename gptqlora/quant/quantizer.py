@@ -86,7 +86,7 @@ def group_starts(k: int, group_size: int) -> list[int]:
 def rtn(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
         mse: bool = False, min_zero: int = 0) -> QuantResult:
     """Round-to-nearest per group: W [N, K] -> QuantResult."""
-    w = weight.float()
+    w = weight.detach().float()
     n, k = w.shape
     gs = k if group_size == -1 else group_size
     maxq = 2**bits - 1
