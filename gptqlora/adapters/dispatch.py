@@ -1,0 +1,19 @@
+"""The one place that tells PEFT which LoRA layer wraps which base layer.
+
+PEFT does not save this mapping with an adapter, so every gptqlora entry point that wraps or loads
+(get_peft_model, load_adapter, load_run) calls `register` on the config it passes to PEFT.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig
+
+from gptqlora.adapters.layer import GPTQLoraLinear
+from gptqlora.nn.quant_linear import QuantLinear
+
+CUSTOM_MODULES = {QuantLinear: GPTQLoraLinear}
+
+
+def register(config: LoraConfig) -> LoraConfig:
+    config._register_custom_module(CUSTOM_MODULES)
+    return config

@@ -1,0 +1,83 @@
+"""GPTQLoraLinear: trainable lora_A / lora_B beside a frozen QuantLinear, as a PEFT LoRA layer.
+
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling        (per active adapter)
+
+Several adapters can be loaded, switched and disabled like any PEFT LoRA. QA-LoRA (`use_qalora`) uses
+PEFT's own variant: the input is mean-pooled per group of `qalora_group_size` channels before lora_A, which
+is what lets `gptqlora merge` fold the adapter exactly into the quantized zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.lora import LoraConfig
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch import nn
+
+MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
+              "--to fp16|gptq` (or --exact for QA-LoRA adapters)")
+
+
+class GPTQLoraLinear(nn.Module, LoraLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if config.use_dora:
+            raise ValueError("GPTQLoraLinear does not support DoRA")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
+        limit = min(self.in_features, self.out_features)
+        if r > limit:
+            raise ValueError(f"LoRA rank r={r} is larger than this layer allows ({self.out_features}x"
+                             f"{self.in_features}: at most {limit}); choose a smaller --lora_r")
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        dtype = getattr(torch, getattr(config, "lora_dtype", "float32"))
+        self.lora_A[adapter_name].to(dtype)
+        self.lora_B[adapter_name].to(dtype)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> Optional[LoraVariant]:
+        if config.use_qalora:
+            from peft.tuners.lora.variants import QALoraLinearVariant
+
+            return QALoraLinearVariant()
+        return None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., N) in the compute dtype
+        if self.disable_adapters:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if name in self.lora_variant:  # QA-LoRA
+                result = self.lora_variant[name].forward(self, active_adapter=name, x=xa, result=result)
+            else:
+                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+        return result.to(out_dtype)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's dense update [N, K] (nn.Linear orientation), fp32; QA-LoRA expanded per group."""
+        a = self.lora_A[adapter].weight.float()  # (r, K) or (r, K / group) for QA-LoRA
+        b = self.lora_B[adapter].weight.float()  # (N, r)
+        if adapter in self.lora_variant:
+            gs = self.qalora_group_size[adapter]
+            pooled = self.in_features // gs
+            a = a.repeat_interleave(gs, dim=1) * (pooled / gs)  # mean-pool * pooled_features, per channel
+        return (b @ a) * self.scaling[adapter]
+
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError(MERGE_HINT)
+
+    def unmerge(self, *args, **kwargs) -> None:
+        raise NotImplementedError(MERGE_HINT)
+
+    def __repr__(self) -> str:
+        return "gptqlora." + super().__repr__()

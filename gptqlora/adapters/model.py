@@ -1,0 +1,149 @@
+"""Wrap a quantized model with GPTQ-LoRA adapters, or load saved ones.
+
+    model = gptqlora.load_quantized("llama-7b-4bit")
+    peft_model = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8))
+    ...
+    peft_model.save_pretrained("adapter/")                 # standard PEFT LoRA files
+    peft_model = gptqlora.load_adapter(model, "adapter/")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import peft
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors import safe_open
+from torch import nn
+
+from gptqlora.adapters.config import GPTQLoraConfig
+from gptqlora.adapters.dispatch import register
+from gptqlora.nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter (or its config) that does not fit the model it is used with."""
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    wrappable = (nn.Linear, QuantLinear)
+    names = [n for n, m in model.named_modules() if isinstance(m, wrappable)]
+    hit = [n for n in names if _matches(n, config.target_modules)]
+    if not hit:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise AdapterError(f"target_modules {config.target_modules} match no layer of this model; "
+                           f"its linear layers are named {leaves}")
+    if isinstance(config.target_modules, (list, set)):
+        missing = [t for t in config.target_modules if not any(_matches(n, [t]) for n in hit)]
+        if missing:
+            raise AdapterError(f"target_modules {missing} match no layer of this model")
+    for n in hit:
+        m = model.get_submodule(n)
+        limit = min(m.in_features, m.out_features)
+        r = config.rank_pattern.get(n.rsplit(".", 1)[-1], config.r) if config.rank_pattern else config.r
+        if r > limit:
+            raise AdapterError(f"LoRA rank r={r} is larger than layer {n} allows ({m.out_features}x"
+                               f"{m.in_features}: at most {limit})")
+    return hit
+
+
+def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None = None,
+                   adapter_name: str = "default") -> PeftModel:
+    """Wrap every target QuantLinear (and plain Linear) of `model` with trainable LoRA adapters.
+
+    Only `lora_*` parameters require grad; the packed base stays frozen.
+    """
+    config = config if config is not None else GPTQLoraConfig()
+    _check_targets(model, config)
+    quant_groups = {m.group_size for m in model.modules() if isinstance(m, QuantLinear)}
+    if config.use_qalora and quant_groups and quant_groups != {config.qalora_group_size}:
+        log.warning("QA-LoRA group size %d differs from the base's quantization group size %s: training "
+                    "works, but the adapter cannot be merged exactly into the zeros", config.qalora_group_size,
+                    sorted(quant_groups))
+    peft_model = peft.get_peft_model(model, register(config), adapter_name=adapter_name)
+    if getattr(config, "init_method", "default") == "svd":
+        from gptqlora.adapters.init import svd_init
+
+        svd_init(peft_model, config, adapter_name)
+    return peft_model
+
+
+def read_adapter_config(adapter_dir: str | Path) -> GPTQLoraConfig | LoraConfig:
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        bins = [p.name for p in adapter_dir.glob("adapter_model.bin")]
+        hint = " (only a pickled adapter_model.bin, which gptqlora does not load)" if bins else ""
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{hint}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type is {raw.get('peft_type')!r}; gptqlora loads LORA adapters")
+    known = GPTQLoraConfig.__dataclass_fields__
+    cls = GPTQLoraConfig if {"lora_dtype", "init_method"} & raw.keys() else LoraConfig
+    kwargs = {k: v for k, v in raw.items() if k in known}
+    if cls is GPTQLoraConfig:
+        kwargs["init_method"] = "default"  # an init already happened; loading must not redo it
+    return cls(**kwargs)
+
+
+def _check_adapter_shapes(model: nn.Module, adapter_dir: Path, config: LoraConfig) -> None:
+    """Compare the saved lora_A/lora_B shapes with the model's layers before PEFT sees them."""
+    with safe_open(adapter_dir / ADAPTER_WEIGHTS, framework="pt") as f:
+        for key in f.keys():
+            m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if not m:
+                continue
+            name, which = m.groups()
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise AdapterError(f"{adapter_dir}: the adapter has weights for '{name}', which this model "
+                                   f"does not have (adapter for another base model?)") from None
+            layer = getattr(layer, "base_layer", layer)
+            shape = tuple(f.get_slice(key).get_shape())
+            if which == "B" and shape[0] != layer.out_features or which == "A" and not config.use_qalora \
+                    and shape[1] != layer.in_features:
+                raise AdapterError(f"{adapter_dir}: '{key}' has shape {shape}, but {name} here is "
+                                   f"{layer.out_features}x{layer.in_features}: the adapter was trained for "
+                                   f"another base model")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = "default",
+                 is_trainable: bool = False) -> PeftModel:
+    """Load a saved LoRA adapter onto a quantized (or plain) model; adds it if `model` is a PeftModel."""
+    adapter_dir = Path(adapter_dir)
+    config = register(read_adapter_config(adapter_dir))
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    _check_targets(base, config)
+    _check_adapter_shapes(base, adapter_dir, config)
+    config.inference_mode = not is_trainable
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
+                           peft_config=config)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
+                                     is_trainable=is_trainable, config=config)
+
+
+def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
