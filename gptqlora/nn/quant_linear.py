@@ -41,6 +41,15 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
 
+    # AutoGPTQ-era names, which PEFT reads to size adapters without warning about an unknown layer type
+    @property
+    def infeatures(self) -> int:
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)

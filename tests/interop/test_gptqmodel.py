@@ -1,0 +1,98 @@
+"""Interop with GPTQModel, both ways (optional dependency; CI runs this in its own venv).
+
+GPTQModel's CPU kernels compute in fp16, ours here in fp32 on the same dequantized weights, so logits agree
+to fp16 rounding (~3e-3 on logits of magnitude ~2); a wrong bit layout or zero convention is off by ~1.
+"""
+
+import os
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # GPTQModel's TorchLinear would torch.compile (30 s)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gptqmodel = pytest.importorskip("gptqmodel")
+
+from gptqlora.adapters import GPTQLoraConfig, get_peft_model  # noqa: E402
+from gptqlora.quant.checkpoint import load_quantized  # noqa: E402
+from gptqlora.quant.config import QuantConfig  # noqa: E402
+from gptqlora.quant.driver import quantize_model  # noqa: E402
+from tiny import calibration_samples  # noqa: E402
+
+pytestmark = pytest.mark.interop
+TOL = 1e-2
+CASES = [(b, d) for b in (2, 3, 4, 8) for d in (False, True)]
+IDS = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # GPTQModel.quantize writes ./logs/*.log into the working directory
+
+
+def gptqmodel_quantize(src, out, bits, desc_act):
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=bits, group_size=32, sym=True, desc_act=desc_act,
+                          act_group_aware=False if desc_act else None, pack_impl="original")
+    m = GPTQModel.load(str(src), qcfg, device="cpu", dtype=torch.float16)
+    calib = [{"input_ids": s[0].tolist(), "attention_mask": [1] * s.shape[1]} for s in calibration_samples(16)]
+    m.quantize(calib, batch_size=1)
+    m.save(str(out))
+    return out
+
+
+def gptqmodel_logits(path):
+    from gptqmodel import BACKEND, GPTQModel
+
+    gm = GPTQModel.load(str(path), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    with torch.no_grad():
+        return gm.model, gm(input_ids=IDS).logits.float()
+
+
+def our_logits(path):
+    with torch.no_grad():
+        return load_quantized(path, device="cpu", dtype=torch.float32)(IDS).logits
+
+
+@pytest.mark.parametrize("bits,desc_act", CASES)
+def test_gptqmodel_checkpoint_loads_in_gptqlora(tiny_dir, tmp_path, bits, desc_act):
+    out = gptqmodel_quantize(tiny_dir, tmp_path / "gm", bits, desc_act)
+    _, theirs = gptqmodel_logits(out)
+    assert (our_logits(out) - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("bits,desc_act", CASES)
+def test_gptqlora_checkpoint_loads_in_gptqmodel_and_transformers(tiny_dir, tmp_path, bits, desc_act):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ours"
+    quantize_model(tiny_dir, out, QuantConfig(bits=bits, group_size=32, desc_act=desc_act),
+                   calibration_samples(), device="cpu", progress=False)
+    ours = our_logits(out)
+    _, theirs = gptqmodel_logits(out)
+    assert (ours - theirs).abs().max() < TOL
+    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
+    with torch.no_grad():
+        assert (ours - hf(IDS).logits.float()).abs().max() < TOL
+
+
+def test_gptqlora_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "q"
+    quantize_model(tiny_dir, out, QuantConfig(bits=4, group_size=32), calibration_samples(), device="cpu",
+                   progress=False)
+    pm = get_peft_model(load_quantized(out, device="cpu", dtype=torch.float32), GPTQLoraConfig(lora_dropout=0.0))
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would make the check vacuous
+    pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        ours = pm.eval()(IDS).logits
+    base, _ = gptqmodel_logits(out)
+    theirs_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=IDS).logits.float()
+    assert (ours - theirs).abs().max() < 2 * TOL
