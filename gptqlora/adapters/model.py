@@ -17,6 +17,7 @@ from pathlib import Path
 import peft
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
 
@@ -41,8 +42,15 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 
 def _check_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    wrappable = (nn.Linear, QuantLinear)
-    names = [n for n, m in model.named_modules() if isinstance(m, wrappable)]
+    names, wrapped = [], ()
+    for n, m in model.named_modules():
+        if wrapped and n.startswith(wrapped):
+            continue  # inside a LoRA layer: its base_layer and lora_A/lora_B are not targets
+        if isinstance(m, LoraLayer):
+            names.append(n)
+            wrapped = wrapped + (n + ".",)
+        elif isinstance(m, (nn.Linear, QuantLinear)):
+            names.append(n)
     hit = [n for n in names if _matches(n, config.target_modules)]
     if not hit:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -75,7 +83,8 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
         log.warning("QA-LoRA group size %d differs from the base's quantization group size %s: training "
                     "works, but the adapter cannot be merged exactly into the zeros", config.qalora_group_size,
                     sorted(quant_groups))
-    peft_model = peft.get_peft_model(model, register(config), adapter_name=adapter_name)
+    peft_model = peft.get_peft_model(model, register(config), adapter_name=adapter_name,
+                                     autocast_adapter_dtype=_keep_fp32(config))
     if getattr(config, "init_method", "default") == "svd":
         from gptqlora.adapters.init import svd_init
 
@@ -139,10 +148,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
-                           peft_config=config)
+                           peft_config=config, autocast_adapter_dtype=_keep_fp32(config))
         return model
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                     is_trainable=is_trainable, config=config)
+                                     is_trainable=is_trainable, config=config,
+                                     autocast_adapter_dtype=_keep_fp32(config))
+
+
+def _keep_fp32(config: LoraConfig) -> bool:
+    """PEFT upcasts half-precision adapters to fp32 unless told not to; honour lora_dtype='bfloat16'."""
+    return getattr(config, "lora_dtype", "float32") == "float32"
 
 
 def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
