@@ -76,6 +76,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [_add_quantize]
+# Commands with their own (dataclass-built) parsers: the rest of the command line goes to them as is.
+DELEGATED = {
+    "finetune": ("gptqlora.finetune", "train GPTQ-LoRA adapters (no arguments: the built-in CPU demo)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -110,7 +116,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        delegate = importlib.import_module(DELEGATED[argv[0]][0]).main
+        args = argparse.Namespace(command=argv[0], verbose="-v" in argv[1:],
+                                  func=lambda _a: delegate([a for a in argv[1:] if a != "-v"]))
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:

@@ -1,0 +1,121 @@
+"""Command-line arguments from dataclasses: help text from `field(metadata={"help": ...})`.
+
+Every field is accepted as `--snake_case` and `--kebab-case`, as `--key value` or `--key=value`; booleans
+also as a bare `--key` or `--no-key` and as `--key=False` (the research scripts' fire-style flags); lists
+as `a,b,c` or a Python literal such as "['q_proj','v_proj']". `--config FILE.yaml` supplies defaults that
+flags on the command line override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def str2list(v: str | list) -> list[str]:
+    if isinstance(v, list):
+        return [str(x) for x in v]
+    s = v.strip()
+    if s.startswith("["):
+        try:
+            return [str(x) for x in ast.literal_eval(s)]
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"cannot read the list {v!r}") from None
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] / X | None -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _converter(tp: Any):
+    tp = _base_type(tp)
+    if tp is bool:
+        return str2bool
+    if tp in (int, float, str):
+        return tp
+    if typing.get_origin(tp) is list or tp is list:
+        return str2list
+    return str
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]]) -> None:
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__.replace("Arguments", " arguments").strip(),
+                                      (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        names += [f"--{a}" for a in aliases.get(f.name, [])]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        if default not in (None, "", []):
+            help_text += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            group.add_argument(*names, nargs="?", const=True, type=str2bool, metavar="BOOL", **kw)
+            group.add_argument(*[f"--no-{n[2:]}" for n in names[:2]], dest=f.name, action="store_false",
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            metavar = "{" + ",".join(map(str, kw["choices"])) + "}" if "choices" in kw else f.name.upper()
+            group.add_argument(*names, type=_converter(hints[f.name]), metavar=metavar, **kw)
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_dataclasses(classes: list[type], values: dict[str, Any], where: str = "") -> list[Any]:
+    """Instantiate each dataclass from `values` (names for every field); unknown names are an error."""
+    known = {f.name for c in classes for f in dataclasses.fields(c)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}unknown argument(s): {', '.join(unknown)}")
+    out = []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v, conv = values[f.name], _converter(hints[f.name])
+                if isinstance(v, str) or (conv is str2list and isinstance(v, list)):
+                    v = conv(v)
+                kw[f.name] = v
+        out.append(cls(**kw))
+    return out

@@ -1,0 +1,119 @@
+"""`gptqlora finetune` arguments, grouped as dataclasses; `--help` is built from their help texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from gptqlora.adapters.config import LLAMA_TARGETS
+
+
+@dataclass
+class ModelArguments:
+    """Which base model to train on."""
+
+    quant_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "a GPTQ checkpoint directory (ours, AutoGPTQ, GPTQModel or the Hub's layout)"})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "the fp16/bf16 model directory: quantized first (into RUN/base) when no --quant_checkpoint is "
+                "given; with one, used for the SVD init and as the tokenizer's fallback. Neither given: the "
+                "bundled tiny model (the built-in demo)"})
+    bits: int = field(default=4, metadata={"help": "bits when quantizing --base_model", "choices": (2, 3, 4, 8)})
+    group_size: int = field(default=128, metadata={"help": "GPTQ group size when quantizing --base_model"})
+    desc_act: bool = field(default=False, metadata={"help": "act-order when quantizing --base_model"})
+    calibration: Optional[str] = field(default=None, metadata={
+        "help": "calibration file when quantizing (default: the training data)"})
+    nsamples: int = field(default=128, metadata={"help": "calibration samples when quantizing"})
+
+
+@dataclass
+class DataArguments:
+    """Training data and how it is rendered."""
+
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "JSON/JSONL files (comma-separated): Alpaca (instruction/input/output), CoT "
+                "(question/rationale/answer) or chat (messages) records. Default: the bundled synthetic sets"})
+    template: str = field(default="alpaca", metadata={
+        "help": "prompt template: alpaca, alpaca_short, cot, or a path to a template JSON file"})
+    cutoff_len: int = field(default=256, metadata={"help": "longest example in tokens (longer ones are cut)"})
+    val_set_size: float = field(default=0, metadata={
+        "help": "validation records held out: a count (>= 1) or a fraction (< 1); 0 = none"})
+    train_on_inputs: bool = field(default=False, metadata={
+        "help": "also train on the prompt tokens (default: only the response is learned)"})
+    packing: bool = field(default=False, metadata={"help": "pack several examples into each row"})
+
+
+@dataclass
+class LoraArguments:
+    """The GPTQ-LoRA adapter."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS), metadata={
+        "help": "modules to adapt, e.g. \"['q_proj','v_proj']\" or q_proj,v_proj"})
+    adapter_name: str = field(default="gptqlora", metadata={
+        "help": "adapter type; 'gptqlora' (also accepted: 'lora') trains LoRA on the quantized base"})
+    lora_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the LoRA weights", "choices": ("float32", "bfloat16")})
+    init_method: str = field(default="default", metadata={
+        "help": "default (B=0) or svd (A, B from the quantization residual; needs --base_model)",
+        "choices": ("default", "svd")})
+    svd_iters: int = field(default=1, metadata={"help": "alternations for --init_method svd"})
+    use_qalora: bool = field(default=False, metadata={
+        "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})
+    qalora_group_size: int = field(default=0, metadata={
+        "help": "QA-LoRA pooling group (default 0: the base's quantization group size)"})
+
+
+@dataclass
+class TrainArguments:
+    """The training run."""
+
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "the run folder (adapter, arguments, template, logs, checkpoints); default runs/<time>"})
+    batch_size: int = field(default=16, metadata={"help": "global batch size (gradients accumulate to it)"})
+    micro_batch_size: int = field(default=4, metadata={"help": "examples per device per forward pass"})
+    num_epochs: float = field(default=3, metadata={"help": "epochs over the training data"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="cosine", metadata={
+        "help": "learning-rate schedule", "choices": ("cosine", "linear", "constant")})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optim: str = field(default="adamw_torch", metadata={
+        "help": "optimizer: adamw_torch, or paged_adamw_8bit (needs bitsandbytes and a GPU)",
+        "choices": ("adamw_torch", "paged_adamw_8bit")})
+    use_gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (much less memory, ~30% slower)"})
+    reentrant_checkpointing: bool = field(default=False, metadata={
+        "help": "use reentrant activation checkpointing (default: non-reentrant)"})
+    precision: str = field(default="auto", metadata={
+        "help": "compute precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)",
+        "choices": ("auto", "bf16", "fp16", "fp32")})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    eval_steps: int = field(default=200, metadata={"help": "evaluate on the validation set every N steps"})
+    save_steps: int = field(default=200, metadata={"help": "write a checkpoint every N steps"})
+    save_total_limit: int = field(default=3, metadata={"help": "keep the last K checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "'true' to resume from the run folder's last complete checkpoint, or a checkpoint path"})
+    report_to: str = field(default="none", metadata={
+        "help": "none, wandb (works with WANDB_MODE=offline) or tensorboard"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "name for wandb/tensorboard"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    eval_accuracy: Optional[bool] = field(default=None, metadata={
+        "help": "measure task accuracy before and after training on the bundled synthetic eval sets "
+                "(default: on for the built-in demo)"})
+    eval_limit: int = field(default=100, metadata={"help": "eval records per set for --eval_accuracy"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+
+
+ALIASES = {  # the research scripts' spellings
+    "data": ["data_path"],
+    "eval_steps": ["eval_step"],
+    "save_steps": ["save_step"],
+    "report_to": [],
+    "run_name": ["wandb_run_name"],
+}
+ARG_CLASSES = [ModelArguments, DataArguments, LoraArguments, TrainArguments]
