@@ -1,0 +1,154 @@
+"""`gptqlora finetune` end to end on a tiny model: run folder, loss, resume after a kill, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptqlora.cli import main
+
+COMMON = ["--bits", "2", "--group_size", "32", "--nsamples", "8", "--micro_batch_size", "4", "--batch_size", "8",
+          "--cutoff_len", "512", "--logging_steps", "1", "--learning_rate", "3e-3", "--warmup_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from gptqlora.data.synthetic import string_records
+
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in string_records(64, seed=0)))
+    return p
+
+
+def run_cli(args, tmp_path):
+    return main(["finetune", *COMMON, *args])
+
+
+def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file, tmp_path):
+    run = tmp_path / "run"
+    rc = run_cli(["--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(run),
+                  "--max_steps", "12", "--save_steps", "6", "--val_set_size", "8", "--eval_steps", "6"], tmp_path)
+    assert rc == 0
+    for f in ("run.json", "template.json", "tokenizer.json", "train_log.jsonl", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors", "base/config.json", "base/quant_report.json"):
+        assert (run / f).is_file(), f
+    info = json.loads((run / "run.json").read_text())
+    assert info["base"] == "base" and info["quant_config"]["bits"] == 2
+    assert info["args"]["LoraArguments"]["lora_r"] == 8
+    log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert any("eval_loss" in r for r in log)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # training loss falls
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"checkpoint-6", "checkpoint-12"}
+    from gptqlora.run import load_run
+
+    model = load_run(run, device="cpu")
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    import gptqlora.trainer as t
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a real kill
+
+    orig = t.GPTQLoraTrainer.__init__
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.add_callback(Kill())
+    t.GPTQLoraTrainer.__init__ = init
+    from gptqlora.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_file, tmp_path):
+    args = [*COMMON, "--base_model", str(tiny_dir), "--data", str(data_file), "--max_steps", "8",
+            "--save_steps", "2", "--lora_dropout", "0.1", "--seed", "7"]
+    env = {**os.environ, "KILL_AT": "5"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, "finetune", *args, "--output_dir", str(tmp_path / "b")],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ck = tmp_path / "b" / "checkpoints"
+    assert (ck / "checkpoint-4" / "COMPLETE").is_file() and not (tmp_path / "b" / "adapter").exists()
+    (ck / "checkpoint-6").mkdir()  # a checkpoint cut short while saving: no COMPLETE marker, must be skipped
+    assert main(["finetune", *args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "true"]) == 0
+    assert main(["finetune", *args, "--output_dir", str(tmp_path / "a")]) == 0
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_research_script_flags_reach_the_trainer(monkeypatch, tiny_dir, data_file, tmp_path):
+    import gptqlora.finetune as ft
+
+    seen = {}
+    monkeypatch.setattr(ft, "finetune", lambda *a: seen.setdefault("args", a) and {})
+    monkeypatch.setattr(ft, "main", ft.main)
+    argv = ["--base_model", str(tiny_dir), "--quant_checkpoint", str(tmp_path / "q"), "--adapter_name=gptqlora",
+            "--target_modules=['q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj','down_proj']",
+            "--use_gradient_checkpointing", "--bits", "2", "--data_path", str(data_file), "--batch_size", "128",
+            "--micro_batch_size", "4", "--num_epochs", "3", "--learning_rate", "3e-4", "--cutoff_len", "256",
+            "--val_set_size", "120", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+            "--train_on_inputs=False", "--output_dir", str(tmp_path / "out")]
+    margs, dargs, largs, targs = ft.parse_args(argv)
+    assert margs.bits == 2 and margs.quant_checkpoint == str(tmp_path / "q")
+    assert largs.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert targs.use_gradient_checkpointing is True and dargs.train_on_inputs is False
+    assert dargs.data == [str(data_file)] and targs.batch_size == 128 and dargs.val_set_size == 120
+    assert largs.lora_dropout == 0.05 and targs.num_epochs == 3
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    import gptqlora.finetune as ft
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("quant_checkpoint: /models/q\nlora_r: 16\nlearning_rate: 1.0e-4\nuse_gradient_checkpointing: true\n")
+    margs, _, largs, targs = ft.parse_args(["--config", str(cfg), "--lora_r", "32"])
+    assert margs.quant_checkpoint == "/models/q" and largs.lora_r == 32 and targs.learning_rate == 1e-4
+    assert targs.use_gradient_checkpointing is True
+    cfg.write_text("lora_rank: 4\n")
+    with pytest.raises(ValueError, match="unknown argument.*lora_rank"):
+        ft.parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("body,expect", [
+    ('{"instruction": "x"}\n', r"train\.jsonl:1.*output"),
+    ("", r"train\.jsonl.*empty"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": \n', r"train\.jsonl:2"),
+])
+def test_bad_data_fails_before_training(tiny_dir, tmp_path, capsys, body, expect):
+    import re
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(body)
+    rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(bad), "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(expect, err), err
+    assert not (tmp_path / "r" / "base").exists()  # nothing was quantized or trained
+
+
+def test_cutoff_shorter_than_prompt(tiny_dir, data_file, tmp_path, capsys):
+    rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(data_file), "--cutoff_len", "16",
+               "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.jsonl:1" in err and "cutoff_len" in err
+
+
+def test_existing_run_refused(tiny_dir, data_file, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run.json").write_text("{}")
+    rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(tmp_path / "r")])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
