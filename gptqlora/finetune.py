@@ -173,7 +173,7 @@ def _write_run_files(run_dir: Path, info: dict, tokenizer, template) -> None:
 def _quantize_base(margs: ModelArguments, data_files: list[str], template, tokenizer, seqlen: int,
                    out: Path, device: torch.device) -> None:
     """GPTQ-quantize --base_model into RUN/base, calibrated on --calibration or on the training data."""
-    from gptqlora.data.records import read_records
+    from gptqlora.data.calibration import calibration_from_data
     from gptqlora.quant.calibration import load_calibration
     from gptqlora.quant.config import QuantConfig
     from gptqlora.quant.driver import quantize_model
@@ -185,24 +185,6 @@ def _quantize_base(margs: ModelArguments, data_files: list[str], template, token
     qcfg = QuantConfig(bits=margs.bits, group_size=margs.group_size, desc_act=margs.desc_act)
     log.info("quantizing %s to %d bit (group %d) into %s", margs.base_model, margs.bits, margs.group_size, out)
     quantize_model(margs.base_model, out, qcfg, samples, device=device, overwrite=True)
-
-
-def calibration_from_data(data_files: list[str], tokenizer, template, nsamples: int, seqlen: int,
-                          seed: int = 0) -> list[torch.Tensor]:
-    """Calibration samples rendered from training records exactly as training will see them."""
-    from gptqlora.data.dataset import template_for_kind
-    from gptqlora.data.records import read_records
-
-    texts = []
-    for f in map(read_records, data_files):
-        tpl = template_for_kind(f.kind, template)
-        for r in f.records:
-            texts.append(tpl.prompt(r) + tpl.response(r) if tpl else
-                         tokenizer.apply_chat_template(r["messages"], tokenize=False))
-    random.Random(seed).shuffle(texts)
-    ids = tokenizer(tokenizer.eos_token.join(texts[: nsamples * 8]), add_special_tokens=False)["input_ids"]
-    samples = [torch.tensor([ids[i:i + seqlen]]) for i in range(0, len(ids) - seqlen + 1, seqlen)][:nsamples]
-    return samples or [torch.tensor([ids])]
 
 
 def _wrap(model, margs: ModelArguments, largs: LoraArguments, targs: TrainArguments):

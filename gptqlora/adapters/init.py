@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def rerround_codes(layer: QuantLinear, target: torch.Tensor) -> None:
     """Set the codes that best fit target [N, K] on the layer's fixed grid (scales, zeros, g_idx)."""
     g = layer.g_idx.long()
-    z = unpack_cols(layer.qzeros, layer.bits).float()[g]  # (K, N)
+    zp = layer.zero_points
+    z = (zp.float() if zp.is_floating_point() else unpack_cols(zp, layer.bits).float())[g]  # (K, N)
     s = layer.scales.float()[g]  # (K, N)
     q = torch.clamp(torch.round(target.t().float() / s + z), 0, 2**layer.bits - 1)
     layer.qweight.copy_(pack_rows(q.to(torch.int64), layer.bits).to(layer.qweight.device))

@@ -65,13 +65,8 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The adapter's dense update [N, K] (nn.Linear orientation), fp32; QA-LoRA expanded per group."""
-        a = self.lora_A[adapter].weight.float()  # (r, K) or (r, K / group) for QA-LoRA
-        b = self.lora_B[adapter].weight.float()  # (N, r)
-        if adapter in self.lora_variant:
-            gs = self.qalora_group_size[adapter]
-            pooled = self.in_features // gs
-            a = a.repeat_interleave(gs, dim=1) * (pooled / gs)  # mean-pool * pooled_features, per channel
-        return (b @ a) * self.scaling[adapter]
+        gs = self.qalora_group_size[adapter] if adapter in self.lora_variant else None
+        return lora_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], gs)
 
     def merge(self, *args, **kwargs) -> None:
         raise NotImplementedError(MERGE_HINT)
@@ -81,3 +76,13 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "gptqlora." + super().__repr__()
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, qalora_group_size: int | None = None) -> torch.Tensor:
+    """B·A·scaling as a dense [N, K] fp32 update. A is (r, K), or (r, K/group) for QA-LoRA, whose pooled
+    input (mean over a group, times the number of groups) becomes a per-channel weight of pooled/group."""
+    a, b = a.float(), b.float()
+    if qalora_group_size:
+        pooled = a.shape[1]
+        a = a.repeat_interleave(qalora_group_size, dim=1) * (pooled / qalora_group_size)
+    return (b @ a) * scaling

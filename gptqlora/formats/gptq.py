@@ -22,7 +22,10 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMAT_V1 = "gptq"
 FORMAT_V2 = "gptq_v2"
-FORMATS = (FORMAT_V1, FORMAT_V2)
+# gptqlora's own: v2 with float zeros [G, N] in `zeros` where an exact QA-LoRA merge moved them off the
+# integers; other GPTQ loaders do not read it (its name makes them refuse rather than misread).
+FORMAT_V2_FLOAT_ZEROS = "gptq_v2_float_zeros"
+FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT_V2_FLOAT_ZEROS)
 
 
 class FormatError(ValueError):

@@ -26,14 +26,19 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
+                 float_zeros: bool = False) -> None:
         super().__init__()
         self.spec = GPTQSpec(in_features, out_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         shapes = self.spec.shapes()
         self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.float_zeros = float_zeros  # exact QA-LoRA merges hold float zeros [G, N] in `zeros`, not qzeros
+        if float_zeros:
+            self.register_buffer("zeros", torch.zeros(shapes["scales"], dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
         self.register_buffer("g_idx", self.spec.default_g_idx().to(device))
         if bias:
@@ -52,7 +57,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W)."""
-        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        return dequantize(self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, dtype)
+
+    @property
+    def zero_points(self) -> torch.Tensor:
+        return self.zeros if self.float_zeros else self.qzeros
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -70,7 +79,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))
-        y = quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)  # (..., N)
+        y = quant_matmul(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits)  # (..., N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -57,7 +57,7 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{path}: quantization_config says GPTQ but no '*.qweight' tensors were found")
     for prefix in quantized:
         state.update(_load_quant_module(model, src, prefix, qcfg, device, dtype))
-    taken = {f"{p}.{t}" for p in quantized for t in (*QUANT_TENSORS, "bias")}
+    taken = {f"{p}.{t}" for p in quantized for t in (*QUANT_TENSORS, "zeros", "bias")}
     expected = set(model.state_dict())
     for key in src.keys():
         if key in taken:
@@ -79,35 +79,53 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None,
     return model
 
 
-def _load_quant_module(model: nn.Module, src: SafetensorsSource, prefix: str, qcfg: QuantConfig,
-                       device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_packed(src: SafetensorsSource, prefix: str, qcfg: QuantConfig, in_features: int, out_features: int,
+                device: str | torch.device = "cpu") -> tuple[GPTQSpec, dict[str, torch.Tensor]]:
+    """One quantized layer's tensors, validated against its spec, zeros as v2 (or float, if so stored)."""
     where = f"{src.key_to_file[prefix + '.qweight']}: {prefix}: "
-    try:
-        linear = model.get_submodule(prefix)
-    except AttributeError:
-        linear = None
-    if not isinstance(linear, nn.Linear):
-        raise CheckpointError(f"{where}the checkpoint has a quantized layer here but a {model.config.model_type} "
-                              f"model built from its config.json has no linear layer of that name")
     mcfg = qcfg.for_module(prefix) or {"bits": qcfg.bits, "group_size": qcfg.group_size}
+    float_zeros = f"{prefix}.zeros" in src
     try:
-        spec = GPTQSpec(linear.in_features, linear.out_features, mcfg["bits"], mcfg["group_size"])
-        tensors = {t: src.get(f"{prefix}.{t}", device) for t in QUANT_TENSORS if f"{prefix}.{t}" in src}
-        spec.check(tensors, where)
+        spec = GPTQSpec(in_features, out_features, mcfg["bits"], mcfg["group_size"])
+        names = (*QUANT_TENSORS, "zeros") if float_zeros else QUANT_TENSORS
+        tensors = {t: src.get(f"{prefix}.{t}", device) for t in names if f"{prefix}.{t}" in src}
+        if float_zeros:
+            tensors["qzeros"] = tensors.pop("zeros").float()
+            if tuple(tensors["qzeros"].shape) != (spec.n_groups, out_features):
+                raise FormatError(f"{where}'zeros' has shape {tuple(tensors['qzeros'].shape)}, expected "
+                                  f"{(spec.n_groups, out_features)}")
+        else:
+            spec.check(tensors, where)
     except FormatError as e:
         msg = str(e)
         raise CheckpointError(msg if msg.startswith(where) else where + msg) from None
-    if qcfg.format == FORMAT_V1:
+    if qcfg.format == FORMAT_V1 and not float_zeros:  # (float zeros are always true zeros)
         tensors["qzeros"], wrapped = zeros_v1_to_v2(tensors["qzeros"], spec.bits)
         if wrapped:
             log.warning("%s%d v1 zero field(s) hold -1 (true zero 0, the v1 overflow); read as 0", where, wrapped)
     tensors["scales"] = tensors["scales"].to(torch.float16)
     tensors["g_idx"] = tensors.get("g_idx", spec.default_g_idx().to(device)).to(torch.int32)
+    return spec, tensors
+
+
+def _load_quant_module(model: nn.Module, src: SafetensorsSource, prefix: str, qcfg: QuantConfig,
+                       device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    try:
+        linear = model.get_submodule(prefix)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise CheckpointError(f"{src.key_to_file[prefix + '.qweight']}: {prefix}: the checkpoint has a quantized "
+                              f"layer here but a {model.config.model_type} model built from its config.json has "
+                              f"no linear layer of that name")
+    spec, tensors = read_packed(src, prefix, qcfg, linear.in_features, linear.out_features, device)
     has_bias = f"{prefix}.bias" in src
     layer = QuantLinear(spec.in_features, spec.out_features, spec.bits, spec.group_size, bias=has_bias,
-                        device="meta", dtype=dtype)
+                        device="meta", dtype=dtype, float_zeros=tensors["qzeros"].is_floating_point())
     model.set_submodule(prefix, layer)
     out = {f"{prefix}.{k}": v for k, v in tensors.items()}
+    if layer.float_zeros:
+        out[f"{prefix}.zeros"] = out.pop(f"{prefix}.qzeros")
     if has_bias:
         out[f"{prefix}.bias"] = src.get(f"{prefix}.bias", device).to(dtype)
     return out
@@ -115,10 +133,13 @@ def _load_quant_module(model: nn.Module, src: SafetensorsSource, prefix: str, qc
 
 def packed_state(prefix: str, layer: QuantLinear, fmt: str) -> dict[str, torch.Tensor]:
     """A QuantLinear's tensors as stored in a checkpoint of format `fmt` (v1 zeros converted)."""
-    qzeros = layer.qzeros
-    if fmt == FORMAT_V1:
-        qzeros = zeros_v2_to_v1(qzeros, layer.bits, where=f"{prefix}: ")
-    out = {f"{prefix}.qweight": layer.qweight, f"{prefix}.qzeros": qzeros,
+    if layer.float_zeros:  # exact QA-LoRA merge: float zeros, readable by gptqlora only
+        zeros = {f"{prefix}.zeros": layer.zeros.float()}
+    elif fmt == FORMAT_V1:
+        zeros = {f"{prefix}.qzeros": zeros_v2_to_v1(layer.qzeros, layer.bits, where=f"{prefix}: ")}
+    else:
+        zeros = {f"{prefix}.qzeros": layer.qzeros}
+    out = {f"{prefix}.qweight": layer.qweight, **zeros,
            f"{prefix}.scales": layer.scales.to(torch.float16), f"{prefix}.g_idx": layer.g_idx.to(torch.int32)}
     if layer.bias is not None:
         out[f"{prefix}.bias"] = layer.bias.to(torch.float16)
@@ -144,7 +165,7 @@ def save_quantized(model: PreTrainedModel, out_dir: str | Path, qcfg: QuantConfi
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_size)
-        skip = {f"{n}.{t}" for n in quant for t in (*QUANT_TENSORS, "bias")}
+        skip = {f"{n}.{t}" for n in quant for t in (*QUANT_TENSORS, "zeros", "bias")}
         for name, layer in quant.items():
             for k, v in packed_state(name, layer, qcfg.format).items():
                 writer.add(k, v)

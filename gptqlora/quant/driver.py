@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from gptqlora.formats.gptq import FORMAT_V1, pack_multiple
 from gptqlora.nn.quant_linear import QuantLinear
@@ -75,8 +75,11 @@ def _first(out):
 def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, samples: list[torch.Tensor],
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float16,
                    method: str = "gptq", source: TensorSource | None = None, overwrite: bool = False,
-                   max_shard_size: int | str = "2GB", progress: bool = True) -> QuantizeReport:
+                   max_shard_size: int | str = "2GB", progress: bool = True,
+                   config: PretrainedConfig | None = None) -> QuantizeReport:
     """Quantize the model in `model_dir` (its config; weights from its safetensors or from `source`).
+
+    `config` replaces model_dir's config.json (a merge passes the base's, minus its quantization_config).
 
     `method` is "gptq" or "rtn". Writes a GPTQ checkpoint (+ tokenizer files and quant_report.json) to
     `out_dir` atomically and returns the report.
@@ -85,7 +88,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work_dtype = torch.float32 if device.type == "cpu" else dtype  # fp16 matmuls are slow on CPU
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = config if config is not None else AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         raise CheckpointError(f"{model_dir}: this model is already quantized (config.json has "
                               f"quantization_config); start from the fp16/bf16 model")

@@ -176,13 +176,17 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
         tmp.rename(out)
 
 
-def copy_side_files(src: str | Path, dst: str | Path,
-                    skip: tuple[str, ...] = ("config.json", "quantize_config.json", "quant_config.json",
-                                             "quant_report.json", INDEX_NAME)) -> list[str]:
-    """Copy tokenizer and other small side files (not weights, not configs we rewrite)."""
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+              "chat_template.json", "generation_config.json")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer and generation config (small files a model dir needs besides weights/config)."""
     copied = []
-    for p in Path(src).iterdir():
-        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in skip and not p.name.startswith("."):
-            shutil.copy2(p, Path(dst) / p.name)
-            copied.append(p.name)
+    for name in SIDE_FILES:
+        p = Path(src) / name
+        if p.is_file():
+            shutil.copy2(p, Path(dst) / name)
+            copied.append(name)
     return copied
