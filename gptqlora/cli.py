@@ -75,7 +75,143 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_quantize]
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What `chat` and `generate` share: which model, how prompts are rendered, how to sample."""
+    p.add_argument("run_dir", nargs="?", help="the run folder written by `gptqlora finetune`")
+    p.add_argument("--base", help="a quantized checkpoint to use instead of a run folder")
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="[NAME=]PATH",
+                   help="load a LoRA adapter (a PEFT folder or a run folder); repeat for several; the first "
+                        "loaded (the run's own, with RUN_DIR) is active")
+    p.add_argument("--template", help="prompt template name or JSON file (default: the run's; alpaca with --base)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render with the tokenizer's chat template (the default when the run trained on chat data)")
+    p.add_argument("--system", help="system message (chat template) or a paragraph put before the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of prompt + reply (default: the model's max_position_embeddings)")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def _sampling(args: argparse.Namespace):
+    from gptqlora.generate import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a run's model in the terminal",
+                       description="Interactive chat that streams the reply as it is generated. Earlier turns "
+                                   "stay in the prompt (the oldest are dropped to fit the context). Commands: "
+                                   "/reset, /adapter NAME, /adapter off, /adapters, /help, /exit. Ctrl-C stops a "
+                                   "reply; Ctrl-D (or Ctrl-C at the prompt) quits.")
+    _add_model_options(p)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from gptqlora.chat import run_chat_command
+
+    return run_chat_command(args.run_dir, args.base, args.adapters, args.template, args.chat_template, args.system,
+                            _sampling(args), args.max_context, args.device, args.seed)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate responses for a file of prompts (JSON lines out)",
+                       description="Batched generation: one JSON line {\"prompt\", \"response\", \"adapter\"} per "
+                                   "prompt (per adapter with --use a,b), in input order, on stdout.")
+    _add_model_options(p)
+    p.add_argument("--prompts", required=True,
+                   help="one prompt per line, or .jsonl with a \"prompt\" field (other fields are copied to "
+                        "the output); - reads stdin")
+    p.add_argument("--format", dest="file_format", choices=("auto", "text", "jsonl"), default="auto",
+                   help="prompts file format (default: jsonl for *.jsonl, else text)")
+    p.add_argument("--use", default=None, metavar="NAME[,NAME...]",
+                   help="adapters to generate with, comma-separated; off = the base model (default: the first)")
+    p.add_argument("--raw", action="store_true", help="give prompts to the model as is, without a template")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from gptqlora.generate import run_generate
+
+    use = [u.strip() for u in args.use.split(",") if u.strip()] if args.use else []
+    return run_generate(args.prompts, args.run_dir, args.base, args.adapters, use, args.template, args.chat_template,
+                        args.raw, args.system, _sampling(args), args.batch_size, args.max_context,
+                        args.file_format, args.device, args.seed)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a run's adapter into its base (fp16, GPTQ, or exact)",
+                       description="Fold a run's LoRA adapter into its quantized base, streaming layer by layer. "
+                                   "--to fp16: a plain Hugging Face model that loads without gptqlora. --to gptq: "
+                                   "merged, then GPTQ-quantized again (calibrated on the run's training data). "
+                                   "--exact: QA-LoRA adapters folded into the zeros with no re-quantization "
+                                   "(float zeros; gptqlora loads it, other GPTQ loaders do not).")
+    p.add_argument("run_dir", help="the run folder written by `gptqlora finetune`")
+    p.add_argument("--to", choices=("fp16", "bf16", "gptq"), default="fp16", help="output kind (default fp16)")
+    p.add_argument("--exact", action="store_true", help="QA-LoRA only: fold into the zeros, exactly")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4, help="--to gptq: bits (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="--to gptq: group size (default 128)")
+    p.add_argument("--desc-act", action="store_true", help="--to gptq: act-order")
+    p.add_argument("--asym", dest="sym", action="store_false", help="--to gptq: asymmetric (default symmetric)")
+    p.add_argument("--calibration", help="--to gptq: calibration file (default: the run's training data)")
+    p.add_argument("--nsamples", type=int, default=128, help="--to gptq: calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="--to gptq: tokens per sample (default 512)")
+    p.add_argument("--device", default=None, help="device for --to gptq (default: cuda if available)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptqlora import merge
+
+    if args.exact:
+        merge.merge_exact(args.run_dir, args.out, args.overwrite, args.max_shard_size)
+        sys.stdout.write(f"wrote {args.out}: exact QA-LoRA merge (format gptq_v2_float_zeros)\n")
+    elif args.to == "gptq":
+        rep = merge.merge_to_gptq(args.run_dir, args.out, args.bits, args.group_size, args.desc_act, args.sym,
+                                  args.calibration, args.nsamples, args.seqlen, args.device, args.overwrite,
+                                  args.max_shard_size)
+        sys.stdout.write(f"wrote {args.out}: merged and re-quantized to {args.bits} bit; relative output error "
+                         f"against the fp16 merge, worst block: {rep['worst_block_rel_error']:.4f}\n")
+    else:
+        dtype = torch.bfloat16 if args.to == "bf16" else torch.float16
+        merge.merge_to_fp16(args.run_dir, args.out, dtype, args.max_shard_size, args.overwrite)
+        sys.stdout.write(f"wrote {args.out}: a plain {args.to} model (AutoModelForCausalLM.from_pretrained)\n")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run for a serving engine (vLLM)",
+                       description="Write OUT/adapter (a PEFT LoRA adapter checked against vLLM's limits), "
+                                   "OUT/base (the symmetric GPTQ base) and OUT/README.md with the vllm command.")
+    p.add_argument("run_dir", help="the run folder written by `gptqlora finetune`")
+    p.add_argument("--format", choices=("vllm",), default="vllm", help="target engine (default vllm)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--pad-rank", action="store_true",
+                   help="zero-pad a rank vLLM refuses up to the next one it accepts (exact)")
+    p.add_argument("--name", help="the adapter's name in the vllm command (default: the run folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gptqlora.export import export_vllm
+
+    out = export_vllm(args.run_dir, args.out, args.pad_rank, args.name, args.overwrite)
+    sys.stdout.write(f"wrote {out}; see {out}/README.md for the vllm command\n")
+    return 0
+
+
+COMMANDS = [_add_quantize, _add_merge, _add_export, _add_chat, _add_generate]
 # Commands with their own (dataclass-built) parsers: the rest of the command line goes to them as is.
 DELEGATED = {
     "finetune": ("gptqlora.finetune", "train GPTQ-LoRA adapters (no arguments: the built-in CPU demo)"),
@@ -102,8 +238,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gptqlora.quant.config import QuantConfigError
     from gptqlora.quant.io import CheckpointError
 
+    from gptqlora.adapters.model import AdapterError
+    from gptqlora.export import ExportError
+    from gptqlora.generate import InferenceError
+    from gptqlora.run import RunError
+    from gptqlora.trainer import NonFiniteLossError
+
     errors = [FormatError, CalibrationError, QuantConfigError, CheckpointError, FileExistsError,
-              FileNotFoundError]
+              FileNotFoundError, AdapterError, ExportError, RunError, NonFiniteLossError,
+              InferenceError]
     try:
         from gptqlora.data.records import DataError
 

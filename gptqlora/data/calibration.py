@@ -22,8 +22,13 @@ def calibration_from_data(data_files: Sequence[str | Path], tokenizer: Any, temp
         for r in f.records:
             texts.append(tpl.prompt(r) + tpl.response(r) if tpl is not None
                          else tokenizer.apply_chat_template(r["messages"], tokenize=False))
+    if not texts:
+        from gptqlora.quant.calibration import CalibrationError
+
+        raise CalibrationError("no training records to calibrate on; pass a calibration file (--calibration)")
     random.Random(seed).shuffle(texts)
     sep = tokenizer.eos_token or "\n\n"
     ids = tokenizer(sep.join(texts[: nsamples * 8]), add_special_tokens=False)["input_ids"]
-    samples = [torch.tensor([ids[i:i + seqlen]]) for i in range(0, len(ids) - seqlen + 1, seqlen)][:nsamples]
-    return samples or [torch.tensor([ids])]
+    windows = range(0, len(ids) - seqlen + 1, seqlen)
+    samples = [torch.tensor([ids[i:i + seqlen]], dtype=torch.long) for i in windows][:nsamples]
+    return samples or [torch.tensor([ids], dtype=torch.long)]

@@ -1,0 +1,120 @@
+"""`gptqlora export RUN_DIR --format vllm`: an adapter and base that vLLM serves as they are.
+
+vLLM's LoRA support has limits (its documentation and `vllm/lora`): a rank among its supported maximum
+ranks, no `modules_to_save`, no DoRA, no LoRA bias, target modules it knows; and its fast GPTQ kernels want
+symmetric quantization in the v1 `gptq` format. QA-LoRA adapters (pooled inputs) are converted to ordinary
+LoRA: lora_A repeated across each group and rescaled, which computes the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from gptqlora.quant.config import read_quant_config
+from gptqlora.quant.io import atomic_output_dir
+from gptqlora.run import adapter_path, base_path, read_run_info
+
+log = logging.getLogger(__name__)
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                "gate_up_proj", "embed_tokens", "lm_head"}
+
+
+class ExportError(ValueError):
+    pass
+
+
+def nearest_rank(r: int) -> int:
+    """The smallest vLLM rank >= r (padding with zeros keeps the adapter's function), else the largest."""
+    return next((x for x in VLLM_RANKS if x >= r), VLLM_RANKS[-1])
+
+
+def check_vllm_adapter(config: dict) -> list[str]:
+    """What vLLM would refuse in an adapter_config.json, each with its fix."""
+    problems = []
+    r = int(config.get("r", 0))
+    if r not in VLLM_RANKS:
+        problems.append(f"rank r={r} is not one vLLM accepts {VLLM_RANKS}: use r={nearest_rank(r)} (retrain "
+                        f"with --lora_r {nearest_rank(r)}, or export with --pad-rank, which zero-pads exactly)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']} is not supported by vLLM: train without it")
+    if config.get("use_dora"):
+        problems.append("DoRA adapters are not supported by vLLM")
+    if config.get("lora_bias"):
+        problems.append("LoRA bias (lora_bias=True) is not supported by vLLM")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    unknown = sorted(set(targets) - VLLM_TARGETS)
+    if unknown:
+        problems.append(f"target modules {unknown} are not among those vLLM adapts for LLaMA ({sorted(VLLM_TARGETS)})")
+    if config.get("use_qalora"):
+        problems.append("QA-LoRA (use_qalora) is not a vLLM adapter type: export converts it to plain LoRA")
+    return problems
+
+
+def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> tuple[dict, dict]:
+    """QA-LoRA -> plain LoRA, and rank padding, both exact."""
+    config, tensors = dict(config), dict(tensors)
+    if config.get("use_qalora"):
+        gs = int(config["qalora_group_size"])
+        for k, a in tensors.items():
+            if ".lora_A." in k:
+                pooled = a.shape[1]
+                tensors[k] = (a.float().repeat_interleave(gs, dim=1) * (pooled / gs)).to(a.dtype)
+        config["use_qalora"] = False
+    r = int(config["r"])
+    if pad_rank and r not in VLLM_RANKS:
+        new_r = nearest_rank(r)
+        if new_r < r:
+            raise ExportError(f"rank {r} is above vLLM's largest ({VLLM_RANKS[-1]}); retrain with a smaller rank")
+        for k, t in tensors.items():
+            if ".lora_A." in k:  # (r, K): zero rows
+                tensors[k] = torch.cat([t, t.new_zeros(new_r - r, t.shape[1])])
+            elif ".lora_B." in k:  # (N, r): zero columns
+                tensors[k] = torch.cat([t, t.new_zeros(t.shape[0], new_r - r)], dim=1)
+        # keep scaling alpha/r: a larger r needs a proportionally larger alpha
+        config["lora_alpha"] = config["lora_alpha"] * new_r / r if not config.get("use_rslora") else \
+            config["lora_alpha"] * (new_r / r) ** 0.5
+        config["r"] = new_r
+    return config, tensors
+
+
+def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False, name: str | None = None,
+                overwrite: bool = False) -> Path:
+    """OUT/adapter (PEFT LoRA vLLM loads), OUT/base (the symmetric v1 GPTQ base), OUT/README.md (the command)."""
+    info = read_run_info(run_dir)
+    base, adapter = base_path(run_dir, info), adapter_path(run_dir)
+    qcfg = read_quant_config(base)
+    if not qcfg.sym:
+        raise ExportError(f"{base} is asymmetric: vLLM's fast GPTQ path needs symmetric weights. Merge and "
+                          f"re-quantize first: gptqlora merge {run_dir} --to gptq --bits {qcfg.bits} --sym")
+    if qcfg.format != "gptq":
+        raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads v1 'gptq' (re-save it with "
+                          f"gptqlora.save_quantized(..., format='gptq') or merge --to gptq)")
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    config, tensors = _convert(config, load_file(adapter / ADAPTER_WEIGHTS), pad_rank)
+    problems = check_vllm_adapter(config)
+    if problems:
+        raise ExportError(f"{adapter}: vLLM would refuse this adapter:\n  - " + "\n  - ".join(problems))
+    name = name or Path(run_dir).resolve().name
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        (tmp / "adapter").mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter" / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        shutil.copytree(base, tmp / "base", ignore=shutil.ignore_patterns("quant_report.json"))
+        (tmp / "README.md").write_text(
+            f"# {name}: vLLM export of {Path(run_dir).resolve()}\n\n"
+            f"GPTQ {qcfg.bits}-bit base (symmetric, group {qcfg.group_size}) and a LoRA adapter of rank "
+            f"{config['r']}.\n\n```bash\nvllm serve ./base --quantization gptq --enable-lora \\\n"
+            f"    --lora-modules {name}=./adapter --max-lora-rank {config['r']}\n```\n\n"
+            f"Then ask for the adapter by name: `\"model\": \"{name}\"` in the OpenAI-compatible request.\n")
+    return Path(out_dir)

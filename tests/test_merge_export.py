@@ -1,0 +1,135 @@
+"""merge (fp16, re-quantized GPTQ, exact QA-LoRA) and export (vLLM): equal logits, clear refusals."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gptqlora.adapters import AdapterError
+from gptqlora.cli import main
+from gptqlora.export import ExportError, check_vllm_adapter, export_vllm
+from gptqlora.merge import merge_exact, merge_to_fp16, merge_to_gptq
+from gptqlora.quant.checkpoint import load_quantized
+from gptqlora.run import RunError, load_run
+from runs import make_run
+
+IDS = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dir, tmp_path_factory):
+    return make_run(tiny_dir, tmp_path_factory.mktemp("runs") / "lora", desc_act=True)
+
+
+@pytest.fixture(scope="module")
+def qarun(tiny_dir, tmp_path_factory):
+    return make_run(tiny_dir, tmp_path_factory.mktemp("runs") / "qa", use_qalora=True, qalora_group_size=32)
+
+
+def adapter_logits(run_dir):
+    with torch.no_grad():
+        return load_run(run_dir, device="cpu", dtype=torch.float32)(IDS).logits
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_fp_merge_matches_adapter_model(run, tmp_path, dtype, tol):
+    out = merge_to_fp16(run, tmp_path / "m", dtype=dtype)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # plain transformers
+    with torch.no_grad():
+        assert rel(merged(IDS).logits, adapter_logits(run)) < tol
+
+
+def test_gptq_merge_loads_and_reports(run, tmp_path):
+    rep = merge_to_gptq(run, tmp_path / "g", bits=8, group_size=32, calibration=None, nsamples=4, seqlen=32,
+                        device="cpu")
+    assert 0 < rep["worst_block_rel_error"] < 0.05
+    q = load_quantized(tmp_path / "g", device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert rel(q(IDS).logits, adapter_logits(run)) < 0.05
+
+
+def test_exact_merge_equals_unmerged_qalora(qarun, tmp_path):
+    out = merge_exact(qarun, tmp_path / "x")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == \
+        "gptq_v2_float_zeros"
+    q = load_quantized(out, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(IDS).logits, adapter_logits(qarun), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_merge_refuses_plain_lora(run, tmp_path):
+    with pytest.raises(AdapterError, match="use_qalora"):
+        merge_exact(run, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+
+
+def test_export_vllm(run, qarun, tmp_path):
+    out = export_vllm(run, tmp_path / "v")
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert check_vllm_adapter(cfg) == [] and (out / "base" / "config.json").is_file()
+    assert "vllm serve ./base --quantization gptq --enable-lora" in (out / "README.md").read_text()
+    # QA-LoRA becomes ordinary LoRA with the same update
+    from gptqlora.merge import Adapter
+
+    qa = export_vllm(qarun, tmp_path / "vq")
+    a, b = Adapter(qarun / "adapter"), Adapter(qa / "adapter")
+    assert not b.config.use_qalora
+    for m in a.modules:
+        torch.testing.assert_close(a.delta(m), b.delta(m), rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_rank_with_fix_and_pads_exactly(tiny_dir, tmp_path):
+    r12 = make_run(tiny_dir, tmp_path / "r12", r=12)
+    with pytest.raises(ExportError, match=r"r=12 .*use r=16"):
+        export_vllm(r12, tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+    from gptqlora.merge import Adapter
+
+    out = export_vllm(r12, tmp_path / "v", pad_rank=True)
+    a, b = Adapter(r12 / "adapter"), Adapter(out / "adapter")
+    assert b.config.r == 16
+    for m in a.modules:
+        torch.testing.assert_close(a.delta(m), b.delta(m), rtol=1e-5, atol=1e-6)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_run_without_adapter(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    shutil.rmtree(broken / "adapter")
+    with pytest.raises(RunError, match="no trained adapter.*resume"):
+        merge_to_fp16(broken, tmp_path / "m")
+    assert main(["merge", str(broken), "--out", str(tmp_path / "m")]) == 2
+    assert "no trained adapter" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_adapter_for_another_base(run, tiny_dir, tmp_path):
+    from tiny import save_tiny_llama
+
+    other = make_run(save_tiny_llama(tmp_path / "ofp", hidden=64, intermediate=128), tmp_path / "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run, mixed)
+    shutil.rmtree(mixed / "adapter")
+    shutil.copytree(other / "adapter", mixed / "adapter")
+    with pytest.raises(AdapterError, match="another base model"):
+        merge_to_fp16(mixed, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_target_refused_unless_overwrite(run, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("mine")
+    assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "m" / "keep.txt").is_file()
+    assert main(["merge", str(run), "--out", str(tmp_path / "m"), "--overwrite"]) == 0
+    assert not (tmp_path / "m" / "keep.txt").exists() and (tmp_path / "m" / "config.json").is_file()
