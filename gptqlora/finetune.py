@@ -88,6 +88,8 @@ def finetune(margs: ModelArguments, dargs: DataArguments, largs: LoraArguments,
     from gptqlora.data.dataset import build_datasets
     from gptqlora.data.templates import PromptTemplate
 
+    if targs.dry_run:
+        return _dry_run(margs, dargs, largs, targs)
     if largs.adapter_name not in ("gptqlora", "lora"):
         raise ValueError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
     state = PartialState(cpu=targs.device == "cpu")
@@ -126,6 +128,8 @@ def finetune(margs: ModelArguments, dargs: DataArguments, largs: LoraArguments,
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
     model = load_quantized(base_dir, device=state.device, dtype=dtype)
     info["quant_config"] = model.gptq_config.to_dict()
+    if margs.bits is not None and margs.bits != model.gptq_config.bits:
+        raise ValueError(f"--bits {margs.bits} but {base_dir} is a {model.gptq_config.bits}-bit checkpoint")
     evals: dict[str, Any] = {}
     if targs.eval_accuracy:
         if demo:
@@ -182,8 +186,9 @@ def _quantize_base(margs: ModelArguments, data_files: list[str], template, token
         samples = load_calibration(margs.calibration, tokenizer, margs.nsamples, seqlen)
     else:
         samples = calibration_from_data(data_files, tokenizer, template, margs.nsamples, seqlen)
-    qcfg = QuantConfig(bits=margs.bits, group_size=margs.group_size, desc_act=margs.desc_act)
-    log.info("quantizing %s to %d bit (group %d) into %s", margs.base_model, margs.bits, margs.group_size, out)
+    bits, group_size = margs.bits or 4, margs.group_size or 128
+    qcfg = QuantConfig(bits=bits, group_size=group_size, desc_act=margs.desc_act)
+    log.info("quantizing %s to %d bit (group %d) into %s", margs.base_model, bits, group_size, out)
     quantize_model(margs.base_model, out, qcfg, samples, device=device, overwrite=True)
 
 
@@ -216,12 +221,19 @@ def _precision(targs: TrainArguments, device: torch.device) -> dict[str, bool]:
 
 def _trainer(peft_model, tokenizer, train_ds, val_ds, run_dir: Path, dargs: DataArguments,
              targs: TrainArguments, state):
-    from transformers import TrainingArguments
-
     from gptqlora.data.collate import DataCollator
     from gptqlora.trainer import GPTQLoraTrainer, JsonlLogCallback
 
-    world = state.num_processes
+    args = training_arguments(run_dir, targs, state.num_processes, state.device, val_ds is not None)
+    return GPTQLoraTrainer(model=peft_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=DataCollator(tokenizer, pad_to_multiple_of=8),
+                           callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl")])
+
+
+def training_arguments(run_dir: Path, targs: TrainArguments, world: int, device: torch.device,
+                       has_val: bool):
+    from transformers import TrainingArguments
+
     accum = max(1, targs.batch_size // (targs.micro_batch_size * world))
     if accum * targs.micro_batch_size * world != targs.batch_size:
         log.warning("batch_size %d is not micro_batch_size %d x %d process(es) x an integer; using %d",
@@ -232,19 +244,32 @@ def _trainer(peft_model, tokenizer, train_ds, val_ds, run_dir: Path, dargs: Data
         except ImportError:
             raise ImportError("--optim paged_adamw_8bit needs bitsandbytes: pip install 'gptqlora[bnb]'") from None
     report = [] if targs.report_to == "none" else [targs.report_to]
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=targs.micro_batch_size,
         per_device_eval_batch_size=targs.micro_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=targs.num_epochs, max_steps=targs.max_steps, learning_rate=targs.learning_rate,
         lr_scheduler_type=targs.lr_scheduler, warmup_steps=targs.warmup_steps, weight_decay=targs.weight_decay,
         optim=targs.optim, logging_steps=targs.logging_steps, save_strategy="steps", save_steps=targs.save_steps,
-        save_total_limit=targs.save_total_limit, eval_strategy="steps" if val_ds is not None else "no",
+        save_total_limit=targs.save_total_limit, eval_strategy="steps" if has_val else "no",
         eval_steps=targs.eval_steps, report_to=report, run_name=targs.run_name or run_dir.name,
         seed=targs.seed, data_seed=targs.seed, remove_unused_columns=False, ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, use_cpu=state.device.type == "cpu", **_precision(targs, state.device))
-    return GPTQLoraTrainer(model=peft_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=DataCollator(tokenizer, pad_to_multiple_of=8),
-                           callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl")])
+        dataloader_num_workers=0, use_cpu=device.type == "cpu", **_precision(targs, device))
+
+
+def _dry_run(margs, dargs, largs, targs) -> dict[str, Any]:
+    """The resolved arguments and the Trainer settings they give, without loading anything."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=targs.device == "cpu")
+    run_dir = Path(targs.output_dir or "runs/<time>")
+    ta = training_arguments(run_dir, targs, state.num_processes, state.device, bool(dargs.val_set_size))
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
+            "max_steps", "lr_scheduler_type", "warmup_steps", "optim", "bf16", "fp16", "save_steps",
+            "save_total_limit", "eval_strategy", "report_to", "seed")
+    return {"dry_run": True, "world_size": state.num_processes,
+            "args": {c.__name__: asdict(a) for c, a in zip(ARG_CLASSES, (margs, dargs, largs, targs))},
+            "trainer": {k: str(getattr(ta, k)) if not isinstance(getattr(ta, k), (int, float, bool, list))
+                        else getattr(ta, k) for k in keys}}
 
 
 def _resume_path(run_dir: Path, targs: TrainArguments) -> str | None:
@@ -314,6 +339,9 @@ def _accuracy_of_fp_model(model_dir: str, tokenizer, template, targs: TrainArgum
 def main(argv: list[str] | None = None) -> int:
     margs, dargs, largs, targs = parse_args(sys.argv[1:] if argv is None else argv)
     summary = finetune(margs, dargs, largs, targs)
+    if summary.get("dry_run"):
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return 0
     acc = summary["accuracy"]
     lines = [f"run folder: {summary['run_dir']}  (steps {summary['steps']}, final train loss "
              f"{summary['train_loss']:.4f})"]

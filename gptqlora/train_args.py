@@ -18,8 +18,11 @@ class ModelArguments:
         "help": "the fp16/bf16 model directory: quantized first (into RUN/base) when no --quant_checkpoint is "
                 "given; with one, used for the SVD init and as the tokenizer's fallback. Neither given: the "
                 "bundled tiny model (the built-in demo)"})
-    bits: int = field(default=4, metadata={"help": "bits when quantizing --base_model", "choices": (2, 3, 4, 8)})
-    group_size: int = field(default=128, metadata={"help": "GPTQ group size when quantizing --base_model"})
+    bits: Optional[int] = field(default=None, metadata={
+        "help": "bits when quantizing --base_model (default 4; the demo: 2); with --quant_checkpoint, a check "
+                "that the checkpoint has these bits", "choices": (2, 3, 4, 8)})
+    group_size: Optional[int] = field(default=None, metadata={
+        "help": "GPTQ group size when quantizing --base_model (default 128; the demo: 32)"})
     desc_act: bool = field(default=False, metadata={"help": "act-order when quantizing --base_model"})
     calibration: Optional[str] = field(default=None, metadata={
         "help": "calibration file when quantizing (default: the training data)"})
@@ -107,6 +110,8 @@ class TrainArguments:
     eval_limit: int = field(default=100, metadata={"help": "eval records per set for --eval_accuracy"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "resolve and print the arguments (and the Trainer's settings) as JSON, then stop"})
 
 
 ALIASES = {  # the research scripts' spellings
