@@ -96,3 +96,13 @@ def test_gptqlora_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_
     with torch.no_grad():
         theirs = theirs_model(input_ids=IDS).logits.float()
     assert (ours - theirs).abs().max() < 2 * TOL
+
+
+def test_requantized_merge_loads_in_gptqmodel(tiny_dir, tmp_path):
+    from gptqlora.merge import merge_to_gptq
+    from runs import make_run
+
+    run = make_run(tiny_dir, tmp_path / "run")
+    merge_to_gptq(run, tmp_path / "merged", bits=4, group_size=32, nsamples=4, seqlen=32, device="cpu")
+    _, theirs = gptqmodel_logits(tmp_path / "merged")
+    assert (our_logits(tmp_path / "merged") - theirs).abs().max() < TOL
