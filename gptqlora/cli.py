@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from gptqlora import __version__
 
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                   func=lambda _a: delegate([a for a in argv[1:] if a != "-v"]))
     else:
         args = parser.parse_args(argv)
+    # transformers deprecation noise raised from inside PEFT, not actionable by our users
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:

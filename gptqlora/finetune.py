@@ -86,6 +86,7 @@ def finetune(margs: ModelArguments, dargs: DataArguments, largs: LoraArguments,
 
     from gptqlora.data.assets import default_data_files, tiny_model_dir
     from gptqlora.data.dataset import build_datasets
+    from gptqlora.data.records import read_records
     from gptqlora.data.templates import PromptTemplate
 
     if targs.dry_run:
@@ -117,7 +118,8 @@ def finetune(margs: ModelArguments, dargs: DataArguments, largs: LoraArguments,
 
     info = {"base": "base" if base_dir == run_dir / "base" else str(base_dir.resolve()),
             "base_model": str(Path(margs.base_model).resolve()) if margs.base_model else None,
-            "data": data_files, "template": template.to_dict(), "demo": demo,
+            "data": data_files, "data_kinds": sorted({read_records(f).kind for f in data_files}),
+            "template": template.to_dict(), "demo": demo,
             "args": {c.__name__: asdict(a) for c, a in zip(ARG_CLASSES, (margs, dargs, largs, targs))},
             "versions": _versions()}
     if state.is_main_process:

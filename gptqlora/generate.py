@@ -196,6 +196,8 @@ def _run_chat_data(info: Mapping[str, Any]) -> bool:
     """Whether every training file of a run held chat records (then chat uses the chat template)."""
     from gptqlora.data.records import detect_kind
 
+    if "data_kinds" in info:  # recorded by finetune; older runs: look at the files
+        return info["data_kinds"] == ["chat"]
     records = [_first_record(p) for p in info.get("data") or []]
     return bool(records) and all(isinstance(r, dict) and detect_kind(r) == "chat" for r in records)
 
