@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # The built-in demo: what `gptqlora finetune` with no model arguments fills in (flags still override).
 DEMO_DEFAULTS = {
-    "bits": 2, "group_size": 32, "nsamples": 64, "micro_batch_size": 16, "batch_size": 16, "max_steps": 150,
+    "bits": 2, "group_size": 64, "nsamples": 64, "micro_batch_size": 16, "batch_size": 16, "max_steps": 150,
     "learning_rate": 2e-3, "warmup_steps": 10, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
     "logging_steps": 10, "save_steps": 50, "eval_accuracy": True, "eval_limit": 100, "cutoff_len": 128,
 }

@@ -1,12 +1,15 @@
 """Batch collation (right padding) and sequence packing.
 
 Packed rows carry ``position_ids`` that restart at 0 for every example and no
-``attention_mask``. With ``attention_mask=None`` and such ``position_ids``,
-transformers (5.x ``masking_utils``) detects the packed format and builds a
-block-diagonal causal mask, so packed examples neither attend to each other nor
-share positions: a packed row computes exactly what its examples would alone.
-(Attention backends that ignore ``position_ids`` for masking would let examples
-see earlier ones in the row; the built-in eager/sdpa/flash paths do not.)
+``attention_mask``. With ``attention_mask=None``, no KV cache and such
+``position_ids``, transformers (5.x ``masking_utils``) detects the packed format
+and builds a block-diagonal causal mask, so packed examples neither attend to
+each other nor share positions: a packed row computes exactly what its examples
+would alone.
+
+Call the model with ``use_cache=False`` (or set ``model.config.use_cache = False``
+for training, as fine-tuning scripts usually do): with a cache, transformers skips
+the packed-sequence detection and examples in a row would see the earlier ones.
 """
 
 from __future__ import annotations

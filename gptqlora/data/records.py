@@ -157,12 +157,12 @@ def read_records(path: str | Path) -> RecordFile:
             + "; ".join(_HINT.values())
         )
     for rec, where in zip(items, locations):
-        validate_record(rec, kind, where)
-        other = detect_kind(rec)
-        if other != kind:
+        other = detect_kind(rec) if isinstance(rec, dict) else None
+        if other is not None and other != kind:
             raise DataError(
                 f"{where}: looks like a {other} record but the file holds {kind} records "
                 f"(from its first record); put different kinds in separate files"
             )
+        validate_record(rec, kind, where)
     logger.info("%s: %d %s records", path, len(items), kind)
     return RecordFile(path=path, kind=kind, records=items, locations=locations)

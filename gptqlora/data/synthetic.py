@@ -26,16 +26,16 @@ from typing import Any, Callable, Iterable
 
 ANSWER_RE = re.compile(r"The answer is (.+?)\.?[ \t]*$", re.MULTILINE)
 
-# task name -> (instruction, function of the word). "{c}"/"{n}" are filled per record.
+# task name -> (instruction, function of the word); "{n}" is filled per record.
 _STRING_TASKS: dict[str, tuple[str, Callable[..., str]]] = {
     "reverse": ("Reverse the word.", lambda w, **_: w[::-1]),
-    "upper": ("Convert the word to uppercase.", lambda w, **_: w.upper()),
-    "sort": ("Sort the letters of the word alphabetically.", lambda w, **_: "".join(sorted(w))),
-    "length": ("How many letters does the word have?", lambda w, **_: str(len(w))),
-    "first": ("What is the first letter of the word?", lambda w, **_: w[0]),
-    "last": ("What is the last letter of the word?", lambda w, **_: w[-1]),
-    "repeat": ("Repeat the word {n} times, separated by spaces.", lambda w, n, **_: " ".join([w] * n)),
-    "count": ("How many times does the letter {c} appear in the word?", lambda w, c, **_: str(w.count(c))),
+    "upper": ("Write the word in uppercase.", lambda w, **_: w.upper()),
+    "capitalize": ("Capitalize the word.", lambda w, **_: w[:1].upper() + w[1:]),
+    "sort": ("Sort the letters of the word.", lambda w, **_: "".join(sorted(w))),
+    "length": ("How many letters are in the word?", lambda w, **_: str(len(w))),
+    "first": ("Give the first letter of the word.", lambda w, **_: w[0]),
+    "last": ("Give the last letter of the word.", lambda w, **_: w[-1]),
+    "repeat": ("Repeat the word {n} times.", lambda w, n, **_: " ".join([w] * n)),
 }
 STRING_TASKS = tuple(_STRING_TASKS)
 # The no-input form names the word in the instruction instead: "Reverse the word 'kabt'."
@@ -47,17 +47,15 @@ def _word(rng: random.Random, min_len: int, max_len: int) -> str:
 
 
 def string_record(
-    rng: random.Random, task: str | None = None, min_len: int = 3, max_len: int = 6, p_no_input: float = 0.3
+    rng: random.Random, task: str | None = None, min_len: int = 3, max_len: int = 5, p_no_input: float = 0.3
 ) -> dict[str, str]:
     """One Alpaca-style string-transformation record."""
     task = task or rng.choice(STRING_TASKS)
     instruction, fn = _STRING_TASKS[task]
     word = _word(rng, min_len, max_len)
     n = rng.randint(2, 3)
-    # "count": the letter is in the word two times out of three
-    c = rng.choice(word) if rng.random() < 2 / 3 else rng.choice(string.ascii_lowercase)
-    instruction = instruction.format(n=n, c=f"'{c}'")
-    output = fn(word, n=n, c=c)
+    instruction = instruction.format(n=n)
+    output = fn(word, n=n)
     if rng.random() < p_no_input:
         instruction = instruction.replace(_NO_INPUT_SUBJECT, f"{_NO_INPUT_SUBJECT} '{word}'", 1)
         return {"instruction": instruction, "input": "", "output": output, "task": task}
@@ -65,7 +63,7 @@ def string_record(
 
 
 def arithmetic_record(
-    rng: random.Random, min_terms: int = 2, max_terms: int = 3, max_operand: int = 99
+    rng: random.Random, min_terms: int = 2, max_terms: int = 4, max_operand: int = 20
 ) -> dict[str, str]:
     """One CoT record: a chain of + and - on small non-negative integers, worked step by step."""
     total = rng.randint(1, max_operand)
