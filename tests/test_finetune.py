@@ -75,15 +75,22 @@ KILLER = textwrap.dedent("""
 def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_file, tmp_path):
     args = [*COMMON, "--base_model", str(tiny_dir), "--data", str(data_file), "--max_steps", "8",
             "--save_steps", "2", "--lora_dropout", "0.1", "--seed", "7"]
-    env = {**os.environ, "KILL_AT": "5"}
-    killed = subprocess.run([sys.executable, "-c", KILLER, "finetune", *args, "--output_dir", str(tmp_path / "b")],
-                            env=env, capture_output=True, text=True)
+    # every run in its own process with the same thread count: float sums must be ordered alike
+    env = {**os.environ, "KILL_AT": "5", "OMP_NUM_THREADS": "1"}
+
+    def finetune(*extra):
+        return subprocess.run([sys.executable, "-c", KILLER, "finetune", *args, *extra], env=env,
+                              capture_output=True, text=True)
+
+    killed = finetune("--output_dir", str(tmp_path / "b"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     ck = tmp_path / "b" / "checkpoints"
     assert (ck / "checkpoint-4" / "COMPLETE").is_file() and not (tmp_path / "b" / "adapter").exists()
     (ck / "checkpoint-6").mkdir()  # a checkpoint cut short while saving: no COMPLETE marker, must be skipped
-    assert main(["finetune", *args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "true"]) == 0
-    assert main(["finetune", *args, "--output_dir", str(tmp_path / "a")]) == 0
+    env["KILL_AT"] = "-1"
+    for r in (finetune("--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "true"),
+              finetune("--output_dir", str(tmp_path / "a"))):
+        assert r.returncode == 0, r.stderr[-2000:]
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -152,3 +159,17 @@ def test_existing_run_refused(tiny_dir, data_file, tmp_path, capsys):
     (tmp_path / "r" / "run.json").write_text("{}")
     rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(tmp_path / "r")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_builtin_demo_end_to_end(tmp_path, capsys):
+    """`gptqlora finetune` with no model arguments: bundled tiny model, 2 bit, bundled data, accuracy."""
+    run = tmp_path / "demo"
+    assert main(["finetune", "--output_dir", str(run), "--max_steps", "4", "--eval_limit", "4",
+                 "--nsamples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "task accuracy: fp16" in out and "quantized+lora" in out
+    info = json.loads((run / "run.json").read_text())
+    assert info["demo"] and info["quant_config"]["bits"] == 2 and info["data_kinds"] == ["alpaca", "cot"]
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev) == {"fp16", "quantized", "quantized+lora"} and ev["fp16"]["total"] == 8
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

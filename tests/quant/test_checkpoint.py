@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from gptqlora.formats.gptq import pack_cols, unpack_cols
 from gptqlora.nn.quant_linear import QuantLinear
 from gptqlora.quant.calibration import CalibrationError
 from gptqlora.quant.checkpoint import load_quantized, save_quantized
@@ -90,8 +91,12 @@ def test_asym_default_v2_and_v1_keeps_zeros_storable(tiny_dir, tmp_path):
         qm = load_quantized(d, device="cpu", dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(qm(ids).logits, dequantized_reference(qm)(ids).logits, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="gptq_v2"):  # v2 zeros of 0 cannot be written as v1
-        qm = load_quantized(v2, device="cpu")
+    qm = load_quantized(v2, device="cpu")
+    layer = qm.model.layers[0].self_attn.q_proj
+    z = unpack_cols(layer.qzeros, 2)
+    z[0, 0] = 0  # a true zero of 0: fine in v2, impossible in v1
+    layer.qzeros = pack_cols(z, 2)
+    with pytest.raises(ValueError, match=r"q_proj: 1 zero point.*gptq_v2"):
         save_quantized(qm, tmp_path / "bad", QuantConfig(bits=2, group_size=32, sym=False, format="gptq"))
     assert not (tmp_path / "bad").exists()
 
