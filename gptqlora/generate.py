@@ -259,22 +259,10 @@ def using_adapter(model: Any, name: str | None) -> Iterator[None]:
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling: Sampling,
                        batch_size: int = 8) -> list[str]:
     """Completions (new tokens only, decoded) of tokenized prompts, in input order; left-padded batches."""
-    device = next(model.parameters()).device
+    from gptqlora.eval.accuracy import generate_responses as batched
+
     kw = sampling.generate_kwargs(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    out = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), kw["pad_token_id"], dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-    return out
+    return batched(model, tokenizer, prompts, kw.pop("max_new_tokens"), batch_size, **kw)
 
 
 # -- prompt files ---------------------------------------------------------------------------------------

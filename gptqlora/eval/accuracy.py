@@ -36,10 +36,16 @@ def generate_responses(
     max_new_tokens: int = 96,
     batch_size: int = 32,
     progress: bool = False,
+    **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy completions (decoded new tokens only) of tokenized prompts, in input order."""
+    """Completions (decoded new tokens only) of tokenized prompts, in input order, in left-padded batches.
+
+    Greedy unless ``generate_kwargs`` say otherwise (they go to ``model.generate``).
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+          "eos_token_id": tokenizer.eos_token_id, **generate_kwargs}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
     out: list[str] = [""] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -49,20 +55,13 @@ def generate_responses(
         batches = tqdm(batches, desc="generating")
     for idx in batches:
         width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        ids = torch.full((len(idx), width), kw["pad_token_id"], dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):  # left padding: prompts end where generation starts
             n = len(prompts[i])
             ids[row, width - n :] = torch.tensor(prompts[i])
             mask[row, width - n :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
     return out
