@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gptqlora.quant.config import read_quant_config
 from gptqlora.quant.io import atomic_output_dir
 from gptqlora.run import adapter_path, base_path, read_run_info

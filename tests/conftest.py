@@ -14,3 +14,11 @@ def tiny_dir(tmp_path_factory) -> Path:
     from tiny import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "fp")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dir, tmp_path_factory) -> Path:
+    """A run folder (4-bit tiny base + a random adapter) for tests that only read it."""
+    from runs import make_run
+
+    return make_run(tiny_dir, tmp_path_factory.mktemp("runs") / "run1")

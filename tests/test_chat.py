@@ -10,27 +10,15 @@ import threading
 import time
 
 import pytest
-import torch
 
 from gptqlora.chat import ChatSession, run_chat
 from gptqlora.data.templates import PromptTemplate
 from gptqlora.generate import InferenceError, PromptFormat, Sampling, load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Token-by-token decoding of a tiny model: two threads on a busy 2-core machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run(tiny_dir, tmp_path_factory):
-    from runs import make_run
-
-    return make_run(tiny_dir, tmp_path_factory.mktemp("chat") / "run1")
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

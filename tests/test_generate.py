@@ -6,7 +6,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 from gptqlora.cli import main
 from gptqlora.data.templates import PromptTemplate
@@ -19,20 +18,9 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '>'
                  "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Token-by-token decoding of a tiny model: two threads on a busy 2-core machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run(tiny_dir, tmp_path_factory):
-    from runs import make_run
-
-    return make_run(tiny_dir, tmp_path_factory.mktemp("gen") / "run1")
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

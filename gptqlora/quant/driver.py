@@ -28,7 +28,7 @@ from gptqlora.quant.gptq import GPTQ
 from gptqlora.quant.memory import release_freed_memory
 from gptqlora.quant.io import CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir, copy_side_files
 from gptqlora.quant.model_utils import build_empty_model, decoder_layers, linear_groups
-from gptqlora.quant.quantizer import QuantResult, rtn
+from gptqlora.quant.quantizer import rtn
 
 log = logging.getLogger(__name__)
 
