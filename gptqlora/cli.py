@@ -225,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptqlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
+    for add in COMMANDS[:1]:  # the order of the workflow: quantize, finetune, then the rest
         add(sub)
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    for add in COMMANDS[1:]:
+        add(sub)
     return parser
 
 
