@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gptqlora.adapters.layer import expand_qalora_a
 from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gptqlora.quant.config import read_quant_config
 from gptqlora.quant.io import atomic_output_dir
@@ -67,8 +68,7 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> 
         gs = int(config["qalora_group_size"])
         for k, a in tensors.items():
             if ".lora_A." in k:
-                pooled = a.shape[1]
-                tensors[k] = (a.float().repeat_interleave(gs, dim=1) * (pooled / gs)).to(a.dtype)
+                tensors[k] = expand_qalora_a(a, gs).to(a.dtype)
         config["use_qalora"] = False
     r = int(config["r"])
     if pad_rank and r not in VLLM_RANKS:

@@ -332,10 +332,7 @@ def _accuracy_of_fp_model(model_dir: str, tokenizer, template, targs: TrainArgum
     from transformers import AutoModelForCausalLM
 
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    try:
-        return _accuracy(fp, tokenizer, template, targs)
-    finally:
-        del fp
+    return _accuracy(fp, tokenizer, template, targs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from gptqlora.adapters.layer import lora_delta
-from gptqlora.adapters.model import AdapterError, read_adapter_config
+from gptqlora.adapters.model import AdapterError, parse_lora_key, read_adapter_config
 from gptqlora.formats.gptq import FORMAT_V2_FLOAT_ZEROS, unpack_cols
 from gptqlora.kernels.reference import dequantize
 from gptqlora.quant.checkpoint import QUANT_TENSORS, read_packed, write_configs
@@ -40,9 +39,9 @@ class Adapter:
         self.config = read_adapter_config(adapter_dir)
         self.modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in load_file(adapter_dir / "adapter_model.safetensors").items():
-            m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-            if m:
-                self.modules.setdefault(m.group(1), {})[m.group(2)] = t
+            parsed = parse_lora_key(key)
+            if parsed:
+                self.modules.setdefault(parsed[0], {})[parsed[1]] = t
         if not self.modules:
             raise AdapterError(f"{adapter_dir}: the adapter holds no lora_A/lora_B weights")
 
@@ -106,9 +105,9 @@ class MergedSource:
         return w.to(device)
 
     def packed(self, prefix: str):
-        n = self.src.get(f"{prefix}.scales").shape[1]
+        n = self.src.shape(f"{prefix}.scales")[1]
         bits = (self.qcfg.for_module(prefix) or {"bits": self.qcfg.bits})["bits"]
-        k = self.src.get(f"{prefix}.qweight").shape[0] * 32 // bits
+        k = self.src.shape(f"{prefix}.qweight")[0] * 32 // bits
         return read_packed(self.src, prefix, self.qcfg, k, n, self.device)
 
     def dense(self, prefix: str) -> torch.Tensor:

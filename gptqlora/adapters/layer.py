@@ -83,6 +83,11 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, qalora_group_si
     input (mean over a group, times the number of groups) becomes a per-channel weight of pooled/group."""
     a, b = a.float(), b.float()
     if qalora_group_size:
-        pooled = a.shape[1]
-        a = a.repeat_interleave(qalora_group_size, dim=1) * (pooled / qalora_group_size)
+        a = expand_qalora_a(a, qalora_group_size)
     return (b @ a) * scaling
+
+
+def expand_qalora_a(a: torch.Tensor, group_size: int) -> torch.Tensor:
+    """QA-LoRA's pooled lora_A (r, K/group) as the equivalent plain lora_A (r, K), fp32."""
+    pooled = a.shape[1]
+    return a.float().repeat_interleave(group_size, dim=1) * (pooled / group_size)

@@ -115,14 +115,23 @@ def read_adapter_config(adapter_dir: str | Path) -> GPTQLoraConfig | LoraConfig:
     return cls(**kwargs)
 
 
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+def parse_lora_key(key: str) -> tuple[str, str] | None:
+    """'base_model.model.X.lora_A.weight' -> ('X', 'A'); None for keys that are not LoRA weights."""
+    m = LORA_KEY.match(key)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def _check_adapter_shapes(model: nn.Module, adapter_dir: Path, config: LoraConfig) -> None:
     """Compare the saved lora_A/lora_B shapes with the model's layers before PEFT sees them."""
     with safe_open(adapter_dir / ADAPTER_WEIGHTS, framework="pt") as f:
         for key in f.keys():
-            m = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-            if not m:
+            parsed = parse_lora_key(key)
+            if parsed is None:
                 continue
-            name, which = m.groups()
+            name, which = parsed
             try:
                 layer = model.get_submodule(name)
             except AttributeError:

@@ -202,9 +202,12 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
     packed: dict[str, QuantLinear] = {}
     min_zero = 1 if (qcfg.format == FORMAT_V1 and not qcfg.sym) else 0  # v1 cannot store a zero of 0
     for gi, group in enumerate(linear_groups(block, qcfg.true_sequential)):
-        todo = {n: (block.get_submodule(n), _module_cfg(qcfg, f"{prefix}.{n}", block.get_submodule(n)))
-                for n in group}
-        todo = {n: (lin, cfg) for n, (lin, cfg) in todo.items() if cfg is not None}
+        todo = {}  # name -> (linear, its settings), for the linears that get quantized
+        for n in group:
+            lin = block.get_submodule(n)
+            cfg = _module_cfg(qcfg, f"{prefix}.{n}", lin)
+            if cfg is not None:
+                todo[n] = (lin, cfg)
         solvers = {n: GPTQ(lin.weight) for n, (lin, _) in todo.items()} if method == "gptq" else {}
         hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
                  for n, (lin, _) in todo.items() if n in solvers]

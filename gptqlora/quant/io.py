@@ -87,6 +87,14 @@ class SafetensorsSource:
             raise CheckpointError(f"{f}: cannot read tensor '{key}' ({e})") from None
         return t.to(device)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading its data."""
+        f = self.key_to_file.get(key)
+        if f is None:
+            raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
+        with safe_open(f, framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
     def with_prefix(self, prefix: str) -> list[str]:
         return [k for k in self.key_to_file if k.startswith(prefix)]
 
