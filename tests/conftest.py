@@ -1,8 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is defined, so before any import
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)  # token-by-token decoding is much slower with 2 threads on a busy 2-core machine

@@ -39,3 +39,18 @@ def save_tiny_llama(out: Path, **kw) -> Path:
 def calibration_samples(n: int = 8, length: int = 64, vocab: int = 128, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, vocab, (1, length), generator=g) for _ in range(n)]
+
+
+def packed_tiny_llama(bits: int = 4, group_size: int = 32, seed: int = 0, **kw) -> LlamaForCausalLM:
+    """tiny_llama with its seven projections swapped for QuantLinear layers holding random packed codes."""
+    from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.quant.model_utils import quantize_skeleton
+
+    model = quantize_skeleton(tiny_llama(seed=seed, **kw), bits, group_size, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.qweight.random_(-2**31, 2**31 - 1, generator=g)
+            m.qzeros.random_(-2**31, 2**31 - 1, generator=g)
+            m.scales.copy_(torch.rand(m.scales.shape, generator=g) * 0.02)
+    return model

@@ -16,6 +16,9 @@ from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from gptqlora.kernels.quant_lora import quant_lora_matmul
+from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
+
 MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
               "--to fp16|gptq` (or --exact for QA-LoRA adapters)")
 
@@ -47,7 +50,26 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             return QALoraLinearVariant()
         return None
 
+    def _fused_adapter(self, kwargs: dict) -> str | None:
+        """The one active plain-LoRA adapter when the fused base+LoRA function can compute this layer."""
+        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+            return None
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        if len(active) != 1 or active[0] in self.lora_variant or not isinstance(self.base_layer, QuantLinear):
+            return None
+        drop = self.lora_dropout[active[0]]
+        return active[0] if isinstance(drop, (nn.Dropout, nn.Identity)) else None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(kwargs)
+        if name is not None:  # one autograd function: base matmul, dropout and both LoRA matmuls
+            base = self.base_layer
+            drop = self.lora_dropout[name]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            y = quant_lora_matmul(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
+                                  base.qweight, base.zero_points, base.scales, base.g_idx, base.bits,
+                                  self.scaling[name], p, base.kernel)
+            return y if base.bias is None else y + base.bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:
             return result

@@ -7,7 +7,7 @@ from torch import nn
 
 from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows
 from gptqlora.kernels.autograd import quant_matmul
-from gptqlora.kernels.reference import dequantize
+from gptqlora.kernels.dispatch import dequantize
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -23,12 +23,15 @@ class QuantLinear(nn.Module):
 
     Buffers: qweight int32 [K*b/32, N], qzeros int32 [G, N*b/32], scales fp16 [G, N], g_idx int32 [K],
     bias [N] (optional). Nothing here is trainable; the gradient flows to the input only.
+    `kernel` picks the dequantization backend (gptqlora.kernels.dispatch): "auto" runs the Triton kernel on
+    CUDA and the torch reference elsewhere; the GPTQLORA_KERNEL environment variable overrides "auto".
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
-                 float_zeros: bool = False) -> None:
+                 float_zeros: bool = False, kernel: str = "auto") -> None:
         super().__init__()
+        self.kernel = kernel  # dequantization backend: "auto" (Triton on CUDA), "triton" or "torch"
         self.spec = GPTQSpec(in_features, out_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -57,7 +60,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W)."""
-        return dequantize(self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, dtype)
+        return dequantize(self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, dtype, self.kernel)
 
     @property
     def zero_points(self) -> torch.Tensor:
@@ -79,7 +82,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))
-        y = quant_matmul(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits)  # (..., N)
+        y = quant_matmul(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits,
+                         self.kernel)  # (..., N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

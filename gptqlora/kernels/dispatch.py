@@ -1,0 +1,56 @@
+"""Which implementation computes dequantization: the Triton kernel on CUDA, the torch reference elsewhere.
+
+The choice is per call: `backend` ("auto", "triton" or "torch"; QuantLinear's `kernel` argument) or, when
+that is "auto", the GPTQLORA_KERNEL environment variable (same values). "auto" takes Triton for CUDA
+tensors when Triton imports, the reference otherwise. "triton" on CPU tensors works only under Triton's
+interpreter (TRITON_INTERPRET=1), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from gptqlora.kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+ENV = "GPTQLORA_KERNEL"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`."""
+    choice = backend if backend != "auto" else os.environ.get(ENV, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {choice!r} (from {ENV} or the "
+                         f"QuantLinear kernel argument)")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
+    if choice == "triton":
+        if not triton_importable():
+            raise RuntimeError("kernel backend 'triton' was asked for, but triton is not installed "
+                               "(pip install triton, or use GPTQLORA_KERNEL=torch)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"the Triton kernels need CUDA tensors (got {device.type}); set "
+                               f"TRITON_INTERPRET=1 to run them in Triton's interpreter")
+    return choice
+
+
+def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+               bits: int, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """Dense W [K, N] (see reference.dequantize) by the implementation `backend` resolves to."""
+    if resolve(backend, qweight.device) == "triton":
+        from gptqlora.kernels.dequant import dequantize_triton
+
+        return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype)
+    return reference.dequantize(qweight, zeros, scales, g_idx, bits, dtype)
