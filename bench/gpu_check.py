@@ -1,13 +1,13 @@
-"""One device call: check the CUDA path against the float64 reference, then time it.
+"""Correctness on a CUDA GPU at real shapes, before any timing counts.
 
-    python bench/gpu_check.py            (on a machine with a CUDA GPU; writes a table to stdout)
+    python bench/gpu_check.py          (exit status 1 if any check fails; a table on stdout)
 
-1. correctness: QuantLinear forward/backward on CUDA (fp16 and bf16 activations, 2/3/4/8 bit, act-order)
-   against a float64 CPU reference of the same dequantized weights;
-2. training: a few GPTQ-LoRA steps of a tiny random LLaMA on CUDA with bf16 autocast and gradient
-   checkpointing (finite loss, finite LoRA grads);
-3. timing: the torch reference path (dequantize + matmul) of one quantized linear, forward and
-   forward+backward, against a bf16 torch.matmul of the same shape measured in the same run.
+1. dequant: the Triton kernel equals the torch reference bit for bit at LLaMA shapes, 2/3/4/8 bit,
+   fp16 and bf16, act-order, packed and float zeros (fresh random layers, poisoned output);
+2. layers: quant_matmul (forward, dx) and the fused base+LoRA function (forward, dx, dA, dB) on the
+   Triton path against float64 references, M = 1, 7, 4099, bf16;
+3. training: a few GPTQ-LoRA steps of a small random LLaMA with bf16 autocast and gradient checkpointing,
+   Triton path against the reference path: the same losses within bf16 noise, finite gradients.
 """
 
 from __future__ import annotations
@@ -18,126 +18,138 @@ import time
 
 import torch
 
-from gptqlora.nn.quant_linear import QuantLinear
-from gptqlora.quant.quantizer import rtn
+from gptqlora.formats.gptq import pack_cols, pack_rows
+from gptqlora.kernels.autograd import quant_matmul
+from gptqlora.kernels.dequant import dequantize_triton
+from gptqlora.kernels.quant_lora import quant_lora_matmul
+from gptqlora.kernels.reference import dequantize
 
 
-def make_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, device) -> QuantLinear:
-    res = rtn(torch.randn(n, k), bits, group_size, sym=False)
-    g_idx = res.g_idx[torch.randperm(k)] if act_order else res.g_idx
-    return QuantLinear.from_codes(res.codes, res.scales, res.zeros, g_idx, group_size, bits).to(device)
+def packed(k, n, bits, group, act_order, float_zeros, seed, device):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ng = k // group
+    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
+    zeros = torch.randint(0, 2**bits, (ng, n), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(ng, n, device=device, generator=g) * 0.02 + 1e-3).half()
+    g_idx = torch.arange(k, device=device, dtype=torch.int32) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, device=device, generator=g)]
+    z = zeros.float() + torch.rand(ng, n, device=device, generator=g) - 0.5 if float_zeros else pack_cols(zeros, bits)
+    return pack_rows(codes, bits), z, scales, g_idx
 
 
-def check_layers(device) -> list[dict]:
+def rel(got, ref) -> float:
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+def check_dequant(device, shapes) -> list[dict]:
     rows = []
-    for bits in (2, 3, 4, 8):
-        for dtype in (torch.float16, torch.bfloat16):
-            for act_order in (False, True):
-                layer = make_layer(512, 384, bits, 64, act_order, device)
-                x = torch.randn(4, 33, 512, device=device, dtype=dtype, requires_grad=True)
-                y = layer(x)
-                gy = torch.randn_like(y)
-                y.backward(gy)
-                w = layer.dequantize(torch.float64).cpu()  # (K, N)
-                ref_y = x.detach().double().cpu() @ w
-                ref_gx = gy.double().cpu() @ w.t()
-                err_y = float((y.double().cpu() - ref_y).norm() / ref_y.norm())
-                err_gx = float((x.grad.double().cpu() - ref_gx).norm() / ref_gx.norm())
-                ok = err_y < 1e-2 and err_gx < 1e-2 and torch.isfinite(y).all().item()
-                rows.append({"bits": bits, "dtype": str(dtype).split(".")[1], "act_order": act_order,
-                             "rel_err_y": err_y, "rel_err_dx": err_gx, "ok": ok})
+    for k, n in shapes:
+        for bits in (2, 3, 4, 8):
+            for act_order, float_zeros in ((False, False), (True, False), (True, True)):
+                p = packed(k, n, bits, 128, act_order, float_zeros, k + bits, device)
+                for dtype in (torch.float16, torch.bfloat16):
+                    out = torch.full((k, n), float("nan"), dtype=dtype, device=device)
+                    dequantize_triton(*p, bits, out=out)
+                    ok = torch.equal(out, dequantize(*p, bits, dtype))
+                    rows.append({"check": "dequant", "shape": f"{k}x{n}", "bits": bits, "act_order": act_order,
+                                 "float_zeros": float_zeros, "dtype": str(dtype)[6:], "ok": ok})
     return rows
 
 
-def check_training(device) -> dict:
+def check_layers(device, k, n) -> list[dict]:
+    rows = []
+    r = 8
+    for bits in (2, 3, 4, 8):
+        p = packed(k, n, bits, 128, True, False, bits, device)
+        w = dequantize(*p, bits, torch.float64)  # (K, N)
+        for m in (1, 7, 4099):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+            y = quant_matmul(x, *p, bits, "triton")
+            (gx,) = torch.autograd.grad(y, x, dy)
+            e = max(rel(y, x.detach().double() @ w), rel(gx, dy.double() @ w.t()))
+            a = (torch.randn(r, k, device=device) * 0.02).requires_grad_()
+            b = (torch.randn(n, r, device=device) * 0.02).requires_grad_()
+            y2 = quant_lora_matmul(x, a, b, *p, bits, 2.0, 0.0, "triton")
+            gx2, ga, gb = torch.autograd.grad(y2, (x, a, b), dy)
+            x64, a64, b64, dy64 = x.detach().double(), a.detach().double(), b.detach().double(), dy.double()
+            xa = x64 @ a64.t()
+            want = x64 @ w + 2.0 * xa @ b64.t()
+            dxa = 2.0 * dy64 @ b64
+            e2 = max(rel(y2, want), rel(gx2, dy64 @ w.t() + dxa @ a64), rel(ga, dxa.t() @ x64),
+                     rel(gb, 2.0 * dy64.t() @ xa))
+            rows.append({"check": "layer", "bits": bits, "m": m, "quant_matmul_rel_err": e,
+                         "quant_lora_rel_err": e2, "ok": e < 1e-2 and e2 < 1e-2})
+    return rows
+
+
+def check_training(device, hidden, autocast) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    import gptqlora
+    from gptqlora.adapters import GPTQLoraConfig
+    from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.quant.model_utils import quantize_skeleton
 
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=512)
-    model = LlamaForCausalLM(cfg).to(device, torch.float16)
-    fp = {n: m.weight.detach().float().cpu() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantize_skeleton(model, 4, 64, device=device)
-    for name, mod in model.named_modules():  # fill the skeleton with RTN codes of the random weights
-        if isinstance(mod, QuantLinear):
-            q = make_layer(mod.in_features, mod.out_features, 4, 64, False, device)
-            r = rtn(fp[name], 4, 64)
-            q = QuantLinear.from_codes(r.codes, r.scales, r.zeros, r.g_idx, 64, 4).to(device)
-            model.set_submodule(name, q)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    pm = get_peft_model(model, GPTQLoraConfig())
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, 512, (4, 128), device=device)
-    losses = []
-    pm.train()
-    for _ in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads_ok = all(torch.isfinite(p.grad).all().item() for p in pm.parameters() if p.requires_grad)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    return {"losses": losses, "grads_finite": grads_ok, "loss_fell": losses[-1] < losses[0]}
+    def losses(backend: str) -> tuple[list[float], bool]:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=2,
+                          num_attention_heads=8, vocab_size=1024)
+        model = quantize_skeleton(LlamaForCausalLM(cfg), 4, 128, device="cpu").to(device)
+        g = torch.Generator(device=device).manual_seed(1)
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                k, nn_ = mod.in_features, mod.out_features
+                q = packed(k, nn_, 4, 128, True, False, k + nn_, device)
+                mod.qweight.copy_(q[0]); mod.qzeros.copy_(q[1]); mod.g_idx.copy_(q[3])  # noqa: E702
+                mod.scales.copy_((1 + torch.rand(q[2].shape, device=device, generator=g)) / (8 * k ** 0.5))
+                mod.kernel = backend
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        pm = gptqlora.get_peft_model(model, GPTQLoraConfig(lora_dropout=0.05, init_lora_weights="gaussian"))
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+        ids = torch.randint(0, 1024, (4, 128), device=device, generator=torch.Generator(device=device).manual_seed(2))
+        out, finite = [], True
+        torch.manual_seed(3)
+        for _ in range(5):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = pm(input_ids=ids, labels=ids).loss
+            loss.backward()
+            finite &= all(torch.isfinite(p.grad).all().item() for p in pm.parameters() if p.requires_grad)
+            opt.step()
+            opt.zero_grad()
+            out.append(float(loss))
+        return out, finite
+
+    kern, fin_k = losses("triton")
+    ref, fin_r = losses("torch")
+    diff = max(abs(a - b) / abs(b) for a, b in zip(kern, ref))
+    return {"check": "training", "triton_losses": kern, "reference_losses": ref, "max_rel_diff": diff,
+            "ok": fin_k and fin_r and diff < 1e-2 and kern[-1] < kern[0]}
 
 
-def bench(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def time_layers(device) -> list[dict]:
-    rows = []
-    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
-        tokens = 4096
-        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-        peer_f = bench(lambda: x @ w)
-        peer_fb = bench(lambda: (x @ w).backward(torch.ones(tokens, n, device=device, dtype=torch.bfloat16)))
-        for bits in (2, 4):
-            layer = make_layer(k, n, bits, 128, False, device)
-            f = bench(lambda: layer(x))
-            fb = bench(lambda: layer(x).backward(torch.ones(tokens, n, device=device, dtype=torch.bfloat16)))
-            rows.append({"shape": f"{k}x{n}", "tokens": tokens, "bits": bits, "fwd_ms": f, "fwd_bwd_ms": fb,
-                         "bf16_matmul_fwd_ms": peer_f, "bf16_matmul_fwd_bwd_ms": peer_fb})
-    return rows
-
-
-def main() -> int:
-    if not torch.cuda.is_available():
+def main(argv: list[str]) -> int:
+    if "--cpu-smoke" in argv:  # small shapes in Triton's interpreter (TRITON_INTERPRET=1): tests this script
+        device, shapes, (k, n), hidden, autocast = torch.device("cpu"), ((256, 128),), (256, 384), 256, False
+    elif torch.cuda.is_available():
+        device, shapes, (k, n), hidden, autocast = torch.device("cuda"), ((4096, 11008), (11008, 4096)), \
+            (4096, 11008), 512, True
+    else:
         sys.stderr.write("no CUDA device\n")
         return 1
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d")}
-    out["layers"] = check_layers(device)
-    out["training"] = check_training(device)
-    out["timing"] = time_layers(device)
-    sys.stdout.write(json.dumps(out, indent=1) + "\n")
-    bad = [r for r in out["layers"] if not r["ok"]]
-    sys.stdout.write(f"correctness: {len(out['layers']) - len(bad)}/{len(out['layers'])} layer checks ok; "
-                     f"training loss fell: {out['training']['loss_fell']}, grads finite: "
-                     f"{out['training']['grads_finite']}\n")
-    for r in out["timing"]:
-        sys.stdout.write(f"{r['shape']:>11} {r['bits']}-bit ref path fwd {r['fwd_ms']:.3f} ms, fwd+bwd "
-                         f"{r['fwd_bwd_ms']:.3f} ms | bf16 matmul fwd {r['bf16_matmul_fwd_ms']:.3f} ms, "
-                         f"fwd+bwd {r['bf16_matmul_fwd_bwd_ms']:.3f} ms\n")
+    rows = check_dequant(device, shapes) + check_layers(device, k, n) + [check_training(device, hidden, autocast)]
+    bad = [r for r in rows if not r["ok"]]
+    sys.stdout.write(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+                                 "torch": torch.__version__, "failed": bad}, indent=1) + "\n")
+    layer_err = max(max(r["quant_matmul_rel_err"], r["quant_lora_rel_err"]) for r in rows if r["check"] == "layer")
+    train = rows[-1]
+    sys.stdout.write(f"gpu_check: {len(rows) - len(bad)}/{len(rows)} ok; dequant exact in "
+                     f"{sum(r['ok'] for r in rows if r['check'] == 'dequant')} cases; worst layer rel err "
+                     f"{layer_err:.2e}; training losses triton {train['triton_losses']} vs reference "
+                     f"{train['reference_losses']} (max rel diff {train['max_rel_diff']:.1e})\n")
     return 0 if not bad else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -196,8 +196,10 @@ def _quantize_base(margs: ModelArguments, data_files: list[str], template, token
 
 def _wrap(model, margs: ModelArguments, largs: LoraArguments, targs: TrainArguments):
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    from gptqlora.liger import apply_liger
 
     model.config.use_cache = False
+    apply_liger(model, targs.liger)
     if targs.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": targs.reentrant_checkpointing})

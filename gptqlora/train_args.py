@@ -89,6 +89,9 @@ class TrainArguments:
         "choices": ("adamw_torch", "paged_adamw_8bit")})
     use_gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in backward (much less memory, ~30% slower)"})
+    liger: str = field(default="auto", metadata={
+        "help": "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy: auto (on for CUDA when "
+                "liger-kernel is installed), on, off", "choices": ("auto", "on", "off")})
     reentrant_checkpointing: bool = field(default=False, metadata={
         "help": "use reentrant activation checkpointing (default: non-reentrant)"})
     precision: str = field(default="auto", metadata={

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT.
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train ablations journey)
+# Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v -i warning | tail -2
+python3 - <<'PY'
+import torch, triton, transformers, peft
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
+      "transformers", transformers.__version__, "peft", peft.__version__)
+PY
+for stage in "$@"; do
+  t0=$(date +%s)
+  case $stage in
+    check)     python3 bench/gpu_check.py > "$OUT/gpu_check.json" 2> "$OUT/gpu_check.err"; rc=$?
+               tail -1 "$OUT/gpu_check.json"; [ $rc = 0 ] || { tail -5 "$OUT/gpu_check.err"; echo "CHECK FAILED"; } ;;
+    kernels)   python3 bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2> "$OUT/kernels.err" \
+                 || tail -5 "$OUT/kernels.err"; cat "$OUT/kernels.txt" ;;
+    train)     python3 bench/train_suite.py --set core --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" \
+                 --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode bf16" > "$OUT/train.md" 2> "$OUT/train.err"
+               grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/train.err" ;;
+    ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2> "$OUT/ablations.err"
+               grep "^|" "$OUT/ablations.md" ;;
+    journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
+  esac
+  echo "== $stage took $(( $(date +%s) - t0 )) s"
+done

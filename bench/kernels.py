@@ -1,0 +1,124 @@
+"""Kernel benchmark: one quantized linear (Triton dequant + cuBLAS) against a bf16 matmul, same run.
+
+    python bench/kernels.py [--quick] [--json OUT.json]
+
+For each shape (K x N) and token count M, times in bf16:
+  peer   x @ W (forward) and forward + dx = dy @ Wᵀ (what a frozen base costs in LoRA training);
+  ours   quant_matmul forward and forward + backward at 2/3/4/8 bit (group 128; act-order g_idx);
+  dequant alone, as achieved bandwidth (packed bytes read + bf16 bytes written) against the card's copy
+  bandwidth measured in the same run, and a sweep of its block sizes.
+Median of `triton.testing.do_bench`; the packed layers rotate so that repeated runs do not hit L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import triton
+
+from gptqlora.formats.gptq import pack_cols, pack_rows
+from gptqlora.kernels.autograd import quant_matmul
+from gptqlora.kernels.dequant import dequantize_triton
+from gptqlora.kernels.reference import dequantize
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 22016))
+TOKENS = (2048, 16384)
+BITS = (2, 3, 4, 8)
+GROUP = 128
+
+
+def packed_layer(k: int, n: int, bits: int, device) -> tuple:
+    g = torch.Generator(device=device).manual_seed(k * n + bits)
+    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
+    zeros = torch.randint(0, 2**bits, (k // GROUP, n), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(k // GROUP, n, device=device, generator=g) * 0.01 + 1e-3).half()
+    g_idx = (torch.arange(k, device=device, dtype=torch.int32) // GROUP)[torch.randperm(k, device=device,
+                                                                                      generator=g)]
+    return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth(device) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus written."""
+    a = torch.empty(2**30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = ms(lambda: b.copy_(a))
+    return 2 * a.numel() / t / 1e6
+
+
+def check(layers, bits) -> None:
+    """The kernel equals the reference at this real shape before any of its timings count."""
+    qw, qz, sc, gi = layers[0]
+    got = dequantize_triton(qw, qz, sc, gi, bits, torch.bfloat16)
+    want = dequantize(qw, qz, sc, gi, bits, torch.bfloat16)
+    if not torch.equal(got, want):
+        raise SystemExit(f"dequant kernel differs from the reference at {tuple(got.shape)}, {bits} bit")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4096x11008 only, 4 and 2 bit")
+    ap.add_argument("--json", help="write all rows here")
+    a = ap.parse_args()
+    device = torch.device("cuda")
+    shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
+    copy_gbs = copy_bandwidth(device)
+    rows, sweep = [], []
+    for k, n in shapes:
+        for bits in bits_list:
+            layers = [packed_layer(k, n, bits, device) for _ in range(3)]
+            check(layers, bits)
+            w_out = torch.empty(k, n, dtype=torch.bfloat16, device=device)
+            it = iter(range(10**9))
+            pick = lambda: layers[next(it) % 3]  # noqa: E731
+            nbytes = sum(t.numel() * t.element_size() for t in layers[0]) + w_out.numel() * 2
+            t_dq = ms(lambda: dequantize_triton(*pick(), bits, out=w_out))
+            if (k, n) == (4096, 11008):
+                for bk, bn, nw in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8),
+                                   (128, 128, 8), (32, 512, 8)):
+                    t = ms(lambda: dequantize_triton(*pick(), bits, out=w_out, block_k=bk, block_n=bn,
+                                                     num_warps=nw))
+                    sweep.append({"bits": bits, "block_k": bk, "block_n": bn, "num_warps": nw,
+                                  "us": round(t * 1e3, 1), "GB/s": round(nbytes / t / 1e6)})
+            for m in TOKENS:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+                dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+                w = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+                peer_f = ms(lambda: x @ w)
+                peer_fb = ms(lambda: torch.autograd.grad(x @ w, x, dy))
+                ours_f = ms(lambda: quant_matmul(x, *pick(), bits, "triton"))
+                ours_fb = ms(lambda: torch.autograd.grad(quant_matmul(x, *pick(), bits, "triton"), x, dy))
+                rows.append({"shape": f"{k}x{n}", "tokens": m, "bits": bits, "bf16_fwd_ms": peer_f,
+                             "bf16_fwd_bwd_ms": peer_fb, "fwd_ms": ours_f, "fwd_bwd_ms": ours_fb,
+                             "fwd_ratio": ours_f / peer_f, "fwd_bwd_ratio": ours_fb / peer_fb,
+                             "dequant_us": t_dq * 1e3, "dequant_GBs": nbytes / t_dq / 1e6,
+                             "bf16_TFLOPs": 2 * m * k * n / peer_f / 1e9})
+                del x, dy, w
+    out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+           "triton": triton.__version__, "copy_GBs": copy_gbs, "rows": rows, "dequant_block_sweep": sweep}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    p = sys.stdout.write
+    p(f"{out['device']}  torch {out['torch']}  triton {out['triton']}  {out['date']}  copy {copy_gbs:.0f} GB/s\n")
+    p(f"{'shape':>11} {'M':>6} {'b':>2} | {'bf16 f':>7} {'ours f':>7} {'x':>5} | {'bf16 fb':>7} {'ours fb':>7} "
+      f"{'x':>5} | {'dq us':>6} {'dq GB/s':>7} | {'bf16 TF/s':>9}\n")
+    for r in rows:
+        p(f"{r['shape']:>11} {r['tokens']:>6} {r['bits']:>2} | {r['bf16_fwd_ms']:7.3f} {r['fwd_ms']:7.3f} "
+          f"{r['fwd_ratio']:5.2f} | {r['bf16_fwd_bwd_ms']:7.3f} {r['fwd_bwd_ms']:7.3f} {r['fwd_bwd_ratio']:5.2f} | "
+          f"{r['dequant_us']:6.1f} {r['dequant_GBs']:7.0f} | {r['bf16_TFLOPs']:9.0f}\n")
+    for s in sweep:
+        p(f"dequant 4096x11008 {s['bits']}b BK={s['block_k']:<3} BN={s['block_n']:<3} warps={s['num_warps']}: "
+          f"{s['us']:7.1f} us {s['GB/s']:6d} GB/s\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

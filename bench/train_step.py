@@ -1,0 +1,187 @@
+"""LoRA training-step throughput and peak memory on a LLaMA-shaped model with random weights, one
+configuration per process (bench/train_suite.py runs the set and compares them in one run).
+
+    python bench/train_step.py --mode gptq --bits 4 --group 128 --bs 16 --seq 256
+    python bench/train_step.py --mode bf16            # peer: bf16 base, PEFT LoRA (the ceiling)
+    python bench/train_step.py --mode nf4             # peer: bitsandbytes NF4 base, PEFT (QLoRA)
+
+Every mode: LoRA r=8, alpha 16, dropout 0.05 on the seven projections, gradient checkpointing
+(non-reentrant), bf16 autocast, AdamW; the median step after two warm-up steps. The GPTQ base is built
+directly in packed form on the GPU (random codes, zeros, scales; act-order g_idx), so no fp16 model is
+needed and a 65B shape fits; speed and memory do not depend on the weights' values. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SHAPES = {
+    "tiny": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def config(shape: str) -> LlamaConfig:
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_dense(shape: str, nf4: bool, device) -> nn.Module:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config(shape))
+    torch.set_default_dtype(torch.float32)
+    if nf4:
+        import bitsandbytes as bnb
+
+        for name, lin in list(model.named_modules()):
+            if isinstance(lin, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", compress_statistics=True, device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(device)
+                model.set_submodule(name, q)
+        torch.cuda.empty_cache()
+    return model
+
+
+def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
+    from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.quant.model_utils import quantize_skeleton
+
+    cfg = config(shape)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    quantize_skeleton(model, bits, group, device="meta")
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.qweight.random_(-2**31, 2**31 - 1, generator=gen)
+            mod.qzeros.random_(-2**31, 2**31 - 1, generator=gen)
+            k = mod.in_features
+            mod.scales.fill_(1.0 / (math.sqrt(k) * 2 ** (bits - 1)))  # activations stay O(1)
+            g = group if group > 0 else k
+            perm = torch.randperm(k, device=device, generator=gen)
+            mod.g_idx.copy_((torch.arange(k, device=device, dtype=torch.int32) // g)[perm])  # act-order
+        elif isinstance(mod, (nn.Embedding, nn.Linear)):
+            mod.weight.data.normal_(0, 0.02, generator=gen)
+        elif "RMSNorm" in type(mod).__name__:
+            mod.weight.data.fill_(1.0)
+    with torch.device(device):  # to_empty left its inv_freq buffer uninitialised
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    return model
+
+
+def wrap(model: nn.Module, a) -> nn.Module:
+    model.config.use_cache = False
+    if a.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if a.liger:
+        from gptqlora.liger import apply_liger
+
+        apply_liger(model, "on")
+    if a.mode == "gptq":
+        import gptqlora
+        from gptqlora.adapters import GPTQLoraConfig
+
+        for mod in model.modules():
+            if hasattr(mod, "kernel"):
+                mod.kernel = a.kernel
+        model = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=a.lora_dropout,
+                                                              target_modules=TARGETS))
+        if not a.fused:
+            from gptqlora.adapters.layer import GPTQLoraLinear
+
+            GPTQLoraLinear._fused_adapter = lambda self, kwargs: None
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=a.lora_dropout, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--mode", default="gptq", choices=("bf16", "nf4", "gptq"))
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--lora_dropout", type=float, default=0.05)
+    ap.add_argument("--kernel", default="auto", choices=("auto", "triton", "torch"), help="gptq dequant backend")
+    ap.add_argument("--no-fused", dest="fused", action="store_false", help="gptq: PEFT's generic LoRA path")
+    ap.add_argument("--liger", action="store_true", help="Liger's RMSNorm/SwiGLU/RoPE/fused linear+CE")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--profile", action="store_true", help="also print the top CUDA kernels of one step")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    model = build_gptq(a.shape, a.bits, a.group, device) if a.mode == "gptq" else \
+        build_dense(a.shape, a.mode == "nf4", device)
+    model = wrap(model, a)
+    build_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    x = torch.randint(0, 32000, (a.bs, a.seq), device=device)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for _ in range(a.steps + 2):
+        sync()
+        t = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - t)
+    med = sorted(times[2:])[len(times[2:]) // 2]
+    label = a.mode if a.mode != "gptq" else f"gptq{a.bits}-g{a.group}"
+    label += "+liger" * a.liger + ("" if a.fused or a.mode != "gptq" else "-unfused") + \
+        ("-torchref" if a.kernel == "torch" else "") + ("-nockpt" if not a.checkpointing else "")
+    rec = dict(shape=a.shape, mode=label, bs=a.bs, seq=a.seq, step_s=round(med, 4), tokens_per_s=round(a.bs * a.seq / med),
+               weights_gib=round(weights_gib, 2),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
+               trainable=sum(p.numel() for p in params), build_s=round(build_s, 1),
+               losses=[round(float(v), 4) for v in losses], loss_finite=all(math.isfinite(float(v)) for v in losses),
+               gpu=torch.cuda.get_device_name() if cuda else "cpu", date=time.strftime("%Y-%m-%d"))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        rec["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                                   max_name_column_width=70)
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    main()

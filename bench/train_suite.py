@@ -1,0 +1,96 @@
+"""Training-step benchmark: the peers and gptqlora in one run, one process per configuration.
+
+    python bench/train_suite.py [--set core|ablations|all] [--shape 7b] [--out DIR]
+
+Peers: bf16 base + PEFT LoRA (the ceiling users compare with; also with Liger, to show what Liger alone
+gives), bitsandbytes NF4 + PEFT (QLoRA). gptqlora at 2/3/4 bit with its defaults (Triton dequant, fused
+base+LoRA, Liger). Ablations take one piece away at a time. Prints a markdown table with the ratios to
+NF4 QLoRA and to bf16 LoRA of the same batch shape; writes every record to DIR/train_suite.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BATCHES = ((16, 256), (1, 2048))
+CORE = [["--mode", "bf16"], ["--mode", "bf16", "--liger"], ["--mode", "nf4"],
+        ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger"],
+        ["--mode", "gptq", "--bits", "3", "--group", "128", "--liger"],
+        ["--mode", "gptq", "--bits", "2", "--group", "64", "--liger"]]
+ABLATIONS = [["--mode", "gptq", "--bits", "4", "--group", "128"],  # no Liger
+             ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-fused"],  # PEFT's LoRA path
+             ["--mode", "gptq", "--bits", "4", "--group", "128", "--kernel", "torch"]]  # the old reference path
+
+
+def run(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).with_name("train_step.py")), *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"args": args, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"args": args, "error": (p.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return {"args": args, **json.loads(lines[-1])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="core", choices=("core", "ablations", "all"))
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--steps", default="5")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--budget_s", type=float, default=480, help="stop starting new configurations after this")
+    ap.add_argument("--profile", action="append", default=[],
+                    help="a configuration to profile at 16x256, as its arguments, e.g. '--mode bf16'")
+    a = ap.parse_args()
+    configs = {"core": CORE, "ablations": ABLATIONS, "all": CORE + ABLATIONS}[a.set]
+    out = Path(a.out) / "train_suite.jsonl"
+    t0, recs = time.time(), []
+    for bs, seq in BATCHES:
+        for c in configs:
+            if time.time() - t0 > a.budget_s:
+                recs.append({"args": c, "bs": bs, "seq": seq, "error": "skipped: suite time budget spent"})
+                continue
+            args = [*c, "--shape", a.shape, "--bs", str(bs), "--seq", str(seq), "--steps", a.steps]
+            if " ".join(c) in a.profile and bs == 16:
+                args.append("--profile")
+            r = run(args, timeout=240)
+            recs.append(r)
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            sys.stderr.write(f"[{time.time() - t0:5.0f}s] {r.get('mode', c)} {bs}x{seq}: "
+                             f"{r.get('tokens_per_s', r.get('error'))}\n")
+    table(recs)
+    return 0
+
+
+def table(recs: list[dict]) -> None:
+    p = sys.stdout.write
+    ok = [r for r in recs if "tokens_per_s" in r]
+    if ok:
+        p(f"device: {ok[0]['gpu']}, date: {ok[0]['date']}, shape: {ok[0]['shape']}\n\n")
+    p("| config | batch | tokens/s | x NF4 | x bf16 | peak GiB | loaded GiB |\n|---|---|---|---|---|---|---|\n")
+    for r in recs:
+        if "tokens_per_s" not in r:
+            p(f"| {' '.join(r['args'])} | {r.get('bs', '')}x{r.get('seq', '')} | {r['error']} | | | | |\n")
+            continue
+        same = {x["mode"]: x["tokens_per_s"] for x in ok if (x["bs"], x["seq"]) == (r["bs"], r["seq"])}
+        nf4, bf16 = same.get("nf4"), same.get("bf16")
+        p(f"| {r['mode']} | {r['bs']}x{r['seq']} | {r['tokens_per_s']:,} | "
+          f"{r['tokens_per_s'] / nf4:.2f} | " if nf4 else f"| {r['mode']} | {r['bs']}x{r['seq']} | "
+          f"{r['tokens_per_s']:,} | - | ")
+        p(f"{r['tokens_per_s'] / bf16:.2f} | " if bf16 else "- | ")
+        p(f"{r['peak_gib']} | {r['weights_gib']} |\n")
+    for r in ok:
+        if "profile" in r:
+            p(f"\nprofile of {r['mode']} {r['bs']}x{r['seq']} (one step):\n{r['profile']}\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
