@@ -20,7 +20,8 @@ import torch
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels.autograd import quant_matmul
-from gptqlora.kernels.dequant import dequantize_triton
+from gptqlora.kernels.dequant import dequantize_triton, plan_for
+from gptqlora.kernels.lora_dropout import dropout_mask
 from gptqlora.kernels.quant_lora import quant_lora_matmul
 from gptqlora.kernels.reference import dequantize
 
@@ -49,11 +50,13 @@ def check_dequant(device, shapes) -> list[dict]:
             for act_order, float_zeros in ((False, False), (True, False), (True, True)):
                 p = packed(k, n, bits, 128, act_order, float_zeros, k + bits, device)
                 for dtype in (torch.float16, torch.bfloat16):
-                    out = torch.full((k, n), float("nan"), dtype=dtype, device=device)
-                    dequantize_triton(*p, bits, out=out)
-                    ok = torch.equal(out, dequantize(*p, bits, dtype))
-                    rows.append({"check": "dequant", "shape": f"{k}x{n}", "bits": bits, "act_order": act_order,
-                                 "float_zeros": float_zeros, "dtype": str(dtype)[6:], "ok": ok})
+                    want = dequantize(*p, bits, dtype)
+                    for kernel, plan in (("grouped", plan_for(p[3], 128)), ("gather", None)):
+                        out = torch.full((k, n), float("nan"), dtype=dtype, device=device)
+                        dequantize_triton(*p, bits, out=out, plan=plan)
+                        rows.append({"check": "dequant", "kernel": kernel, "shape": f"{k}x{n}", "bits": bits,
+                                     "act_order": act_order, "float_zeros": float_zeros, "dtype": str(dtype)[6:],
+                                     "ok": torch.equal(out, want) and (kernel == "gather" or plan is not None)})
     return rows
 
 
@@ -71,16 +74,21 @@ def check_layers(device, k, n) -> list[dict]:
             e = max(rel(y, x.detach().double() @ w), rel(gx, dy.double() @ w.t()))
             a = (torch.randn(r, k, device=device) * 0.02).requires_grad_()
             b = (torch.randn(n, r, device=device) * 0.02).requires_grad_()
-            y2 = quant_lora_matmul(x, a, b, *p, bits, 2.0, 0.0, "triton")
-            gx2, ga, gb = torch.autograd.grad(y2, (x, a, b), dy)
-            x64, a64, b64, dy64 = x.detach().double(), a.detach().double(), b.detach().double(), dy.double()
-            xa = x64 @ a64.t()
-            want = x64 @ w + 2.0 * xa @ b64.t()
-            dxa = 2.0 * dy64 @ b64
-            e2 = max(rel(y2, want), rel(gx2, dy64 @ w.t() + dxa @ a64), rel(ga, dxa.t() @ x64),
-                     rel(gb, 2.0 * dy64.t() @ xa))
-            rows.append({"check": "layer", "bits": bits, "m": m, "quant_matmul_rel_err": e,
-                         "quant_lora_rel_err": e2, "ok": e < 1e-2 and e2 < 1e-2})
+            for p_drop in (0.0, 0.1):
+                torch.manual_seed(m)
+                y2 = quant_lora_matmul(x, a, b, *p, bits, 2.0, p_drop, "triton", plan_for(p[3], 128))
+                gx2, ga, gb = torch.autograd.grad(y2, (x, a, b), dy)
+                torch.manual_seed(m)  # the Philox seed the function drew
+                keep = dropout_mask(m, k, p_drop, int(torch.randint(0, 2**31 - 1, (1,))), device).double() \
+                    / (1 - p_drop) if p_drop else 1.0
+                x64, a64, b64, dy64 = x.detach().double(), a.detach().double(), b.detach().double(), dy.double()
+                xa = (x64 * keep) @ a64.t()
+                want = x64 @ w + 2.0 * xa @ b64.t()
+                dxa = 2.0 * dy64 @ b64
+                e2 = max(rel(y2, want), rel(gx2, dy64 @ w.t() + (dxa @ a64) * keep), rel(ga, dxa.t() @ (x64 * keep)),
+                         rel(gb, 2.0 * dy64.t() @ xa))
+                rows.append({"check": "layer", "bits": bits, "m": m, "dropout": p_drop, "quant_matmul_rel_err": e,
+                             "quant_lora_rel_err": e2, "ok": e < 1e-2 and e2 < 1e-2})
     return rows
 
 
@@ -92,7 +100,7 @@ def check_training(device, hidden, autocast) -> dict:
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.quant.model_utils import quantize_skeleton
 
-    def losses(backend: str) -> tuple[list[float], bool]:
+    def losses(backend: str, dropout: float) -> tuple[list[float], bool]:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=2,
                           num_attention_heads=8, vocab_size=1024)
@@ -107,7 +115,7 @@ def check_training(device, hidden, autocast) -> dict:
                 mod.kernel = backend
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        pm = gptqlora.get_peft_model(model, GPTQLoraConfig(lora_dropout=0.05, init_lora_weights="gaussian"))
+        pm = gptqlora.get_peft_model(model, GPTQLoraConfig(lora_dropout=dropout, init_lora_weights="gaussian"))
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
         ids = torch.randint(0, 1024, (4, 128), device=device, generator=torch.Generator(device=device).manual_seed(2))
         out, finite = [], True
@@ -122,11 +130,13 @@ def check_training(device, hidden, autocast) -> dict:
             out.append(float(loss))
         return out, finite
 
-    kern, fin_k = losses("triton")
-    ref, fin_r = losses("torch")
+    kern, fin_k = losses("triton", 0.0)  # no dropout: the two paths draw different masks
+    ref, fin_r = losses("torch", 0.0)
+    drop, fin_d = losses("triton", 0.05)
     diff = max(abs(a - b) / abs(b) for a, b in zip(kern, ref))
     return {"check": "training", "triton_losses": kern, "reference_losses": ref, "max_rel_diff": diff,
-            "ok": fin_k and fin_r and diff < 1e-2 and kern[-1] < kern[0]}
+            "triton_dropout_losses": drop,
+            "ok": fin_k and fin_r and fin_d and diff < 1e-2 and kern[-1] < kern[0] and drop[-1] < drop[0]}
 
 
 def main(argv: list[str]) -> int:

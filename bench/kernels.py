@@ -4,9 +4,10 @@
 
 For each shape (K x N) and token count M, times in bf16:
   peer   x @ W (forward) and forward + dx = dy @ Wᵀ (what a frozen base costs in LoRA training);
-  ours   quant_matmul forward and forward + backward at 2/3/4/8 bit (group 128; act-order g_idx);
+  ours   quant_matmul forward and forward + backward at 2/3/4/8 bit (group 128; act-order g_idx), through
+         the grouped dequant kernel, as QuantLinear runs it;
   dequant alone, as achieved bandwidth (packed bytes read + bf16 bytes written) against the card's copy
-  bandwidth measured in the same run, and a sweep of its block sizes.
+  bandwidth measured in the same run, for the grouped and the gather kernel, and a sweep of block sizes.
 Median of `triton.testing.do_bench`; the packed layers rotate so that repeated runs do not hit L2.
 """
 
@@ -22,7 +23,7 @@ import triton
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels.autograd import quant_matmul
-from gptqlora.kernels.dequant import dequantize_triton
+from gptqlora.kernels.dequant import dequantize_triton, plan_for
 from gptqlora.kernels.reference import dequantize
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 22016))
@@ -53,13 +54,13 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() / t / 1e6
 
 
-def check(layers, bits) -> None:
-    """The kernel equals the reference at this real shape before any of its timings count."""
-    qw, qz, sc, gi = layers[0]
-    got = dequantize_triton(qw, qz, sc, gi, bits, torch.bfloat16)
-    want = dequantize(qw, qz, sc, gi, bits, torch.bfloat16)
-    if not torch.equal(got, want):
-        raise SystemExit(f"dequant kernel differs from the reference at {tuple(got.shape)}, {bits} bit")
+def check(layers, plans, bits) -> None:
+    """Both kernels equal the reference at this real shape before any of their timings count."""
+    want = dequantize(*layers[0], bits, torch.bfloat16)
+    for plan in (plans[0], None):
+        if plan is None and plans[0] is None or not torch.equal(
+                dequantize_triton(*layers[0], bits, torch.bfloat16, plan=plan), want):
+            raise SystemExit(f"dequant kernel differs from the reference at {tuple(want.shape)}, {bits} bit")
 
 
 def main() -> int:
@@ -74,17 +75,26 @@ def main() -> int:
     for k, n in shapes:
         for bits in bits_list:
             layers = [packed_layer(k, n, bits, device) for _ in range(3)]
-            check(layers, bits)
+            plans = [plan_for(lay[3], GROUP) for lay in layers]
+            check(layers, plans, bits)
             w_out = torch.empty(k, n, dtype=torch.bfloat16, device=device)
             it = iter(range(10**9))
-            pick = lambda: layers[next(it) % 3]  # noqa: E731
+
+            def pick():  # rotate through three layers so that repeated runs do not hit L2
+                i = next(it) % 3
+                return layers[i], plans[i]
+
+            def dq(**kw):
+                lay, plan = pick()
+                return dequantize_triton(*lay, bits, out=w_out, plan=plan, **kw)
+
             nbytes = sum(t.numel() * t.element_size() for t in layers[0]) + w_out.numel() * 2
-            t_dq = ms(lambda: dequantize_triton(*pick(), bits, out=w_out))
+            t_dq = ms(dq)
+            t_gather = ms(lambda: dequantize_triton(*pick()[0], bits, out=w_out))
             if (k, n) == (4096, 11008):
-                for bk, bn, nw in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8),
-                                   (128, 128, 8), (32, 512, 8)):
-                    t = ms(lambda: dequantize_triton(*pick(), bits, out=w_out, block_k=bk, block_n=bn,
-                                                     num_warps=nw))
+                for bk, bn, nw in ((8, 256, 4), (16, 128, 4), (16, 256, 4), (16, 512, 4), (16, 512, 8),
+                                   (32, 256, 4), (32, 256, 8), (32, 512, 8)):
+                    t = ms(lambda: dq(block_k=bk, block_n=bn, num_warps=nw))
                     sweep.append({"bits": bits, "block_k": bk, "block_n": bn, "num_warps": nw,
                                   "us": round(t * 1e3, 1), "GB/s": round(nbytes / t / 1e6)})
             for m in TOKENS:
@@ -93,12 +103,18 @@ def main() -> int:
                 w = torch.randn(k, n, device=device, dtype=torch.bfloat16)
                 peer_f = ms(lambda: x @ w)
                 peer_fb = ms(lambda: torch.autograd.grad(x @ w, x, dy))
-                ours_f = ms(lambda: quant_matmul(x, *pick(), bits, "triton"))
-                ours_fb = ms(lambda: torch.autograd.grad(quant_matmul(x, *pick(), bits, "triton"), x, dy))
+
+                def qm():
+                    lay, plan = pick()
+                    return quant_matmul(x, *lay, bits, "triton", plan)
+
+                ours_f = ms(qm)
+                ours_fb = ms(lambda: torch.autograd.grad(qm(), x, dy))
                 rows.append({"shape": f"{k}x{n}", "tokens": m, "bits": bits, "bf16_fwd_ms": peer_f,
                              "bf16_fwd_bwd_ms": peer_fb, "fwd_ms": ours_f, "fwd_bwd_ms": ours_fb,
                              "fwd_ratio": ours_f / peer_f, "fwd_bwd_ratio": ours_fb / peer_fb,
                              "dequant_us": t_dq * 1e3, "dequant_GBs": nbytes / t_dq / 1e6,
+                             "gather_us": t_gather * 1e3,
                              "bf16_TFLOPs": 2 * m * k * n / peer_f / 1e9})
                 del x, dy, w
     out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -109,11 +125,11 @@ def main() -> int:
     p = sys.stdout.write
     p(f"{out['device']}  torch {out['torch']}  triton {out['triton']}  {out['date']}  copy {copy_gbs:.0f} GB/s\n")
     p(f"{'shape':>11} {'M':>6} {'b':>2} | {'bf16 f':>7} {'ours f':>7} {'x':>5} | {'bf16 fb':>7} {'ours fb':>7} "
-      f"{'x':>5} | {'dq us':>6} {'dq GB/s':>7} | {'bf16 TF/s':>9}\n")
+      f"{'x':>5} | {'dq us':>6} {'dq GB/s':>7} {'gath us':>7} | {'bf16 TF/s':>9}\n")
     for r in rows:
         p(f"{r['shape']:>11} {r['tokens']:>6} {r['bits']:>2} | {r['bf16_fwd_ms']:7.3f} {r['fwd_ms']:7.3f} "
           f"{r['fwd_ratio']:5.2f} | {r['bf16_fwd_bwd_ms']:7.3f} {r['fwd_bwd_ms']:7.3f} {r['fwd_bwd_ratio']:5.2f} | "
-          f"{r['dequant_us']:6.1f} {r['dequant_GBs']:7.0f} | {r['bf16_TFLOPs']:9.0f}\n")
+          f"{r['dequant_us']:6.1f} {r['dequant_GBs']:7.0f} {r['gather_us']:7.1f} | {r['bf16_TFLOPs']:9.0f}\n")
     for s in sweep:
         p(f"dequant 4096x11008 {s['bits']}b BK={s['block_k']:<3} BN={s['block_n']:<3} warps={s['num_warps']}: "
           f"{s['us']:7.1f} us {s['GB/s']:6d} GB/s\n")

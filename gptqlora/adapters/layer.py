@@ -68,7 +68,7 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
             y = quant_lora_matmul(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
                                   base.qweight, base.zero_points, base.scales, base.g_idx, base.bits,
-                                  self.scaling[name], p, base.kernel)
+                                  self.scaling[name], p, base.kernel, base.kernel_plan())
             return y if base.bias is None else y + base.bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:

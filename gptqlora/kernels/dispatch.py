@@ -47,10 +47,11 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-               bits: int, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-    """Dense W [K, N] (see reference.dequantize) by the implementation `backend` resolves to."""
+               bits: int, dtype: torch.dtype | None = None, backend: str = "auto", plan=None) -> torch.Tensor:
+    """Dense W [K, N] (see reference.dequantize) by the implementation `backend` resolves to. `plan`
+    (kernels.dequant.plan_for, kept by the layer) lets the Triton path take its grouped kernel."""
     if resolve(backend, qweight.device) == "triton":
         from gptqlora.kernels.dequant import dequantize_triton
 
-        return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype)
+        return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype, plan=plan)
     return reference.dequantize(qweight, zeros, scales, g_idx, bits, dtype)

@@ -7,7 +7,7 @@ from torch import nn
 
 from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows
 from gptqlora.kernels.autograd import quant_matmul
-from gptqlora.kernels.dispatch import dequantize
+from gptqlora.kernels.dispatch import dequantize, resolve
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -60,7 +60,20 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W)."""
-        return dequantize(self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, dtype, self.kernel)
+        return dequantize(self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, dtype, self.kernel,
+                          self.kernel_plan())
+
+    def kernel_plan(self):
+        """The Triton kernel's row plan for this layer's g_idx (None on the torch path), computed once and
+        recomputed only when g_idx is replaced or changed in place."""
+        if resolve(self.kernel, self.g_idx.device) != "triton":
+            return None
+        key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
+        if getattr(self, "_plan_key", None) != key:
+            from gptqlora.kernels.dequant import plan_for
+
+            self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
+        return self._plan
 
     @property
     def zero_points(self) -> torch.Tensor:
@@ -83,7 +96,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))
         y = quant_matmul(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits,
-                         self.kernel)  # (..., N)
+                         self.kernel, self.kernel_plan())  # (..., N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gptqlora.kernels.autograd import quant_matmul
+from gptqlora.kernels.lora_dropout import dropout_mask
 from gptqlora.kernels.quant_lora import quant_lora_matmul
 from packed import random_packed
 
@@ -59,9 +60,13 @@ def test_fused_lora_values_and_gradients(m, dropout, backend):
     y = quant_lora_matmul(x, a, b, *args(p), bits, s, dropout, backend)
     y.backward(dy)
     mask = None
-    if dropout:  # the same draw the function made: same seed, same numel
+    if dropout:  # the mask the function drew: from the same RNG state
         torch.manual_seed(m)
-        _, mask = torch.native_dropout(x.detach().reshape(-1, K), dropout, True)
+        if backend == "triton":  # a Philox seed from torch's CPU generator
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
+            mask = dropout_mask(2 * m, K, dropout, seed, DEVICE)
+        else:
+            _, mask = torch.native_dropout(x.detach().reshape(-1, K), dropout, True)
         mask = mask.reshape(x.shape).double()
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
     want = reference(x64, a64, b64, p["w64"].to(DEVICE), s, mask, dropout)
