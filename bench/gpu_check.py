@@ -53,7 +53,7 @@ def check_training(device) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
-    from gptqlora.quant.model_utils import quantize_skeleton
+    from gptqlora.nn.skeleton import quantize_skeleton
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=512)
@@ -62,7 +62,6 @@ def check_training(device) -> dict:
     quantize_skeleton(model, 4, 64, device=device)
     for name, mod in model.named_modules():  # fill the skeleton with RTN codes of the random weights
         if isinstance(mod, QuantLinear):
-            q = make_layer(mod.in_features, mod.out_features, 4, 64, False, device)
             r = rtn(fp[name], 4, 64)
             q = QuantLinear.from_codes(r.codes, r.scales, r.zeros, r.g_idx, 64, 4).to(device)
             model.set_submodule(name, q)
