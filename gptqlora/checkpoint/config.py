@@ -25,7 +25,7 @@ class QuantConfigError(ValueError):
 
 @dataclass
 class QuantConfig:
-    """Quantization: how the weights are quantized and stored."""
+    """How the weights are quantized and stored (what the checkpoint's quantization_config records)."""
 
     bits: int = field(default=4, metadata={"help": "bits per weight", "choices": SUPPORTED_BITS})
     group_size: int = field(default=128, metadata={

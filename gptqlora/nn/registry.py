@@ -28,10 +28,12 @@ from gptqlora.nn.quant_linear import QuantLinear
 
 
 class PackedLayer(Protocol):
-    """What a frozen packed layer provides (besides forward)."""
+    """What a frozen packed layer provides (besides forward). PEFT wraps it with GPTQLoraLinear; it reads
+    `infeatures`/`outfeatures` for the adapter's shape and `qweight` (the main packed tensor) for its device."""
 
     in_features: int
     out_features: int
+    qweight: torch.Tensor
     spec: Any  # the format's shape facts (`PackedFormat.spec`)
     bias: torch.Tensor | None
 

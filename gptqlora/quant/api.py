@@ -29,7 +29,7 @@ FILE_SEQLEN = 2048  # tokens per sample cut from a calibration file
 
 @dataclass
 class QuantizeOptions:
-    """Calibration: the data and solver the quantization runs with."""
+    """The calibration data and the solver a quantization runs with."""
 
     method: str = field(default="gptq", metadata={
         "help": "gptq, or rtn (round-to-nearest, the baseline)", "choices": tuple(SOLVERS)})
