@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gptqlora.train.arguments import ALIASES
 
     parser.add_argument("--config", help="YAML file of arguments (same names); command-line flags override it")
-    titles = {"QuantConfig": "quantization (of --base_model, into RUN/base)",
+    titles = {"QuantConfig": "quantization (of --base_model, into RUN/base; with --quant_checkpoint, a given "
+                             "--bits is checked against it)",
               "QuantizeOptions": "calibration (of --base_model)"}
     for cls in arg_classes():
         add_dataclass_arguments(parser, cls, ALIASES, title=titles.get(cls.__name__))
@@ -251,12 +252,13 @@ def _dry_run(args: FinetuneArgs) -> dict[str, Any]:
     """The resolved arguments and the Trainer settings they give, without loading anything."""
     from accelerate import PartialState
 
+    from gptqlora.run import Run
     from gptqlora.train.trainer import training_arguments
 
     targs = args.train
     state = PartialState(cpu=targs.device == "cpu")
-    root = Path(targs.output_dir or "runs/<time>")
-    ta = training_arguments(root / "checkpoints", root.name, targs, state.num_processes, state.device,
+    run = Run(targs.output_dir or "runs/<time>")
+    ta = training_arguments(run.checkpoints_dir, run.root.name, targs, state.num_processes, state.device,
                             bool(args.data.val_set_size))
     keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
             "max_steps", "lr_scheduler_type", "warmup_steps", "optim", "bf16", "fp16", "save_steps",

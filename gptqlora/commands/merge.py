@@ -204,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
     from gptqlora.quant.api import QuantizeOptions
 
     if args.exact:
-        merge_exact(args.run_dir, args.out, args.overwrite, args.max_shard_size)
-        sys.stdout.write(f"wrote {args.out}: exact QA-LoRA merge (format gptq_v2_float_zeros)\n")
+        out = merge_exact(args.run_dir, args.out, args.overwrite, args.max_shard_size)
+        sys.stdout.write(f"wrote {out}: exact QA-LoRA merge (format {read_quant_config(out).format})\n")
     elif args.to == "gptq":
         classes = [QuantConfig, QuantizeOptions]
         qcfg, options = build_dataclasses(classes, given_values(args, classes))

@@ -68,6 +68,14 @@ def test_exact_merge_equals_unmerged_qalora(qarun, tmp_path):
         torch.testing.assert_close(q(IDS).logits, adapter_logits(qarun), rtol=1e-4, atol=1e-4)
 
 
+def test_exact_merge_rewrites_unadapted_layers_too(tiny_dir, tmp_path):
+    """A v1 base whose layers are not all adapted: every packed layer goes out in the output format."""
+    part = make_run(tiny_dir, tmp_path / "part", use_qalora=True, qalora_group_size=32, target_modules=["q_proj"])
+    q = load_quantized(merge_exact(part, tmp_path / "x"), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(IDS).logits, adapter_logits(part), rtol=1e-4, atol=1e-4)
+
+
 def test_exact_merge_refuses_plain_lora(run, tmp_path):
     with pytest.raises(AdapterError, match="use_qalora"):
         merge_exact(run, tmp_path / "y")
