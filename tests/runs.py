@@ -17,9 +17,9 @@ from tiny import calibration_samples, char_tokenizer
 
 
 def make_run(fp_dir: Path, root: Path, bits: int = 4, group_size: int = 32, desc_act: bool = False,
-             data: list[str] | None = None, seed: int = 0, **lora) -> Path:
+             data: list[str] | None = None, seed: int = 0, sym: bool = True, **lora) -> Path:
     run = Run.create(root)
-    quantize_model(fp_dir, run.own_base_dir, QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act),
+    quantize_model(fp_dir, run.own_base_dir, QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym),
                    calibration_samples(), device="cpu", progress=False)
     pm = get_peft_model(load_quantized(run.own_base_dir, device="cpu", dtype=torch.float32),
                         GPTQLoraConfig(lora_dropout=0.0, **lora))

@@ -107,6 +107,19 @@ def test_export_refuses_rank_with_fix_and_pads_exactly(tiny_dir, tmp_path):
         torch.testing.assert_close(a.delta(m), b.delta(m), rtol=1e-5, atol=1e-6)
 
 
+def test_export_refusals_give_commands_that_run(tiny_dir, tmp_path):
+    """An asymmetric (v2) base: the hint names a merge command that merge accepts."""
+    from gptqlora.cli import build_parser
+
+    asym = make_run(tiny_dir, tmp_path / "asym", sym=False)
+    with pytest.raises(ExportError, match="asymmetric") as e:
+        export_vllm(asym, tmp_path / "v")
+    hint = str(e.value).split("re-quantize first: ")[1].split()
+    assert hint[:2] == ["gptqlora", "merge"] and "--sym" in hint
+    args = build_parser("merge").parse_args(hint[1:])
+    assert args.sym is True and args.to == "gptq" and args.bits == 4
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 def test_run_without_adapter(run, tmp_path, capsys):
