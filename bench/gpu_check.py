@@ -98,7 +98,7 @@ def check_training(device, hidden, autocast) -> dict:
     import gptqlora
     from gptqlora.adapters import GPTQLoraConfig
     from gptqlora.nn.quant_linear import QuantLinear
-    from gptqlora.quant.model_utils import quantize_skeleton
+    from gptqlora.nn.skeleton import quantize_skeleton
 
     def losses(backend: str, dropout: float) -> tuple[list[float], bool]:
         torch.manual_seed(0)

@@ -58,7 +58,7 @@ def build_dense(shape: str, nf4: bool, device) -> nn.Module:
 
 def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
     from gptqlora.nn.quant_linear import QuantLinear
-    from gptqlora.quant.model_utils import quantize_skeleton
+    from gptqlora.nn.skeleton import quantize_skeleton
 
     cfg = config(shape)
     torch.set_default_dtype(torch.bfloat16)
@@ -92,7 +92,7 @@ def wrap(model: nn.Module, a) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if a.liger:
-        from gptqlora.liger import apply_liger
+        from gptqlora.train.liger import apply_liger
 
         apply_liger(model, "on")
     if a.mode == "gptq":

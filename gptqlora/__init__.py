@@ -2,6 +2,8 @@
 
 Public API (imported lazily so `import gptqlora` stays light):
     load_quantized(path, device=None, dtype=torch.float16) -> transformers model with QuantLinear layers
+    save_quantized(model, out_dir, qcfg=None)
+    quantize(model_dir, out_dir, QuantConfig(...), QuantizeOptions(...)) -> the quantization report
     get_peft_model(model, config) -> PeftModel with GPTQ-LoRA adapters
     load_adapter(model, adapter_dir) -> PeftModel
     load_run(run_dir, device=None, dtype=None) -> quantized base + the run's adapter
@@ -10,14 +12,17 @@ Public API (imported lazily so `import gptqlora` stays light):
 __version__ = "0.1.0"
 
 _API = {
-    "load_quantized": "gptqlora.quant.checkpoint",
-    "save_quantized": "gptqlora.quant.checkpoint",
-    "QuantConfig": "gptqlora.quant.config",
+    "load_quantized": "gptqlora.checkpoint.checkpoint",
+    "save_quantized": "gptqlora.checkpoint.checkpoint",
+    "QuantConfig": "gptqlora.checkpoint.config",
+    "quantize": "gptqlora.quant.api",
+    "QuantizeOptions": "gptqlora.quant.api",
     "QuantLinear": "gptqlora.nn.quant_linear",
     "GPTQLoraConfig": "gptqlora.adapters.config",
     "get_peft_model": "gptqlora.adapters.model",
     "load_adapter": "gptqlora.adapters.model",
     "load_run": "gptqlora.run",
+    "Run": "gptqlora.run",
 }
 
 

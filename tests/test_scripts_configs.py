@@ -24,7 +24,7 @@ def test_finetune_multi_research_one_liner_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
     a = out["args"]
-    assert a["ModelArguments"]["bits"] == 2 and a["ModelArguments"]["quant_checkpoint"] == "models/llama-65b-2bit"
+    assert a["QuantConfig"]["bits"] == 2 and a["ModelArguments"]["quant_checkpoint"] == "models/llama-65b-2bit"
     assert a["LoraArguments"]["target_modules"] == eval(SEVEN) and a["LoraArguments"]["adapter_name"] == "gptqlora"
     assert a["TrainArguments"]["use_gradient_checkpointing"] is True
     assert a["TrainArguments"]["output_dir"] == str(tmp_path / "runs" / "llama65b-2bit")
@@ -39,10 +39,10 @@ def test_finetune_multi_usage():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("llama-*.yaml")), ids=lambda p: p.name)
 def test_configs_parse_and_name_their_command(config):
-    from gptqlora.finetune import parse_args
+    from gptqlora.commands.finetune import parse_args
 
     first = config.read_text().splitlines()[0]
     assert first.startswith("# scripts/finetune_multi ") and f"--config configs/{config.name}" in first
-    margs, dargs, largs, targs = parse_args(["--config", str(config)])
-    assert margs.quant_checkpoint and margs.bits in (2, 4) and len(largs.target_modules) == 7
-    assert targs.batch_size == 128
+    a = parse_args(["--config", str(config)])
+    assert a.model.quant_checkpoint and a.quant.bits in (2, 4) and len(a.lora.target_modules) == 7
+    assert a.train.batch_size == 128

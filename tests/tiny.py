@@ -44,7 +44,7 @@ def calibration_samples(n: int = 8, length: int = 64, vocab: int = 128, seed: in
 def packed_tiny_llama(bits: int = 4, group_size: int = 32, seed: int = 0, **kw) -> LlamaForCausalLM:
     """tiny_llama with its seven projections swapped for QuantLinear layers holding random packed codes."""
     from gptqlora.nn.quant_linear import QuantLinear
-    from gptqlora.quant.model_utils import quantize_skeleton
+    from gptqlora.nn.skeleton import quantize_skeleton
 
     model = quantize_skeleton(tiny_llama(seed=seed, **kw), bits, group_size, device="cpu")
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""The one place that tells PEFT which LoRA layer wraps which base layer.
+"""The one place that tells PEFT which LoRA layer wraps which base layer: GPTQLoraLinear wraps every
+packed layer class in the format registry.
 
 PEFT does not save this mapping with an adapter, so every gptqlora entry point that wraps or loads
 (get_peft_model, load_adapter, load_run) calls `register` on the config it passes to PEFT.
@@ -9,11 +10,9 @@ from __future__ import annotations
 from peft import LoraConfig
 
 from gptqlora.adapters.layer import GPTQLoraLinear
-from gptqlora.nn.quant_linear import QuantLinear
-
-CUSTOM_MODULES = {QuantLinear: GPTQLoraLinear}
+from gptqlora.nn.registry import FORMATS
 
 
 def register(config: LoraConfig) -> LoraConfig:
-    config._register_custom_module(CUSTOM_MODULES)
+    config._register_custom_module({cls: GPTQLoraLinear for cls in FORMATS.layer_classes()})
     return config

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import peft
-import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -23,7 +22,7 @@ from torch import nn
 
 from gptqlora.adapters.config import GPTQLoraConfig
 from gptqlora.adapters.dispatch import register
-from gptqlora.nn.quant_linear import QuantLinear
+from gptqlora.nn.registry import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def _check_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if isinstance(m, LoraLayer):
             names.append(n)
             wrapped = wrapped + (n + ".",)
-        elif isinstance(m, (nn.Linear, QuantLinear)):
+        elif isinstance(m, nn.Linear) or FORMATS.is_packed(m):
             names.append(n)
     hit = [n for n in names if _matches(n, config.target_modules)]
     if not hit:
@@ -78,7 +77,7 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
     """
     config = config if config is not None else GPTQLoraConfig()
     _check_targets(model, config)
-    quant_groups = {m.group_size for m in model.modules() if isinstance(m, QuantLinear)}
+    quant_groups = {m.group_size for m in model.modules() if FORMATS.is_packed(m) and hasattr(m, "group_size")}
     if config.use_qalora and quant_groups and quant_groups != {config.qalora_group_size}:
         log.warning("QA-LoRA group size %d differs from the base's quantization group size %s: training "
                     "works, but the adapter cannot be merged exactly into the zeros", config.qalora_group_size,
@@ -167,7 +166,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
 def _keep_fp32(config: LoraConfig) -> bool:
     """PEFT upcasts half-precision adapters to fp32 unless told not to; honour lora_dtype='bfloat16'."""
     return getattr(config, "lora_dtype", "float32") == "float32"
-
-
-def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}

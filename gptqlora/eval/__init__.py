@@ -1,0 +1,1 @@
+"""Task accuracy by generation and scoring."""

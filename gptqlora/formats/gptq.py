@@ -19,17 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from gptqlora.formats.base import FormatError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMAT_V1 = "gptq"
 FORMAT_V2 = "gptq_v2"
 # gptqlora's own: v2 with float zeros [G, N] in `zeros` where an exact QA-LoRA merge moved them off the
 # integers; other GPTQ loaders do not read it (its name makes them refuse rather than misread).
 FORMAT_V2_FLOAT_ZEROS = "gptq_v2_float_zeros"
-FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT_V2_FLOAT_ZEROS)
-
-
-class FormatError(ValueError):
-    """A packed tensor or spec that does not fit the GPTQ layout."""
 
 
 def check_bits(bits: int) -> int:
@@ -41,11 +38,6 @@ def check_bits(bits: int) -> int:
 def chunk_size(bits: int) -> int:
     """Values per packing chunk: the smallest count whose bits fill whole int32 words (32 for 3 bit)."""
     return 32 // math.gcd(32, check_bits(bits))
-
-
-def pack_multiple(bits: int) -> int:
-    """A dim packed at `bits` must be a multiple of this."""
-    return chunk_size(bits)
 
 
 @dataclass(frozen=True)
@@ -61,7 +53,7 @@ class GPTQSpec:
         check_bits(self.bits)
         if self.group_size == 0 or self.group_size < -1:
             raise FormatError(f"group_size must be -1 or positive, got {self.group_size}")
-        m = pack_multiple(self.bits)
+        m = chunk_size(self.bits)  # a dim packed at `bits` must be a multiple of this
         if self.in_features % m:
             raise FormatError(f"in_features={self.in_features} is not a multiple of {m}, "
                               f"which {self.bits}-bit packing needs")
@@ -87,9 +79,11 @@ class GPTQSpec:
         gs = self.in_features if self.group_size == -1 else self.group_size
         return (torch.arange(self.in_features, dtype=torch.int32) // gs).to(torch.int32)
 
-    def check(self, tensors: dict[str, torch.Tensor], where: str = "") -> None:
-        """Raise FormatError if packed tensors disagree with this spec."""
+    def check(self, tensors: dict[str, torch.Tensor], where: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Raise FormatError if packed tensors disagree with this spec (names in `skip` are not checked)."""
         for name, shape in self.shapes().items():
+            if name in skip:
+                continue
             t = tensors.get(name)
             if t is None:
                 if name == "g_idx":
@@ -156,6 +150,15 @@ def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_cols(packed: torch.Tensor, bits: int, cols: int | None = None) -> torch.Tensor:
     return unpack_rows(packed.t(), bits, cols).t().contiguous()
+
+
+def unpack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """True zero points [G, N]: packed int32 v2 zeros [G, N*b/32] unpacked, float zeros [G, N] as they are.
+
+    A layer holds either: packed integer zeros, or float zeros where an exact QA-LoRA merge moved them off
+    the integers (format gptq_v2_float_zeros).
+    """
+    return zeros if zeros.is_floating_point() else unpack_cols(zeros, bits)
 
 
 def zeros_v1_to_v2(qzeros_v1: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gptqlora.formats.gptq import unpack_cols, unpack_rows
+from gptqlora.formats.gptq import unpack_rows, unpack_zeros
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -16,13 +16,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     the correctly rounded values of the exact product.
     """
     q = unpack_rows(qweight, bits)  # (K, N)
-    z = qzeros if qzeros.is_floating_point() else unpack_cols(qzeros, bits)  # (G, N)
+    z = unpack_zeros(qzeros, bits)  # (G, N)
     g = g_idx.long()
     w = (q.float() - z.float()[g]) * scales.float()[g]  # (K, N)
     return w.to(dtype or scales.dtype)
-
-
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """y = x @ dequant(W), in x's dtype. x (..., K) -> (..., N)."""
-    return x @ dequantize(qweight, qzeros, scales, g_idx, bits, x.dtype)

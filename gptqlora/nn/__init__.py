@@ -1,4 +1,4 @@
-"""Frozen packed base layers."""
+"""Frozen packed base layers (QuantLinear) and the registry binding each stored format to its layer."""
 
 from gptqlora.nn.quant_linear import QuantLinear
 

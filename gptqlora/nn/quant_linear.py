@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows
+from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows, unpack_zeros
 from gptqlora.kernels.autograd import quant_matmul
 from gptqlora.kernels.dispatch import dequantize, resolve
 
@@ -21,8 +21,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class QuantLinear(nn.Module):
     """y = x @ dequant(W) + bias, with W packed in the GPTQ layout (zeros held as v2, true zeros).
 
-    Buffers: qweight int32 [K*b/32, N], qzeros int32 [G, N*b/32], scales fp16 [G, N], g_idx int32 [K],
-    bias [N] (optional). Nothing here is trainable; the gradient flows to the input only.
+    Buffers: qweight int32 [K*b/32, N], qzeros [G, N*b/32] int32 (packed true zeros) or [G, N] float32
+    (float zeros of an exact QA-LoRA merge), scales fp16 [G, N], g_idx int32 [K], bias [N] (optional).
+    Nothing here is trainable; the gradient flows to the input only.
     `kernel` picks the dequantization backend (gptqlora.kernels.dispatch): "auto" runs the Triton kernel on
     CUDA and the torch reference elsewhere; the GPTQLORA_KERNEL environment variable overrides "auto".
     """
@@ -37,11 +38,9 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         shapes = self.spec.shapes()
         self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
-        self.float_zeros = float_zeros  # exact QA-LoRA merges hold float zeros [G, N] in `zeros`, not qzeros
-        if float_zeros:
-            self.register_buffer("zeros", torch.zeros(shapes["scales"], dtype=torch.float32, device=device))
-        else:
-            self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        zeros = torch.zeros(shapes["scales"], dtype=torch.float32, device=device) if float_zeros else \
+            torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device)
+        self.register_buffer("qzeros", zeros)
         self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
         self.register_buffer("g_idx", self.spec.default_g_idx().to(device))
         if bias:
@@ -77,7 +76,12 @@ class QuantLinear(nn.Module):
 
     @property
     def zero_points(self) -> torch.Tensor:
-        return self.zeros if self.float_zeros else self.qzeros
+        """The zeros as the kernels take them: packed int32 [G, N*b/32], or float [G, N]."""
+        return self.qzeros
+
+    @property
+    def float_zeros(self) -> bool:
+        return self.qzeros.is_floating_point()
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -92,6 +96,44 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias = bias.detach().cpu().to(torch.float16)
         return layer
+
+    @classmethod
+    def from_packed(cls, spec: GPTQSpec, buffers: dict[str, torch.Tensor],
+                    bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Build from in-memory buffers (qweight, qzeros, scales, g_idx), as a format's `read` gives them."""
+        layer = cls(spec.in_features, spec.out_features, spec.bits, spec.group_size, bias=bias is not None,
+                    device="meta", float_zeros=buffers["qzeros"].is_floating_point())
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(layer, name, buffers[name])
+        if bias is not None:
+            layer.bias = bias
+        return layer
+
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """The packed buffers (no bias), for a format's `write`."""
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    @torch.no_grad()
+    def round_to_grid(self, target: torch.Tensor) -> None:
+        """Set the codes that best fit target [N, K] on this layer's fixed grid (scales, zeros, g_idx)."""
+        g = self.g_idx.long()
+        z = unpack_zeros(self.qzeros, self.bits).float()[g]  # (K, N)
+        s = self.scales.float()[g]  # (K, N)
+        q = torch.clamp(torch.round(target.t().float() / s + z), 0, 2**self.bits - 1)
+        self.qweight.copy_(pack_rows(q.to(torch.int64), self.bits).to(self.qweight.device))
+
+    @torch.no_grad()
+    def fold_into_zeros(self, delta: torch.Tensor) -> None:
+        """Add a weight update constant within each group, exactly: s·(q - z) + d = s·(q - (z - d/s)).
+
+        `delta` is [N, K] and constant over each group's inputs (a QA-LoRA update of this group size); it
+        needs the trivial group map (no act-order). The zeros become floats [G, N].
+        """
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        if not torch.equal(self.g_idx.cpu(), self.spec.default_g_idx()):
+            raise ValueError("an exact fold into the zeros needs the trivial group map (no act-order)")
+        d = delta.t()[::gs].to(self.scales.device, torch.float32)  # (G, N)
+        self.qzeros = unpack_zeros(self.qzeros, self.bits).float() - d / self.scales.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))

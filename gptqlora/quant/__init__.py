@@ -1,7 +1,5 @@
-"""Quantization: GPTQ/RTN solvers, the layer-by-layer driver, checkpoint I/O."""
+"""Quantization: the GPTQ/RTN solvers, the block-by-block driver and the one `quantize` entry point."""
 
-from gptqlora.quant.checkpoint import load_quantized, save_quantized
-from gptqlora.quant.config import QuantConfig, read_quant_config
-from gptqlora.quant.io import CheckpointError
+from gptqlora.quant.api import QuantizeOptions, TrainingData, quantize
 
-__all__ = ["load_quantized", "save_quantized", "QuantConfig", "read_quant_config", "CheckpointError"]
+__all__ = ["QuantizeOptions", "TrainingData", "quantize"]

@@ -1,39 +1,87 @@
-"""`gptqlora quantize`: from an fp16/bf16 model dir and a calibration file to a GPTQ checkpoint."""
+"""The one quantization path: `gptqlora quantize`, `finetune --base_model` and `merge --to gptq` all call
+`quantize` with a `QuantConfig` (what the checkpoint records) and `QuantizeOptions` (how to get there).
+
+    quantize("llama-7b", "llama-7b-4bit", QuantConfig(bits=4, group_size=128),
+             QuantizeOptions(calibration="calib.jsonl"))
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
 
-from gptqlora.formats.gptq import FORMAT_V1, FORMAT_V2
-from gptqlora.quant.calibration import load_calibration
-from gptqlora.quant.config import QuantConfig
-from gptqlora.quant.driver import QuantizeReport, quantize_model
+from gptqlora.checkpoint.config import QuantConfig
+from gptqlora.data.calibration import CalibrationError, calibration_from_data, load_calibration
+from gptqlora.data.templates import PromptTemplate
+from gptqlora.formats.gptq import FORMAT_V1
+from gptqlora.quant.driver import QuantizeReport, TensorSource, quantize_model
+from gptqlora.quant.solvers import SOLVERS
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+FILE_SEQLEN = 2048  # tokens per sample cut from a calibration file
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, calibration: str | Path, bits: int = 4,
-             group_size: int = 128, desc_act: bool = False, sym: bool = True, static_groups: bool = False,
-             damp: float = 0.01, mse: bool = False, fmt: str | None = None, method: str = "gptq",
-             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str | None = None,
-             dtype: str = "float16", true_sequential: bool = True, max_shard_size: str = "2GB",
+@dataclass
+class QuantizeOptions:
+    """The calibration data and the solver a quantization runs with."""
+
+    method: str = field(default="gptq", metadata={
+        "help": "gptq, or rtn (round-to-nearest, the baseline)", "choices": tuple(SOLVERS)})
+    calibration: Optional[str] = field(default=None, metadata={
+        "help": "calibration data: a .txt file, or .json/.jsonl records with a 'text' field or an 'input_ids' "
+                "field (token lists, used as given); finetune and merge default to the training data"})
+    nsamples: int = field(default=128, metadata={"help": "calibration samples"})
+    seqlen: Optional[int] = field(default=None, metadata={
+        "help": f"tokens per calibration sample (default: the training cutoff_len in finetune and merge, "
+                f"{FILE_SEQLEN} in quantize)"})
+    calibration_seed: int = field(default=0, metadata={"help": "seed for picking calibration samples"})
+    dtype: str = field(default="float16", metadata={
+        "help": "dtype of the non-quantized weights in the output", "choices": tuple(DTYPES)})
+
+
+@dataclass
+class TrainingData:
+    """The training a quantization belongs to (finetune, merge): its records are the default calibration
+    data, rendered as training renders them, and its cutoff_len the default sample length."""
+
+    files: Sequence[str | Path]
+    template: PromptTemplate
+    cutoff_len: int | None = None
+
+
+def calibration_samples(options: QuantizeOptions, tokenizer: Any,
+                        training: TrainingData | None = None) -> list[torch.Tensor]:
+    """From `options.calibration` when given, else from the training records."""
+    seqlen = options.seqlen or (training.cutoff_len if training is not None else None) or FILE_SEQLEN
+    if options.calibration:
+        return load_calibration(options.calibration, tokenizer, options.nsamples, seqlen, options.calibration_seed)
+    if training is None or not training.files:
+        raise CalibrationError("quantizing needs calibration data: pass --calibration FILE")
+    return calibration_from_data(training.files, tokenizer, training.template, options.nsamples, seqlen,
+                                 options.calibration_seed)
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, options: QuantizeOptions | None = None,
+             *, tokenizer: Any = None, training: TrainingData | None = None, source: TensorSource | None = None,
+             config: Any = None, device: str | torch.device | None = None, max_shard_size: str = "2GB",
              overwrite: bool = False, progress: bool = True) -> QuantizeReport:
-    """Quantize a model directory. `fmt` defaults to v1 ("gptq", readable everywhere) for symmetric
-    quantization and v2 ("gptq_v2") for asymmetric, whose zero points v1 cannot always store."""
-    from transformers import AutoTokenizer
+    """Quantize the model in `model_dir` (its config and tokenizer; weights from its safetensors, or from
+    `source`, e.g. a merge computing them) into a checkpoint in `out_dir`."""
+    options = options or QuantizeOptions()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    fmt = fmt or (FORMAT_V1 if sym else FORMAT_V2)
-    if fmt == FORMAT_V1 and not sym:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if qcfg.format == FORMAT_V1 and not qcfg.sym:
         log.info("asymmetric + v1 format: zero points are kept >= 1 so that v1 can store them")
-    qcfg = QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, format=fmt,
-                       static_groups=static_groups, true_sequential=true_sequential, damp_percent=damp, mse=mse)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = load_calibration(calibration, tokenizer, nsamples, seqlen, seed)
+    samples = calibration_samples(options, tokenizer, training)
     log.info("calibration: %d samples, %d tokens", len(samples), sum(s.numel() for s in samples))
-    return quantize_model(model_dir, out_dir, qcfg, samples, device=device, dtype=DTYPES[dtype], method=method,
-                          overwrite=overwrite, max_shard_size=max_shard_size, progress=progress)
+    return quantize_model(model_dir, out_dir, qcfg, samples, device=device, dtype=DTYPES[options.dtype],
+                          method=options.method, source=source, config=config, overwrite=overwrite,
+                          max_shard_size=max_shard_size, progress=progress)

@@ -20,15 +20,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
-from gptqlora.formats.gptq import FORMAT_V1, pack_multiple
-from gptqlora.nn.quant_linear import QuantLinear
-from gptqlora.quant.checkpoint import packed_state, write_configs
-from gptqlora.quant.config import QuantConfig
-from gptqlora.quant.gptq import GPTQ
+from gptqlora.checkpoint.checkpoint import build_empty_model, layer_tensors, write_configs
+from gptqlora.checkpoint.config import QuantConfig
+from gptqlora.checkpoint.io import (CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir,
+                                    copy_side_files)
+from gptqlora.devices import resolve_device
+from gptqlora.formats.base import FormatError
+from gptqlora.nn.registry import FORMATS, Entry
 from gptqlora.quant.memory import release_freed_memory
-from gptqlora.quant.io import CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir, copy_side_files
-from gptqlora.quant.model_utils import build_empty_model, decoder_layers, linear_groups
-from gptqlora.quant.quantizer import rtn
+from gptqlora.quant.model_utils import decoder_layers, linear_groups
+from gptqlora.quant.solvers import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,16 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
 
     `config` replaces model_dir's config.json (a merge passes the base's, minus its quantization_config).
 
-    `method` is "gptq" or "rtn". Writes a GPTQ checkpoint (+ tokenizer files and quant_report.json) to
-    `out_dir` atomically and returns the report.
+    `method` names a solver (`SOLVERS`: "gptq" or "rtn"). Writes a checkpoint in `qcfg.format` (+ tokenizer
+    files and quant_report.json) to `out_dir` atomically and returns the report.
     """
     t0 = time.time()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if method not in SOLVERS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {tuple(SOLVERS)}")
+    entry = FORMATS.lookup(qcfg.method, qcfg.format)
+    if not hasattr(entry.layer, "from_codes"):
+        raise ValueError(f"the {qcfg.format} format cannot be written by the GPTQ/RTN quantizer")
+    device = resolve_device(device)
     work_dtype = torch.float32 if device.type == "cpu" else dtype  # fp16 matmuls are slow on CPU
     model_dir = Path(model_dir)
     config = config if config is not None else AutoConfig.from_pretrained(model_dir)
@@ -106,7 +112,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
         for i in bar:
             prefix = f"{layers_name}.{i}"
             block = _load_block(layers[i], src, prefix, device, work_dtype)
-            fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, method, report)
+            fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, entry, method, report)
             with torch.no_grad():
                 inputs = [(_first(block(h, **kw)), kw) for h, kw in inputs]  # quantized outputs feed block i+1
             err = _relative_error([h for h, _ in inputs], fp_out)
@@ -118,7 +124,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
                 if not any(full in (f"{p}.weight", f"{p}.bias") for p in packed):
                     writer.add(full, t.to(dtype) if t.is_floating_point() else t)
             for name, layer in packed.items():
-                for k, v in packed_state(name, layer, qcfg.format).items():
+                for k, v in layer_tensors(name, layer, entry.format).items():
                     writer.add(k, v)
             layers[i].to("meta")  # free the block before reading the next
             del block, packed, fp_out
@@ -181,36 +187,38 @@ def _load_block(block: nn.Module, src: TensorSource, prefix: str, device: torch.
     return block
 
 
-def _module_cfg(qcfg: QuantConfig, name: str, linear: nn.Linear) -> dict | None:
+def _module_cfg(qcfg: QuantConfig, entry: Entry, name: str, linear: nn.Linear) -> dict | None:
     """This module's quantization settings, or None when it stays in full precision."""
     mcfg = qcfg.for_module(name)
     if mcfg is None:
         return None
-    m = pack_multiple(mcfg["bits"])
-    if linear.in_features % m or linear.out_features % m:
-        log.warning("%s: shape %dx%d cannot be packed at %d bit (needs multiples of %d); kept in full "
-                    "precision", name, linear.out_features, linear.in_features, mcfg["bits"], m)
+    try:
+        entry.format.spec(linear.in_features, linear.out_features, mcfg["bits"], mcfg["group_size"])
+    except FormatError as e:
+        log.warning("%s: shape %dx%d cannot be packed (%s); kept in full precision", name, linear.out_features,
+                    linear.in_features, e)
         return None
     return mcfg
 
 
 def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tensor, dict]], qcfg: QuantConfig,
-                    method: str, report: QuantizeReport) -> tuple[list[torch.Tensor], dict[str, QuantLinear]]:
+                    entry: Entry, method: str, report: QuantizeReport) -> tuple[list[torch.Tensor], dict]:
     """Quantize the block's linears group by group; their weights are replaced by the dequantized ones so
     later groups see quantized outputs. Returns (the block's full-precision outputs, packed layers)."""
     fp_out: list[torch.Tensor] = []
-    packed: dict[str, QuantLinear] = {}
-    min_zero = 1 if (qcfg.format == FORMAT_V1 and not qcfg.sym) else 0  # v1 cannot store a zero of 0
+    packed: dict[str, nn.Module] = {}
+    # asymmetric zeros stay off values the format cannot store (v1 cannot store a zero of 0)
+    min_zero = 0 if qcfg.sym else getattr(entry.format, "smallest_zero", 0)
     for gi, group in enumerate(linear_groups(block, qcfg.true_sequential)):
         todo = {}  # name -> (linear, its settings), for the linears that get quantized
         for n in group:
             lin = block.get_submodule(n)
-            cfg = _module_cfg(qcfg, f"{prefix}.{n}", lin)
+            cfg = _module_cfg(qcfg, entry, f"{prefix}.{n}", lin)
             if cfg is not None:
                 todo[n] = (lin, cfg)
-        solvers = {n: GPTQ(lin.weight) for n, (lin, _) in todo.items()} if method == "gptq" else {}
+        solvers = {n: SOLVERS[method](lin.weight) for n, (lin, _) in todo.items()}
         hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
-                 for n, (lin, _) in todo.items() if n in solvers]
+                 for n, (lin, _) in todo.items() if solvers[n].needs_inputs]
         if hooks or gi == 0:  # RTN needs no inputs, only the block's fp outputs for the report
             with torch.no_grad():
                 for h, kw in inputs:
@@ -221,16 +229,14 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
             hk.remove()
         for n, (lin, cfg) in todo.items():
             t = time.time()
-            if method == "rtn":
-                res = rtn(lin.weight, cfg["bits"], cfg["group_size"], cfg["sym"], qcfg.mse, min_zero)
-            else:
-                res = solvers[n].quantize(cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"],
-                                          qcfg.static_groups, qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero)
+            res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
+                                      desc_act=cfg["desc_act"], static_groups=qcfg.static_groups,
+                                      damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero)
             solvers[n] = None  # free the Hessian
             lin.weight.data = res.dequantize().to(lin.weight.dtype)
             report.modules[f"{prefix}.{n}"] = {"bits": cfg["bits"], "group_size": cfg["group_size"],
                                                "error": res.error, "seconds": round(time.time() - t, 3)}
-            packed[f"{prefix}.{n}"] = QuantLinear.from_codes(res.codes, res.scales, res.zeros, res.g_idx,
+            packed[f"{prefix}.{n}"] = entry.layer.from_codes(res.codes, res.scales, res.zeros, res.g_idx,
                                                              cfg["group_size"], cfg["bits"], bias=lin.bias)
     return fp_out, packed
 

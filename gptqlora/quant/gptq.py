@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class GPTQ:
+    needs_inputs = True  # accumulates the layer's inputs (add_batch) before quantize
+
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.detach()  # (N, K)
         self.columns = weight.shape[1]

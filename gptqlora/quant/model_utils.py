@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # True-sequential order inside a decoder block: each group is quantized after the previous ones, seeing
 # their quantized outputs. Linears not named here form a last group.
@@ -15,13 +12,6 @@ SEQUENTIAL_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-
-
-def build_empty_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The model skeleton with parameters on the meta device (no memory); buffers are real."""
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -44,19 +34,3 @@ def linear_groups(block: nn.Module, true_sequential: bool = True) -> list[list[s
     named = {n for g in groups for n in g}
     rest = [n for n in linears if n not in named]
     return groups + ([rest] if rest else [])
-
-
-def quantize_skeleton(model: nn.Module, bits: int, group_size: int, device: str | torch.device = "meta",
-                      targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                  "up_proj", "down_proj")) -> nn.Module:
-    """Swap the target nn.Linear layers of `model` for empty QuantLinear layers (shapes only, no data).
-
-    For sizing and benchmarks: a 65B-shaped model on the meta device costs no memory.
-    """
-    from gptqlora.nn.quant_linear import QuantLinear
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            model.set_submodule(name, QuantLinear(mod.in_features, mod.out_features, bits, group_size,
-                                                  bias=mod.bias is not None, device=device))
-    return model

@@ -107,3 +107,21 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True
     )
     res.error = float((res.dequantize() - w).pow(2).sum())
     return res
+
+
+class RTN:
+    """Round-to-nearest behind the solver protocol of `GPTQ` (it needs no calibration inputs)."""
+
+    needs_inputs = False
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                 static_groups: bool = False, damp: float = 0.01, mse: bool = False,
+                 min_zero: int = 0) -> QuantResult:
+        """RTN has no column order, no updates and no Hessian: desc_act, static_groups and damp do not apply."""
+        return rtn(self.weight, bits, group_size, sym, mse, min_zero)

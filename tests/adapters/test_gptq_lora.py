@@ -6,10 +6,10 @@ from transformers import LlamaConfig
 
 from gptqlora.adapters import AdapterError, GPTQLoraConfig, GPTQLoraLinear, get_peft_model, load_adapter
 from gptqlora.nn.quant_linear import QuantLinear
-from gptqlora.quant.checkpoint import load_quantized
-from gptqlora.quant.config import QuantConfig
+from gptqlora.checkpoint.checkpoint import build_empty_model, load_quantized
+from gptqlora.checkpoint.config import QuantConfig
+from gptqlora.nn.skeleton import quantize_skeleton
 from gptqlora.quant.driver import quantize_model
-from gptqlora.quant.model_utils import build_empty_model, quantize_skeleton
 from tiny import calibration_samples
 
 IDS = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 gptqmodel = pytest.importorskip("gptqmodel")
 
 from gptqlora.adapters import GPTQLoraConfig, get_peft_model  # noqa: E402
-from gptqlora.quant.checkpoint import load_quantized  # noqa: E402
-from gptqlora.quant.config import QuantConfig  # noqa: E402
+from gptqlora.checkpoint.checkpoint import load_quantized  # noqa: E402
+from gptqlora.checkpoint.config import QuantConfig  # noqa: E402
 from gptqlora.quant.driver import quantize_model  # noqa: E402
 from tiny import calibration_samples  # noqa: E402
 
@@ -99,10 +99,12 @@ def test_gptqlora_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_
 
 
 def test_requantized_merge_loads_in_gptqmodel(tiny_dir, tmp_path):
-    from gptqlora.merge import merge_to_gptq
+    from gptqlora.commands.merge import merge_to_gptq
+    from gptqlora.quant.api import QuantizeOptions
     from runs import make_run
 
     run = make_run(tiny_dir, tmp_path / "run")
-    merge_to_gptq(run, tmp_path / "merged", bits=4, group_size=32, nsamples=4, seqlen=32, device="cpu")
+    merge_to_gptq(run, tmp_path / "merged", QuantConfig(bits=4, group_size=32), QuantizeOptions(nsamples=4, seqlen=32),
+                  device="cpu")
     _, theirs = gptqmodel_logits(tmp_path / "merged")
     assert (our_logits(tmp_path / "merged") - theirs).abs().max() < TOL

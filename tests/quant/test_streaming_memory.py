@@ -29,7 +29,7 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, torch
     torch.set_num_threads(1)
     import gptqlora.quant.driver as driver
-    from gptqlora.quant.config import QuantConfig
+    from gptqlora.checkpoint.config import QuantConfig
 
     def rss():
         with open("/proc/self/statm") as f:

@@ -7,6 +7,7 @@ token, so an interrupted reply ends cleanly (adapter state restored) and the cha
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import threading
@@ -16,10 +17,14 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from gptqlora.generate import OFF, InferenceError, PromptFormat, Sampling, load_model, using_adapter
+from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
+from gptqlora.inference import OFF, InferenceError, PromptFormat, Sampling, load_model, using_adapter
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Interactive chat that streams the reply as it is generated. Earlier turns stay in the prompt (the "
+               "oldest are dropped to fit the context). Commands: /reset, /adapter NAME, /adapter off, /adapters, "
+               "/help, /exit. Ctrl-C stops a reply; Ctrl-D (or Ctrl-C at the prompt) quits.")
 PROMPT = ">>> "
 HELP = """commands:
   /reset          forget the conversation so far
@@ -199,10 +204,7 @@ def run_chat_command(run_dir: str | None = None, base: str | None = None, adapte
     loaded = load_model(run_dir, base, adapters, device, template)
     fmt = loaded.prompt_format(chat_template, system)
     size = loaded.context_size(max_context, sampling)
-    if seed is not None:
-        from transformers import set_seed
-
-        set_seed(seed)
+    set_seed(seed)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (importing it gives input() line editing and history)
@@ -213,3 +215,12 @@ def run_chat_command(run_dir: str | None = None, base: str | None = None, adapte
     banner = (f"gptqlora chat: {loaded.source} ({how}, adapter {session.active}, up to {sampling.max_new_tokens} "
               f"new tokens, context {size})\n/help for commands; Ctrl-D quits; Ctrl-C stops a reply")
     return run_chat(session, input, sys.stdout, banner)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_chat_command(args.run_dir, args.base, args.adapters, args.template, args.chat_template, args.system,
+                            sampling_from(args), args.max_context, args.device, args.seed)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # refused, never unpickled
 
 
 class CheckpointError(ValueError):
@@ -63,7 +63,7 @@ class SafetensorsSource:
         files = sorted(self.dir.glob("*.safetensors"))
         if files:
             return files
-        pickled = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        pickled = [p.name for p in self.dir.iterdir() if p.suffix in PICKLED_SUFFIXES]
         if pickled:
             raise CheckpointError(f"{self.dir}: only pickled weights ({', '.join(sorted(pickled))}); gptqlora "
                                   f"reads safetensors only. Convert them with transformers: "
@@ -94,9 +94,6 @@ class SafetensorsSource:
             raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
         with safe_open(f, framework="pt") as h:
             return tuple(h.get_slice(key).get_shape())
-
-    def with_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self.key_to_file if k.startswith(prefix)]
 
 
 def parse_size(size: int | str) -> int:

@@ -9,11 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from gptqlora.formats.gptq import pack_cols, unpack_cols
 from gptqlora.nn.quant_linear import QuantLinear
-from gptqlora.quant.calibration import CalibrationError
-from gptqlora.quant.checkpoint import load_quantized, save_quantized
-from gptqlora.quant.config import QuantConfig, QuantConfigError
+from gptqlora.checkpoint.checkpoint import load_quantized, save_quantized
+from gptqlora.checkpoint.config import QuantConfig, QuantConfigError
+from gptqlora.checkpoint.io import CheckpointError
+from gptqlora.data.calibration import CalibrationError
 from gptqlora.quant.driver import quantize_model
-from gptqlora.quant.io import CheckpointError
 from tiny import calibration_samples, tiny_llama
 
 
@@ -189,7 +189,7 @@ def test_existing_out_dir_refused(tiny_dir, q4):
 def test_calibration_errors(tmp_path):
     from tiny import char_tokenizer
 
-    from gptqlora.quant.calibration import load_calibration
+    from gptqlora.data.calibration import load_calibration
 
     tok = char_tokenizer()
     cases = {"empty.txt": "", "blank.jsonl": '{"text": "  "}\n', "nofield.jsonl": '{"x": 1}\n',

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from gptqlora.chat import ChatSession, run_chat
+from gptqlora.commands.chat import ChatSession, run_chat
 from gptqlora.data.templates import PromptTemplate
-from gptqlora.generate import InferenceError, PromptFormat, Sampling, load_model
+from gptqlora.inference import InferenceError, PromptFormat, Sampling, load_model
 
 
 @pytest.fixture(scope="module")

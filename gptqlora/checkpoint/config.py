@@ -1,4 +1,8 @@
-"""`quantization_config`: what GPTQ checkpoints record about how they were quantized."""
+"""`quantization_config`: how a checkpoint was quantized, and the settings a quantization run uses.
+
+The field defaults here are the quantization defaults of every entry point (`gptqlora quantize`,
+`finetune --base_model`, `merge --to gptq`); the help texts are their command-line help.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from gptqlora.formats.gptq import FORMAT_V1, FORMAT_V2, FORMATS, SUPPORTED_BITS
+from gptqlora.formats.base import FormatError
+from gptqlora.formats.gptq import FORMAT_V1, FORMAT_V2, SUPPORTED_BITS
+from gptqlora.nn.registry import FORMATS
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # searched before config.json
 
@@ -18,33 +25,53 @@ class QuantConfigError(ValueError):
 
 @dataclass
 class QuantConfig:
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    format: str = FORMAT_V1  # checkpoint zero convention: "gptq" (v1) or "gptq_v2"
-    static_groups: bool = False
-    true_sequential: bool = True
-    damp_percent: float = 0.01
-    mse: bool = False
-    lm_head: bool = False
+    """How the weights are quantized and stored (what the checkpoint's quantization_config records)."""
+
+    bits: int = field(default=4, metadata={"help": "bits per weight", "choices": SUPPORTED_BITS})
+    group_size: int = field(default=128, metadata={
+        "help": "input channels per quantization group; -1 = one group per output channel"})
+    desc_act: bool = field(default=False, metadata={
+        "help": "act-order: quantize columns by decreasing Hessian diagonal (better at low bits)"})
+    sym: bool = field(default=True, metadata={
+        "help": "symmetric quantization, what vLLM's fast GPTQ path needs (--asym: with zero points)",
+        "negative": ("asym",)})
+    format: Optional[str] = field(default=None, metadata={
+        "help": "zero-point convention on disk: gptq (v1, read by every GPTQ loader; the default with --sym) "
+                "or gptq_v2 (true zeros; the default with --asym, since v1 cannot store a zero of 0)",
+        "choices": (FORMAT_V1, FORMAT_V2)})
+    static_groups: bool = field(default=False, metadata={
+        "help": "compute group parameters before the GPTQ updates (keeps g_idx trivial with --desc-act)"})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "quantize a block's linears in the order qkv -> o -> gate/up -> down, each group seeing the "
+                "previous ones quantized (--no-true-sequential: all at once)"})
+    damp_percent: float = field(default=0.01, metadata={
+        "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
+        "aliases": ("damp",)})
+    mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})
     # GPTQModel-style per-module overrides: {regex: {bits, group_size, ...}}; a "-:" key prefix skips a module
-    dynamic: dict | None = None
-    meta: dict = field(default_factory=dict)
+    dynamic: Optional[dict] = field(default=None, metadata={"cli": False})
+    meta: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise QuantConfigError(f"unsupported bits={self.bits}; gptqlora supports {SUPPORTED_BITS}")
+        if self.format is None:
+            self.format = FORMAT_V1 if self.sym else FORMAT_V2
         if self.group_size == 0 or self.group_size < -1:
             raise QuantConfigError(f"group_size must be -1 or positive, got {self.group_size}")
-        if self.format not in FORMATS:
-            raise QuantConfigError(f"unsupported checkpoint format {self.format!r}; supported: {FORMATS}")
+        try:
+            FORMATS.lookup(None, self.format).format.check_bits(self.bits)
+        except FormatError as e:
+            raise QuantConfigError(str(e)) from None
+
+    @property
+    def method(self) -> str:
+        """The `quant_method` of this config's format."""
+        return FORMATS.lookup(None, self.format).format.method
 
     def to_dict(self) -> dict:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
         d = asdict(self)
         d.pop("mse")
-        d.update(quant_method="gptq", checkpoint_format=self.format, damp_percent=self.damp_percent)
+        d.update(quant_method=self.method, checkpoint_format=self.format)
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
@@ -53,19 +80,17 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "quantization_config") -> "QuantConfig":
         method = d.get("quant_method", d.get("method", "gptq"))
-        if str(method).lower() != "gptq":
-            raise QuantConfigError(f"{where}: quant_method {method!r} is not GPTQ")
-        fmt = d.get("checkpoint_format", d.get("format", FORMAT_V1))
         try:
+            fmt = FORMATS.lookup(method, d.get("checkpoint_format", d.get("format"))).format.name
             return cls(bits=int(d["bits"]), group_size=int(d.get("group_size", -1)),
                        desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)), format=fmt,
                        static_groups=bool(d.get("static_groups", False)),
                        true_sequential=bool(d.get("true_sequential", True)),
-                       damp_percent=float(d.get("damp_percent", 0.01)), lm_head=bool(d.get("lm_head", False)),
+                       damp_percent=float(d.get("damp_percent", 0.01)),
                        dynamic=d.get("dynamic"), meta=dict(d.get("meta") or {}))
         except KeyError as e:
             raise QuantConfigError(f"{where}: missing field {e}") from None
-        except QuantConfigError as e:
+        except (QuantConfigError, FormatError) as e:
             raise QuantConfigError(f"{where}: {e}") from None
 
     def for_module(self, name: str) -> dict | None:
@@ -103,4 +128,4 @@ def _read_json(path: Path) -> dict:
         raise QuantConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-__all__ = ["QuantConfig", "QuantConfigError", "read_quant_config", "FORMAT_V1", "FORMAT_V2"]
+__all__ = ["QuantConfig", "QuantConfigError", "read_quant_config"]

@@ -1,4 +1,7 @@
-"""`gptqlora finetune` arguments, grouped as dataclasses; `--help` is built from their help texts."""
+"""`gptqlora finetune` arguments, grouped as dataclasses; `--help` is built from their help texts.
+
+The quantization arguments (`QuantConfig`, `QuantizeOptions`) are shared with `quantize` and `merge`.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +18,9 @@ class ModelArguments:
     quant_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "a GPTQ checkpoint directory (ours, AutoGPTQ, GPTQModel or the Hub's layout)"})
     base_model: Optional[str] = field(default=None, metadata={
-        "help": "the fp16/bf16 model directory: quantized first (into RUN/base) when no --quant_checkpoint is "
-                "given; with one, used for the SVD init and as the tokenizer's fallback. Neither given: the "
-                "bundled tiny model (the built-in demo)"})
-    bits: Optional[int] = field(default=None, metadata={
-        "help": "bits when quantizing --base_model (default 4; the demo: 2); with --quant_checkpoint, a check "
-                "that the checkpoint has these bits", "choices": (2, 3, 4, 8)})
-    group_size: Optional[int] = field(default=None, metadata={
-        "help": "GPTQ group size when quantizing --base_model (default 128; the demo: 32)"})
-    desc_act: bool = field(default=False, metadata={"help": "act-order when quantizing --base_model"})
-    calibration: Optional[str] = field(default=None, metadata={
-        "help": "calibration file when quantizing (default: the training data)"})
-    nsamples: int = field(default=128, metadata={"help": "calibration samples when quantizing"})
+        "help": "the fp16/bf16 model directory: quantized first (into RUN/base, with the quantization and "
+                "calibration arguments below) when no --quant_checkpoint is given; with one, used for the SVD "
+                "init. Neither given: the bundled tiny model (the built-in demo)"})
 
 
 @dataclass
@@ -124,4 +118,3 @@ ALIASES = {  # the research scripts' spellings
     "report_to": [],
     "run_name": ["wandb_run_name"],
 }
-ARG_CLASSES = [ModelArguments, DataArguments, LoraArguments, TrainArguments]

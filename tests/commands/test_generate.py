@@ -10,8 +10,9 @@ import pytest
 from gptqlora.cli import main
 from gptqlora.data.templates import PromptTemplate
 from gptqlora.data.tokenize import encode_prompt
-from gptqlora.generate import (InferenceError, PromptFormat, Sampling, generate_responses, load_model,
-                               parse_adapter_spec, read_prompts)
+from gptqlora.commands.generate import read_prompts
+from gptqlora.inference import (InferenceError, PromptFormat, Sampling, generate_responses, load_model,
+                                parse_adapter_spec)
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
@@ -179,7 +180,7 @@ def test_base_plus_adapter_equals_the_run(run, tmp_path, capsys):
 
 
 def test_runs_trained_on_chat_data_use_the_chat_template(tmp_path):
-    from gptqlora.generate import _run_chat_data
+    from gptqlora.run import Run, sniff_data_kinds
 
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
@@ -188,6 +189,12 @@ def test_runs_trained_on_chat_data_use_the_chat_template(tmp_path):
     array.write_text(json.dumps([json.loads(chat.read_text())], indent=2))
     alpaca = tmp_path / "a.jsonl"
     alpaca.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    assert _run_chat_data({"data": [str(chat), str(array)]})
-    assert not _run_chat_data({"data": [str(chat), str(alpaca)]})  # mixed: the prompt template
-    assert not _run_chat_data({"data": [str(tmp_path / "gone.jsonl")]}) and not _run_chat_data({})
+    assert sniff_data_kinds([chat, array]) == ["chat"]
+    assert sniff_data_kinds([chat, alpaca]) == ["alpaca", "chat"]  # mixed: the prompt template
+    assert sniff_data_kinds([tmp_path / "gone.jsonl"]) == [] and sniff_data_kinds([]) == []
+    # a run.json from before the schema (no data_kinds): the kinds come from its files
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"base": "base", "data": [str(chat), str(array)],
+                                              "template": PromptTemplate.load("alpaca").to_dict()}))
+    assert Run.open(old).chat_data and Run.open(old).info.schema == 2

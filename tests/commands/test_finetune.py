@@ -34,12 +34,13 @@ def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file,
     rc = run_cli(["--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(run),
                   "--max_steps", "12", "--save_steps", "6", "--val_set_size", "8", "--eval_steps", "6"], tmp_path)
     assert rc == 0
-    for f in ("run.json", "template.json", "tokenizer.json", "train_log.jsonl", "adapter/adapter_config.json",
-              "adapter/adapter_model.safetensors", "base/config.json", "base/quant_report.json"):
+    for f in ("run.json", "tokenizer.json", "train_log.jsonl", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors", "base/config.json", "base/quant_report.json", "data/train.jsonl"):
         assert (run / f).is_file(), f
     info = json.loads((run / "run.json").read_text())
-    assert info["base"] == "base" and info["quant_config"]["bits"] == 2
-    assert info["args"]["LoraArguments"]["lora_r"] == 8
+    assert info["schema"] == 2 and info["base"] == "base" and info["quant_config"]["bits"] == 2
+    assert info["args"]["LoraArguments"]["lora_r"] == 8 and info["args"]["QuantConfig"]["group_size"] == 32
+    assert info["data"] == [{"source": str(data_file.resolve()), "copy": "data/train.jsonl"}]
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert any("eval_loss" in r for r in log)
@@ -54,7 +55,7 @@ def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file,
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    import gptqlora.trainer as t
+    import gptqlora.train.trainer as t
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -98,7 +99,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_file, tmp_path):
 
 
 def test_research_script_flags_reach_the_trainer(monkeypatch, tiny_dir, data_file, tmp_path):
-    import gptqlora.finetune as ft
+    import gptqlora.commands.finetune as ft
 
     seen = {}
     monkeypatch.setattr(ft, "finetune", lambda *a: seen.setdefault("args", a) and {})
@@ -109,8 +110,9 @@ def test_research_script_flags_reach_the_trainer(monkeypatch, tiny_dir, data_fil
             "--micro_batch_size", "4", "--num_epochs", "3", "--learning_rate", "3e-4", "--cutoff_len", "256",
             "--val_set_size", "120", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
             "--train_on_inputs=False", "--output_dir", str(tmp_path / "out")]
-    margs, dargs, largs, targs = ft.parse_args(argv)
-    assert margs.bits == 2 and margs.quant_checkpoint == str(tmp_path / "q")
+    a = ft.parse_args(argv)
+    margs, dargs, largs, targs = a.model, a.data, a.lora, a.train
+    assert a.quant.bits == 2 and "bits" in a.given and margs.quant_checkpoint == str(tmp_path / "q")
     assert largs.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert targs.use_gradient_checkpointing is True and dargs.train_on_inputs is False
     assert dargs.data == [str(data_file)] and targs.batch_size == 128 and dargs.val_set_size == 120
@@ -118,11 +120,12 @@ def test_research_script_flags_reach_the_trainer(monkeypatch, tiny_dir, data_fil
 
 
 def test_yaml_config_and_overrides(tmp_path):
-    import gptqlora.finetune as ft
+    import gptqlora.commands.finetune as ft
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("quant_checkpoint: /models/q\nlora_r: 16\nlearning_rate: 1.0e-4\nuse_gradient_checkpointing: true\n")
-    margs, _, largs, targs = ft.parse_args(["--config", str(cfg), "--lora_r", "32"])
+    a = ft.parse_args(["--config", str(cfg), "--lora_r", "32"])
+    margs, largs, targs = a.model, a.lora, a.train
     assert margs.quant_checkpoint == "/models/q" and largs.lora_r == 32 and targs.learning_rate == 1e-4
     assert targs.use_gradient_checkpointing is True
     cfg.write_text("lora_rank: 4\n")

@@ -1,6 +1,6 @@
 """Command-line arguments from dataclasses: help text from `field(metadata={"help": ...})`.
 
-Every field is accepted as `--snake_case` and `--kebab-case`, as `--key value` or `--key=value`; booleans
+Every option is accepted as `--snake_case` and `--kebab-case`, as `--key value` or `--key=value`; booleans
 also as a bare `--key` or `--no-key` and as `--key=False` (the research scripts' fire-style flags); lists
 as `a,b,c` or a Python literal such as "['q_proj','v_proj']". `--config FILE.yaml` supplies defaults that
 flags on the command line override.
@@ -14,7 +14,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def str2bool(v: str | bool) -> bool:
@@ -59,28 +59,60 @@ def _converter(tp: Any):
     return str
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]]) -> None:
+def spellings(name: str) -> list[str]:
+    """`--snake_case` and `--kebab-case` for an option name (either spelling works everywhere)."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    elif "-" in name:
+        names.append(f"--{name.replace('-', '_')}")
+    return names
+
+
+def add_option(parser: Any, name: str, *more: str, **kw: Any) -> None:
+    """parser.add_argument with both spellings of `name` (and any further flags, e.g. "-o")."""
+    parser.add_argument(*spellings(name), *more, **kw)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, Sequence[str]] | None = None,
+                            title: str | None = None, bool_values: bool = True,
+                            required: Sequence[str] = ()) -> None:
+    """One option per field of `cls`: help from `metadata["help"]`, `choices`, `aliases` (more names),
+    `negative` (names of flags that set a boolean False, e.g. --asym); `cli: False` fields are left out.
+
+    Booleans are `--key`, `--no-key` and, with `bool_values`, also `--key=false` / `--key false`; commands
+    with positional arguments pass bool_values=False, so that `--desc-act MODEL_DIR` keeps MODEL_DIR.
+    Options never given are absent from the parsed namespace (defaults come from the dataclass)."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__.replace("Arguments", " arguments").strip(),
-                                      (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    group = parser.add_argument_group(title or cls.__name__.replace("Arguments", " arguments").strip(),
+                                      doc[0] if doc else None)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False:
+            continue
         tp = _base_type(hints[f.name])
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        names += [f"--{a}" for a in aliases.get(f.name, [])]
+        names = spellings(f.name)
+        for alias in (*f.metadata.get("aliases", ()), *(aliases or {}).get(f.name, ())):
+            names += [n for n in spellings(alias) if n not in names]
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
         if default not in (None, "", []):
             help_text += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text,
+                              "required": f.name in required}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
-            group.add_argument(*names, nargs="?", const=True, type=str2bool, metavar="BOOL", **kw)
+            if bool_values:
+                group.add_argument(*names, nargs="?", const=True, type=str2bool, metavar="BOOL", **kw)
+            else:
+                group.add_argument(*names, action="store_true", **kw)
             group.add_argument(*[f"--no-{n[2:]}" for n in names[:2]], dest=f.name, action="store_false",
                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            for neg in f.metadata.get("negative", ()):
+                group.add_argument(*spellings(neg), dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                   help=f"the opposite of --{f.name.replace('_', '-')}")
         else:
             metavar = "{" + ",".join(map(str, kw["choices"])) + "}" if "choices" in kw else f.name.upper()
             group.add_argument(*names, type=_converter(hints[f.name]), metavar=metavar, **kw)
@@ -119,3 +151,9 @@ def build_dataclasses(classes: list[type], values: dict[str, Any], where: str = 
                 kw[f.name] = v
         out.append(cls(**kw))
     return out
+
+
+def given_values(namespace: argparse.Namespace, classes: Sequence[type]) -> dict[str, Any]:
+    """The options of `classes` given on the command line (those never given are absent)."""
+    names = {f.name for c in classes for f in dataclasses.fields(c)}
+    return {k: v for k, v in vars(namespace).items() if k in names}

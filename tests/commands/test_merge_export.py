@@ -9,9 +9,12 @@ from transformers import AutoModelForCausalLM
 
 from gptqlora.adapters import AdapterError
 from gptqlora.cli import main
-from gptqlora.export import ExportError, check_vllm_adapter, export_vllm
-from gptqlora.merge import merge_exact, merge_to_fp16, merge_to_gptq
-from gptqlora.quant.checkpoint import load_quantized
+from gptqlora.adapters.saved import SavedAdapter
+from gptqlora.checkpoint.checkpoint import load_quantized
+from gptqlora.checkpoint.config import QuantConfig
+from gptqlora.commands.export import ExportError, check_vllm_adapter, export_vllm
+from gptqlora.commands.merge import merge_exact, merge_to_fp16, merge_to_gptq
+from gptqlora.quant.api import QuantizeOptions
 from gptqlora.run import RunError, load_run
 from runs import make_run
 
@@ -48,7 +51,7 @@ def test_fp_merge_matches_adapter_model(run, tmp_path, dtype, tol):
 
 
 def test_gptq_merge_loads_and_reports(run, tmp_path):
-    rep = merge_to_gptq(run, tmp_path / "g", bits=8, group_size=32, calibration=None, nsamples=4, seqlen=32,
+    rep = merge_to_gptq(run, tmp_path / "g", QuantConfig(bits=8, group_size=32), QuantizeOptions(nsamples=4, seqlen=32),
                         device="cpu")
     assert 0 < rep["worst_block_rel_error"] < 0.05
     q = load_quantized(tmp_path / "g", device="cpu", dtype=torch.float32)
@@ -65,6 +68,14 @@ def test_exact_merge_equals_unmerged_qalora(qarun, tmp_path):
         torch.testing.assert_close(q(IDS).logits, adapter_logits(qarun), rtol=1e-4, atol=1e-4)
 
 
+def test_exact_merge_rewrites_unadapted_layers_too(tiny_dir, tmp_path):
+    """A v1 base whose layers are not all adapted: every packed layer goes out in the output format."""
+    part = make_run(tiny_dir, tmp_path / "part", use_qalora=True, qalora_group_size=32, target_modules=["q_proj"])
+    q = load_quantized(merge_exact(part, tmp_path / "x"), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(IDS).logits, adapter_logits(part), rtol=1e-4, atol=1e-4)
+
+
 def test_exact_merge_refuses_plain_lora(run, tmp_path):
     with pytest.raises(AdapterError, match="use_qalora"):
         merge_exact(run, tmp_path / "y")
@@ -77,10 +88,8 @@ def test_export_vllm(run, qarun, tmp_path):
     assert check_vllm_adapter(cfg) == [] and (out / "base" / "config.json").is_file()
     assert "vllm serve ./base --quantization gptq --enable-lora" in (out / "README.md").read_text()
     # QA-LoRA becomes ordinary LoRA with the same update
-    from gptqlora.merge import Adapter
-
     qa = export_vllm(qarun, tmp_path / "vq")
-    a, b = Adapter(qarun / "adapter"), Adapter(qa / "adapter")
+    a, b = SavedAdapter(qarun / "adapter"), SavedAdapter(qa / "adapter")
     assert not b.config.use_qalora
     for m in a.modules:
         torch.testing.assert_close(a.delta(m), b.delta(m), rtol=1e-5, atol=1e-6)
@@ -91,13 +100,24 @@ def test_export_refuses_rank_with_fix_and_pads_exactly(tiny_dir, tmp_path):
     with pytest.raises(ExportError, match=r"r=12 .*use r=16"):
         export_vllm(r12, tmp_path / "v")
     assert not (tmp_path / "v").exists()
-    from gptqlora.merge import Adapter
-
     out = export_vllm(r12, tmp_path / "v", pad_rank=True)
-    a, b = Adapter(r12 / "adapter"), Adapter(out / "adapter")
+    a, b = SavedAdapter(r12 / "adapter"), SavedAdapter(out / "adapter")
     assert b.config.r == 16
     for m in a.modules:
         torch.testing.assert_close(a.delta(m), b.delta(m), rtol=1e-5, atol=1e-6)
+
+
+def test_export_refusals_give_commands_that_run(tiny_dir, tmp_path):
+    """An asymmetric (v2) base: the hint names a merge command that merge accepts."""
+    from gptqlora.cli import build_parser
+
+    asym = make_run(tiny_dir, tmp_path / "asym", sym=False)
+    with pytest.raises(ExportError, match="asymmetric") as e:
+        export_vllm(asym, tmp_path / "v")
+    hint = str(e.value).split("re-quantize first: ")[1].split()
+    assert hint[:2] == ["gptqlora", "merge"] and "--sym" in hint
+    args = build_parser("merge").parse_args(hint[1:])
+    assert args.sym is True and args.to == "gptq" and args.bits == 4
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ LoRA: lora_A repeated across each group and rescaled, which computes the same up
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -18,9 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from gptqlora.adapters.layer import expand_qalora_a
 from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from gptqlora.quant.config import read_quant_config
-from gptqlora.quant.io import atomic_output_dir
-from gptqlora.run import adapter_path, base_path, read_run_info
+from gptqlora.checkpoint.config import read_quant_config
+from gptqlora.checkpoint.io import atomic_output_dir
+from gptqlora.commands.args import add_option
+from gptqlora.nn.registry import FORMATS
+from gptqlora.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +94,18 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> 
 def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False, name: str | None = None,
                 overwrite: bool = False) -> Path:
     """OUT/adapter (PEFT LoRA vLLM loads), OUT/base (the symmetric v1 GPTQ base), OUT/README.md (the command)."""
-    info = read_run_info(run_dir)
-    base, adapter = base_path(run_dir, info), adapter_path(run_dir)
+    run = Run.open(run_dir)
+    base, adapter = run.base_dir(), run.adapter()
     qcfg = read_quant_config(base)
+    requantize = (f"gptqlora merge {run_dir} --to gptq --bits {qcfg.bits} --group-size {qcfg.group_size} --sym "
+                  f"--out DIR")
     if not qcfg.sym:
         raise ExportError(f"{base} is asymmetric: vLLM's fast GPTQ path needs symmetric weights. Merge and "
-                          f"re-quantize first: gptqlora merge {run_dir} --to gptq --bits {qcfg.bits} --sym")
-    if qcfg.format != "gptq":
-        raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads v1 'gptq' (re-save it with "
-                          f"gptqlora.save_quantized(..., format='gptq') or merge --to gptq)")
+                          f"re-quantize first: {requantize}")
+    if not FORMATS.lookup(qcfg.method, qcfg.format).format.universal:
+        raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads the v1 'gptq' format. Merge and "
+                          f"re-quantize first: {requantize} (symmetric writes v1), or re-save the base with "
+                          f"gptqlora.save_quantized(model, DIR, QuantConfig(..., format='gptq'))")
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     config, tensors = _convert(config, load_file(adapter / ADAPTER_WEIGHTS), pad_rank)
     problems = check_vllm_adapter(config)
@@ -118,3 +125,23 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False
             f"    --lora-modules {name}=./adapter --max-lora-rank {config['r']}\n```\n\n"
             f"Then ask for the adapter by name: `\"model\": \"{name}\"` in the OpenAI-compatible request.\n")
     return Path(out_dir)
+
+
+DESCRIPTION = ("Write OUT/adapter (a PEFT LoRA adapter checked against vLLM's limits), OUT/base (the symmetric "
+               "GPTQ base) and OUT/README.md with the vllm command.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run folder written by `gptqlora finetune`")
+    add_option(p, "format", choices=("vllm",), default="vllm", help="target engine (default vllm)")
+    add_option(p, "out", required=True, help="output directory")
+    add_option(p, "pad_rank", action="store_true",
+               help="zero-pad a rank vLLM refuses up to the next one it accepts (exact)")
+    add_option(p, "name", help="the adapter's name in the vllm command (default: the run folder's name)")
+    add_option(p, "overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_vllm(args.run_dir, args.out, args.pad_rank, args.name, args.overwrite)
+    sys.stdout.write(f"wrote {out}; see {out}/README.md for the vllm command\n")
+    return 0

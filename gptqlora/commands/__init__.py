@@ -1,0 +1,1 @@
+"""The commands: quantize, finetune, merge, export, chat, generate (each with its options; cli.py dispatches)."""

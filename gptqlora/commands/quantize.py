@@ -1,0 +1,41 @@
+"""`gptqlora quantize MODEL_DIR OUT_DIR`: an fp16/bf16 model to a GPTQ checkpoint (the one quantization path)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values
+
+DESCRIPTION = ("Quantize a Hugging Face causal LM (LLaMA family) with GPTQ, block by block, streaming weights from "
+               "its safetensors files. Writes a standard GPTQ checkpoint (loads in gptqlora, GPTQModel and "
+               "transformers) plus the tokenizer and quant_report.json with the per-module error.")
+ALIASES = {"calibration_seed": ("seed",)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gptqlora.checkpoint.config import QuantConfig
+    from gptqlora.quant.api import QuantizeOptions
+
+    p.add_argument("model_dir", help="directory with config.json, *.safetensors and tokenizer files")
+    p.add_argument("out_dir", help="output directory (must not exist or be empty unless --overwrite)")
+    add_dataclass_arguments(p, QuantConfig, ALIASES, title="quantization", bool_values=False)
+    add_dataclass_arguments(p, QuantizeOptions, ALIASES, title="calibration", bool_values=False,
+                            required=("calibration",))
+    add_option(p, "device", default=None, help="device to quantize on (default: cuda if available, else cpu)")
+    add_option(p, "max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
+    add_option(p, "overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gptqlora.checkpoint.config import QuantConfig
+    from gptqlora.quant.api import QuantizeOptions, quantize
+
+    classes = [QuantConfig, QuantizeOptions]
+    qcfg, options = build_dataclasses(classes, given_values(args, classes))
+    report = quantize(args.model_dir, args.out_dir, qcfg, options, device=args.device,
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    worst = max((b["rel_output_error"] for b in report.blocks), default=0.0)
+    sys.stdout.write(f"wrote {args.out_dir} ({len(report.modules)} quantized modules, worst block relative "
+                     f"output error {worst:.4f}, {report.seconds:.1f}s); details in quant_report.json\n")
+    return 0

@@ -1,0 +1,270 @@
+"""Inference: model loading (a run folder, or a quantized base plus adapters), prompt formatting, sampling
+settings and batched generation, for `chat`, `generate` and the accuracy eval.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from gptqlora.data.collate import pad_token_id
+from gptqlora.data.templates import PromptTemplate
+from gptqlora.data.tokenize import encode_prompt
+
+logger = logging.getLogger(__name__)
+
+OFF = "off"  # adapter "name" meaning: the base model alone
+_NAME = re.compile(r"[\w-]+")  # PEFT keeps adapters in ModuleDicts: no dots
+
+
+class InferenceError(ValueError):
+    """A setting or input of `chat` / `generate` that the user can fix."""
+
+
+# -- sampling and batched generation --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InferenceError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InferenceError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InferenceError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_token_id(tokenizer),
+                              "eos_token_id": tokenizer.eos_token_id}
+        if self.temperature == 0:
+            # None overrides sampling values a model's generation_config may carry (no warnings).
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        return kw
+
+
+@torch.inference_mode()
+def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[list[int]], sampling: Sampling = Sampling(),
+                       batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Completions (decoded new tokens only) of tokenized prompts, in input order, in left-padded batches."""
+    device = next(model.parameters()).device
+    kw = sampling.generate_kwargs(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
+    out: list[str] = [""] * len(prompts)
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generating")
+    for idx in batches:
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), kw["pad_token_id"], dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: prompts end where generation starts
+            n = len(prompts[i])
+            ids[row, width - n:] = torch.tensor(prompts[i])
+            mask[row, width - n:] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+    return out
+
+
+# -- prompt formatting ----------------------------------------------------------------------------------
+
+
+def message_field(template: PromptTemplate) -> str:
+    """The template field a user's message goes into (``instruction`` for alpaca, ``question`` for cot)."""
+    names = {n for _, n, _, _ in string.Formatter().parse(template.prompt_no_input) if n} - {"input"}
+    if len(names) != 1:
+        raise InferenceError(f"prompt template {template.name!r} needs fields {sorted(names)}; chat and generate "
+                             f"need a template with one field for the message, or use --chat-template")
+    return names.pop()
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a conversation becomes token ids.
+
+    mode "template": the run's prompt template. Earlier turns are rendered as complete examples
+    (prompt + response), one after another, then the new message as a prompt: each piece is exactly
+    the format the model was trained on, so it reads the history like few-shot examples.
+    mode "chat": the tokenizer's chat template. mode "raw": the message is the prompt, as is.
+    ``system`` (optional) is the system message (chat) or a paragraph before everything (template, raw).
+    """
+
+    mode: str
+    template: PromptTemplate | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("template", "chat", "raw") or (self.mode == "template") != (self.template is not None):
+            raise ValueError(f"PromptFormat: mode {self.mode!r} with template {self.template!r}")
+
+    def text(self, history: Sequence[tuple[str, str]], message: str, tokenizer: Any,
+             input_text: str | None = None) -> str:
+        if self.mode == "chat":
+            msgs = [{"role": "system", "content": self.system}] if self.system else []
+            for user, assistant in history:
+                msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            msgs.append({"role": "user", "content": message})
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # jinja errors, e.g. a template that rejects system messages
+                raise InferenceError(f"the tokenizer's chat template failed on this conversation ({e}); "
+                                     f"drop --system or use the run's prompt template") from None
+        head = f"{self.system}\n\n" if self.system else ""
+        if self.mode == "raw":
+            return head + "".join(f"{u}{a}" for u, a in history) + message
+        tpl = self.template
+        key = message_field(tpl)
+        past = "".join(tpl.prompt({key: u}) + a + "\n\n" for u, a in history)
+        return head + past + tpl.prompt({key: message, "input": input_text or ""})
+
+    def encode(self, history: Sequence[tuple[str, str]], message: str, tokenizer: Any,
+               input_text: str | None = None) -> list[int]:
+        text = self.text(history, message, tokenizer, input_text)
+        if self.mode == "chat":  # chat templates put BOS in themselves
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(tokenizer, text)
+
+
+def record_prompt_ids(tokenizer: Any, record: dict[str, Any], template: PromptTemplate | None) -> list[int]:
+    """The prompt of a data record, as training rendered it (chat: everything before the last assistant turn)."""
+    if "messages" in record:
+        msgs = record["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        text = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if template is None:
+        raise ValueError("no template for a non-chat record")
+    return encode_prompt(tokenizer, template.prompt(record))
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference and what goes with it."""
+
+    model: Any
+    tokenizer: Any
+    template: PromptTemplate
+    adapters: list[str]  # loaded adapter names, in load order (the first is active)
+    chat_data: bool = False  # the run trained on chat records only
+    source: str = ""  # what was loaded, for display
+    info: Any = field(default=None)  # the run's RunInfo, when loaded from a run
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def prompt_format(self, chat_template: bool = False, system: str | None = None,
+                      raw: bool = False) -> PromptFormat:
+        if raw:
+            return PromptFormat("raw", system=system)
+        if chat_template or self.chat_data:
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise InferenceError(f"{self.source}: the tokenizer has no chat_template; use the prompt "
+                                     f"template instead (drop --chat-template, or pass --template NAME)")
+            return PromptFormat("chat", system=system)
+        message_field(self.template)  # fail now, not at the first message
+        return PromptFormat("template", self.template, system)
+
+    def context_size(self, max_context: int | None, sampling: Sampling) -> int:
+        """Tokens a prompt plus its reply may take; checks that a reply fits at all."""
+        size = max_context or self.max_position_embeddings
+        if size is None:
+            raise InferenceError("the model config has no max_position_embeddings; pass --max-context")
+        if sampling.max_new_tokens >= size:
+            raise InferenceError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in a "
+                                 f"context of {size} tokens; lower it (or raise --max-context)")
+        return size
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=PATH`` or ``PATH`` (a PEFT adapter folder or a run folder) -> (name, adapter folder)."""
+    from gptqlora.run import Run
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = "", spec
+    p = Path(path)
+    if Run.is_run(p) and Run(p).adapter_dir.is_dir():
+        p = Run(p).adapter_dir
+    if not name:  # named after its folder (runs/x/adapter -> x)
+        folder = p.resolve()
+        name = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == "adapter" else folder.name)
+    if not _NAME.fullmatch(name) or name == OFF:
+        raise InferenceError(f"--adapter {spec!r}: the name must be letters, digits, '_' or '-', and not "
+                             f"{OFF!r}; write it as NAME=PATH")
+    return name, p
+
+
+def load_model(run_dir: str | Path | None = None, base: str | Path | None = None,
+               adapters: Sequence[str] = (), device: str | None = None,
+               template: str | None = None) -> Loaded:
+    """A run's base with its adapter (``run_dir``), or a quantized ``base``; plus extra ``adapters`` specs."""
+    from gptqlora.adapters.model import load_adapter
+    from gptqlora.devices import default_dtype, resolve_device
+    from gptqlora.run import Run
+
+    if (run_dir is None) == (base is None):
+        raise InferenceError("give a run folder (RUN_DIR) or --base CHECKPOINT, not both")
+    specs = [parse_adapter_spec(s) for s in adapters]
+    names: list[str] = []
+    run = None
+    if run_dir is not None:
+        run = Run.open(run_dir)
+        names.append(parse_adapter_spec(str(run_dir))[0])
+        model = run.load(device=device, adapter_name=names[0])
+        tokenizer = run.tokenizer()
+        tpl = PromptTemplate.load(template) if template else run.template()
+        source = str(run_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        from gptqlora.checkpoint.checkpoint import load_quantized
+
+        dev = resolve_device(device)
+        model = load_quantized(base, device=dev, dtype=default_dtype(dev))
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tpl = PromptTemplate.load(template or "alpaca")
+        source = str(base)
+    for name, path in specs:
+        if name in names:
+            raise InferenceError(f"adapter name {name!r} is used twice; name them with --adapter NAME=PATH")
+        model = load_adapter(model, path, adapter_name=name)
+        names.append(name)
+    if names:
+        model.set_adapter(names[0], inference_mode=True)
+    model.eval()
+    return Loaded(model, tokenizer, tpl, names, chat_data=run is not None and run.chat_data, source=source,
+                  info=run.info if run is not None else None)
+
+
+@contextmanager
+def using_adapter(model: Any, name: str | None) -> Iterator[None]:
+    """Generate with adapter ``name``, or with the base model alone for None / "off"."""
+    if name in (None, OFF):
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            yield
+        return
+    model.set_adapter(name, inference_mode=True)
+    yield
