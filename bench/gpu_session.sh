@@ -19,7 +19,7 @@ for stage in "$@"; do
     kernels)   python3 bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2> "$OUT/kernels.err" \
                  || tail -5 "$OUT/kernels.err"; cat "$OUT/kernels.txt" ;;
     train)     python3 bench/train_suite.py --set core --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" \
-                 --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode bf16" > "$OUT/train.md" 2> "$OUT/train.err"
+                 --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode gptq --bits 2 --group 64 --liger" > "$OUT/train.md" 2> "$OUT/train.err"
                grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/train.err" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2> "$OUT/ablations.err"
                grep "^|" "$OUT/ablations.md" ;;
