@@ -15,7 +15,10 @@ if [[ -z "${JOURNEY_CPU:-}" ]]; then  # JOURNEY_CPU=1: a quick run on the CPU, t
   python3 -c "import torch; assert torch.cuda.is_available(); print('device:', torch.cuda.get_device_name())"
 fi
 # shellcheck disable=SC2086
-step scripts/finetune_multi demo "$data" --use_gradient_checkpointing ${FINETUNE_ARGS:-}
+if ! (step scripts/finetune_multi demo "$data" --use_gradient_checkpointing ${FINETUNE_ARGS:-}); then
+  echo "JOURNEY: finetune failed with the defaults; again with --liger off to test the rest"
+  step scripts/finetune_multi demo "$data" --use_gradient_checkpointing --liger off --overwrite ${FINETUNE_ARGS:-}
+fi
 run=$RUNS_DIR/demo
 grep -E "Liger|bf16|cuda|tokens/s|train_runtime" "$work/log" | cut -c1-200 | head -8 || true
 step python3 -m gptqlora.cli merge "$run" --to fp16 --out "$work/merged-fp16"
