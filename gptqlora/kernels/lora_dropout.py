@@ -4,8 +4,10 @@
     dA  = dxaᵀ @ drop(x)                 (r, K)   backward
     dx += (dxa @ A) * keep / (1 - p)     (T, K)   backward, in place on the base's input gradient
 
-drop(x) = x * keep / (1 - p), keep = rand(seed, t*K + k) >= p (Philox, `tl.rand`): the backward regenerates
-the forward's mask from the seed. Unfused, dropout costs per layer a pass that writes drop(x) and a byte
+drop(x) = x * keep / (1 - p): the backward regenerates the forward's mask from a seed. The mask costs one
+Philox call (`tl.randint4x`, four 32-bit words) per 8 elements: each 16-bit half decides one element, so p
+is applied at a resolution of 2^-16 (p = 0.05 keeps 1 - 3277/65536). Masks come in blocks of 128 columns,
+so every kernel tiles the columns by 128. Unfused, dropout costs per layer a pass that writes drop(x) and a byte
 mask (both kept for backward) and, in backward, three more passes over a (T, K) tensor; here each kernel
 reads x (or dx) once. No library fuses dropout into these products (PEFT composes nn.Dropout and two
 nn.Linear; Unsloth's fast path requires dropout 0), hence our own. `dropout_mask` writes the same mask,
@@ -20,72 +22,86 @@ import triton.language as tl
 
 
 @triton.jit
-def _drop(x, seed, offs, p, scale):
-    """x * keep / (1 - p) with keep = rand(seed, offs) >= p, in x's dtype."""
-    keep = tl.rand(seed, offs) >= p
-    return tl.where(keep, x * scale, 0.0).to(x.dtype)
+def _keep(seed, rows, u, K, thresh):
+    """Keep mask (BT, 128) of rows `rows`, columns [128u, 128u + 128): a 16-bit random >= thresh."""
+    c = tl.arange(0, 16)
+    counter = (rows[:, None] * tl.cdiv(K, 128) + u) * 16 + c[None, :]  # (BT, 16): one Philox call each
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lo = tl.join(tl.join(r0 & 0xFFFF, r1 & 0xFFFF), tl.join(r2 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r1 >> 16), tl.join(r2 >> 16, r3 >> 16))
+    return tl.reshape(tl.join(lo, hi), (rows.shape[0], 128)) >= thresh
 
 
 @triton.jit
-def _xa_kernel(x_ptr, a_ptr, xa_ptr, T, K, R, seed, p, scale,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+def _drop(x, seed, rows, u, K, thresh, scale):
+    """x * keep / (1 - p) for a (BT, 128) tile at column block u, in x's dtype."""
+    return tl.where(_keep(seed, rows, u, K, thresh), x * scale, 0.0).to(x.dtype)
+
+
+@triton.jit
+def _xa_kernel(x_ptr, a_ptr, xa_ptr, T, K, R, seed, thresh, scale,
+               BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
     r = tl.arange(0, R_PAD)
     mt, mr = rows < T, r < R
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for u in range(0, tl.cdiv(K, 128)):
+        cols = u * 128 + tl.arange(0, 128)
         mk = cols < K
-        offs = rows[:, None] * K + cols[None, :]  # (BT, BK)
+        offs = rows[:, None] * K + cols[None, :]  # (BT, 128)
         x = tl.load(x_ptr + offs, mask=mt[:, None] & mk[None, :], other=0.0)
-        x = _drop(x, seed, offs, p, scale)
+        x = _drop(x, seed, rows, u, K, thresh, scale)
         a_t = tl.load(a_ptr + r[None, :] * K + cols[:, None], mask=mk[:, None] & mr[None, :], other=0.0)  # (BK, R)
         acc += tl.dot(x, a_t, input_precision=PRECISION)
     tl.store(xa_ptr + rows[:, None] * R + r[None, :], acc.to(xa_ptr.dtype.element_ty), mask=mt[:, None] & mr[None, :])
 
 
 @triton.jit
-def _da_kernel(dxa_ptr, x_ptr, part_ptr, T, K, R, rows_per_split, seed, p, scale,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    pid_k, pid_s = tl.program_id(0), tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+def _da_kernel(dxa_ptr, x_ptr, part_ptr, T, K, R, rows_per_split, seed, thresh, scale,
+               BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    u, pid_s = tl.program_id(0), tl.program_id(1)
+    cols = u * 128 + tl.arange(0, 128)
     r = tl.arange(0, R_PAD)
     mk, mr = cols < K, r < R
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((R_PAD, 128), dtype=tl.float32)
     t_lo = pid_s * rows_per_split
     for t0 in range(t_lo, tl.minimum(t_lo + rows_per_split, T), BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         mt = rows < tl.minimum(t_lo + rows_per_split, T)
         offs = rows[:, None] * K + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mt[:, None] & mk[None, :], other=0.0)
-        x = _drop(x, seed, offs, p, scale)  # (BT, BK)
+        x = _drop(x, seed, rows, u, K, thresh, scale)  # (BT, 128)
         dxa_t = tl.load(dxa_ptr + rows[None, :] * R + r[:, None], mask=mr[:, None] & mt[None, :], other=0.0)  # (R, BT)
         acc += tl.dot(dxa_t.to(x.dtype), x, input_precision=PRECISION)
     tl.store(part_ptr + pid_s * R * K + r[:, None] * K + cols[None, :], acc, mask=mr[:, None] & mk[None, :])
 
 
 @triton.jit
-def _dx_kernel(dx_ptr, dxa_ptr, a_ptr, T, K, R, seed, p, scale,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+def _dx_kernel(dx_ptr, dxa_ptr, a_ptr, T, K, R, seed, thresh, scale,
+               BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    u = tl.program_id(1)
+    cols = u * 128 + tl.arange(0, 128)
     r = tl.arange(0, R_PAD)
     mt, mk, mr = rows < T, cols < K, r < R
     dxa = tl.load(dxa_ptr + rows[:, None] * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)  # (BT, R)
     a = tl.load(a_ptr + r[:, None] * K + cols[None, :], mask=mr[:, None] & mk[None, :], other=0.0)  # (R, BK)
     offs = rows[:, None] * K + cols[None, :]
     m2 = mt[:, None] & mk[None, :]
-    lora = tl.dot(dxa, a, input_precision=PRECISION)  # (BT, BK) fp32
-    keep = tl.rand(seed, offs) >= p
+    lora = tl.dot(dxa, a, input_precision=PRECISION)  # (BT, 128) fp32
+    keep = _keep(seed, rows, u, K, thresh)
     dx = tl.load(dx_ptr + offs, mask=m2, other=0.0)
     out = dx.to(tl.float32) + tl.where(keep, lora * scale, 0.0)
     tl.store(dx_ptr + offs, out.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _mask_kernel(out_ptr, n, seed, p, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.rand(seed, offs) >= p, mask=offs < n)
+def _mask_kernel(out_ptr, T, K, seed, thresh, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    u = tl.program_id(1)
+    cols = u * 128 + tl.arange(0, 128)
+    m = (rows[:, None] < T) & (cols[None, :] < K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], _keep(seed, rows, u, K, thresh), mask=m)
 
 
 def _r_pad(r: int) -> int:
@@ -100,6 +116,11 @@ def _precision(dtype: torch.dtype) -> str:
 def _check(x: torch.Tensor) -> None:
     if x.numel() >= 2**31:
         raise ValueError(f"fused LoRA dropout indexes elements with int32; {tuple(x.shape)} is too large")
+
+
+def _threshold(p: float) -> int:
+    """p as a 16-bit threshold: an element is kept when its 16 random bits are >= this."""
+    return min(65535, round(p * 65536))
 
 
 def _rows_block(t: int) -> int:
@@ -117,7 +138,7 @@ def dropout_xa(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.T
     r = a.shape[0]
     xa = torch.empty(t, r, dtype=x.dtype, device=x.device)
     bt = _rows_block(t)
-    _xa_kernel[(triton.cdiv(t, bt),)](x, a, xa, t, k, r, seed, p, 1.0 / (1.0 - p), BLOCK_T=bt, BLOCK_K=128,
+    _xa_kernel[(triton.cdiv(t, bt),)](x, a, xa, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=bt,
                                       R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
     return xa
 
@@ -127,13 +148,13 @@ def dropout_da(dxa: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     added after)."""
     t, k = x.shape
     r = dxa.shape[1]
-    bk = 64
-    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(264, triton.cdiv(k, bk))))
+    n_u = triton.cdiv(k, 128)
+    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(264, n_u)))
     per = triton.cdiv(triton.cdiv(t, splits), 64) * 64
     splits = triton.cdiv(t, per)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _da_kernel[(triton.cdiv(k, bk), splits)](dxa, x, part, t, k, r, per, seed, p, 1.0 / (1.0 - p), BLOCK_T=64,
-                                             BLOCK_K=bk, R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
+    _da_kernel[(n_u, splits)](dxa, x, part, t, k, r, per, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64,
+                              R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
     return part.sum(0) if splits > 1 else part[0]
 
 
@@ -142,7 +163,7 @@ def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: floa
     t, k = dx.shape
     r = a.shape[0]
     grid = (triton.cdiv(t, 64), triton.cdiv(k, 128))
-    _dx_kernel[grid](dx, dxa, a, t, k, r, seed, p, 1.0 / (1.0 - p), BLOCK_T=64, BLOCK_K=128, R_PAD=_r_pad(r),
+    _dx_kernel[grid](dx, dxa, a, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64, R_PAD=_r_pad(r),
                      PRECISION=_precision(dx.dtype))
     return dx
 
@@ -150,6 +171,5 @@ def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: floa
 def dropout_mask(t: int, k: int, p: float, seed: int, device) -> torch.Tensor:
     """The keep mask (T, K) the kernels above use for this seed (for tests and references)."""
     out = torch.empty(t, k, dtype=torch.bool, device=device)
-    n = t * k
-    _mask_kernel[(triton.cdiv(n, 1024),)](out, n, seed, p, BLOCK=1024)
+    _mask_kernel[(triton.cdiv(t, 16), triton.cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
     return out
