@@ -77,16 +77,14 @@ def table(recs: list[dict]) -> None:
         p(f"device: {ok[0]['gpu']}, date: {ok[0]['date']}, shape: {ok[0]['shape']}\n\n")
     p("| config | batch | tokens/s | x NF4 | x bf16 | peak GiB | loaded GiB |\n|---|---|---|---|---|---|---|\n")
     for r in recs:
+        batch = f"{r.get('bs', '')}x{r.get('seq', '')}"
         if "tokens_per_s" not in r:
-            p(f"| {' '.join(r['args'])} | {r.get('bs', '')}x{r.get('seq', '')} | {r['error']} | | | | |\n")
+            p(f"| {' '.join(r['args'])} | {batch} | {r['error']} | | | | |\n")
             continue
-        same = {x["mode"]: x["tokens_per_s"] for x in ok if (x["bs"], x["seq"]) == (r["bs"], r["seq"])}
-        nf4, bf16 = same.get("nf4"), same.get("bf16")
-        p(f"| {r['mode']} | {r['bs']}x{r['seq']} | {r['tokens_per_s']:,} | "
-          f"{r['tokens_per_s'] / nf4:.2f} | " if nf4 else f"| {r['mode']} | {r['bs']}x{r['seq']} | "
-          f"{r['tokens_per_s']:,} | - | ")
-        p(f"{r['tokens_per_s'] / bf16:.2f} | " if bf16 else "- | ")
-        p(f"{r['peak_gib']} | {r['weights_gib']} |\n")
+        peers = {x["mode"]: x["tokens_per_s"] for x in ok if (x["bs"], x["seq"]) == (r["bs"], r["seq"])}
+        ratio = {m: f"{r['tokens_per_s'] / peers[m]:.2f}" if m in peers else "-" for m in ("nf4", "bf16")}
+        p(f"| {r['mode']} | {batch} | {r['tokens_per_s']:,} | {ratio['nf4']} | {ratio['bf16']} | {r['peak_gib']} | "
+          f"{r['weights_gib']} |\n")
     for r in ok:
         if "profile" in r:
             p(f"\nprofile of {r['mode']} {r['bs']}x{r['seq']} (one step):\n{r['profile']}\n")

@@ -54,3 +54,17 @@ def packed_tiny_llama(bits: int = 4, group_size: int = 32, seed: int = 0, **kw) 
             m.qzeros.random_(-2**31, 2**31 - 1, generator=g)
             m.scales.copy_(torch.rand(m.scales.shape, generator=g) * 0.02)
     return model
+
+
+def train_steps(peft_model, steps: int = 3, lr: float = 1e-2, vocab: int = 128) -> list[float]:
+    """AdamW steps of causal-LM loss on one fixed random batch; the losses."""
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.randint(4, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = []
+    for _ in range(steps):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(float(loss))
+    return out

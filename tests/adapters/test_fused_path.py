@@ -4,26 +4,18 @@ import pytest
 import torch
 
 from gptqlora.adapters import GPTQLoraConfig, GPTQLoraLinear, get_peft_model
-from gptqlora.adapters.layer import GPTQLoraLinear as Layer
 from tiny import packed_tiny_llama as packed_tiny
+from tiny import train_steps
 
 
 def losses(model, fused: bool, monkeypatch, steps=3):
     if not fused:
-        monkeypatch.setattr(Layer, "_fused_adapter", lambda self, kwargs: None)
+        monkeypatch.setattr(GPTQLoraLinear, "_fused_adapter", lambda self, kwargs: None)
     pm = get_peft_model(model, GPTQLoraConfig(lora_dropout=0.0))
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    out = []
-    for _ in range(steps):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(float(loss))
+    out = train_steps(pm, steps)
     monkeypatch.undo()
     return out
 

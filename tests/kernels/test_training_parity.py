@@ -4,7 +4,7 @@ import torch
 
 from gptqlora.adapters import GPTQLoraConfig, get_peft_model
 from gptqlora.kernels import dispatch
-from tiny import packed_tiny_llama
+from tiny import packed_tiny_llama, train_steps
 
 
 def train(monkeypatch, backend: str, bits: int, dropout: float = 0.0, steps: int = 3) -> list[float]:
@@ -13,17 +13,8 @@ def train(monkeypatch, backend: str, bits: int, dropout: float = 0.0, steps: int
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     pm = get_peft_model(model, GPTQLoraConfig(lora_dropout=dropout, init_lora_weights="gaussian"))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    out = []
-    for _ in range(steps):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(float(loss))
-    return out
+    return train_steps(pm, steps)
 
 
 def test_kernel_path_losses_equal_reference_path(monkeypatch):
