@@ -5,7 +5,7 @@
 set -euo pipefail
 work=$(mktemp -d)
 export RUNS_DIR=$work/runs HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-data=$(python3 -c "from gptqlora.data.assets import default_data_files; print(default_data_files()[0])")
+data=$(python3 -c "from gptqlora.data.assets import default_data_files as f; print(','.join(map(str, f())))")
 step() {
   echo "\$ $*"; local t0; t0=$(date +%s.%N)
   "$@" > "$work/log" 2>&1 || { tail -30 "$work/log"; echo "FAILED: $*"; exit 1; }

@@ -32,6 +32,21 @@ def test_finetune_multi_research_one_liner_dry_run(tmp_path):
     assert out["trainer"]["gradient_accumulation_steps"] == 128 // 4 and out["world_size"] == 1
 
 
+def test_finetune_multi_takes_several_data_files(tmp_path):
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for f in files:
+        f.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    env = {**os.environ, "PYTHON": sys.executable, "RUNS_DIR": str(tmp_path / "runs"), "MAIN_PORT": "29614"}
+    script = str(ROOT / "scripts" / "finetune_multi")
+    r = subprocess.run([script, "two", ",".join(map(str, files)), "--dry_run"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout[r.stdout.index("{"):])["args"]["DataArguments"]["data"] == list(map(str, files))
+    r = subprocess.run([script, "two", f"{files[0]},{tmp_path / 'missing.jsonl'}"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "missing.jsonl' not found" in r.stderr
+
+
 def test_finetune_multi_usage():
     r = subprocess.run([str(ROOT / "scripts" / "finetune_multi")], capture_output=True, text=True)
     assert r.returncode == 2 and "NUM_GPUS" in r.stderr
