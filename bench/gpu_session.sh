@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT.
+# One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
+# 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train ablations journey)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
@@ -14,14 +15,14 @@ PY
 for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
-    check)     python3 bench/gpu_check.py > "$OUT/gpu_check.json" 2> "$OUT/gpu_check.err"; rc=$?
-               tail -1 "$OUT/gpu_check.json"; [ $rc = 0 ] || { tail -5 "$OUT/gpu_check.err"; echo "CHECK FAILED"; } ;;
-    kernels)   python3 bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2> "$OUT/kernels.err" \
-                 || tail -5 "$OUT/kernels.err"; cat "$OUT/kernels.txt" ;;
+    check)     python3 bench/gpu_check.py > "$OUT/gpu_check.json" 2>> "$OUT/stderr.log"; rc=$?
+               tail -1 "$OUT/gpu_check.json"; [ $rc = 0 ] || { tail -5 "$OUT/stderr.log"; echo "CHECK FAILED"; } ;;
+    kernels)   python3 bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; cat "$OUT/kernels.txt" ;;
     train)     python3 bench/train_suite.py --set core --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" \
-                 --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode gptq --bits 2 --group 64 --liger" > "$OUT/train.md" 2> "$OUT/train.err"
-               grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/train.err" ;;
-    ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2> "$OUT/ablations.err"
+                 --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode gptq --bits 2 --group 64 --liger" > "$OUT/train.md" 2>> "$OUT/stderr.log"
+               grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/stderr.log" ;;
+    ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
   esac
