@@ -57,9 +57,10 @@ def copy_bandwidth(device) -> float:
 def check(layers, plans, bits) -> None:
     """Both kernels equal the reference at this real shape before any of their timings count."""
     want = dequantize(*layers[0], bits, torch.bfloat16)
-    for plan in (plans[0], None):
-        if plan is None and plans[0] is None or not torch.equal(
-                dequantize_triton(*layers[0], bits, torch.bfloat16, plan=plan), want):
+    if plans[0] is None:
+        raise SystemExit(f"no grouped-kernel plan for an act-order layer at {tuple(want.shape)}")
+    for plan in (plans[0], None):  # grouped, then gather
+        if not torch.equal(dequantize_triton(*layers[0], bits, torch.bfloat16, plan=plan), want):
             raise SystemExit(f"dequant kernel differs from the reference at {tuple(want.shape)}, {bits} bit")
 
 

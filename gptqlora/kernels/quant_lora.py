@@ -25,48 +25,50 @@ class QuantLoraMatmul(torch.autograd.Function):
                 dropout: float, backend: str, plan):
         dt = x.dtype  # the compute dtype: the caller has already cast x (autocast's dtype on GPU)
         shape = x.shape
+        backend = resolve(backend, x.device)  # once: "triton" or "torch"; backward reuses it
         x = x.reshape(-1, shape[-1])  # (T, K)
         with torch.autocast(x.device.type, enabled=False):
             w = dequantize(qweight, zeros, scales, g_idx, bits, dt, backend, plan)  # (K, N)
             y = x @ w  # (T, N)
             del w
-            a, b = lora_a.to(dt), lora_b.to(dt)
+            a, b = lora_a.to(dt).contiguous(), lora_b.to(dt)  # kept for backward: no second cast there
             mask = seed = None
-            if dropout > 0 and resolve(backend, x.device) == "triton":  # mask from a seed, never stored
+            if dropout > 0 and backend == "triton":  # mask from a seed, never stored
                 seed = int(torch.randint(0, 2**31 - 1, (1,)))  # CPU generator: no device sync
                 xd = x = x.contiguous()
-                xa = lora_dropout.dropout_xa(x, a.contiguous(), dropout, seed)  # (T, r)
+                xa = lora_dropout.dropout_xa(x, a, dropout, seed)  # (T, r)
             else:
                 xd, mask = torch.native_dropout(x, dropout, True) if dropout > 0 else (x, None)
                 xa = xd @ a.t()  # (T, r)
             y.addmm_(xa, b.t(), alpha=scaling)  # y += s * xa @ Bᵀ
         ctx.bits, ctx.scaling, ctx.dropout, ctx.backend, ctx.plan, ctx.shape, ctx.seed = \
             bits, scaling, dropout, backend, plan, shape, seed
-        ctx.save_for_backward(xd, mask, xa, lora_a, lora_b, qweight, zeros, scales, g_idx)
+        ctx.dtypes = lora_a.dtype, lora_b.dtype  # the gradients' dtypes
+        ctx.save_for_backward(xd, mask, xa, a, b, qweight, zeros, scales, g_idx)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        xd, mask, xa, lora_a, lora_b, qweight, zeros, scales, g_idx = ctx.saved_tensors
+        xd, mask, xa, a, b, qweight, zeros, scales, g_idx = ctx.saved_tensors  # a, b in the compute dtype
         dt, s = xd.dtype, ctx.scaling
+        a_dtype, b_dtype = ctx.dtypes
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dt)  # (T, N)
         dx = da = db = None
         with torch.autocast(dy.device.type, enabled=False):
-            dxa = dy @ (lora_b.to(dt) * s)  # (T, r): gradient of xa
+            dxa = dy @ (b * s)  # (T, r): gradient of xa
             if ctx.needs_input_grad[2]:
-                db = (dy.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
+                db = (dy.t() @ xa).mul_(s).to(b_dtype)  # (N, r)
             if ctx.needs_input_grad[1]:
                 if ctx.seed is not None:  # xd is x here; the kernel applies the mask
-                    da = lora_dropout.dropout_da(dxa, xd, ctx.dropout, ctx.seed).to(lora_a.dtype)
+                    da = lora_dropout.dropout_da(dxa, xd, ctx.dropout, ctx.seed).to(a_dtype)
                 else:
-                    da = (dxa.t() @ xd).to(lora_a.dtype)  # (r, K)
+                    da = (dxa.t() @ xd).to(a_dtype)  # (r, K)
             if ctx.needs_input_grad[0]:
                 w = dequantize(qweight, zeros, scales, g_idx, ctx.bits, dt, ctx.backend, ctx.plan)  # (K, N)
                 dx = dy @ w.t()  # (T, K)
                 del w
-                a = lora_a.to(dt)
                 if ctx.seed is not None:
-                    lora_dropout.add_dropout_dx(dx, dxa, a.contiguous(), ctx.dropout, ctx.seed)
+                    lora_dropout.add_dropout_dx(dx, dxa, a, ctx.dropout, ctx.seed)
                 elif mask is None:
                     dx.addmm_(dxa, a)
                 else:  # d drop(x) / dx = mask / (1 - p)

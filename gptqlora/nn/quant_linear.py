@@ -33,6 +33,7 @@ class QuantLinear(nn.Module):
                  float_zeros: bool = False, kernel: str = "auto") -> None:
         super().__init__()
         self.kernel = kernel  # dequantization backend: "auto" (Triton on CUDA), "triton" or "torch"
+        self._plan = self._plan_key = None  # kernel_plan's cache
         self.spec = GPTQSpec(in_features, out_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -68,7 +69,7 @@ class QuantLinear(nn.Module):
         if resolve(self.kernel, self.g_idx.device) != "triton":
             return None
         key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
-        if getattr(self, "_plan_key", None) != key:
+        if self._plan_key != key:
             from gptqlora.kernels.dequant import plan_for
 
             self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
