@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--liger", action="store_true", help="Liger's RMSNorm/SwiGLU/RoPE/fused linear+CE")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--profile", action="store_true", help="also print the top CUDA kernels of one step")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also profile the host side of two steps: Python functions by own time (cProfile), "
+                         "kernel launches per step, and GPU-busy time against wall time")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -180,7 +183,44 @@ def main() -> None:
             sync()
         rec["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                                    max_name_column_width=70)
+    if a.host_profile:
+        rec["host"] = host_profile(step, sync, cuda)
     print(json.dumps(rec))
+
+
+def host_profile(step, sync, cuda: bool) -> dict:
+    """Where a host-bound step's wall time goes: cProfile's top functions by own time over two steps, the
+    number of kernel launches per step and the GPU's busy time (sum of kernel times) against wall time."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    pr = cProfile.Profile()
+    sync()
+    pr.enable()
+    for _ in range(2):
+        step()
+    sync()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(35)
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=acts) as prof:
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                   "cudaLaunchKernelExC"))
+    gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) \
+        if cuda else 0.0
+    top_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    return dict(cprofile=buf.getvalue()[-9000:], launches=launches, gpu_busy_ms=round(gpu_us / 1e3, 1),
+                profiled_wall_ms=round(wall * 1e3, 1), top_cpu=top_cpu)
 
 
 if __name__ == "__main__":
