@@ -196,6 +196,11 @@ def main() -> None:
             sync()
         rec["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                                    max_name_column_width=70)
+    if a.mode == "gptq":  # compiled kernels kept by the fast launch path (a large count would mean key misses)
+        from gptqlora.kernels import dequant, lora_dropout
+
+        rec["fast_launch_keys"] = {k: len(getattr(m, k).cache) for m in (dequant, lora_dropout)
+                                   for k in dir(m) if isinstance(getattr(m, k), dequant.FastKernel)}
     if a.host_profile:
         rec["host"] = host_profile(step, sync, cuda)
     print(json.dumps(rec))
