@@ -38,7 +38,7 @@ class SiblingGroup:
         i = self.layers.index(layer)
         if self._pending:
             if i in self._pending:
-                if self._x is x and x._version == self._version:
+                if self._x is x and _version(x) == self._version:
                     y = self._pending.pop(i)
                     if not self._pending:
                         self._x = None
@@ -53,9 +53,14 @@ class SiblingGroup:
         ys = compute(self.layers, x)
         if ys is None:
             return None
-        self._x, self._version = x, x._version
+        self._x, self._version = x, _version(x)
         self._pending = {j: y for j, y in enumerate(ys) if j != i}
         return ys[i]
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place writes to x since it was made (inference-mode tensors keep no counter: identity only)."""
+    return 0 if x.is_inference() else x._version
 
 
 def link_siblings(model: nn.Module, layer_type: type | None = None) -> int:

@@ -88,3 +88,13 @@ def test_only_quantized_lora_layers_are_linked():
             self.q_proj, self.k_proj, self.v_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
 
     assert link_siblings(Block(), GPTQLoraLinear) == 0
+
+
+def test_inference_mode_generation_uses_the_groups():
+    pm = peft_tiny(layers=1).eval()
+    ids = torch.randint(4, 128, (1, 7))
+    with torch.inference_mode():
+        fused = pm(input_ids=ids).logits
+        unlink_siblings(pm)
+        single = pm(input_ids=ids).logits
+    torch.testing.assert_close(fused, single, rtol=1e-5, atol=1e-5)
