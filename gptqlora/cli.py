@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
+import traceback
 import warnings
 
 from gptqlora import __version__
@@ -34,13 +37,20 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): what is wrong, and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the options of `command` (declared by the command); None: the command list only."""
-    parser = argparse.ArgumentParser(prog="gptqlora", description="Fine-tune GPTQ-quantized LLMs with LoRA.",
+    parser = Parser(prog="gptqlora", description="Fine-tune GPTQ-quantized LLMs with LoRA.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"gptqlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbose = argparse.ArgumentParser(add_help=False)
+    verbose = Parser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
@@ -60,38 +70,73 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gptqlora.adapters.model import AdapterError
     from gptqlora.checkpoint.config import QuantConfigError
     from gptqlora.checkpoint.io import CheckpointError
+    from gptqlora.commands.args import OptionError
     from gptqlora.commands.export import ExportError
     from gptqlora.data.calibration import CalibrationError
     from gptqlora.data.records import DataError
+    from gptqlora.data.templates import TemplateError
+    from gptqlora.devices import DeviceError
     from gptqlora.formats.base import FormatError
     from gptqlora.inference import InferenceError
+    from gptqlora.paths import PathError
     from gptqlora.run import RunError
     from gptqlora.train.trainer import NonFiniteLossError
 
     return (FormatError, CalibrationError, QuantConfigError, CheckpointError, FileExistsError, FileNotFoundError,
-            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError)
+            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError, PathError,
+            OptionError, DeviceError, TemplateError)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C, also when a library re-raised it as another error (an import cut short by Ctrl-C surfaces
+    as ModuleNotFoundError/RuntimeError from transformers' lazy modules)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e).split(":", 1)[-1][:200]:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    """A user error's message on one line (a list of problems is joined with '; ')."""
+    lines = [re.sub(r"^\s*- ", "", x).strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local-first: the Hub only when the user asks (=0)
+    # logging before any library import, so that import-time noise goes through it
+    logging.basicConfig(level=logging.DEBUG if {"-v", "--verbose"} & set(argv) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes warns at import that it cannot fetch a CPU kernel from the Hub: not our users' concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers deprecation noise raised from inside PEFT, not actionable by our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.command is None:
-        parser.print_help()
-        return 0
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return args.func(args)
     except _user_errors() as e:
-        sys.stderr.write(f"gptqlora {args.command}: error: {e}\n")
+        sys.stderr.write(f"gptqlora {command}: error: {_one_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as e:
+        if _interrupted(e):
+            sys.stderr.write("interrupted\n")
+            return 130
+        traceback.print_exc()
+        sys.stderr.write(f"gptqlora {command}: internal error (a bug in gptqlora, not in your input); please "
+                         f"report it with the traceback above\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,15 +21,21 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from gptqlora import paths
+from gptqlora.checkpoint.io import SIDE_FILES
 from gptqlora.devices import default_dtype, resolve_device
+from gptqlora.paths import check_output
 
 SCHEMA = 2
 COPY_LIMIT = 512 * 2**20  # training files up to this size in all are copied in; larger ones are recorded by path
 OWN_BASE = "base"
+# what a run folder may hold (besides what its marker lists): a later --overwrite may remove these
+RUN_ENTRIES = ("run.json", "adapter", OWN_BASE, "data", "checkpoints", "train_log.jsonl", "eval.json",
+               *SIDE_FILES)
 
 
 class RunError(ValueError):
@@ -104,6 +110,7 @@ class Run:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._info: RunInfo | None = None
+        self._final: Path | None = None  # where a started run goes once its start succeeded
 
     # -- paths -------------------------------------------------------------------------------------------
     @property
@@ -140,16 +147,44 @@ class Run:
 
     # -- creating ----------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | Path, overwrite: bool = False, resume: bool = False) -> "Run":
-        """A new (or, with `resume`, the existing) run folder."""
+    def start(cls, root: str | Path, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, str | Path | None] | None = None) -> "Run":
+        """A run about to start, checked against the data-safety rules (`gptqlora.paths`) with the
+        command's `inputs`: with `resume`, the existing run at `root`; else a new one, built in a temporary
+        sibling until `publish` (so a failed start leaves nothing behind; `discard` removes it)."""
         root = Path(root)
-        if root.exists() and any(root.iterdir()) and not resume:
-            if not overwrite:
-                raise FileExistsError(f"{root} already holds a run; pass --overwrite to replace it, "
-                                      f"--resume_from_checkpoint true to continue it, or another --output_dir")
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(root)
+        resuming = resume and cls.is_run(root)
+        hint = (f"--output_dir {root}: already holds a run; pass --resume_from_checkpoint true to continue it, "
+                f"--overwrite to replace it, or choose another --output_dir")
+        check_output(root, "--output_dir", inputs, overwrite=overwrite, kind="run", expected=RUN_ENTRIES,
+                     exists_hint=hint, reuse=resuming)
+        if resuming:
+            return cls(root)
+        run = cls(paths.stage(root, "run"))
+        run._final = root
+        return run
+
+    @classmethod
+    def create(cls, root: str | Path, overwrite: bool = False, resume: bool = False) -> "Run":
+        """A new (or, with `resume`, the existing) run folder, in place at once (for the Python API)."""
+        run = cls.start(root, overwrite, resume)
+        run.publish()
+        return run
+
+    @property
+    def staged(self) -> bool:
+        return self._final is not None
+
+    def publish(self) -> None:
+        """Put a started run in place (its start succeeded); a no-op for a resumed run."""
+        if self._final is not None:
+            self.root = paths.publish(self.root, self._final, "run")
+            self._final = None
+
+    def discard(self) -> None:
+        """Remove a run whose start failed (never a published one)."""
+        if self._final is not None:
+            paths.discard(self.root)
 
     def record(self, base: str | Path, data: Sequence[str | Path], data_kinds: Sequence[str], template: Any,
                **extra: Any) -> RunInfo:
@@ -191,13 +226,13 @@ class Run:
         """The final adapter (atomically); the base too when training changed its codes (SVD alternations)."""
         from gptqlora.checkpoint.io import atomic_output_dir
 
-        with atomic_output_dir(self.adapter_dir, overwrite=True) as tmp:
+        with atomic_output_dir(self.adapter_dir, overwrite=True, checked=True) as tmp:
             peft_model.save_pretrained(tmp)
         base = peft_model.get_base_model()
         if getattr(base, "base_codes_modified", False):
             from gptqlora.checkpoint.checkpoint import save_quantized
 
-            save_quantized(base, self.own_base_dir, overwrite=True)
+            save_quantized(base, self.own_base_dir, overwrite=True, checked=True)
             self.update(base=OWN_BASE)
 
     def write_eval(self, evals: dict[str, dict]) -> None:
