@@ -62,29 +62,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            epilog=getattr(mod, "EPILOG", None), formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
+        parser.set_defaults(command_parser=p)
     return parser
 
 
-# Errors that are the user's input, not our bug: one clear line, exit status 2, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gptqlora.adapters.model import AdapterError
-    from gptqlora.checkpoint.config import QuantConfigError
-    from gptqlora.checkpoint.io import CheckpointError
-    from gptqlora.commands.args import OptionError
-    from gptqlora.commands.export import ExportError
-    from gptqlora.data.calibration import CalibrationError
-    from gptqlora.data.records import DataError
-    from gptqlora.data.templates import TemplateError
-    from gptqlora.devices import DeviceError
-    from gptqlora.formats.base import FormatError
-    from gptqlora.inference import InferenceError
-    from gptqlora.paths import PathError
-    from gptqlora.run import RunError
-    from gptqlora.train.trainer import NonFiniteLossError
+# Errors that are the user's input, not our bug: one clear line, exit status 2, no traceback. By module, so
+# that none is imported just to catch its error (only a module already imported can have raised one).
+USER_ERRORS = {
+    "gptqlora.formats.base": "FormatError", "gptqlora.data.calibration": "CalibrationError",
+    "gptqlora.checkpoint.config": "QuantConfigError", "gptqlora.checkpoint.io": "CheckpointError",
+    "gptqlora.adapters.model": "AdapterError", "gptqlora.commands.export": "ExportError",
+    "gptqlora.run": "RunError", "gptqlora.train.trainer": "NonFiniteLossError",
+    "gptqlora.inference": "InferenceError", "gptqlora.data.records": "DataError",
+    "gptqlora.data.templates": "TemplateError", "gptqlora.paths": "PathError",
+    "gptqlora.commands.args": "OptionError", "gptqlora.devices": "DeviceError",
+}
 
-    return (FormatError, CalibrationError, QuantConfigError, CheckpointError, FileExistsError, FileNotFoundError,
-            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError, PathError,
-            OptionError, DeviceError, TemplateError)
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, (FileExistsError, FileNotFoundError)):
+        return True
+    classes = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return isinstance(e, tuple(classes))
 
 
 def _interrupted(e: BaseException) -> bool:
@@ -118,18 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's parser, naming the command and its --help
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_help()
             return 0
         return args.func(args)
-    except _user_errors() as e:
-        sys.stderr.write(f"gptqlora {command}: error: {_one_line(e)}\n")
-        return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:
+        if _is_user_error(e):
+            sys.stderr.write(f"gptqlora {command}: error: {_one_line(e)}\n")
+            return 2
         if _interrupted(e):
             sys.stderr.write("interrupted\n")
             return 130

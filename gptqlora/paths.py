@@ -81,11 +81,12 @@ def read_marker(folder: str | Path) -> dict | None:
     return raw if isinstance(raw, dict) and "gptqlora" in raw else None
 
 
-def write_marker(folder: str | Path, kind: str) -> None:
+def write_marker(folder: str | Path, kind: str, **extra: object) -> None:
     """Mark `folder` as ours, listing what it holds now (what a later --overwrite may remove)."""
     folder = Path(folder)
     entries = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
-    (folder / MARKER).write_text(json.dumps({"gptqlora": 1, "kind": kind, "entries": entries}) + "\n")
+    marker = {"gptqlora": 1, "kind": kind, "entries": entries, **extra}
+    (folder / MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def foreign_entries(folder: Path, expected: Iterable[str] = ()) -> list[str]:
@@ -151,11 +152,12 @@ def _few(names: list[str]) -> str:
 def stage(out: str | Path, kind: str) -> Path:
     """A new, marked temporary sibling of `out` to build it in (see `publish`); removes stale ones first."""
     out = Path(out)
+    created = [str(p) for p in out.absolute().parents if not p.exists()]  # removed again by `discard`
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # mode 0777 less the umask (tempfile.mkdtemp would make it 0700)
-    write_marker(tmp, kind)
+    write_marker(tmp, kind, created_parents=created)
     return tmp
 
 
@@ -175,9 +177,17 @@ def publish(tmp: Path, out: str | Path, kind: str) -> Path:
 
 
 def discard(tmp: Path) -> None:
-    """Remove a staging folder (only ever one made by `stage`)."""
-    if read_marker(tmp) is not None and _TMP in tmp.name:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Remove a staging folder (only ever one made by `stage`), and the parent folders `stage` created
+    for it if they are empty again."""
+    marker = read_marker(tmp)
+    if marker is None or _TMP not in tmp.name:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    for parent in marker.get("created_parents", ()):  # deepest first
+        try:
+            Path(parent).rmdir()
+        except OSError:
+            break
 
 
 @contextlib.contextmanager
@@ -193,7 +203,7 @@ def output_dir(out: str | Path, overwrite: bool = False, kind: str = "output",
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     publish(tmp, out, kind)
 

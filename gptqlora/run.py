@@ -153,16 +153,24 @@ class Run:
         command's `inputs`: with `resume`, the existing run at `root`; else a new one, built in a temporary
         sibling until `publish` (so a failed start leaves nothing behind; `discard` removes it)."""
         root = Path(root)
-        resuming = resume and cls.is_run(root)
-        hint = (f"--output_dir {root}: already holds a run; pass --resume_from_checkpoint true to continue it, "
-                f"--overwrite to replace it, or choose another --output_dir")
-        check_output(root, "--output_dir", inputs, overwrite=overwrite, kind="run", expected=RUN_ENTRIES,
-                     exists_hint=hint, reuse=resuming)
+        resuming = cls.check(root, overwrite, resume, inputs)
         if resuming:
             return cls(root)
         run = cls(paths.stage(root, "run"))
         run._final = root
         return run
+
+    @classmethod
+    def check(cls, root: str | Path, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, str | Path | None] | None = None) -> bool:
+        """The rules of `start`, checked without writing anything; whether an existing run is resumed."""
+        root = Path(root)
+        resuming = resume and cls.is_run(root)
+        hint = (f"--output_dir {root}: already holds a run; pass --resume_from_checkpoint true to continue it, "
+                f"--overwrite to replace it, or choose another --output_dir")
+        check_output(root, "--output_dir", inputs, overwrite=overwrite, kind="run", expected=RUN_ENTRIES,
+                     exists_hint=hint, reuse=resuming)
+        return resuming
 
     @classmethod
     def create(cls, root: str | Path, overwrite: bool = False, resume: bool = False) -> "Run":
@@ -226,14 +234,26 @@ class Run:
         """The final adapter (atomically); the base too when training changed its codes (SVD alternations)."""
         from gptqlora.checkpoint.io import atomic_output_dir
 
+        base = peft_model.get_base_model()
+        own = getattr(base, "base_codes_modified", False) or self._info is None or self.info.base == OWN_BASE
         with atomic_output_dir(self.adapter_dir, overwrite=True, checked=True) as tmp:
             peft_model.save_pretrained(tmp)
-        base = peft_model.get_base_model()
+            self._point_adapter_at_base(tmp, own)
         if getattr(base, "base_codes_modified", False):
             from gptqlora.checkpoint.checkpoint import save_quantized
 
             save_quantized(base, self.own_base_dir, overwrite=True, checked=True)
             self.update(base=OWN_BASE)
+
+    def _point_adapter_at_base(self, adapter_dir: Path, own: bool) -> None:
+        """base_model_name_or_path in a form that survives moving the run: the run's own base relative to the
+        adapter folder ("../base"); a checkpoint outside the run by its absolute path."""
+        path = adapter_dir / "adapter_config.json"
+        if not path.is_file():
+            return
+        raw = json.loads(path.read_text())
+        raw["base_model_name_or_path"] = f"../{OWN_BASE}" if own else self.info.base
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True))
 
     def write_eval(self, evals: dict[str, dict]) -> None:
         self.eval_file.write_text(json.dumps(
@@ -303,7 +323,14 @@ class Run:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.root)
+        if not any((self.root / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise RunError(f"{self.root}: the run's tokenizer files are missing (tokenizer.json or "
+                           f"tokenizer.model); copy them back from its base model folder")
+        try:
+            return AutoTokenizer.from_pretrained(self.root, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RunError(f"{self.root}: cannot load the run's tokenizer ({str(e).splitlines()[0]}); copy its "
+                           f"tokenizer files back from the base model folder") from None
 
     def load(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
              adapter_name: str = "default"):

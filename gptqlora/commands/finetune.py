@@ -97,7 +97,7 @@ def args_from(ns: dict[str, Any]) -> FinetuneArgs:
 
 
 def run(args: argparse.Namespace) -> int:
-    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose")}
+    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose", "command_parser")}
     return report(finetune(args_from(ns)))
 
 
@@ -148,15 +148,19 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                           "factorizes)")
     data_files = [str(p) for p in (dargs.data or default_data_files())]
     inputs = _check_inputs(args, data_files)
+    _check_checkpoint(args)
     state = PartialState(cpu=targs.device == "cpu")
     # the same folder on every rank: the main process names it
     root = Path(targs.output_dir) if targs.output_dir else broadcast_object_list([default_run_dir()])[0]
-    run = Run.start(root, targs.overwrite, _resuming(targs.resume_from_checkpoint), inputs) \
-        if state.is_main_process else None
+    resuming = _resuming(targs.resume_from_checkpoint)
+    if state.is_main_process:
+        Run.check(root, targs.overwrite, resuming, inputs)  # before the data is read (and logged)
     random.seed(targs.seed)
     torch.manual_seed(targs.seed)
+    tokenizer, template, train_ds, val_ds = _data(args, data_files)
+    run = Run.start(root, targs.overwrite, resuming, inputs) \
+        if state.is_main_process else None
     try:
-        tokenizer, template, train_ds, val_ds = _data(args, data_files)
         if state.is_main_process:
             base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
             if not margs.quant_checkpoint and not (base_dir / "config.json").is_file():
@@ -167,6 +171,8 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                        args=args.groups(), versions=_versions())
             run.save_tokenizer(tokenizer)
             run.publish()
+            if not margs.quant_checkpoint:  # the base now lives in the published run, not in its staging folder
+                _point_at_base(model, peft_model, run.own_base_dir)
     except BaseException:
         if run is not None:
             run.discard()
@@ -191,6 +197,15 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         if evals:
             run.write_eval(evals)
     return summary
+
+
+def _point_at_base(model, peft_model, base_dir: Path) -> None:
+    """Where the loaded model says it came from (PEFT reads it when saving checkpoints)."""
+    model.config.name_or_path = str(base_dir)
+    if "name_or_path" in model.__dict__:
+        model.name_or_path = str(base_dir)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = str(base_dir)
 
 
 def _resuming(value: str | None) -> bool:
@@ -225,6 +240,29 @@ def _check_inputs(args: FinetuneArgs, data_files: list[str]) -> dict[str, str]:
     if Path(dargs.template).suffix == ".json" or Path(dargs.template).exists():
         inputs[f"--template {dargs.template}"] = dargs.template
     return inputs
+
+
+def _check_checkpoint(args: FinetuneArgs) -> None:
+    """What the checkpoint's files tell without loading it: intact safetensors headers, the bit width a
+    given --bits must match, and layers for every --target_modules entry."""
+    from gptqlora.adapters.model import AdapterError, _matches
+    from gptqlora.checkpoint.config import read_quant_config
+    from gptqlora.checkpoint.io import SafetensorsSource
+
+    model_dir = args.model.quant_checkpoint or args.model.base_model
+    keys = SafetensorsSource(model_dir).keys()
+    if args.model.quant_checkpoint:
+        qcfg = read_quant_config(model_dir)
+        if qcfg is not None and "bits" in args.given and args.quant.bits != qcfg.bits:
+            raise OptionError(f"{_label(args, 'bits')} {args.quant.bits}, but {model_dir} is a {qcfg.bits}-bit "
+                              f"checkpoint; drop --bits or give the matching checkpoint")
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    targets = list(args.lora.target_modules)
+    missing = [t for t in targets if not any(_matches(m, [t]) for m in modules)]
+    if missing:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if "layers." in m})
+        raise AdapterError(f"{_label(args, 'target_modules')} {missing} match no layer of {model_dir}; its "
+                           f"layers are named {leaves}")
 
 
 def _data(args: FinetuneArgs, data_files: list[str]):

@@ -19,7 +19,7 @@ from gptqlora.checkpoint.io import CheckpointError
 from gptqlora.data.calibration import CalibrationError, calibration_from_data, load_calibration
 from gptqlora.data.templates import PromptTemplate
 from gptqlora.formats.gptq import FORMAT_V1
-from gptqlora.quant.driver import QuantizeReport, TensorSource, quantize_model
+from gptqlora.quant.driver import QuantizeReport, TensorSource, check_token_ids, quantize_model
 from gptqlora.paths import require_dir
 from gptqlora.quant.solvers import SOLVERS
 
@@ -58,23 +58,30 @@ class TrainingData:
 
 
 def calibration_samples(options: QuantizeOptions, tokenizer: Any, training: TrainingData | None = None,
-                        max_positions: int | None = None) -> list[torch.Tensor]:
+                        max_positions: int | None = None, vocab_size: int | None = None) -> list[torch.Tensor]:
     """From `options.calibration` when given, else from the training records; samples are at most the
-    model's `max_positions` long (a longer --seqlen is refused, the default is lowered to it)."""
-    seqlen = options.seqlen or (training.cutoff_len if training is not None else None) or FILE_SEQLEN
+    model's `max_positions` long (a longer --seqlen is refused, the default is lowered to it), and their
+    token ids must be below `vocab_size`."""
+    seqlen = default = options.seqlen or (training.cutoff_len if training is not None else None) or FILE_SEQLEN
     if max_positions and seqlen > max_positions:
         if options.seqlen:
             raise CalibrationError(f"--seqlen {options.seqlen}: longer than the model's context "
                                    f"(max_position_embeddings {max_positions}); use at most {max_positions}")
-        log.info("calibration samples of %d tokens: the model's context (max_position_embeddings) is shorter "
-                 "than the default %d", max_positions, seqlen)
         seqlen = max_positions
     if options.calibration:
-        return load_calibration(options.calibration, tokenizer, options.nsamples, seqlen, options.calibration_seed)
-    if training is None or not training.files:
+        samples = load_calibration(options.calibration, tokenizer, options.nsamples, seqlen,
+                                   options.calibration_seed)
+    elif training is None or not training.files:
         raise CalibrationError("quantizing needs calibration data: pass --calibration FILE")
-    return calibration_from_data(training.files, tokenizer, training.template, options.nsamples, seqlen,
-                                 options.calibration_seed)
+    else:
+        samples = calibration_from_data(training.files, tokenizer, training.template, options.nsamples, seqlen,
+                                        options.calibration_seed)
+    if vocab_size:
+        check_token_ids(samples, vocab_size)
+    if seqlen < default:
+        log.info("calibration samples of %d tokens: the model's context (max_position_embeddings) is shorter "
+                 "than the default %d", seqlen, default)
+    return samples
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, options: QuantizeOptions | None = None,
@@ -101,7 +108,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, opti
                                   f"model folder needs its tokenizer files") from None
     if qcfg.format == FORMAT_V1 and not qcfg.sym:
         log.info("asymmetric + v1 format: zero points are kept >= 1 so that v1 can store them")
-    samples = calibration_samples(options, tokenizer, training, getattr(config, "max_position_embeddings", None))
+    samples = calibration_samples(options, tokenizer, training, getattr(config, "max_position_embeddings", None),
+                                  getattr(config, "vocab_size", None))
     log.info("calibration: %d samples, %d tokens", len(samples), sum(s.numel() for s in samples))
     return quantize_model(model_dir, out_dir, qcfg, samples, device=device, dtype=DTYPES[options.dtype],
                           method=options.method, source=source, config=config, overwrite=overwrite,

@@ -75,7 +75,7 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _check_token_ids(samples: list[torch.Tensor], vocab_size: int) -> None:
+def check_token_ids(samples: list[torch.Tensor], vocab_size: int) -> None:
     """Calibration token ids must index the embedding (a file of `input_ids` for another tokenizer)."""
     for i, s in enumerate(samples):
         if s.numel() and (int(s.max()) >= vocab_size or int(s.min()) < 0):
@@ -108,7 +108,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
     if getattr(config, "quantization_config", None) is not None:
         raise CheckpointError(f"{model_dir}: this model is already quantized (config.json has "
                               f"quantization_config); start from the fp16/bf16 model")
-    _check_token_ids(samples, config.vocab_size)
+    check_token_ids(samples, config.vocab_size)
     src = source if source is not None else SafetensorsSource(model_dir)
     model = build_empty_model(config, work_dtype)
     layers_name, layers = decoder_layers(model)

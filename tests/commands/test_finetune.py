@@ -157,10 +157,12 @@ def test_cutoff_shorter_than_prompt(tiny_dir, data_file, tmp_path, capsys):
 
 
 def test_existing_run_refused(tiny_dir, data_file, tmp_path, capsys):
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "run.json").write_text("{}")
+    from gptqlora.run import Run
+
+    Run.create(tmp_path / "r").info_file.write_text("{}")  # a folder gptqlora made, holding a run
     rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(tmp_path / "r")])
-    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and "--resume_from_checkpoint true" in err
 
 
 def test_builtin_demo_end_to_end(tmp_path, capsys):
