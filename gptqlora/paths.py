@@ -27,10 +27,12 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
+_HOST = socket.gethostname()  # a staging folder's process id means something on its own host only
 MARKER = ".gptqlora.json"  # {"gptqlora": 1, "kind": ..., "entries": [...]}: written into every folder we make
 _TMP, _OLD = ".tmp-", ".old-"
 
@@ -157,7 +159,7 @@ def stage(out: str | Path, kind: str) -> Path:
     remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # mode 0777 less the umask (tempfile.mkdtemp would make it 0700)
-    write_marker(tmp, kind, created_parents=created)
+    write_marker(tmp, kind, created_parents=created, host=_HOST)
     return tmp
 
 
@@ -209,19 +211,23 @@ def output_dir(out: str | Path, overwrite: bool = False, kind: str = "output",
 
 
 def remove_stale(out: str | Path) -> list[Path]:
-    """Remove temporaries of `out` (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`) whose process is gone."""
+    """Remove our temporaries beside `out` (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`, any NAME: a run named by
+    the time never has the same name twice) whose process, on this host, is gone; they hold our marker."""
     out = Path(out)
     removed = []
     if not out.parent.is_dir():
         return removed
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        rest = p.name[len(out.name) + 1:]
+    for p in out.parent.glob(".*-*"):
         for tag in (_TMP, _OLD):
-            if rest.startswith(tag):
-                pid = rest[len(tag):].split("-", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)) and read_marker(p) is not None:
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
+            head, sep, rest = p.name.rpartition(tag)
+            pid = rest.split("-", 1)[0]
+            if not (sep and head.startswith(".") and pid.isdigit()):
+                continue
+            marker = read_marker(p)
+            if marker is not None and marker.get("host", _HOST) == _HOST and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            break
     return removed
 
 

@@ -4,7 +4,8 @@
       run.json           the record (schema 2): base checkpoint, training data, data kinds, prompt template,
                          resolved arguments, quantization config, versions, result
       tokenizer files    a copy of the tokenizer
-      adapter/           the final adapter (standard PEFT LoRA)
+      .gptqlora.json     the marker: made by gptqlora (what --overwrite may replace; `gptqlora.paths`)
+      adapter/           the final adapter (standard PEFT LoRA; our own settings in gptqlora_adapter.json)
       base/              the quantized base, when the run quantized it (or changed its codes)
       data/              copies of the training files, so a moved run still calibrates `merge --to gptq`
       checkpoints/       checkpoint-N/ (adapter + optimizer state), the last K

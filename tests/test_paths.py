@@ -128,9 +128,12 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path
     live = tmp_path / f".out.tmp-{os.getppid()}-abcdef12"  # a running process's: kept
     live.mkdir()
     paths.write_marker(live, "model")
+    other_name = tmp_path / f".20261201-101010.tmp-{dead}-abcdef12"  # a killed run named by its start time
+    other_name.mkdir()
+    paths.write_marker(other_name, "run")
     with output_dir(out):
         pass
-    assert not stale.exists() and foreign.exists() and live.exists()
+    assert not stale.exists() and not other_name.exists() and foreign.exists() and live.exists()
 
 
 # -- the exact sequences of issue 14 ---------------------------------------------------------------------

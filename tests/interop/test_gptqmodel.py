@@ -98,10 +98,16 @@ def test_gptqlora_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_
         warnings.simplefilter("always")
         theirs_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     # a standard PEFT adapter: no "Unexpected keyword arguments" (our own settings live beside it)
-    assert [str(w.message) for w in caught] == [] and logged.warnings == []
+    assert _ours(caught) == [] and logged.warnings == []
     with torch.no_grad():
         theirs = theirs_model(input_ids=IDS).logits.float()
     assert (ours - theirs).abs().max() < 2 * TOL
+
+
+def _ours(caught) -> list[str]:
+    """Warnings caught, less transformers 5's deprecation of `is_gradient_checkpointing`, which PEFT's own
+    code triggers for any adapter (the CLI filters it too)."""
+    return [str(w.message) for w in caught if "is_gradient_checkpointing" not in str(w.message)]
 
 
 class _LogRecords(logging.Handler):
@@ -138,7 +144,7 @@ def test_run_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_path)
     with warnings.catch_warnings(record=True) as caught, _LogRecords() as logged:
         warnings.simplefilter("always")
         PeftModel.from_pretrained(base, str(run / "adapter"))
-    assert [str(w.message) for w in caught] == [] and logged.warnings == []
+    assert _ours(caught) == [] and logged.warnings == []
 
 
 def test_requantized_merge_loads_in_gptqmodel(tiny_dir, tmp_path):
