@@ -127,7 +127,7 @@ def check_output(out: str | Path, option: str, inputs: Mapping[str, str | Path |
             raise PathError(f"{option} {out}: holds the input {label}; write the {kind} to a new folder")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise PathError(f"{option} {out}: is a file, not a folder; name a folder for the {kind}")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()) or reuse:  # continued, not replaced: nothing is removed
         return out
     if read_marker(out) is None:
         names = sorted(x.name for x in out.iterdir())

@@ -167,6 +167,11 @@ class Run:
         """The rules of `start`, checked without writing anything; whether an existing run is resumed."""
         root = Path(root)
         resuming = resume and cls.is_run(root)
+        if cls.is_run(root) and not resuming and paths.read_marker(root) is None:
+            raise paths.PathError(f"--output_dir {root}: holds a run written by an older gptqlora (no "
+                                  f"{paths.MARKER}), which --overwrite does not remove; continue it with "
+                                  f"--resume_from_checkpoint true, remove it yourself, or choose another "
+                                  f"--output_dir")
         hint = (f"--output_dir {root}: already holds a run; pass --resume_from_checkpoint true to continue it, "
                 f"--overwrite to replace it, or choose another --output_dir")
         check_output(root, "--output_dir", inputs, overwrite=overwrite, kind="run", expected=RUN_ENTRIES,
