@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import traceback
 import warnings
 
 from gptqlora import __version__
@@ -117,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # reported by the command's parser, naming the command and its --help
-            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # reported by the command's parser, naming the command and its --help
+                getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as e:  # --help, --version, or a one-line parse error (status 2)
+            return e.code if isinstance(e.code, int) else 0
         if args.command is None:
             parser.print_help()
             return 0
@@ -134,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if _interrupted(e):
             sys.stderr.write("interrupted\n")
             return 130
-        traceback.print_exc()
         sys.stderr.write(f"gptqlora {command}: internal error (a bug in gptqlora, not in your input); please "
-                         f"report it with the traceback above\n")
-        return 1
+                         f"report it with the traceback below\n")
+        raise
 
 
 if __name__ == "__main__":

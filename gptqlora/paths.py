@@ -41,6 +41,10 @@ class PathError(ValueError):
     """A path option that cannot be used as given: one line naming the option, the path and what to do."""
 
 
+class OutputExistsError(PathError, FileExistsError):
+    """The output is ours and exists, and --overwrite was not given (also a FileExistsError, for callers)."""
+
+
 # -- inputs ---------------------------------------------------------------------------------------------
 
 _LOCAL_ONLY = ("gptqlora reads local folders only; to use a Hugging Face Hub model, download it first, "
@@ -138,7 +142,7 @@ def check_output(out: str | Path, option: str, inputs: Mapping[str, str | Path |
         raise PathError(f"{option} {out}: holds files that gptqlora did not write ({_few(foreign)}); move them "
                         f"out or choose another {option}")
     if not overwrite and not reuse:
-        raise PathError(exists_hint or f"{option} {out}: already exists; pass --overwrite to replace it, or "
+        raise OutputExistsError(exists_hint or f"{option} {out}: already exists; pass --overwrite to replace it, or "
                                        f"choose another {option}")
     return out
 

@@ -77,8 +77,7 @@ def test_record_copies_data_and_reads_back(tmp_path):
 
 
 def test_create_refuses_an_existing_run_unless_overwrite_or_resume(tmp_path):
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "run.json").write_text("{}")
+    Run.create(tmp_path / "r").info_file.write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite"):
         Run.create(tmp_path / "r")
     assert Run.create(tmp_path / "r", resume=True).info_file.is_file()
