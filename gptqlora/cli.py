@@ -43,6 +43,47 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+# Local inputs checked before a command's modules (torch, transformers) are imported, so that a missing
+# path fails at once: command -> (what its first positional argument is, {option: kind}). The command
+# checks every input again, fully; this only makes the common mistake fast.
+PREFLIGHT = {
+    "quantize": ("MODEL_DIR", "model folder", {"--calibration": "calibration file"}),
+    "finetune": (None, None, {"--quant_checkpoint": "model folder", "--base_model": "model folder",
+                              "--config": "file", "--data": "data file", "--data_path": "data file",
+                              "--calibration": "calibration file"}),
+    "merge": ("RUN_DIR", "run folder", {"--calibration": "calibration file"}),
+    "export": ("RUN_DIR", "run folder", {}),
+    "chat": ("RUN_DIR", "run folder", {"--base": "checkpoint folder"}),
+    "generate": ("RUN_DIR", "run folder", {"--base": "checkpoint folder", "--prompts": "prompts file"}),
+}
+
+
+def _preflight(command: str, argv: list[str]) -> None:
+    """Raise PathError for an input path given on the command line that does not exist."""
+    from gptqlora.paths import require_dir, require_file
+
+    name, what, options = PREFLIGHT[command]
+    rest = argv[argv.index(command) + 1:]
+    if name and rest and not rest[0].startswith("-"):  # `gptqlora merge RUN ...`: unambiguous
+        require_dir(rest[0], name, what)
+    spellings = {s: opt for opt in options for s in (opt, opt.replace("_", "-"))}
+    for i, token in enumerate(rest):
+        flag, eq, value = token.partition("=")
+        if flag not in spellings:
+            continue
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("-"):
+                continue  # argparse reports the missing value
+            value = rest[i + 1]
+        opt = spellings[flag]
+        kind = options[opt]
+        values = [v for v in value.split(",") if v.strip()] if kind == "data file" else [value]
+        for v in values:
+            if v == "-" and kind == "prompts file":
+                continue
+            (require_dir if kind.endswith("folder") else require_file)(v, opt, kind)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the options of `command` (declared by the command); None: the command list only."""
     parser = Parser(prog="gptqlora", description="Fine-tune GPTQ-quantized LLMs with LoRA.",
@@ -115,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        if command in PREFLIGHT and not {"-h", "--help"} & set(argv):
+            _preflight(command, argv)
         parser = build_parser(command if command in COMMANDS else None)
         try:
             args, extra = parser.parse_known_args(argv)

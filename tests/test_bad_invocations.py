@@ -201,3 +201,19 @@ def test_bad_invocation(results, cid, line, word):
     assert r["changed"] == [], r["changed"]  # inputs and the working directory untouched
     if cid in MISSING_PATH:
         assert r["seconds"] < 2.0, f"a missing path took {r['seconds']:.1f}s to fail"
+
+
+@pytest.mark.parametrize("argv", [["quantize", "models/llama-7b", "out", "--calibration", "c.txt"],
+                                  ["finetune", "--quant_checkpoint", "models/llama-7b-2bit"],
+                                  ["finetune", "--data=a.jsonl,b.jsonl"], ["merge", "runs/nosuch", "--out", "m"],
+                                  ["chat", "--base", "org/model"], ["generate", "runs/x", "--prompts", "p.txt"]])
+def test_a_missing_path_fails_before_torch_is_imported(tmp_path, argv):
+    """A cold start too: the path is checked before the command's modules (torch, transformers) load."""
+    code = ("import sys, time; t = time.perf_counter(); from gptqlora.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules, round(time.perf_counter() - t, 2))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    rc, torch_loaded, seconds = r.stdout.split()
+    assert rc == "2" and torch_loaded == "False", (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "no such" in r.stderr
+    assert float(seconds) < 2.0
