@@ -7,6 +7,7 @@ Each command lives in `gptqlora.commands.<name>` with `DESCRIPTION`, `add_argume
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
 import os
@@ -77,7 +78,15 @@ def _preflight(command: str, argv: list[str]) -> None:
             value = rest[i + 1]
         opt = spellings[flag]
         kind = options[opt]
-        values = [v for v in value.split(",") if v.strip()] if kind == "data file" else [value]
+        values = [value]
+        if kind == "data file":  # a comma-separated list, or a Python literal such as "['a.json','b.json']"
+            if value.strip().startswith("["):
+                try:
+                    values = [str(v) for v in ast.literal_eval(value.strip())]
+                except (ValueError, SyntaxError):
+                    continue  # argparse reports it
+            else:
+                values = [v.strip() for v in value.split(",") if v.strip()]
         for v in values:
             if v == "-" and kind == "prompts file":
                 continue
