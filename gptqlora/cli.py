@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        if command in PREFLIGHT and not {"-h", "--help"} & set(argv):
+        dry = any(a.split("=")[0] in ("--dry_run", "--dry-run") and not a.lower().endswith(("=false", "=0", "=no"))
+                  for a in argv)  # resolves the arguments only; the paths may be for another machine
+        if command in PREFLIGHT and not {"-h", "--help"} & set(argv) and not dry:
             _preflight(command, argv)
         parser = build_parser(command if command in COMMANDS else None)
         try:
