@@ -7,8 +7,11 @@ Each command lives in `gptqlora.commands.<name>` with `DESCRIPTION`, `add_argume
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
+import os
+import re
 import sys
 import warnings
 
@@ -34,13 +37,69 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): what is wrong, and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Local inputs checked before a command's modules (torch, transformers) are imported, so that a missing
+# path fails at once: command -> (what its first positional argument is, {option: kind}). The command
+# checks every input again, fully; this only makes the common mistake fast.
+PREFLIGHT = {
+    "quantize": ("MODEL_DIR", "model folder", {"--calibration": "calibration file"}),
+    "finetune": (None, None, {"--quant_checkpoint": "model folder", "--base_model": "model folder",
+                              "--config": "file", "--data": "data file", "--data_path": "data file",
+                              "--calibration": "calibration file"}),
+    "merge": ("RUN_DIR", "run folder", {"--calibration": "calibration file"}),
+    "export": ("RUN_DIR", "run folder", {}),
+    "chat": ("RUN_DIR", "run folder", {"--base": "checkpoint folder"}),
+    "generate": ("RUN_DIR", "run folder", {"--base": "checkpoint folder", "--prompts": "prompts file"}),
+}
+
+
+def _preflight(command: str, argv: list[str]) -> None:
+    """Raise PathError for an input path given on the command line that does not exist."""
+    from gptqlora.paths import require_dir, require_file
+
+    name, what, options = PREFLIGHT[command]
+    rest = argv[argv.index(command) + 1:]
+    if name and rest and not rest[0].startswith("-"):  # `gptqlora merge RUN ...`: unambiguous
+        require_dir(rest[0], name, what)
+    spellings = {s: opt for opt in options for s in (opt, opt.replace("_", "-"))}
+    for i, token in enumerate(rest):
+        flag, eq, value = token.partition("=")
+        if flag not in spellings:
+            continue
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("-"):
+                continue  # argparse reports the missing value
+            value = rest[i + 1]
+        opt = spellings[flag]
+        kind = options[opt]
+        values = [value]
+        if kind == "data file":  # a comma-separated list, or a Python literal such as "['a.json','b.json']"
+            if value.strip().startswith("["):
+                try:
+                    values = [str(v) for v in ast.literal_eval(value.strip())]
+                except (ValueError, SyntaxError):
+                    continue  # argparse reports it
+            else:
+                values = [v.strip() for v in value.split(",") if v.strip()]
+        for v in values:
+            if v == "-" and kind == "prompts file":
+                continue
+            (require_dir if kind.endswith("folder") else require_file)(v, opt, kind)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the options of `command` (declared by the command); None: the command list only."""
-    parser = argparse.ArgumentParser(prog="gptqlora", description="Fine-tune GPTQ-quantized LLMs with LoRA.",
+    parser = Parser(prog="gptqlora", description="Fine-tune GPTQ-quantized LLMs with LoRA.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"gptqlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbose = argparse.ArgumentParser(add_help=False)
+    verbose = Parser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
@@ -52,46 +111,88 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            epilog=getattr(mod, "EPILOG", None), formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
+        parser.set_defaults(command_parser=p)
     return parser
 
 
-# Errors that are the user's input, not our bug: one clear line, exit status 2, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gptqlora.adapters.model import AdapterError
-    from gptqlora.checkpoint.config import QuantConfigError
-    from gptqlora.checkpoint.io import CheckpointError
-    from gptqlora.commands.export import ExportError
-    from gptqlora.data.calibration import CalibrationError
-    from gptqlora.data.records import DataError
-    from gptqlora.formats.base import FormatError
-    from gptqlora.inference import InferenceError
-    from gptqlora.run import RunError
-    from gptqlora.train.trainer import NonFiniteLossError
+# Errors that are the user's input, not our bug: one clear line, exit status 2, no traceback. By module, so
+# that none is imported just to catch its error (only a module already imported can have raised one).
+USER_ERRORS = {
+    "gptqlora.formats.base": "FormatError", "gptqlora.data.calibration": "CalibrationError",
+    "gptqlora.checkpoint.config": "QuantConfigError", "gptqlora.checkpoint.io": "CheckpointError",
+    "gptqlora.adapters.model": "AdapterError", "gptqlora.commands.export": "ExportError",
+    "gptqlora.run": "RunError", "gptqlora.train.trainer": "NonFiniteLossError",
+    "gptqlora.inference": "InferenceError", "gptqlora.data.records": "DataError",
+    "gptqlora.data.templates": "TemplateError", "gptqlora.paths": "PathError",
+    "gptqlora.commands.args": "OptionError", "gptqlora.devices": "DeviceError",
+}
 
-    return (FormatError, CalibrationError, QuantConfigError, CheckpointError, FileExistsError, FileNotFoundError,
-            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError)
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, (FileExistsError, FileNotFoundError)):
+        return True
+    classes = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return isinstance(e, tuple(classes))
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C, also when a library re-raised it as another error (an import cut short by Ctrl-C surfaces
+    as ModuleNotFoundError/RuntimeError from transformers' lazy modules)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e).split(":", 1)[-1][:200]:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    """A user error's message on one line (a list of problems is joined with '; ')."""
+    lines = [re.sub(r"^\s*- ", "", x).strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local-first: the Hub only when the user asks (=0)
+    # logging before any library import, so that import-time noise goes through it
+    logging.basicConfig(level=logging.DEBUG if {"-v", "--verbose"} & set(argv) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes warns at import that it cannot fetch a CPU kernel from the Hub: not our users' concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers deprecation noise raised from inside PEFT, not actionable by our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.command is None:
-        parser.print_help()
-        return 0
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        dry = any(a.split("=")[0] in ("--dry_run", "--dry-run") and not a.lower().endswith(("=false", "=0", "=no"))
+                  for a in argv)  # resolves the arguments only; the paths may be for another machine
+        if command in PREFLIGHT and not {"-h", "--help"} & set(argv) and not dry:
+            _preflight(command, argv)
+        parser = build_parser(command if command in COMMANDS else None)
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # reported by the command's parser, naming the command and its --help
+                getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as e:  # --help, --version, or a one-line parse error (status 2)
+            return e.code if isinstance(e.code, int) else 0
+        if args.command is None:
+            parser.print_help()
+            return 0
         return args.func(args)
-    except _user_errors() as e:
-        sys.stderr.write(f"gptqlora {args.command}: error: {e}\n")
-        return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as e:
+        if _is_user_error(e):
+            sys.stderr.write(f"gptqlora {command}: error: {_one_line(e)}\n")
+            return 2
+        if _interrupted(e):
+            sys.stderr.write("interrupted\n")
+            return 130
+        sys.stderr.write(f"gptqlora {command}: internal error (a bug in gptqlora, not in your input); please "
+                         f"report it with the traceback below\n")
+        raise
 
 
 if __name__ == "__main__":

@@ -5,10 +5,37 @@ from __future__ import annotations
 import torch
 
 
+class DeviceError(ValueError):
+    """A --device this machine does not have."""
+
+
+def check_device(device: str | torch.device | None, option: str = "--device") -> None:
+    """Refuse a device name torch does not know, or a CUDA device this machine lacks (instead of silently
+    running on the CPU)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{option} {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"{option} {device}: this machine has no CUDA GPU that torch can use "
+                              f"(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"{option} {device}: there are only {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type not in ("cpu", "meta") and not getattr(getattr(torch, dev.type, None), "is_available",
+                                                         lambda: False)():
+        raise DeviceError(f"{option} {device}: no {dev.type} device here; use cpu or cuda")
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as given, else cuda when available, else cpu."""
+    """`device` as given (checked: see `check_device`), else cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, torch.device):
+        check_device(device)
     return torch.device(device)
 
 

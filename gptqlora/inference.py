@@ -227,6 +227,14 @@ def load_model(run_dir: str | Path | None = None, base: str | Path | None = None
 
     if (run_dir is None) == (base is None):
         raise InferenceError("give a run folder (RUN_DIR) or --base CHECKPOINT, not both")
+    from gptqlora.paths import require_dir
+
+    require_dir(run_dir or base, "RUN_DIR" if run_dir is not None else "--base",
+                "run folder" if run_dir is not None else "checkpoint folder")
+    if device is not None:
+        from gptqlora.devices import check_device
+
+        check_device(device)
     specs = [parse_adapter_spec(s) for s in adapters]
     names: list[str] = []
     run = None
@@ -244,7 +252,7 @@ def load_model(run_dir: str | Path | None = None, base: str | Path | None = None
 
         dev = resolve_device(device)
         model = load_quantized(base, device=dev, dtype=default_dtype(dev))
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         tpl = PromptTemplate.load(template or "alpaca")
         source = str(base)
     for name, path in specs:

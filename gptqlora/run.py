@@ -4,7 +4,8 @@
       run.json           the record (schema 2): base checkpoint, training data, data kinds, prompt template,
                          resolved arguments, quantization config, versions, result
       tokenizer files    a copy of the tokenizer
-      adapter/           the final adapter (standard PEFT LoRA)
+      .gptqlora.json     the marker: made by gptqlora (what --overwrite may replace; `gptqlora.paths`)
+      adapter/           the final adapter (standard PEFT LoRA; our own settings in gptqlora_adapter.json)
       base/              the quantized base, when the run quantized it (or changed its codes)
       data/              copies of the training files, so a moved run still calibrates `merge --to gptq`
       checkpoints/       checkpoint-N/ (adapter + optimizer state), the last K
@@ -21,15 +22,21 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from gptqlora import paths
+from gptqlora.checkpoint.io import SIDE_FILES
 from gptqlora.devices import default_dtype, resolve_device
+from gptqlora.paths import check_output
 
 SCHEMA = 2
 COPY_LIMIT = 512 * 2**20  # training files up to this size in all are copied in; larger ones are recorded by path
 OWN_BASE = "base"
+# what a run folder may hold (besides what its marker lists): a later --overwrite may remove these
+RUN_ENTRIES = ("run.json", "adapter", OWN_BASE, "data", "checkpoints", "train_log.jsonl", "eval.json",
+               *SIDE_FILES)
 
 
 class RunError(ValueError):
@@ -104,6 +111,7 @@ class Run:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._info: RunInfo | None = None
+        self._final: Path | None = None  # where a started run goes once its start succeeded
 
     # -- paths -------------------------------------------------------------------------------------------
     @property
@@ -140,16 +148,57 @@ class Run:
 
     # -- creating ----------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | Path, overwrite: bool = False, resume: bool = False) -> "Run":
-        """A new (or, with `resume`, the existing) run folder."""
+    def start(cls, root: str | Path, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, str | Path | None] | None = None) -> "Run":
+        """A run about to start, checked against the data-safety rules (`gptqlora.paths`) with the
+        command's `inputs`: with `resume`, the existing run at `root`; else a new one, built in a temporary
+        sibling until `publish` (so a failed start leaves nothing behind; `discard` removes it)."""
         root = Path(root)
-        if root.exists() and any(root.iterdir()) and not resume:
-            if not overwrite:
-                raise FileExistsError(f"{root} already holds a run; pass --overwrite to replace it, "
-                                      f"--resume_from_checkpoint true to continue it, or another --output_dir")
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(root)
+        resuming = cls.check(root, overwrite, resume, inputs)
+        if resuming:
+            return cls(root)
+        run = cls(paths.stage(root, "run"))
+        run._final = root
+        return run
+
+    @classmethod
+    def check(cls, root: str | Path, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, str | Path | None] | None = None) -> bool:
+        """The rules of `start`, checked without writing anything; whether an existing run is resumed."""
+        root = Path(root)
+        resuming = resume and cls.is_run(root)
+        if cls.is_run(root) and not resuming and paths.read_marker(root) is None:
+            raise paths.PathError(f"--output_dir {root}: holds a run written by an older gptqlora (no "
+                                  f"{paths.MARKER}), which --overwrite does not remove; continue it with "
+                                  f"--resume_from_checkpoint true, remove it yourself, or choose another "
+                                  f"--output_dir")
+        hint = (f"--output_dir {root}: already holds a run; pass --resume_from_checkpoint true to continue it, "
+                f"--overwrite to replace it, or choose another --output_dir")
+        check_output(root, "--output_dir", inputs, overwrite=overwrite, kind="run", expected=RUN_ENTRIES,
+                     exists_hint=hint, reuse=resuming)
+        return resuming
+
+    @classmethod
+    def create(cls, root: str | Path, overwrite: bool = False, resume: bool = False) -> "Run":
+        """A new (or, with `resume`, the existing) run folder, in place at once (for the Python API)."""
+        run = cls.start(root, overwrite, resume)
+        run.publish()
+        return run
+
+    @property
+    def staged(self) -> bool:
+        return self._final is not None
+
+    def publish(self) -> None:
+        """Put a started run in place (its start succeeded); a no-op for a resumed run."""
+        if self._final is not None:
+            self.root = paths.publish(self.root, self._final, "run")
+            self._final = None
+
+    def discard(self) -> None:
+        """Remove a run whose start failed (never a published one)."""
+        if self._final is not None:
+            paths.discard(self.root)
 
     def record(self, base: str | Path, data: Sequence[str | Path], data_kinds: Sequence[str], template: Any,
                **extra: Any) -> RunInfo:
@@ -191,14 +240,26 @@ class Run:
         """The final adapter (atomically); the base too when training changed its codes (SVD alternations)."""
         from gptqlora.checkpoint.io import atomic_output_dir
 
-        with atomic_output_dir(self.adapter_dir, overwrite=True) as tmp:
-            peft_model.save_pretrained(tmp)
         base = peft_model.get_base_model()
+        own = getattr(base, "base_codes_modified", False) or self._info is None or self.info.base == OWN_BASE
+        with atomic_output_dir(self.adapter_dir, overwrite=True, checked=True) as tmp:
+            peft_model.save_pretrained(tmp)
+            self._point_adapter_at_base(tmp, own)
         if getattr(base, "base_codes_modified", False):
             from gptqlora.checkpoint.checkpoint import save_quantized
 
-            save_quantized(base, self.own_base_dir, overwrite=True)
+            save_quantized(base, self.own_base_dir, overwrite=True, checked=True)
             self.update(base=OWN_BASE)
+
+    def _point_adapter_at_base(self, adapter_dir: Path, own: bool) -> None:
+        """base_model_name_or_path in a form that survives moving the run: the run's own base relative to the
+        adapter folder ("../base"); a checkpoint outside the run by its absolute path."""
+        path = adapter_dir / "adapter_config.json"
+        if not path.is_file():
+            return
+        raw = json.loads(path.read_text())
+        raw["base_model_name_or_path"] = f"../{OWN_BASE}" if own else self.info.base
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True))
 
     def write_eval(self, evals: dict[str, dict]) -> None:
         self.eval_file.write_text(json.dumps(
@@ -268,7 +329,14 @@ class Run:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.root)
+        if not any((self.root / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise RunError(f"{self.root}: the run's tokenizer files are missing (tokenizer.json or "
+                           f"tokenizer.model); copy them back from its base model folder")
+        try:
+            return AutoTokenizer.from_pretrained(self.root, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RunError(f"{self.root}: cannot load the run's tokenizer ({str(e).splitlines()[0]}); copy its "
+                           f"tokenizer files back from the base model folder") from None
 
     def load(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
              adapter_name: str = "default"):

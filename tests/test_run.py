@@ -77,8 +77,7 @@ def test_record_copies_data_and_reads_back(tmp_path):
 
 
 def test_create_refuses_an_existing_run_unless_overwrite_or_resume(tmp_path):
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "run.json").write_text("{}")
+    Run.create(tmp_path / "r").info_file.write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite"):
         Run.create(tmp_path / "r")
     assert Run.create(tmp_path / "r", resume=True).info_file.is_file()
@@ -94,3 +93,27 @@ def test_bad_run_json(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"schema": SCHEMA + 1}))
     with pytest.raises(RunError, match="newer"):
         Run.open(tmp_path)
+
+
+def test_a_run_from_before_the_marker_resumes_but_is_never_overwritten(tmp_path):
+    from gptqlora.paths import MARKER, PathError
+
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "run.json").write_text("{}")
+    (old / "train_log.jsonl").write_text("")
+    with pytest.raises(PathError, match="older gptqlora"):
+        Run.start(old, overwrite=True)
+    assert Run.start(old, resume=True).root == old  # continued in place; nothing removed
+    assert not (old / MARKER).exists() and (old / "train_log.jsonl").exists()
+
+
+def test_a_started_run_is_hidden_until_published(tmp_path):
+    run = Run.start(tmp_path / "runs" / "r")
+    assert run.staged and not (tmp_path / "runs" / "r").exists() and run.root.name.startswith(".r.tmp-")
+    run.info_file.write_text("{}")
+    run.publish()
+    assert run.root == tmp_path / "runs" / "r" and Run.is_run(run.root) and not run.staged
+    other = Run.start(tmp_path / "fresh" / "r")
+    other.discard()
+    assert not (tmp_path / "fresh").exists()

@@ -1,19 +1,30 @@
 """GPTQLoraConfig: a PEFT LoraConfig with gptqlora's defaults and quantization-aware options.
 
-It saves as a standard LoRA `adapter_config.json` (peft_type "LORA"); the fields below that are ours alone
-are extra keys that plain PEFT ignores.
+It saves as a standard LoRA `adapter_config.json` (peft_type "LORA", only LoraConfig's own keys, so plain
+PEFT loads it without a warning); the fields that are ours alone (OWN_FIELDS) go beside it, into
+`gptqlora_adapter.json`, which `gptqlora.adapters.model.read_adapter_config` reads back.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from peft import LoraConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT_METHODS = ("default", "svd")
 LORA_DTYPES = ("float32", "bfloat16")
+OWN_FIELDS = ("lora_dtype", "init_method", "svd_iters", "svd_source")  # not LoraConfig's: kept out of its file
+SETTINGS_FILE = "gptqlora_adapter.json"  # beside adapter_config.json: OWN_FIELDS
+CONFIG_FILE = "adapter_config.json"
+
+
+def standard_adapter_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """An adapter_config.json's content without our own keys (older gptqlora wrote them into it)."""
+    return {k: v for k, v in raw.items() if k not in OWN_FIELDS}
 
 
 @dataclass
@@ -52,3 +63,12 @@ class GPTQLoraConfig(LoraConfig):
             raise ValueError("DoRA is not supported on GPTQ layers")
         if self.svd_iters < 1:
             raise ValueError("svd_iters must be >= 1")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's adapter_config.json with LoraConfig's keys only, and our own settings beside it."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = Path(save_directory) / CONFIG_FILE
+        raw = json.loads(path.read_text())
+        path.write_text(json.dumps(standard_adapter_config(raw), indent=2, sort_keys=True))
+        own = {k: getattr(self, k) for k in OWN_FIELDS}
+        (Path(save_directory) / SETTINGS_FILE).write_text(json.dumps(own, indent=2, sort_keys=True) + "\n")

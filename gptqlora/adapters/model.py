@@ -17,10 +17,10 @@ from pathlib import Path
 import peft
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from gptqlora.adapters.config import GPTQLoraConfig
+from gptqlora.adapters.config import SETTINGS_FILE, GPTQLoraConfig
 from gptqlora.adapters.dispatch import register
 from gptqlora.adapters.siblings import link_siblings
 from gptqlora.nn.registry import FORMATS
@@ -104,16 +104,35 @@ def read_adapter_config(adapter_dir: str | Path) -> GPTQLoraConfig | LoraConfig:
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{hint}")
     try:
         raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if raw.get("peft_type") != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type is {raw.get('peft_type')!r}; gptqlora loads LORA adapters")
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; gptqlora loads LORA adapters")
+    _check_weights_file(adapter_dir / ADAPTER_WEIGHTS)
+    settings = adapter_dir / SETTINGS_FILE
+    if settings.is_file():  # our own settings, beside the standard file
+        try:
+            raw = {**raw, **json.loads(settings.read_text())}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{settings}: not valid JSON ({e})") from None
     known = GPTQLoraConfig.__dataclass_fields__
     cls = GPTQLoraConfig if {"lora_dtype", "init_method"} & raw.keys() else LoraConfig
     kwargs = {k: v for k, v in raw.items() if k in known}
     if cls is GPTQLoraConfig:
         kwargs["init_method"] = "default"  # an init already happened; loading must not redo it
     return cls(**kwargs)
+
+
+def _check_weights_file(path: Path) -> None:
+    """A truncated or corrupt adapter_model.safetensors fails here, naming the file (safetensors checks the
+    header and that the file is as long as the header says)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path}: corrupt or truncated safetensors file ({e}); re-create the adapter (e.g. "
+                           f"resume the run: its checkpoints hold copies)") from None
 
 
 LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")

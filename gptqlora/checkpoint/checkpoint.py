@@ -138,8 +138,9 @@ def write_configs(out_dir: Path, config_dict: dict, qcfg: QuantConfig) -> None:
 
 
 def save_quantized(model: PreTrainedModel, out_dir: str | Path, qcfg: QuantConfig | None = None,
-                   max_shard_size: int | str = "2GB", overwrite: bool = False) -> Path:
-    """Save a model holding packed layers as a checkpoint in `qcfg.format` (atomically)."""
+                   max_shard_size: int | str = "2GB", overwrite: bool = False, checked: bool = False) -> Path:
+    """Save a model holding packed layers as a checkpoint in `qcfg.format` (atomically; `checked`: the
+    caller owns the folder, e.g. a run's own base)."""
     qcfg = qcfg or getattr(model, "gptq_config", None)
     if qcfg is None:
         raise ValueError("save_quantized needs a QuantConfig (the model has no `gptq_config`)")
@@ -148,7 +149,7 @@ def save_quantized(model: PreTrainedModel, out_dir: str | Path, qcfg: QuantConfi
     for name, layer in packed.items():
         if not isinstance(layer, entry.layer):
             raise ValueError(f"{name}: a {type(layer).__name__} cannot be stored in format {qcfg.format}")
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, checked=checked) as tmp:
         writer = ShardedWriter(tmp, max_shard_size)
         for name, layer in packed.items():
             for k, v in layer_tensors(name, layer, entry.format).items():

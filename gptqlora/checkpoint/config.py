@@ -28,7 +28,7 @@ class QuantConfig:
     """How the weights are quantized and stored (what the checkpoint's quantization_config records)."""
 
     bits: int = field(default=4, metadata={"help": "bits per weight", "choices": SUPPORTED_BITS})
-    group_size: int = field(default=128, metadata={
+    group_size: int = field(default=128, metadata={"min": 1, "also": (-1,),
         "help": "input channels per quantization group; -1 = one group per output channel"})
     desc_act: bool = field(default=False, metadata={
         "help": "act-order: quantize columns by decreasing Hessian diagonal (better at low bits)"})
@@ -44,7 +44,7 @@ class QuantConfig:
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's linears in the order qkv -> o -> gate/up -> down, each group seeing the "
                 "previous ones quantized (--no-true-sequential: all at once)"})
-    damp_percent: float = field(default=0.01, metadata={
+    damp_percent: float = field(default=0.01, metadata={"gt": 0, "max": 1,
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
     mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from gptqlora.paths import check_output, output_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # refused, never unpickled
@@ -157,28 +157,16 @@ class ShardedWriter:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: dict | None = None,
+                      checked: bool = False) -> Iterator[Path]:
+    """Yield a staging folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
 
-    Nothing is left half-written: a failed run leaves `out_dir` as it was.
-    """
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; choose another path or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    Nothing is left half-written, and the rules of `gptqlora.paths` apply (checked here against `inputs`
+    unless the caller `checked` them): --overwrite replaces only a folder gptqlora made."""
+    if not checked:
+        check_output(out_dir, "output folder", inputs, overwrite=overwrite, kind="model")
+    with output_dir(out_dir, overwrite, kind="model", checked=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

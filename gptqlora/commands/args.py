@@ -17,6 +17,72 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+class OptionError(ValueError):
+    """An option value (on the command line or in a --config file) that cannot be used: one line."""
+
+
+def check_range(name: str, value: Any, meta: dict, where: str = "") -> None:
+    """Check `value` against a field's range metadata: `min`/`max` (inclusive), `gt`/`lt` (exclusive),
+    `also` (special values allowed outside the range, e.g. -1 = "none"). Raises OptionError."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value in meta.get("also", ()):
+        return
+    problems = []
+    if "min" in meta and value < meta["min"]:
+        problems.append(f">= {meta['min']}")
+    if "gt" in meta and not value > meta["gt"]:
+        problems.append(f"> {meta['gt']}")
+    if "max" in meta and value > meta["max"]:
+        problems.append(f"<= {meta['max']}")
+    if "lt" in meta and not value < meta["lt"]:
+        problems.append(f"< {meta['lt']}")
+    if problems:
+        allowed = " and ".join(range_text(meta))
+        also = "".join(f" or {a}" for a in meta.get("also", ()))
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        raise OptionError(f"{where}--{name.replace('_', '-')}: must be {allowed}{also}{why}, got {value}")
+
+
+def range_text(meta: dict) -> list[str]:
+    return [f"{op} {meta[k]}" for k, op in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<")) if k in meta]
+
+
+def ranged(tp: type, name: str, **meta: Any):
+    """An argparse `type` that converts with `tp` and checks the range at parse time, e.g.
+    `type=ranged(int, "batch_size", min=1)`."""
+    def convert(v: str):
+        try:
+            value = tp(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
+                                             f"got {v!r}") from None
+        try:
+            check_range(name, value, meta)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+        return value
+
+    convert.__name__ = tp.__name__
+    return convert
+
+
+RANGE_KEYS = ("min", "max", "gt", "lt", "also", "why")
+
+
+def shard_size(v: str) -> str:
+    """An argparse `type` for --max-shard-size: '2GB', '500MB', '1GiB' or bytes."""
+    from gptqlora.checkpoint.io import parse_size
+
+    try:
+        n = parse_size(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v!r}")
+    return v
+
+
 def str2bool(v: str | bool) -> bool:
     if isinstance(v, bool):
         return v
@@ -99,6 +165,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases:
         help_text = f.metadata.get("help", "")
         if default not in (None, "", []):
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text,
                               "required": f.name in required}
         if f.metadata.get("choices"):
@@ -115,7 +182,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases:
                                    help=f"the opposite of --{f.name.replace('_', '-')}")
         else:
             metavar = "{" + ",".join(map(str, kw["choices"])) + "}" if "choices" in kw else f.name.upper()
-            group.add_argument(*names, type=_converter(hints[f.name]), metavar=metavar, **kw)
+            conv = _converter(hints[f.name])
+            meta = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+            if meta and conv in (int, float):
+                conv = ranged(conv, f.name, **meta)
+            group.add_argument(*names, type=conv, metavar=metavar, **kw)
 
 
 def read_yaml_config(path: str | Path) -> dict[str, Any]:
@@ -123,13 +194,16 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
+        raise OptionError(f"--config {path}: no such file" if not path.is_dir() else
+                          f"--config {path}: is a directory, not a YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise OptionError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError:
+        raise OptionError(f"{path}: not a text file (expected YAML)") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
+        raise OptionError(f"{path}: expected a mapping of argument names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -138,7 +212,7 @@ def build_dataclasses(classes: list[type], values: dict[str, Any], where: str = 
     known = {f.name for c in classes for f in dataclasses.fields(c)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{where}unknown argument(s): {', '.join(unknown)}")
+        raise OptionError(f"{where}unknown argument(s): {', '.join(unknown)}; see --help for the names")
     out = []
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -146,8 +220,20 @@ def build_dataclasses(classes: list[type], values: dict[str, Any], where: str = 
         for f in dataclasses.fields(cls):
             if f.name in values:
                 v, conv = values[f.name], _converter(hints[f.name])
-                if isinstance(v, str) or (conv is str2list and isinstance(v, list)):
-                    v = conv(v)
+                try:
+                    if isinstance(v, str) or (conv is str2list and isinstance(v, list)):
+                        v = conv(v)
+                    elif conv is float and isinstance(v, int) and not isinstance(v, bool):
+                        v = float(v)
+                except (ValueError, argparse.ArgumentTypeError) as e:
+                    raise OptionError(f"{where}{f.name}: cannot read {v!r} ({e})") from None
+                if conv in (int, float) and not (isinstance(v, (int, float)) and not isinstance(v, bool)) \
+                        and not (v is None and _base_type(hints[f.name]) is not hints[f.name]):
+                    raise OptionError(f"{where}{f.name}: expected a number, got {v!r}")
+                if f.metadata.get("choices") and v not in f.metadata["choices"]:
+                    choices = ", ".join(map(str, f.metadata["choices"]))
+                    raise OptionError(f"{where}{f.name}: {v!r} is not one of {choices}")
+                check_range(f.name, v, f.metadata, where)
                 kw[f.name] = v
         out.append(cls(**kw))
     return out

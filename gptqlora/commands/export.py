@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptqlora.adapters.layer import expand_qalora_a
+from gptqlora.adapters.config import standard_adapter_config
 from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gptqlora.checkpoint.config import read_quant_config
 from gptqlora.checkpoint.io import atomic_output_dir
 from gptqlora.commands.args import add_option
 from gptqlora.nn.registry import FORMATS
+from gptqlora.paths import check_output, require_dir
 from gptqlora.run import Run
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,15 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> 
 def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False, name: str | None = None,
                 overwrite: bool = False) -> Path:
     """OUT/adapter (PEFT LoRA vLLM loads), OUT/base (the symmetric v1 GPTQ base), OUT/README.md (the command)."""
+    from gptqlora.adapters.saved import SavedAdapter
+    from gptqlora.commands.merge import MergedSource
+
+    require_dir(run_dir, "RUN_DIR", "run folder")
     run = Run.open(run_dir)
     base, adapter = run.base_dir(), run.adapter()
+    check_output(out_dir, "--out", {f"RUN_DIR {run_dir}": run.root, f"the run's base {base}": base},
+                 overwrite=overwrite, kind="export")
+    MergedSource(base, SavedAdapter(adapter)).check_shapes()  # the adapter fits this base, as merge/chat check
     qcfg = read_quant_config(base)
     requantize = (f"gptqlora merge {run_dir} --to gptq --bits {qcfg.bits} --group-size {qcfg.group_size} --sym "
                   f"--out DIR")
@@ -106,18 +115,20 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False
         raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads the v1 'gptq' format. Merge and "
                           f"re-quantize first: {requantize} (symmetric writes v1), or re-save the base with "
                           f"gptqlora.save_quantized(model, DIR, QuantConfig(..., format='gptq'))")
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    config = standard_adapter_config(json.loads((adapter / ADAPTER_CONFIG).read_text()))
+    config["base_model_name_or_path"] = "../base"  # OUT/base, relative to OUT/adapter: moves with the export
     config, tensors = _convert(config, load_file(adapter / ADAPTER_WEIGHTS), pad_rank)
     problems = check_vllm_adapter(config)
     if problems:
         raise ExportError(f"{adapter}: vLLM would refuse this adapter:\n  - " + "\n  - ".join(problems))
     name = name or Path(run_dir).resolve().name
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, checked=True) as tmp:
         (tmp / "adapter").mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter" / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        shutil.copytree(base, tmp / "base", ignore=shutil.ignore_patterns("quant_report.json"))
+        shutil.copytree(base, tmp / "base", ignore=shutil.ignore_patterns("quant_report.json", ".gptqlora*",
+                                                                         ".*.tmp-*"))
         (tmp / "README.md").write_text(
             f"# {name}: vLLM export of {Path(run_dir).resolve()}\n\n"
             f"GPTQ {qcfg.bits}-bit base (symmetric, group {qcfg.group_size}) and a LoRA adapter of rank "
@@ -138,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "pad_rank", action="store_true",
                help="zero-pad a rank vLLM refuses up to the next one it accepts (exact)")
     add_option(p, "name", help="the adapter's name in the vllm command (default: the run folder's name)")
-    add_option(p, "overwrite", action="store_true", help="replace --out if it exists")
+    add_option(p, "overwrite", action="store_true",
+               help="replace --out if it exists (only a folder gptqlora wrote, never one with other files)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gptqlora.commands.args import add_dataclass_arguments, build_dataclasses, read_yaml_config
+from gptqlora.commands.args import OptionError, add_dataclass_arguments, build_dataclasses, read_yaml_config
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class FinetuneArgs:
     lora: Any  # LoraArguments
     train: Any  # TrainArguments
     given: frozenset[str] = field(default_factory=frozenset)  # names set by the config file or flags
+    config: str | None = None  # the --config file
+    from_config: frozenset[str] = field(default_factory=frozenset)  # names set by the config file (not flags)
 
     def groups(self) -> dict[str, dict]:
         parts = (self.model, self.quant, self.quantize, self.data, self.lora, self.train)
@@ -85,16 +87,17 @@ def args_from(ns: dict[str, Any]) -> FinetuneArgs:
     config = ns.pop("config", None)
     values = read_yaml_config(config) if config else {}
     values.pop("command", None)  # a config's own first-line hint is not an argument
+    from_config = frozenset(values) - frozenset(ns)
     values.update(ns)
     given = frozenset(values)
     if not values.get("quant_checkpoint") and not values.get("base_model"):
         values = {**DEMO_DEFAULTS, **values}
     parts = build_dataclasses(arg_classes(), values, where=f"{config}: " if config else "")
-    return FinetuneArgs(*parts, given=given)
+    return FinetuneArgs(*parts, given=given, config=config, from_config=from_config)
 
 
 def run(args: argparse.Namespace) -> int:
-    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose")}
+    ns = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose", "command_parser")}
     return report(finetune(args_from(ns)))
 
 
@@ -107,7 +110,7 @@ def report(summary: dict[str, Any]) -> int:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return 0
     acc = summary["accuracy"]
-    lines = [f"run folder: {summary['run_dir']}  (steps {summary['steps']}, final train loss "
+    lines = [f"run folder: {summary['run_dir']}  (steps {summary['steps']}, mean train loss "
              f"{summary['train_loss']:.4f})"]
     if acc:
         lines.append("task accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
@@ -118,17 +121,16 @@ def report(summary: dict[str, Any]) -> int:
 
 
 def finetune(args: FinetuneArgs) -> dict[str, Any]:
-    """Run the whole job; returns a summary (also in RUN/run.json and RUN/eval.json)."""
+    """Run the whole job; returns a summary (also in RUN/run.json and RUN/eval.json).
+
+    Everything that can be wrong with the input is found before the run folder appears: a new run is built
+    in a temporary sibling (data, tokenizer, base quantization, model load, adapter wrap) and put in place
+    only once training is about to start, so a failed start leaves nothing that blocks the retry."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    from transformers import AutoTokenizer
 
-    from gptqlora.checkpoint.checkpoint import load_quantized
     from gptqlora.data.assets import default_data_files, tiny_model_dir
-    from gptqlora.data.dataset import build_datasets
-    from gptqlora.data.records import read_records
-    from gptqlora.data.templates import PromptTemplate
-    from gptqlora.devices import default_dtype
+    from gptqlora.devices import check_device
     from gptqlora.run import Run, default_run_dir
     from gptqlora.train.trainer import resume_path
 
@@ -136,62 +138,190 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     if targs.dry_run:
         return _dry_run(args)
     if largs.adapter_name not in ("gptqlora", "lora"):
-        raise ValueError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
-    state = PartialState(cpu=targs.device == "cpu")
+        raise OptionError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
+    check_device(targs.device, "--device")
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
         margs.base_model = str(tiny_model_dir())
+    if largs.init_method == "svd" and not margs.base_model:
+        raise OptionError("--init_method svd needs --base_model (the fp16 model whose quantization residual it "
+                          "factorizes)")
     data_files = [str(p) for p in (dargs.data or default_data_files())]
+    inputs = _check_inputs(args, data_files)
+    _check_checkpoint(args)
+    state = PartialState(cpu=targs.device == "cpu")
     # the same folder on every rank: the main process names it
     root = Path(targs.output_dir) if targs.output_dir else broadcast_object_list([default_run_dir()])[0]
-    run = Run.create(root, targs.overwrite, bool(targs.resume_from_checkpoint)) if state.is_main_process \
-        else Run(root)
-    state.wait_for_everyone()
+    resuming = _resuming(targs.resume_from_checkpoint)
+    if state.is_main_process:
+        Run.check(root, targs.overwrite, resuming, inputs)  # before the data is read (and logged)
     random.seed(targs.seed)
     torch.manual_seed(targs.seed)
-
-    # Data first: bad records fail here, before any quantization or training.
-    tokenizer = AutoTokenizer.from_pretrained(margs.quant_checkpoint or margs.base_model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    template = PromptTemplate.load(dargs.template)
-    train_ds, val_ds = build_datasets(data_files, tokenizer, template, dargs.cutoff_len, dargs.train_on_inputs,
-                                      dargs.val_set_size, targs.seed, dargs.packing)
-
-    base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
-    if not margs.quant_checkpoint and state.is_main_process and not (base_dir / "config.json").is_file():
-        _quantize_base(args, data_files, template, tokenizer, base_dir, state.device)
+    tokenizer, template, train_ds, val_ds = _data(args, data_files)
+    run = Run.start(root, targs.overwrite, resuming, inputs) \
+        if state.is_main_process else None
+    try:
+        if state.is_main_process:
+            base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
+            if not margs.quant_checkpoint and not (base_dir / "config.json").is_file():
+                _quantize_base(args, data_files, template, tokenizer, base_dir, state.device)
+            model, evals, peft_model = _load_and_wrap(args, base_dir, tokenizer, template, state.device, demo)
+            run.record(base_dir, data_files, _kinds(data_files), template, demo=demo,
+                       base_model=str(Path(margs.base_model).resolve()) if margs.base_model else None,
+                       args=args.groups(), versions=_versions())
+            run.save_tokenizer(tokenizer)
+            run.publish()
+            if not margs.quant_checkpoint:  # the base now lives in the published run, not in its staging folder
+                _point_at_base(model, peft_model, run.own_base_dir)
+    except BaseException:
+        if run is not None:
+            run.discard()
+        raise
     state.wait_for_everyone()
+    if not state.is_main_process:
+        run = Run(root)
+        base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
+        model, evals, peft_model = _load_and_wrap(args, base_dir, tokenizer, template, state.device, demo)
 
-    if state.is_main_process:
-        run.record(base_dir, data_files, {read_records(f).kind for f in data_files}, template, demo=demo,
-                   base_model=str(Path(margs.base_model).resolve()) if margs.base_model else None,
-                   args=args.groups(), versions=_versions())
-        run.save_tokenizer(tokenizer)
-
-    model = load_quantized(base_dir, device=state.device, dtype=default_dtype(state.device))
-    if "bits" in args.given and margs.quant_checkpoint and args.quant.bits != model.gptq_config.bits:
-        raise ValueError(f"--bits {args.quant.bits} but {base_dir} is a {model.gptq_config.bits}-bit checkpoint")
-    evals: dict[str, Any] = {}
-    if targs.eval_accuracy:
-        if demo:
-            evals["fp16"] = _accuracy_of_fp_model(margs.base_model, tokenizer, template, targs, state.device)
-        evals["quantized"] = _accuracy(model, tokenizer, template, targs)
-
-    peft_model = _wrap(model, args)
     trainer = _trainer(peft_model, tokenizer, train_ds, val_ds, run, targs, state)
-    result = trainer.train(resume_from_checkpoint=resume_path(run.checkpoints_dir, targs.resume_from_checkpoint))
+    resume = resume_path(run.checkpoints_dir, targs.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     if state.is_main_process:
         run.save_adapter(peft_model)
     if targs.eval_accuracy:
-        evals["quantized+lora"] = _accuracy(peft_model, tokenizer, template, targs)
-    summary = {"run_dir": str(run.root), "train_loss": result.training_loss, "steps": result.global_step,
-               "accuracy": {k: v["accuracy"] for k, v in evals.items()}}
+        evals["quantized+lora"] = _accuracy(peft_model, tokenizer, template, targs, "quantized+lora")
+    summary = {"run_dir": str(run.root), "train_loss": _mean_train_loss(trainer, result, resume),
+               "steps": result.global_step, "accuracy": {k: v["accuracy"] for k, v in evals.items()}}
     if state.is_main_process:
         run.update(quant_config=model.gptq_config.to_dict(), result=summary)
         if evals:
             run.write_eval(evals)
     return summary
+
+
+def _point_at_base(model, peft_model, base_dir: Path) -> None:
+    """Where the loaded model says it came from (PEFT reads it when saving checkpoints)."""
+    model.config.name_or_path = str(base_dir)
+    if "name_or_path" in model.__dict__:
+        model.name_or_path = str(base_dir)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = str(base_dir)
+
+
+def _resuming(value: str | None) -> bool:
+    return value is not None and str(value).strip().lower() not in ("", "0", "false", "no", "n", "off", "none")
+
+
+def _label(args: FinetuneArgs, name: str) -> str:
+    """How to name an argument in a message: the flag, or the config file's key it came from."""
+    return f"{args.config}: {name}" if name in args.from_config else f"--{name}"
+
+
+def _check_inputs(args: FinetuneArgs, data_files: list[str]) -> dict[str, str]:
+    """Every input path exists (local only: nothing is looked up on the Hub), before anything is written;
+    returns them by label, for the output rules."""
+    from gptqlora.paths import require_dir, require_file
+
+    margs, dargs, qopts = args.model, args.data, args.quantize
+    inputs: dict[str, str] = {}
+    for name in ("quant_checkpoint", "base_model"):
+        value = getattr(margs, name)
+        if value:
+            require_dir(value, _label(args, name), "model folder")
+            inputs[f"--{name} {value}"] = value
+    for f in data_files:
+        require_file(f, _label(args, "data"), "data file")
+        inputs[f"--data {f}"] = f
+    if qopts.calibration:
+        require_file(qopts.calibration, _label(args, "calibration"), "calibration file")
+        inputs[f"--calibration {qopts.calibration}"] = qopts.calibration
+    if args.config:
+        inputs[f"--config {args.config}"] = args.config
+    if Path(dargs.template).suffix == ".json" or Path(dargs.template).exists():
+        inputs[f"--template {dargs.template}"] = dargs.template
+    return inputs
+
+
+def _check_checkpoint(args: FinetuneArgs) -> None:
+    """What the checkpoint's files tell without loading it: intact safetensors headers, the bit width a
+    given --bits must match, and layers for every --target_modules entry."""
+    from gptqlora.adapters.model import AdapterError, _matches
+    from gptqlora.checkpoint.config import read_quant_config
+    from gptqlora.checkpoint.io import SafetensorsSource
+
+    model_dir = args.model.quant_checkpoint or args.model.base_model
+    keys = SafetensorsSource(model_dir).keys()
+    if args.model.quant_checkpoint:
+        qcfg = read_quant_config(model_dir)
+        if qcfg is not None and "bits" in args.given and args.quant.bits != qcfg.bits:
+            raise OptionError(f"{_label(args, 'bits')} {args.quant.bits}, but {model_dir} is a {qcfg.bits}-bit "
+                              f"checkpoint; drop --bits or give the matching checkpoint")
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    targets = list(args.lora.target_modules)
+    missing = [t for t in targets if not any(_matches(m, [t]) for m in modules)]
+    if missing:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if "layers." in m})
+        raise AdapterError(f"{_label(args, 'target_modules')} {missing} match no layer of {model_dir}; its "
+                           f"layers are named {leaves}")
+
+
+def _data(args: FinetuneArgs, data_files: list[str]):
+    """The tokenizer, the template and the datasets (bad records fail here, before any heavy work)."""
+    from transformers import AutoTokenizer
+
+    from gptqlora.data.dataset import build_datasets
+    from gptqlora.data.templates import PromptTemplate
+
+    margs, dargs = args.model, args.data
+    src = margs.quant_checkpoint or margs.base_model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise OptionError(f"{src}: cannot load its tokenizer ({str(e).splitlines()[0]}); the model folder needs "
+                          f"tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = PromptTemplate.load(dargs.template)
+    train_ds, val_ds = build_datasets(data_files, tokenizer, template, dargs.cutoff_len, dargs.train_on_inputs,
+                                      dargs.val_set_size, args.train.seed, dargs.packing)
+    return tokenizer, template, train_ds, val_ds
+
+
+def _kinds(data_files: list[str]) -> set[str]:
+    from gptqlora.data.records import read_records
+
+    return {read_records(f).kind for f in data_files}
+
+
+def _load_and_wrap(args: FinetuneArgs, base_dir: Path, tokenizer, template, device, demo: bool):
+    """The quantized model (checked against --bits), the accuracy before training, and the PEFT model."""
+    from gptqlora.checkpoint.checkpoint import load_quantized
+    from gptqlora.devices import default_dtype
+
+    margs, targs = args.model, args.train
+    model = load_quantized(base_dir, device=device, dtype=default_dtype(device))
+    if "bits" in args.given and margs.quant_checkpoint and args.quant.bits != model.gptq_config.bits:
+        raise OptionError(f"{_label(args, 'bits')} {args.quant.bits}, but {base_dir} is a "
+                          f"{model.gptq_config.bits}-bit checkpoint; drop --bits or give the matching checkpoint")
+    evals: dict[str, Any] = {}
+    if targs.eval_accuracy:
+        if demo:
+            evals["fp16"] = _accuracy_of_fp_model(margs.base_model, tokenizer, template, targs, device)
+        evals["quantized"] = _accuracy(model, tokenizer, template, targs, "quantized")
+    return model, evals, _wrap(model, args)
+
+
+def _mean_train_loss(trainer, result, resume: str | None) -> float:
+    """The mean training loss over all steps. After a resume the Trainer's own figure covers only the steps
+    of this session; the steps before come from the logged losses up to the checkpoint."""
+    if not resume:
+        return result.training_loss
+    start = int(Path(resume).name.rpartition("-")[2] or 0) if Path(resume).name.startswith("checkpoint-") else 0
+    before = [r["loss"] for r in trainer.state.log_history if "loss" in r and r.get("step", 0) <= start]
+    total = result.global_step
+    if not before or not 0 < start < total:
+        return result.training_loss
+    return (sum(before) / len(before) * start + result.training_loss * (total - start)) / total
 
 
 def _versions() -> dict[str, str]:
@@ -280,18 +410,19 @@ def _eval_records(limit: int) -> list[dict]:
     return out
 
 
-def _accuracy(model, tokenizer, template, targs) -> dict[str, Any]:
+def _accuracy(model, tokenizer, template, targs, what: str) -> dict[str, Any]:
     from gptqlora.data.dataset import template_for_kind
     from gptqlora.data.records import detect_kind
     from gptqlora.eval.accuracy import task_accuracy
 
     records = _eval_records(targs.eval_limit)
+    log.info("task accuracy of the %s model on %d records", what, len(records))
     return task_accuracy(model, tokenizer, records, lambda r: template_for_kind(detect_kind(r), template),
-                         max_new_tokens=48, batch_size=50)
+                         max_new_tokens=48, batch_size=50, progress=True)
 
 
 def _accuracy_of_fp_model(model_dir: str, tokenizer, template, targs, device) -> dict:
     from transformers import AutoModelForCausalLM
 
-    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    return _accuracy(fp, tokenizer, template, targs)
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device)
+    return _accuracy(fp, tokenizer, template, targs, "fp16")

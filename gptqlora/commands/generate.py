@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from gptqlora.commands.args import add_option
+from gptqlora.commands.args import add_option, ranged
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
 from gptqlora.inference import (OFF, InferenceError, Loaded, PromptFormat, Sampling, generate_responses,
                                 load_model, using_adapter)
@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "use", default=None, metavar="NAME[,NAME...]",
                help="adapters to generate with, comma-separated; off = the base model (default: the first)")
     add_option(p, "raw", action="store_true", help="give prompts to the model as is, without a template")
-    add_option(p, "batch_size", type=int, default=8, help="prompts per batch (default 8)")
+    add_option(p, "batch_size", type=ranged(int, "batch_size", min=1), default=8,
+               help="prompts per batch (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,7 +135,7 @@ def generate_items(loaded: Loaded, fmt: PromptFormat, items: Sequence[tuple[str,
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written += 1
         out.flush()
-    logger.info("wrote %d responses", written)
+    logger.info("wrote %d response%s", written, "" if written == 1 else "s")
     return written
 
 

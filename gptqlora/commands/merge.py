@@ -25,9 +25,10 @@ from gptqlora.adapters.saved import SavedAdapter
 from gptqlora.checkpoint.checkpoint import layer_tensors, read_layer, write_configs
 from gptqlora.checkpoint.config import QuantConfig, read_quant_config
 from gptqlora.checkpoint.io import SafetensorsSource, ShardedWriter, atomic_output_dir, copy_side_files
-from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values
-from gptqlora.devices import resolve_device
+from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values, shard_size
+from gptqlora.devices import check_device, resolve_device
 from gptqlora.nn.registry import FORMATS
+from gptqlora.paths import check_output, require_dir, require_file
 from gptqlora.run import Run
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,24 @@ class MergedSource:
         """The packed base layer at `prefix` (shape from the file headers)."""
         return read_layer(self.src, prefix, self.qcfg, device=self.device)
 
+    def check_shapes(self) -> None:
+        """Every adapted layer's lora_A/lora_B fit the base layer (before any output is written)."""
+        for prefix, ab in self.adapter.modules.items():
+            if prefix in self.quantized:  # from the file headers: no weights read
+                bits = (self.qcfg.for_module(prefix) or {"bits": self.qcfg.bits})["bits"]
+                shapes = {s: self.src.shape(f"{prefix}.{s}") for s in self.format.stored
+                          if f"{prefix}.{s}" in self.src}
+                k, n = self.format.shape_from_headers(shapes, bits)
+            else:
+                n, k = self.src.shape(f"{prefix}.weight")[:2]
+            a, b = ab.get("A"), ab.get("B")
+            k_a = k // self.adapter.config.qalora_group_size if self.adapter.config.use_qalora and a is not None \
+                else k
+            if a is None or b is None or b.shape[0] != n or a.shape[1] != k_a or a.shape[0] != b.shape[1]:
+                shapes = f"A {tuple(a.shape) if a is not None else None}, B {tuple(b.shape) if b is not None else None}"
+                raise AdapterError(f"{prefix}: the adapter's {shapes} do not fit the base layer ({n}x{k}): an "
+                                   f"adapter for another base model")
+
 
 def _plain_config(base_dir: Path, dtype: torch.dtype) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(base_dir)
@@ -90,18 +109,27 @@ def _plain_config(base_dir: Path, dtype: torch.dtype) -> PretrainedConfig:
     return config
 
 
-def _open(run_dir: str | Path) -> tuple[Run, Path, SavedAdapter]:
+def _open(run_dir: str | Path, out_dir: str | Path, overwrite: bool, calibration: str | None = None,
+          kind: str = "merged model") -> tuple[Run, Path, SavedAdapter]:
+    """The run, its base and adapter, with the output checked against them (`gptqlora.paths`) before any
+    work: never the run itself, inside it, or a folder holding it or its base."""
+    require_dir(run_dir, "RUN_DIR", "run folder")
     run = Run.open(run_dir)
-    adapter = run.adapter()
-    return run, run.base_dir(), SavedAdapter(adapter)
+    adapter, base = run.adapter(), run.base_dir()
+    if calibration:
+        require_file(calibration, "--calibration", "calibration file")
+    check_output(out_dir, "--out", {f"RUN_DIR {run_dir}": run.root, f"the run's base {base}": base,
+                                    f"--calibration {calibration}": calibration}, overwrite=overwrite, kind=kind)
+    return run, base, SavedAdapter(adapter)
 
 
 def merge_to_fp16(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float16,
                   max_shard_size: str = "2GB", overwrite: bool = False, device: str = "cpu") -> Path:
     """A plain transformers model (base + adapter merged) that loads without gptqlora."""
-    run, base, adapter = _open(run_dir)
+    run, base, adapter = _open(run_dir, out_dir, overwrite)
     src = MergedSource(base, adapter, device)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    src.check_shapes()
+    with atomic_output_dir(out_dir, overwrite, checked=True) as tmp:
         writer = ShardedWriter(tmp, max_shard_size)
         for key in tqdm(src.keys(), desc="merging", unit="tensor"):
             t = src.get(key, "cpu")
@@ -120,13 +148,15 @@ def merge_to_gptq(run_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig | 
     `options.calibration` is given). Returns the quantization report (per-block error against the fp16 merge)."""
     from gptqlora.quant.api import QuantizeOptions, TrainingData, quantize
 
-    run, base, adapter = _open(run_dir)
     qcfg, options = qcfg or QuantConfig(), options or QuantizeOptions()
+    run, base, adapter = _open(run_dir, out_dir, overwrite, options.calibration, "re-quantized model")
     files = [] if options.calibration else run.data_files()  # a moved run calibrates on its copies
     training = TrainingData(files, run.template(), run.cutoff_len)
     dev = resolve_device(device)
+    src = MergedSource(base, adapter, dev)
+    src.check_shapes()
     report = quantize(run.root, out_dir, qcfg, options, tokenizer=run.tokenizer(), training=training,
-                      source=MergedSource(base, adapter, dev), config=_plain_config(base, torch.float16), device=dev,
+                      source=src, config=_plain_config(base, torch.float16), device=dev,
                       max_shard_size=max_shard_size, overwrite=overwrite)
     return {"blocks": report.blocks, "worst_block_rel_error": max(b["rel_output_error"] for b in report.blocks)}
 
@@ -136,7 +166,7 @@ def merge_exact(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     """Fold a QA-LoRA adapter into the zeros: W' = s·(q - z) + D = s·(q - (z - D/s)) with D constant per
     (group, output) — exact, no re-quantization. The zeros become floats (the format's `fold_format`,
     gptq_v2_float_zeros for GPTQ), which gptqlora loads; other GPTQ loaders need integer zeros."""
-    run, base, adapter = _open(run_dir)
+    run, base, adapter = _open(run_dir, out_dir, overwrite, kind="merged model")
     if not adapter.config.use_qalora:
         raise AdapterError(f"{run_dir}: --exact needs an adapter trained with --use_qalora (this one is plain "
                            f"LoRA: use --to fp16 or --to gptq)")
@@ -144,7 +174,8 @@ def merge_exact(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     if src.format.fold_format is None:
         raise AdapterError(f"{base}: the {src.qcfg.format} format has no exact merge; use --to fp16 or --to gptq")
     out_format = FORMATS.lookup(src.qcfg.method, src.format.fold_format).format
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    src.check_shapes()
+    with atomic_output_dir(out_dir, overwrite, checked=True) as tmp:
         writer = ShardedWriter(tmp, max_shard_size)
         for key in tqdm(src.src.keys(), desc="merging exactly", unit="tensor"):
             prefix = key.rpartition(".")[0]
@@ -192,10 +223,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the run folder written by `gptqlora finetune`")
     add_option(p, "to", choices=("fp16", "bf16", "gptq"), default="fp16", help="output kind (default fp16)")
     add_option(p, "exact", action="store_true", help="QA-LoRA only: fold into the zeros, exactly")
-    add_option(p, "out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    add_option(p, "out", required=True, help="output directory (refused if it exists, unless --overwrite; never "
+                                             "the run folder or a folder holding it)")
     add_option(p, "device", default=None, help="device for --to gptq (default: cuda if available)")
-    add_option(p, "max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
-    add_option(p, "overwrite", action="store_true", help="replace --out if it exists")
+    add_option(p, "max_shard_size", default="2GB", type=shard_size, help="largest safetensors shard (default 2GB)")
+    add_option(p, "overwrite", action="store_true",
+               help="replace --out if it exists (only a folder gptqlora wrote, never one with other files)")
     add_dataclass_arguments(p, QuantConfig, title="--to gptq: quantization", bool_values=False)
     add_dataclass_arguments(p, QuantizeOptions, title="--to gptq: calibration", bool_values=False)
 
@@ -203,6 +236,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptqlora.quant.api import QuantizeOptions
 
+    check_device(args.device)
     if args.exact:
         out = merge_exact(args.run_dir, args.out, args.overwrite, args.max_shard_size)
         sys.stdout.write(f"wrote {out}: exact QA-LoRA merge (format {read_quant_config(out).format})\n")

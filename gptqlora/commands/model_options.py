@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptqlora.commands.args import add_option
+from gptqlora.commands.args import add_option, ranged
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -17,10 +17,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_option(p, "chat_template", action="store_true",
                help="render with the tokenizer's chat template (the default when the run trained on chat data)")
     add_option(p, "system", help="system message (chat template) or a paragraph put before the prompt")
-    add_option(p, "max_new_tokens", type=int, default=256, help="most tokens per reply (default 256)")
-    add_option(p, "temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    add_option(p, "top_p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
-    add_option(p, "max_context", type=int, default=None,
+    add_option(p, "max_new_tokens", type=ranged(int, "max_new_tokens", min=1), default=256,
+               help="most tokens per reply (default 256)")
+    add_option(p, "temperature", type=ranged(float, "temperature", min=0), default=0.0,
+               help="sampling temperature; 0 = greedy (default)")
+    add_option(p, "top_p", type=ranged(float, "top_p", gt=0, max=1), default=1.0,
+               help="nucleus sampling threshold, in (0, 1] (default 1.0)")
+    add_option(p, "max_context", type=ranged(int, "max_context", min=2), default=None,
                help="tokens of prompt + reply (default: the model's max_position_embeddings)")
     add_option(p, "device", default=None, help="device (default: cuda if available, else cpu)")
     add_option(p, "seed", type=int, default=None, help="random seed, for reproducible sampling")

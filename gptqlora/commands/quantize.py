@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values
+from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values, shard_size
 
 DESCRIPTION = ("Quantize a Hugging Face causal LM (LLaMA family) with GPTQ, block by block, streaming weights from "
                "its safetensors files. Writes a standard GPTQ checkpoint (loads in gptqlora, GPTQModel and "
@@ -18,21 +18,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from gptqlora.quant.api import QuantizeOptions
 
     p.add_argument("model_dir", help="directory with config.json, *.safetensors and tokenizer files")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty unless --overwrite)")
+    p.add_argument("out_dir", help="output directory (must not exist or be empty; --overwrite replaces only a "
+                                   "folder gptqlora wrote)")
     add_dataclass_arguments(p, QuantConfig, ALIASES, title="quantization", bool_values=False)
     add_dataclass_arguments(p, QuantizeOptions, ALIASES, title="calibration", bool_values=False,
                             required=("calibration",))
     add_option(p, "device", default=None, help="device to quantize on (default: cuda if available, else cpu)")
-    add_option(p, "max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
-    add_option(p, "overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_option(p, "max_shard_size", default="2GB", type=shard_size, help="largest safetensors shard (default 2GB)")
+    add_option(p, "overwrite", action="store_true",
+               help="replace OUT_DIR if it exists (only a folder gptqlora wrote, never one with other files)")
 
 
 def run(args: argparse.Namespace) -> int:
     from gptqlora.checkpoint.config import QuantConfig
+    from gptqlora.checkpoint.io import CheckpointError
+    from gptqlora.devices import check_device
+    from gptqlora.paths import check_output, require_dir, require_file
     from gptqlora.quant.api import QuantizeOptions, quantize
 
     classes = [QuantConfig, QuantizeOptions]
     qcfg, options = build_dataclasses(classes, given_values(args, classes))
+    # everything checked before anything is written; inputs are local folders and files
+    model_dir = require_dir(args.model_dir, "MODEL_DIR", "model folder")
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"MODEL_DIR {args.model_dir}: no config.json; not a Hugging Face model folder")
+    require_file(options.calibration, "--calibration", "calibration file")
+    check_device(args.device)
+    check_output(args.out_dir, "OUT_DIR", {f"MODEL_DIR {args.model_dir}": model_dir,
+                                           f"--calibration {options.calibration}": options.calibration},
+                 overwrite=args.overwrite, kind="quantized model")
     report = quantize(args.model_dir, args.out_dir, qcfg, options, device=args.device,
                       max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     worst = max((b["rel_output_error"] for b in report.blocks), default=0.0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -17,6 +18,28 @@ from gptqlora.data.templates import PromptTemplate
 
 class CalibrationError(ValueError):
     pass
+
+
+_LONG = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+@contextlib.contextmanager
+def long_text_ok(tokenizer: Any):
+    """Calibration text is tokenized whole and then cut into windows, so a text longer than the model's
+    context is expected here: keep transformers from warning that it is."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if not isinstance(flags, dict):
+        yield
+        return
+    before = flags.get(_LONG)
+    flags[_LONG] = True  # transformers' "already warned" flag
+    try:
+        yield
+    finally:
+        if before is None:
+            flags.pop(_LONG, None)
+        else:
+            flags[_LONG] = before
 
 
 def read_calibration_records(path: str | Path) -> tuple[list[str], list[list[int]]]:
@@ -73,7 +96,8 @@ def load_calibration(path: str | Path, tokenizer, nsamples: int = 128, seqlen: i
     samples = [torch.tensor([t], dtype=torch.long) for t in ids[:nsamples]]
     if texts and len(samples) < nsamples:
         sep = tokenizer.eos_token or "\n\n"
-        tokens = tokenizer(sep.join(texts), add_special_tokens=False)["input_ids"]
+        with long_text_ok(tokenizer):
+            tokens = tokenizer(sep.join(texts), add_special_tokens=False)["input_ids"]
         need = nsamples - len(samples)
         rng = random.Random(seed)
         if len(tokens) <= seqlen:
@@ -103,7 +127,8 @@ def calibration_from_data(data_files: Sequence[str | Path], tokenizer: Any, temp
         raise CalibrationError("no training records to calibrate on; pass a calibration file (--calibration)")
     random.Random(seed).shuffle(texts)
     sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(texts[: nsamples * 8]), add_special_tokens=False)["input_ids"]
+    with long_text_ok(tokenizer):
+        ids = tokenizer(sep.join(texts[: nsamples * 8]), add_special_tokens=False)["input_ids"]
     windows = range(0, len(ids) - seqlen + 1, seqlen)
     samples = [torch.tensor([ids[i:i + seqlen]], dtype=torch.long) for i in windows][:nsamples]
     return samples or [torch.tensor([ids], dtype=torch.long)]

@@ -103,6 +103,8 @@ def build_datasets(
     if not data_paths:
         raise DataError("no data files given")
     files = [read_records(p) for p in data_paths]  # all files validated before any tokenizing
+    for f in files:
+        logger.info("%s: %d %s records", f.path, len(f.records), f.kind)
     parts = [_encode_file(f, tokenizer, template, cutoff_len, train_on_inputs, cache_dir) for f in files]
     full = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     full = full.shuffle(seed=seed)

@@ -74,6 +74,10 @@ def _read_raw(path: Path) -> tuple[list[Any], list[str]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; give the data files inside it (comma-separated)") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); save the file as UTF-8") from None
     if not text.strip():
@@ -164,5 +168,5 @@ def read_records(path: str | Path) -> RecordFile:
                 f"(from its first record); put different kinds in separate files"
             )
         validate_record(rec, kind, where)
-    logger.info("%s: %d %s records", path, len(items), kind)
+    logger.debug("%s: %d %s records", path, len(items), kind)
     return RecordFile(path=path, kind=kind, records=items, locations=locations)

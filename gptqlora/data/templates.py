@@ -33,6 +33,10 @@ from typing import Any, Mapping
 KINDS = ("alpaca", "cot")
 
 
+class TemplateError(ValueError):
+    """A prompt template that is unknown, missing or malformed."""
+
+
 def available_templates() -> list[str]:
     """Names of the bundled templates."""
     root = resources.files("gptqlora.data") / "templates"
@@ -62,14 +66,19 @@ class PromptTemplate:
         path = Path(text)
         if path.suffix == ".json" or path.exists():
             if not path.is_file():
-                raise FileNotFoundError(f"template file not found: {path}")
-            data = json.loads(path.read_text(encoding="utf-8"))
+                raise TemplateError(f"--template {path}: no such template file")
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TemplateError(f"{path}: not a JSON template file ({e})") from None
+            if not isinstance(data, dict):
+                raise TemplateError(f"{path}: a template file holds one JSON object")
             return cls.from_dict(data, name=path.stem)
         res = resources.files("gptqlora.data") / "templates" / f"{text}.json"
         if not res.is_file():
             names = ", ".join(available_templates())
-            raise ValueError(
-                f"unknown prompt template {text!r}: use one of [{names}] "
+            raise TemplateError(
+                f"--template {text}: unknown prompt template; use one of [{names}] "
                 "or a path to a JSON template file"
             )
         return cls.from_dict(json.loads(res.read_text(encoding="utf-8")), name=text)
@@ -78,10 +87,10 @@ class PromptTemplate:
     def from_dict(cls, data: Mapping[str, Any], name: str = "custom") -> "PromptTemplate":
         missing = [k for k in ("prompt_input", "prompt_no_input", "response_split") if k not in data]
         if missing:
-            raise ValueError(f"template {name!r} lacks required keys {missing}")
+            raise TemplateError(f"template {name!r} lacks required keys {missing}")
         kind = data.get("kind", "alpaca")
         if kind not in KINDS:
-            raise ValueError(f"template {name!r}: kind must be one of {KINDS}, got {kind!r}")
+            raise TemplateError(f"template {name!r}: kind must be one of {KINDS}, got {kind!r}")
         return cls(
             name=data.get("name", name),
             prompt_input=data["prompt_input"],

@@ -15,10 +15,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from gptqlora.checkpoint.config import QuantConfig
+from gptqlora.checkpoint.io import CheckpointError
 from gptqlora.data.calibration import CalibrationError, calibration_from_data, load_calibration
 from gptqlora.data.templates import PromptTemplate
 from gptqlora.formats.gptq import FORMAT_V1
-from gptqlora.quant.driver import QuantizeReport, TensorSource, quantize_model
+from gptqlora.quant.driver import QuantizeReport, TensorSource, check_token_ids, quantize_model
+from gptqlora.paths import require_dir
 from gptqlora.quant.solvers import SOLVERS
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ class QuantizeOptions:
     calibration: Optional[str] = field(default=None, metadata={
         "help": "calibration data: a .txt file, or .json/.jsonl records with a 'text' field or an 'input_ids' "
                 "field (token lists, used as given); finetune and merge default to the training data"})
-    nsamples: int = field(default=128, metadata={"help": "calibration samples"})
-    seqlen: Optional[int] = field(default=None, metadata={
+    nsamples: int = field(default=128, metadata={"min": 1, "help": "calibration samples"})
+    seqlen: Optional[int] = field(default=None, metadata={"min": 1,
         "help": f"tokens per calibration sample (default: the training cutoff_len in finetune and merge, "
                 f"{FILE_SEQLEN} in quantize)"})
     calibration_seed: int = field(default=0, metadata={"help": "seed for picking calibration samples"})
@@ -55,16 +57,31 @@ class TrainingData:
     cutoff_len: int | None = None
 
 
-def calibration_samples(options: QuantizeOptions, tokenizer: Any,
-                        training: TrainingData | None = None) -> list[torch.Tensor]:
-    """From `options.calibration` when given, else from the training records."""
-    seqlen = options.seqlen or (training.cutoff_len if training is not None else None) or FILE_SEQLEN
+def calibration_samples(options: QuantizeOptions, tokenizer: Any, training: TrainingData | None = None,
+                        max_positions: int | None = None, vocab_size: int | None = None) -> list[torch.Tensor]:
+    """From `options.calibration` when given, else from the training records; samples are at most the
+    model's `max_positions` long (a longer --seqlen is refused, the default is lowered to it), and their
+    token ids must be below `vocab_size`."""
+    seqlen = default = options.seqlen or (training.cutoff_len if training is not None else None) or FILE_SEQLEN
+    if max_positions and seqlen > max_positions:
+        if options.seqlen:
+            raise CalibrationError(f"--seqlen {options.seqlen}: longer than the model's context "
+                                   f"(max_position_embeddings {max_positions}); use at most {max_positions}")
+        seqlen = max_positions
     if options.calibration:
-        return load_calibration(options.calibration, tokenizer, options.nsamples, seqlen, options.calibration_seed)
-    if training is None or not training.files:
+        samples = load_calibration(options.calibration, tokenizer, options.nsamples, seqlen,
+                                   options.calibration_seed)
+    elif training is None or not training.files:
         raise CalibrationError("quantizing needs calibration data: pass --calibration FILE")
-    return calibration_from_data(training.files, tokenizer, training.template, options.nsamples, seqlen,
-                                 options.calibration_seed)
+    else:
+        samples = calibration_from_data(training.files, tokenizer, training.template, options.nsamples, seqlen,
+                                        options.calibration_seed)
+    if vocab_size:
+        check_token_ids(samples, vocab_size)
+    if seqlen < default:
+        log.info("calibration samples of %d tokens: the model's context (max_position_embeddings) is shorter "
+                 "than the default %d", seqlen, default)
+    return samples
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, options: QuantizeOptions | None = None,
@@ -73,14 +90,26 @@ def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, opti
              overwrite: bool = False, progress: bool = True) -> QuantizeReport:
     """Quantize the model in `model_dir` (its config and tokenizer; weights from its safetensors, or from
     `source`, e.g. a merge computing them) into a checkpoint in `out_dir`."""
+    from transformers import AutoConfig
+
     options = options or QuantizeOptions()
+    model_dir = require_dir(model_dir, "model folder")
+    if config is None:
+        if not (model_dir / "config.json").is_file():
+            raise CheckpointError(f"{model_dir}: no config.json; not a Hugging Face model folder")
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]}); the "
+                                  f"model folder needs its tokenizer files") from None
     if qcfg.format == FORMAT_V1 and not qcfg.sym:
         log.info("asymmetric + v1 format: zero points are kept >= 1 so that v1 can store them")
-    samples = calibration_samples(options, tokenizer, training)
+    samples = calibration_samples(options, tokenizer, training, getattr(config, "max_position_embeddings", None),
+                                  getattr(config, "vocab_size", None))
     log.info("calibration: %d samples, %d tokens", len(samples), sum(s.numel() for s in samples))
     return quantize_model(model_dir, out_dir, qcfg, samples, device=device, dtype=DTYPES[options.dtype],
                           method=options.method, source=source, config=config, overwrite=overwrite,

@@ -24,9 +24,11 @@ from gptqlora.checkpoint.checkpoint import build_empty_model, layer_tensors, wri
 from gptqlora.checkpoint.config import QuantConfig
 from gptqlora.checkpoint.io import (CheckpointError, SafetensorsSource, ShardedWriter, atomic_output_dir,
                                     copy_side_files)
+from gptqlora.data.calibration import CalibrationError
 from gptqlora.devices import resolve_device
 from gptqlora.formats.base import FormatError
 from gptqlora.nn.registry import FORMATS, Entry
+from gptqlora.paths import require_dir
 from gptqlora.quant.memory import release_freed_memory
 from gptqlora.quant.model_utils import decoder_layers, linear_groups
 from gptqlora.quant.solvers import SOLVERS
@@ -73,6 +75,14 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def check_token_ids(samples: list[torch.Tensor], vocab_size: int) -> None:
+    """Calibration token ids must index the embedding (a file of `input_ids` for another tokenizer)."""
+    for i, s in enumerate(samples):
+        if s.numel() and (int(s.max()) >= vocab_size or int(s.min()) < 0):
+            raise CalibrationError(f"calibration sample {i} has token id {int(s.max())} outside the model's "
+                                   f"vocabulary (0..{vocab_size - 1}): its input_ids come from another tokenizer")
+
+
 def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, samples: list[torch.Tensor],
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float16,
                    method: str = "gptq", source: TensorSource | None = None, overwrite: bool = False,
@@ -93,18 +103,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
         raise ValueError(f"the {qcfg.format} format cannot be written by the GPTQ/RTN quantizer")
     device = resolve_device(device)
     work_dtype = torch.float32 if device.type == "cpu" else dtype  # fp16 matmuls are slow on CPU
-    model_dir = Path(model_dir)
-    config = config if config is not None else AutoConfig.from_pretrained(model_dir)
+    model_dir = require_dir(model_dir, "model folder")
+    config = config if config is not None else AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if getattr(config, "quantization_config", None) is not None:
         raise CheckpointError(f"{model_dir}: this model is already quantized (config.json has "
                               f"quantization_config); start from the fp16/bf16 model")
+    check_token_ids(samples, config.vocab_size)
     src = source if source is not None else SafetensorsSource(model_dir)
     model = build_empty_model(config, work_dtype)
     layers_name, layers = decoder_layers(model)
     report = QuantizeReport(config=qcfg.to_dict(), calibration={
         "nsamples": len(samples), "tokens": int(sum(s.numel() for s in samples))})
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs={"model folder": model_dir}) as tmp:
         writer = ShardedWriter(tmp, max_shard_size)
         _load_outside_blocks(model, src, layers_name, device, work_dtype, writer, dtype)
         inputs = _capture_block_inputs(model, layers, samples)

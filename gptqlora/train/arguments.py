@@ -32,8 +32,9 @@ class DataArguments:
                 "(question/rationale/answer) or chat (messages) records. Default: the bundled synthetic sets"})
     template: str = field(default="alpaca", metadata={
         "help": "prompt template: alpaca, alpaca_short, cot, or a path to a template JSON file"})
-    cutoff_len: int = field(default=256, metadata={"help": "longest example in tokens (longer ones are cut)"})
-    val_set_size: float = field(default=0, metadata={
+    cutoff_len: int = field(default=256, metadata={
+        "min": 8, "help": "longest example in tokens (longer ones are cut)"})
+    val_set_size: float = field(default=0, metadata={"min": 0,
         "help": "validation records held out: a count (>= 1) or a fraction (< 1); 0 = none"})
     train_on_inputs: bool = field(default=False, metadata={
         "help": "also train on the prompt tokens (default: only the response is learned)"})
@@ -44,9 +45,9 @@ class DataArguments:
 class LoraArguments:
     """The GPTQ-LoRA adapter."""
 
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_r: int = field(default=8, metadata={"min": 1, "help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"gt": 0, "help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"min": 0, "lt": 1, "help": "dropout on the LoRA input"})
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS), metadata={
         "help": "modules to adapt, e.g. \"['q_proj','v_proj']\" or q_proj,v_proj"})
     adapter_name: str = field(default="gptqlora", metadata={
@@ -56,10 +57,10 @@ class LoraArguments:
     init_method: str = field(default="default", metadata={
         "help": "default (B=0) or svd (A, B from the quantization residual; needs --base_model)",
         "choices": ("default", "svd")})
-    svd_iters: int = field(default=1, metadata={"help": "alternations for --init_method svd"})
+    svd_iters: int = field(default=1, metadata={"min": 1, "help": "alternations for --init_method svd"})
     use_qalora: bool = field(default=False, metadata={
         "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})
-    qalora_group_size: int = field(default=0, metadata={
+    qalora_group_size: int = field(default=0, metadata={"min": 0,
         "help": "QA-LoRA pooling group (default 0: the base's quantization group size)"})
 
 
@@ -69,15 +70,17 @@ class TrainArguments:
 
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "the run folder (adapter, arguments, template, logs, checkpoints); default runs/<time>"})
-    batch_size: int = field(default=16, metadata={"help": "global batch size (gradients accumulate to it)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "examples per device per forward pass"})
-    num_epochs: float = field(default=3, metadata={"help": "epochs over the training data"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs)"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "help": "global batch size (gradients accumulate to it)"})
+    micro_batch_size: int = field(default=4, metadata={"min": 1, "help": "examples per device per forward pass"})
+    num_epochs: float = field(default=3, metadata={"gt": 0, "help": "epochs over the training data"})
+    max_steps: int = field(default=-1, metadata={
+        "min": 1, "also": (-1,), "help": "stop after this many optimizer steps (-1: epochs)"})
+    learning_rate: float = field(default=3e-4, metadata={"gt": 0, "help": "peak learning rate"})
     lr_scheduler: str = field(default="cosine", metadata={
         "help": "learning-rate schedule", "choices": ("cosine", "linear", "constant")})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"min": 0, "help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "help": "AdamW weight decay"})
     optim: str = field(default="adamw_torch", metadata={
         "help": "optimizer: adamw_torch, or paged_adamw_8bit (needs bitsandbytes and a GPU)",
         "choices": ("adamw_torch", "paged_adamw_8bit")})
@@ -91,10 +94,10 @@ class TrainArguments:
     precision: str = field(default="auto", metadata={
         "help": "compute precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)",
         "choices": ("auto", "bf16", "fp16", "fp32")})
-    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
-    eval_steps: int = field(default=200, metadata={"help": "evaluate on the validation set every N steps"})
-    save_steps: int = field(default=200, metadata={"help": "write a checkpoint every N steps"})
-    save_total_limit: int = field(default=3, metadata={"help": "keep the last K checkpoints"})
+    logging_steps: int = field(default=10, metadata={"min": 1, "help": "log the loss every N steps"})
+    eval_steps: int = field(default=200, metadata={"min": 1, "help": "evaluate on the validation set every N steps"})
+    save_steps: int = field(default=200, metadata={"min": 1, "help": "write a checkpoint every N steps"})
+    save_total_limit: int = field(default=3, metadata={"min": 1, "help": "keep the last K checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "'true' to resume from the run folder's last complete checkpoint, or a checkpoint path"})
     report_to: str = field(default="none", metadata={
@@ -104,7 +107,7 @@ class TrainArguments:
     eval_accuracy: Optional[bool] = field(default=None, metadata={
         "help": "measure task accuracy before and after training on the bundled synthetic eval sets "
                 "(default: on for the built-in demo)"})
-    eval_limit: int = field(default=100, metadata={"help": "eval records per set for --eval_accuracy"})
+    eval_limit: int = field(default=100, metadata={"min": 1, "help": "eval records per set for --eval_accuracy"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     dry_run: bool = field(default=False, metadata={

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from gptqlora.paths import normalize_permissions
 from gptqlora.train.arguments import TrainArguments
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class GPTQLoraTrainer(Trainer):
         if self.args.should_save:
             out = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             (out / COMPLETE).write_text(json.dumps({"step": self.state.global_step}))
+            normalize_permissions(out)  # safetensors writes 0600; others (a serving user) must read it
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -157,10 +157,12 @@ def test_cutoff_shorter_than_prompt(tiny_dir, data_file, tmp_path, capsys):
 
 
 def test_existing_run_refused(tiny_dir, data_file, tmp_path, capsys):
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "run.json").write_text("{}")
+    from gptqlora.run import Run
+
+    Run.create(tmp_path / "r").info_file.write_text("{}")  # a folder gptqlora made, holding a run
     rc = main(["finetune", "--base_model", str(tiny_dir), "--data", str(data_file), "--output_dir", str(tmp_path / "r")])
-    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and "--resume_from_checkpoint true" in err
 
 
 def test_builtin_demo_end_to_end(tmp_path, capsys):
@@ -175,3 +177,56 @@ def test_builtin_demo_end_to_end(tmp_path, capsys):
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev) == {"fp16", "quantized", "quantized+lora"} and ev["fp16"]["total"] == 8
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failed_start_leaves_nothing_and_the_retry_needs_no_overwrite(tiny_run, data_file, tmp_path, capsys):
+    """Issue 14 item 3: a checkpoint whose config disagrees with its tensors fails once the model loads, in
+    the staging folder; nothing is left, and the corrected command then runs without --overwrite."""
+    import shutil
+
+    bad = tmp_path / "bad-ckpt"
+    shutil.copytree(tiny_run / "base", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3  # the tensors are 4-bit
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "quantize_config.json").write_text(json.dumps(cfg["quantization_config"]))
+    out = tmp_path / "runs" / "r"
+    args = ["finetune", "--data", str(data_file), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "4",
+            "--micro_batch_size", "4", "--cutoff_len", "512"]
+    assert main([*args, "--quant_checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad-ckpt" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # no run, no staging folder, not even the parent it made
+    assert main([*args, "--quant_checkpoint", str(tiny_run / "base")]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_late_failure_after_quantizing_removes_the_staged_run(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    import gptqlora.commands.finetune as ft
+    from gptqlora.adapters.model import AdapterError
+
+    def fail(*a, **k):
+        raise AdapterError("simulated failure while wrapping the model")
+
+    monkeypatch.setattr(ft, "_wrap", fail)
+    (tmp_path / "runs").mkdir()
+    rc = main(["finetune", *COMMON, "--base_model", str(tiny_dir), "--data", str(data_file),
+               "--output_dir", str(tmp_path / "runs" / "r")])
+    assert rc == 2 and "simulated failure" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []  # the quantized base went with the staging folder
+
+
+def test_ctrl_c_during_an_import_is_reported_as_interrupted(monkeypatch, capsys):
+    """Ctrl-C while transformers imports lazily surfaces as another error; it is still an interrupt."""
+    import gptqlora.commands.finetune as ft
+
+    def interrupted_import(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'") from e
+
+    monkeypatch.setattr(ft, "finetune", interrupted_import)
+    assert main(["finetune", "--max_steps", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted\n"

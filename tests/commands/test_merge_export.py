@@ -148,7 +148,11 @@ def test_adapter_for_another_base(run, tiny_dir, tmp_path):
 def test_existing_target_refused_unless_overwrite(run, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")
-    assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 2
-    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "m" / "keep.txt").is_file()
-    assert main(["merge", str(run), "--out", str(tmp_path / "m"), "--overwrite"]) == 0
-    assert not (tmp_path / "m" / "keep.txt").exists() and (tmp_path / "m" / "config.json").is_file()
+    for extra in ([], ["--overwrite"]):  # a folder holding the user's files is never replaced
+        assert main(["merge", str(run), "--out", str(tmp_path / "m"), *extra]) == 2
+        assert "did not write" in capsys.readouterr().err and (tmp_path / "m" / "keep.txt").is_file()
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 0
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 2  # ours: needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2"), "--overwrite"]) == 0
+    assert (tmp_path / "m2" / "config.json").is_file()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gptqlora.data.templates import PromptTemplate, available_templates
+from gptqlora.data.templates import PromptTemplate, TemplateError, available_templates
 
 ALPACA = {"instruction": "Reverse the word.", "input": "abc", "output": "cba"}
 COT = {"question": "What is 2 + 3?", "rationale": "2 + 3 = 5.", "answer": "5"}
@@ -69,5 +69,5 @@ def test_custom_template_defaults(tmp_path):
     assert t.required_fields() == {"instruction", "output"}
     with pytest.raises(ValueError, match="lacks required keys"):
         PromptTemplate.from_dict({"prompt_input": ""})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(TemplateError):
         PromptTemplate.load(tmp_path / "missing.json")

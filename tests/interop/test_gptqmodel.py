@@ -4,7 +4,9 @@ GPTQModel's CPU kernels compute in fp16, ours here in fp32 on the same dequantiz
 to fp16 rounding (~3e-3 on logits of magnitude ~2); a wrong bit layout or zero convention is off by ~1.
 """
 
+import logging
 import os
+import warnings
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # GPTQModel's TorchLinear would torch.compile (30 s)
 
@@ -92,10 +94,57 @@ def test_gptqlora_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_
     with torch.no_grad():
         ours = pm.eval()(IDS).logits
     base, _ = gptqmodel_logits(out)
-    theirs_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    with warnings.catch_warnings(record=True) as caught, _LogRecords() as logged:
+        warnings.simplefilter("always")
+        theirs_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    # a standard PEFT adapter: no "Unexpected keyword arguments" (our own settings live beside it)
+    assert _ours(caught) == [] and logged.warnings == []
     with torch.no_grad():
         theirs = theirs_model(input_ids=IDS).logits.float()
     assert (ours - theirs).abs().max() < 2 * TOL
+
+
+def _ours(caught) -> list[str]:
+    """Warnings caught, less transformers 5's deprecation of `is_gradient_checkpointing`, which PEFT's own
+    code triggers for any adapter (the CLI filters it too)."""
+    return [str(w.message) for w in caught if "is_gradient_checkpointing" not in str(w.message)]
+
+
+class _LogRecords(logging.Handler):
+    """Warnings and errors logged by any library while in the `with` block."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings.append(f"{record.name}: {record.getMessage()}")
+
+    def __enter__(self) -> "_LogRecords":
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+def test_run_adapter_loads_with_plain_peft_on_gptqmodel_base(tiny_dir, tmp_path):
+    """A run's adapter/ (what finetune writes), loaded as a user of plain PEFT would."""
+    import json
+
+    from peft import LoraConfig, PeftModel
+
+    from runs import make_run
+
+    run = make_run(tiny_dir, tmp_path / "run")
+    raw = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert set(raw) <= set(LoraConfig.__dataclass_fields__) | {"peft_type", "auto_mapping", "peft_version"}
+    assert raw["base_model_name_or_path"] == "../base"  # relative to the adapter folder: moves with the run
+    base, _ = gptqmodel_logits(run / "base")
+    with warnings.catch_warnings(record=True) as caught, _LogRecords() as logged:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, str(run / "adapter"))
+    assert _ours(caught) == [] and logged.warnings == []
 
 
 def test_requantized_merge_loads_in_gptqmodel(tiny_dir, tmp_path):

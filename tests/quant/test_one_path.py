@@ -99,6 +99,10 @@ def test_defaults_are_defined_once(which, seen, calib, tiny_dir, tiny_run, data_
         main([*entry_point(which, tiny_dir, tiny_run, data_file, tmp_path), "--calibration", str(calib)])
     d = QuantizeOptions()
     assert seen["qcfg"] == QuantConfig() and seen["method"] == d.method and seen["dtype"] == torch.float16
-    want = load_calibration(calib, char_tokenizer(), d.nsamples, api.FILE_SEQLEN, d.calibration_seed)
+    from transformers import AutoConfig
+
+    # the default sample length, lowered to the model's context (512 positions here) with a log line
+    seqlen = min(api.FILE_SEQLEN, AutoConfig.from_pretrained(tiny_dir).max_position_embeddings)
+    want = load_calibration(calib, char_tokenizer(), d.nsamples, seqlen, d.calibration_seed)
     assert len(seen["samples"]) == len(want) and all(torch.equal(a, b) for a, b in zip(seen["samples"], want))
     assert seen["solver"]["bits"] == QuantConfig().bits and seen["made_before_first_solve"] == 3  # q, k, v first
