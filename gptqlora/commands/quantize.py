@@ -12,7 +12,7 @@ DESCRIPTION = ("Quantize a Hugging Face causal LM (LLaMA family) with GPTQ, bloc
                "transformers) plus the tokenizer and quant_report.json with the per-module error. --keep and "
                "--rule set precision per module (saved as GPTQModel's `dynamic`); --method spqr writes SpQR "
                "layers (gptqlora's spqr format: small groups, 3-bit statistics, fp16 outliers).")
-EPILOG = """examples:
+EPILOG = r"""examples:
   gptqlora quantize llama-7b out --bits 2 --group-size 64 --calibration c.jsonl --keep ffn
   gptqlora quantize llama-7b out --bits 2 --keep crucial --crucial-from analysis/analysis.json --calibration c.jsonl
   gptqlora quantize llama-7b out --bits 3 --rule 'model\.layers\.0\..*=bits:8' --rule '.*down_proj=bits:4' ...
