@@ -29,7 +29,7 @@ from gptqlora.formats.base import FormatError
 from gptqlora.nn.registry import FORMATS, Entry
 from gptqlora.quant.memory import release_freed_memory
 from gptqlora.quant.model_utils import decoder_layers, linear_groups
-from gptqlora.quant.precision import check_rules, layer_stats, quantizable_names, summarize
+from gptqlora.quant.precision import check_rules, layer_stats, quantizable_names, split_fused_units, summarize
 from gptqlora.quant.solvers import SOLVERS
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
     src = source if source is not None else SafetensorsSource(model_dir)
     model = build_empty_model(config, work_dtype)
     layers_name, layers = decoder_layers(model)
-    check_rules(qcfg.dynamic, quantizable_names(layers_name, layers), qcfg.format)
+    names = quantizable_names(layers_name, layers)
+    check_rules(qcfg.dynamic, names, qcfg.format)
+    split = split_fused_units(qcfg, names) if qcfg.dynamic else []
+    if split:
+        log.warning("precision rules give modules that vLLM fuses different settings, e.g. %s (%d unit(s)): "
+                    "gptqlora and GPTQModel load this, `export --format vllm` will refuse it", split[0], len(split))
     report = QuantizeReport(config=qcfg.to_dict(), calibration={
         "nsamples": len(samples), "tokens": int(sum(s.numel() for s in samples))})
 

@@ -193,3 +193,24 @@ def summarize(report) -> dict:
     if spqr:
         out["outlier_fraction"] = round(sum(m["outliers"] for m in spqr) / sum(m["params"] for m in spqr), 6)
     return out
+
+
+FUSED_UNITS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM/SGLang fuse into one
+
+
+def split_fused_units(cfg, names: Iterable[str]) -> list[str]:
+    """Modules that serving engines fuse (q/k/v, gate/up) but the rules give different settings; each entry
+    names the unit and its members' settings. Engines resolve one setting per fused module."""
+    names = set(names)
+    out = []
+    for name in sorted(names):
+        prefix, _, leaf = name.rpartition(".")
+        for unit in FUSED_UNITS:
+            if leaf != unit[0]:
+                continue
+            members = [f"{prefix}.{m}" for m in unit if f"{prefix}.{m}" in names]
+            settings = {m.rsplit(".", 1)[-1]: cfg.for_module(m) for m in members}
+            if len({json.dumps(s, sort_keys=True) for s in settings.values()}) > 1:
+                desc = ", ".join(f"{k}: {'fp16' if v is None else v['bits']}" for k, v in settings.items())
+                out.append(f"{prefix} ({desc})")
+    return out

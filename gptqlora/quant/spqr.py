@@ -125,16 +125,20 @@ class SpQR(GPTQ):
     def _search(run, target: float) -> SpQRResult:
         """The relative threshold whose outlier fraction is nearest `target`: bracket, then interpolate
         log(fraction) against log(T) (the fraction falls roughly as a power of T)."""
-        tried: list[tuple[float, float, SpQRResult]] = []
+        tried: list[tuple[float, float]] = []
+        best: SpQRResult | None = None  # only the nearest result is kept (each holds several [N, K] tensors)
         t = START_THRESHOLD
         for i in range(SEARCH_PASSES):
             res = run(t, i + 1)
             f = res.outlier_fraction
-            tried.append((t, f, res))
+            tried.append((t, f))
+            if best is None or abs(f - target) < abs(best.outlier_fraction - target):
+                best = res
+            del res
             if abs(f - target) <= SEARCH_TOLERANCE * target:
                 break
-            over = [(tt, ff) for tt, ff, _ in tried if ff > target]  # threshold too low
-            under = [(tt, ff) for tt, ff, _ in tried if ff < target]
+            over = [(tt, ff) for tt, ff in tried if ff > target]  # threshold too low
+            under = [(tt, ff) for tt, ff in tried if ff < target]
             if over and under:
                 (t0, f0), (t1, f1) = max(over), min(under)
                 if f1 > 0:
@@ -146,12 +150,11 @@ class SpQR(GPTQ):
                 t *= min(max(f / target, 2.0), 16.0)
             else:
                 t /= min(max(target / max(f, 1e-9), 2.0), 16.0)
-        best = min(tried, key=lambda r: abs(r[1] - target))
-        if abs(best[1] - target) > 0.2 * target:
+        if abs(best.outlier_fraction - target) > 0.2 * target:
             log.warning("SpQR: outlier fraction %.4f%% after %d passes, target %.4f%% (threshold %.3g)",
-                        100 * best[1], len(tried), 100 * target, best[0])
-        best[2].passes = len(tried)
-        return best[2]
+                        100 * best.outlier_fraction, len(tried), 100 * target, best.threshold)
+        best.passes = len(tried)
+        return best
 
     def _pass(self, W0: torch.Tensor, Hinv: torch.Tensor, bits: int, group_size: int, sym: bool, stat_bits: int,
               stat_group: int, tau: float, block_size: int) -> SpQRResult:

@@ -152,9 +152,54 @@ def test_keep_crucial_measures_when_no_report_is_given(tiny_dir, tmp_path):
     (["--rule", ".*=bits:5"], "unsupported bits=5"),
     (["--keep", "crucial", "--crucial-from", "nowhere.json"], "nowhere.json: file not found"),
     (["--crucial-from", "x.json"], "--keep crucial"),
+    (["--method", "spqr", "--outlier-fraction", "0.5"], "must be in (0, 0.1]"),
+    (["--method", "spqr", "--outlier-fraction", "0"], "must be in (0, 0.1]"),
+    (["--method", "spqr", "--outlier-fraction", "0.01", "--outlier-threshold", "0.2"], "not both"),
+    (["--outlier-fraction", "0.01"], "apply to --method spqr"),
 ])
 def test_bad_precision_input_is_one_clear_line(tiny_dir, tmp_path, capsys, extra, expect):
     rc = _quantize(tiny_dir, tmp_path / "q", _calib(tmp_path), *extra)
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+def test_rule_order_survives_both_config_files(tiny_dir, tmp_path):
+    # "z..." sorts after "a...": a writer that sorted keys would swap which rule decides down_proj
+    rules = [r"z*.*down_proj=bits:8", r"a*.*_proj=bits:4"]
+    assert _quantize(tiny_dir, tmp_path / "q", _calib(tmp_path), *sum((["--rule", r] for r in rules), [])) == 0
+    for f in ("config.json", "quantize_config.json"):
+        raw = json.loads((tmp_path / "q" / f).read_text())
+        dyn = raw.get("quantization_config", raw)["dynamic"]
+        assert list(dyn) == ["+:z*.*down_proj", "+:a*.*_proj"], f
+    model = load_quantized(tmp_path / "q", device="cpu")
+    assert model.model.layers[0].mlp.down_proj.bits == 8 and model.model.layers[0].mlp.up_proj.bits == 4
+
+
+def test_split_fused_units_are_found():
+    from gptqlora.quant.precision import split_fused_units
+
+    crucial = QuantConfig(bits=2, dynamic={r"-:.*\.(down_proj|v_proj|o_proj)$": {}})
+    split = split_fused_units(crucial, NAMES)
+    assert split == ["model.layers.0.self_attn (q_proj: 2, k_proj: 2, v_proj: fp16)",
+                     "model.layers.1.self_attn (q_proj: 2, k_proj: 2, v_proj: fp16)"]
+    assert split_fused_units(QuantConfig(bits=2, dynamic={PRESETS["ffn"]: {}}), NAMES) == []
+
+
+def test_export_refuses_a_split_qkv_for_vllm(tiny_dir, tmp_path):
+    from gptqlora.commands.export import ExportError, export_vllm
+    from gptqlora.data.templates import PromptTemplate
+    from gptqlora.quant.driver import quantize_model
+    from gptqlora.run import Run
+    from tiny import calibration_samples, char_tokenizer
+
+    base = tmp_path / "base"
+    quantize_model(tiny_dir, base, QuantConfig(bits=4, group_size=32, dynamic={r"-:.*\.v_proj$": {}}),
+                   calibration_samples(2, 16), device="cpu", progress=False)
+    run = Run.create(tmp_path / "run")
+    run.record(base, [], [], PromptTemplate.load("alpaca"))
+    run.save_adapter(get_peft_model(load_quantized(base, device="cpu"), GPTQLoraConfig(r=8)))
+    run.save_tokenizer(char_tokenizer())
+    with pytest.raises(ExportError, match=r"vLLM fuses different settings.*v_proj: fp16"):
+        export_vllm(run.root, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
