@@ -32,7 +32,7 @@ FILE_SEQLEN = 2048  # tokens per sample cut from a calibration file
 
 @dataclass
 class QuantizeOptions:
-    """The calibration data and the solver a quantization runs with."""
+    """The calibration data, the solver and the per-module precision a quantization runs with."""
 
     method: str = field(default="gptq", metadata={
         "help": "gptq; rtn (round-to-nearest, the baseline); or spqr (small groups with 3-bit statistics and "

@@ -137,10 +137,11 @@ def test_spqr_checkpoint_loads_saves_and_trains_lora(spqr_dir, tmp_path):
     ids = torch.randint(4, 100, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    torch.manual_seed(0)
     pm = get_peft_model(model, GPTQLoraConfig(r=4, lora_dropout=0.0))
     assert isinstance(pm.base_model.model.model.layers[0].mlp.down_proj, GPTQLoraLinear)
-    losses = train_steps(pm, steps=4, lr=2e-2)
-    assert losses[-1] < losses[0]
+    losses = train_steps(pm, steps=5, lr=5e-3)
+    assert losses[-1] < losses[0] - 0.1
 
 
 def test_lora_on_spqr_merges_to_fp16(spqr_dir, tmp_path):

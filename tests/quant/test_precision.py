@@ -114,12 +114,13 @@ def test_keep_ffn_leaves_the_mlp_in_fp16_and_round_trips(keep_ffn, tmp_path, cap
 
 def test_lora_trains_on_a_mixed_model(keep_ffn):
     model = load_quantized(keep_ffn, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
     pm = get_peft_model(model, GPTQLoraConfig(r=4, lora_dropout=0.0))
     block = pm.base_model.model.model.layers[0]
     assert isinstance(block.self_attn.q_proj, GPTQLoraLinear)  # quantized: GPTQ-LoRA
     assert isinstance(block.mlp.down_proj, PeftLoraLinear) and not isinstance(block.mlp.down_proj, GPTQLoraLinear)
-    losses = train_steps(pm, steps=4, lr=2e-2, vocab=model.config.vocab_size)
-    assert losses[-1] < losses[0]
+    losses = train_steps(pm, steps=5, lr=5e-3, vocab=model.config.vocab_size)
+    assert losses[-1] < losses[0] - 0.1
     assert all(p.grad is None or not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
 
 
