@@ -7,8 +7,8 @@ SpQR base, trained and merged to fp16. The issue-17 acceptance on a real-text mo
 Writes OUT/gptq/ and OUT/spqr/ (the checkpoints), OUT/results.json and OUT/results.md, and prints the table:
 fp16, GPTQ (--gptq-bits, g --gptq-group, act-order) and SpQR (--spqr-bits, group 16, 3-bit statistics,
 --outlier-fraction) perplexity on --eval (non-overlapping windows of --seqlen tokens, at most --windows),
-with each one's average bits per weight. `spqr_closer` is true when SpQR's perplexity is at least as close
-to fp16's as GPTQ's. With --train-data, also trains a GPTQ-LoRA adapter on the SpQR base (`finetune
+with each one's average bits per weight. `spqr_closer` is true when |ppl(SpQR) - ppl(fp16)| <=
+|ppl(GPTQ) - ppl(fp16)|. With --train-data, also trains a GPTQ-LoRA adapter on the SpQR base (`finetune
 --quant_checkpoint`), merges it (`merge --to fp16`) and reports the merged model's perplexity.
 """
 
@@ -108,12 +108,14 @@ def main(argv=None) -> int:
     base = rows["fp16"]["ppl"]
     gap = {k: v["ppl"] - base for k, v in rows.items()}
     result = {"model": args.model_dir, "rows": rows, "gap_to_fp16": gap,
-              "spqr_avg_bits_le_4": rows["spqr"]["avg_bits"] <= 4.0, "spqr_closer": gap["spqr"] <= gap["gptq"]}
+              "spqr_avg_bits_le_4": rows["spqr"]["avg_bits"] <= 4.0,
+              "spqr_closer": abs(gap["spqr"]) <= abs(gap["gptq"])}  # closeness: |ppl - fp16 ppl|
     lines = [f"perplexity on {args.eval} ({args.model_dir})", "", "| model | avg bits | ppl | ppl - fp16 |",
              "|---|---|---|---|"]
     lines += [f"| {k} | {v['avg_bits']:.3f} | {v['ppl']:.4f} | {gap[k]:+.4f} |" for k, v in rows.items()]
-    lines += ["", f"SpQR at {rows['spqr']['avg_bits']:.3f} bits is {'at least as close to' if result['spqr_closer'] else 'further from'} "
-                  f"fp16 as GPTQ {args.gptq_bits}-bit g{args.gptq_group} ({rows['gptq']['avg_bits']:.3f} bits)"]
+    verdict = "at least as close to fp16 as" if result["spqr_closer"] else "further from fp16 than"
+    lines += ["", f"SpQR at {rows['spqr']['avg_bits']:.3f} bits is {verdict} GPTQ {args.gptq_bits}-bit "
+                  f"g{args.gptq_group} ({rows['gptq']['avg_bits']:.3f} bits)"]
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
