@@ -179,7 +179,7 @@ class SpQR(GPTQ):
             for i in range(i2 - i1):
                 col = i1 + i
                 if col % gs == 0:
-                    group = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]  # (N, g) the updated weights
+                    group = torch.cat([W1[:, i:i + gs], W[:, i2:i2 + gs]], 1)[:, :gs]  # (N, g) updated weights
                     s, z, st = self._group_stats(group, diag[col:col + group.shape[1]], bits, sym, stat_bits,
                                                  stat_group, tau)
                     stats.append(st)
