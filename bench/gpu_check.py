@@ -6,7 +6,10 @@
    fp16 and bf16, act-order, packed and float zeros (fresh random layers, poisoned output);
 2. layers: quant_matmul (forward, dx) and the fused base+LoRA function (forward, dx, dA, dB) on the
    Triton path against float64 references, M = 1, 7, 4099, bf16;
-3. training: a few GPTQ-LoRA steps of a small random LLaMA with bf16 autocast and gradient checkpointing,
+3. siblings: the grouped function (q/k/v-like layers sharing one input and dropout mask) against float64;
+4. launches: the fast launch path (kernels/launch.py) on aligned and misaligned inputs in turn, against the
+   torch reference (a cached kernel compiled for aligned pointers must not serve a misaligned one);
+5. training: a few GPTQ-LoRA steps of a small random LLaMA with bf16 autocast and gradient checkpointing,
    Triton path against the reference path: the same losses within bf16 noise, finite gradients.
 """
 
@@ -22,7 +25,7 @@ from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels.autograd import quant_matmul
 from gptqlora.kernels.dequant import dequantize_triton, plan_for
 from gptqlora.kernels.lora_dropout import dropout_mask
-from gptqlora.kernels.quant_lora import quant_lora_matmul
+from gptqlora.kernels.quant_lora import PackedBase, quant_lora_group, quant_lora_matmul
 from gptqlora.kernels.reference import dequantize
 
 
@@ -92,6 +95,55 @@ def check_layers(device, k, n) -> list[dict]:
     return rows
 
 
+def check_group(device, k, widths) -> list[dict]:
+    rows = []
+    m, r = 4099, 8
+    packs = [packed(k, n, bits, 128, True, False, n + bits, device) for n, bits in widths]
+    bases = [PackedBase(*p, bits, plan_for(p[3], 128)) for p, (_, bits) in zip(packs, widths)]
+    ws = [dequantize(*p, bits, torch.float64) for p, (_, bits) in zip(packs, widths)]
+    for p_drop in (0.0, 0.1):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        a = [(torch.randn(r, k, device=device) * 0.02).requires_grad_() for _ in widths]
+        b = [(torch.randn(n, r, device=device) * 0.02).requires_grad_() for n, _ in widths]
+        dys = [torch.randn(m, n, device=device, dtype=torch.bfloat16) for n, _ in widths]
+        torch.manual_seed(11)
+        ys = quant_lora_group(x, bases, a, b, [2.0] * len(widths), p_drop, "triton")
+        grads = torch.autograd.grad(ys, (x, *a, *b), dys)
+        torch.manual_seed(11)
+        keep = dropout_mask(m, k, p_drop, int(torch.randint(0, 2**31 - 1, (1,))), device).double() \
+            / (1 - p_drop) if p_drop else 1.0
+        x64 = (x.detach().double() * keep)
+        err, dx = 0.0, 0.0
+        for i, (w, dy) in enumerate(zip(ws, dys)):
+            a64, b64, dy64 = a[i].detach().double(), b[i].detach().double(), dy.double()
+            xa = x64 @ a64.t()
+            dxa = 2.0 * dy64 @ b64
+            dx = dx + dy64 @ w.t() + (dxa @ a64) * keep
+            err = max(err, rel(ys[i], x.detach().double() @ w + 2.0 * xa @ b64.t()), rel(grads[1 + i], dxa.t() @ x64),
+                      rel(grads[1 + len(ws) + i], 2.0 * dy64.t() @ xa))
+        err = max(err, rel(grads[0], dx))
+        rows.append({"check": "siblings", "widths": widths, "dropout": p_drop, "rel_err": err, "ok": err < 1e-2})
+    return rows
+
+
+def check_launches(device, k, n) -> list[dict]:
+    from gptqlora.kernels.lora_dropout import dropout_xa
+
+    rows = []
+    a = torch.randn(8, k, device=device, dtype=torch.bfloat16)
+    flat = torch.randn(64 * k + 1, device=device, dtype=torch.bfloat16)  # [1:] starts 2 bytes off 16
+    for name, x in (("aligned", torch.randn(64, k, device=device, dtype=torch.bfloat16)),
+                    ("misaligned", flat[1:].view(64, k)),
+                    ("aligned again", torch.randn(64, k, device=device, dtype=torch.bfloat16))):
+        got = dropout_xa(x, a, 0.0001, 5)
+        mask = dropout_mask(64, k, 0.0001, 5, device)
+        want = (x.double() * mask / (1 - 0.0001)) @ a.double().t()
+        e = rel(got, want)
+        rows.append({"check": "launch", "input": name, "aligned": x.data_ptr() % 16 == 0, "rel_err": e,
+                     "ok": e < 1e-2})
+    return rows
+
+
 def check_training(device, hidden, autocast) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +152,7 @@ def check_training(device, hidden, autocast) -> dict:
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.skeleton import quantize_skeleton
 
-    def losses(backend: str, dropout: float) -> tuple[list[float], bool]:
+    def losses(backend: str, dropout: float, siblings: bool = True) -> tuple[list[float], bool]:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=2,
                           num_attention_heads=8, vocab_size=1024)
@@ -116,6 +168,10 @@ def check_training(device, hidden, autocast) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         pm = gptqlora.get_peft_model(model, GPTQLoraConfig(lora_dropout=dropout, init_lora_weights="gaussian"))
+        if not siblings:
+            from gptqlora.adapters.siblings import unlink_siblings
+
+            unlink_siblings(pm)
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
         ids = torch.randint(0, 1024, (4, 128), device=device, generator=torch.Generator(device=device).manual_seed(2))
         out, finite = [], True
@@ -132,11 +188,14 @@ def check_training(device, hidden, autocast) -> dict:
 
     kern, fin_k = losses("triton", 0.0)  # no dropout: the two paths draw different masks
     ref, fin_r = losses("torch", 0.0)
+    single, fin_s = losses("triton", 0.0, siblings=False)  # q/k/v and gate/up layer by layer
     drop, fin_d = losses("triton", 0.05)
     diff = max(abs(a - b) / abs(b) for a, b in zip(kern, ref))
+    diff_s = max(abs(a - b) / abs(b) for a, b in zip(kern, single))
     return {"check": "training", "triton_losses": kern, "reference_losses": ref, "max_rel_diff": diff,
-            "triton_dropout_losses": drop,
-            "ok": fin_k and fin_r and fin_d and diff < 1e-2 and kern[-1] < kern[0] and drop[-1] < drop[0]}
+            "single_layer_losses": single, "siblings_rel_diff": diff_s, "triton_dropout_losses": drop,
+            "ok": fin_k and fin_r and fin_d and fin_s and diff < 1e-2 and diff_s < 1e-2 and kern[-1] < kern[0]
+            and drop[-1] < drop[0]}
 
 
 def main(argv: list[str]) -> int:
@@ -148,7 +207,9 @@ def main(argv: list[str]) -> int:
     else:
         sys.stderr.write("no CUDA device\n")
         return 1
-    rows = check_dequant(device, shapes) + check_layers(device, k, n) + [check_training(device, hidden, autocast)]
+    widths = ((k, 4), (k // 4, 4), (k // 2, 2))  # q, k, v of a GQA block (mixed bit widths allowed)
+    rows = check_dequant(device, shapes) + check_layers(device, k, n) + check_group(device, k, widths) + \
+        check_launches(device, k, n) + [check_training(device, hidden, autocast)]
     bad = [r for r in rows if not r["ok"]]
     sys.stdout.write(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                                  "torch": torch.__version__, "failed": bad}, indent=1) + "\n")
@@ -157,7 +218,8 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(f"gpu_check: {len(rows) - len(bad)}/{len(rows)} ok; dequant exact in "
                      f"{sum(r['ok'] for r in rows if r['check'] == 'dequant')} cases; worst layer rel err "
                      f"{layer_err:.2e}; training losses triton {train['triton_losses']} vs reference "
-                     f"{train['reference_losses']} (max rel diff {train['max_rel_diff']:.1e})\n")
+                     f"{train['reference_losses']} (max rel diff {train['max_rel_diff']:.1e}; siblings vs "
+                     f"layer by layer {train['siblings_rel_diff']:.1e})\n")
     return 0 if not bad else 1
 
 

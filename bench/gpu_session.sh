@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train ablations spqr journey)
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr journey)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,6 +22,18 @@ for stage in "$@"; do
     train)     python3 bench/train_suite.py --set core --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" \
                  --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode gptq --bits 2 --group 64 --liger" > "$OUT/train.md" 2>> "$OUT/stderr.log"
                grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/stderr.log" ;;
+    ab)        python3 bench/train_suite.py --set ab --batches 1x2048 --out "$OUT" > "$OUT/ab.md" 2>> "$OUT/stderr.log"
+               grep "^|" "$OUT/ab.md" ;;
+    lite)      python3 bench/train_suite.py --set core-lite --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" > "$OUT/lite.md" 2>> "$OUT/stderr.log"
+               grep "^|" "$OUT/lite.md" ;;
+    best)      python3 bench/train_suite.py --set best --out "$OUT" > "$OUT/best.md" 2>> "$OUT/stderr.log"
+               grep "^|" "$OUT/best.md" ;;
+    host)      for c in "--mode gptq --bits 4 --group 128 --liger" "--mode bf16" "--mode nf4"; do
+                 python3 bench/train_step.py $c --bs 1 --seq 2048 --steps 3 --host-profile >> "$OUT/host.jsonl" 2>> "$OUT/stderr.log"
+               done
+               python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    r=json.loads(l); h=r['host']; print(r['mode'], r['tokens_per_s'], 'tok/s; launches', h['launches'], 'gpu busy', h['gpu_busy_ms'], 'ms of', h['profiled_wall_ms'], '; host enqueue', h['host_enqueue_ms'], 'ms; waits', h['waits'])" "$OUT/host.jsonl" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \

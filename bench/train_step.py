@@ -104,6 +104,10 @@ def wrap(model: nn.Module, a) -> nn.Module:
                 mod.kernel = a.kernel
         model = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=a.lora_dropout,
                                                               target_modules=TARGETS))
+        if not a.siblings:
+            from gptqlora.adapters.siblings import unlink_siblings
+
+            unlink_siblings(model)
         if not a.fused:
             from gptqlora.adapters.layer import GPTQLoraLinear
 
@@ -127,11 +131,22 @@ def main() -> None:
     ap.add_argument("--lora_dropout", type=float, default=0.05)
     ap.add_argument("--kernel", default="auto", choices=("auto", "triton", "torch"), help="gptq dequant backend")
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="gptq: PEFT's generic LoRA path")
+    ap.add_argument("--no-siblings", dest="siblings", action="store_false",
+                    help="gptq: q/k/v and gate/up layer by layer instead of one fused call each")
+    ap.add_argument("--slow-launch", action="store_true", help="gptq: Triton's own kernel launch path "
+                    "(GPTQLORA_FAST_LAUNCH=0) instead of kernels/launch.py's")
     ap.add_argument("--liger", action="store_true", help="Liger's RMSNorm/SwiGLU/RoPE/fused linear+CE")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--profile", action="store_true", help="also print the top CUDA kernels of one step")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also profile the host side of two steps: Python functions by own time (cProfile), "
+                         "kernel launches per step, and GPU-busy time against wall time")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     a = ap.parse_args()
+    if a.slow_launch:
+        import os
+
+        os.environ["GPTQLORA_FAST_LAUNCH"] = "0"
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -165,7 +180,8 @@ def main() -> None:
     med = sorted(times[2:])[len(times[2:]) // 2]
     label = a.mode if a.mode != "gptq" else f"gptq{a.bits}-g{a.group}"
     label += "+liger" * a.liger + ("" if a.fused or a.mode != "gptq" else "-unfused") + \
-        ("-torchref" if a.kernel == "torch" else "") + ("-nockpt" if not a.checkpointing else "")
+        ("-torchref" if a.kernel == "torch" else "") + "-nosiblings" * (not a.siblings) + \
+        "-slowlaunch" * a.slow_launch + ("-nockpt" if not a.checkpointing else "")
     rec = dict(shape=a.shape, mode=label, bs=a.bs, seq=a.seq, step_s=round(med, 4), tokens_per_s=round(a.bs * a.seq / med),
                weights_gib=round(weights_gib, 2),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
@@ -180,7 +196,55 @@ def main() -> None:
             sync()
         rec["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                                    max_name_column_width=70)
+    if a.host_profile:
+        rec["host"] = host_profile(step, sync, cuda)
     print(json.dumps(rec))
+
+
+def host_profile(step, sync, cuda: bool) -> dict:
+    """Where a host-bound step's wall time goes: cProfile's top functions by own time over two steps, the
+    number of kernel launches per step and the GPU's busy time (sum of kernel times) against wall time."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    pr = cProfile.Profile()
+    sync()
+    pr.enable()
+    for _ in range(2):
+        step()
+    sync()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(35)
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=acts) as prof:
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                   "cudaLaunchKernelExC"))
+    gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) \
+        if cuda else 0.0
+    top_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    # what makes the host wait for the GPU inside a step (each such wait serialises host and GPU work)
+    waits = {e.key: e.count for e in ev if any(w in e.key for w in ("Synchronize", "_local_scalar_dense",
+                                                                      "Memcpy", "cudaMalloc", "cudaFree"))}
+    # the host's own time: enqueueing a step without waiting at its end (equal to the wall time when the
+    # host, not the GPU, is the bottleneck and nothing inside the step waits for the GPU)
+    sync()
+    t = time.perf_counter()
+    step()
+    enqueue = time.perf_counter() - t
+    sync()
+    return dict(cprofile=buf.getvalue()[-9000:], launches=launches, gpu_busy_ms=round(gpu_us / 1e3, 1),
+                profiled_wall_ms=round(wall * 1e3, 1), host_enqueue_ms=round(enqueue * 1e3, 1), waits=waits,
+                top_cpu=top_cpu)
 
 
 if __name__ == "__main__":

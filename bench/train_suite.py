@@ -1,6 +1,6 @@
 """Training-step benchmark: the peers and gptqlora in one run, one process per configuration.
 
-    python bench/train_suite.py [--set core|ablations|all] [--shape 7b] [--out DIR]
+    python bench/train_suite.py [--set core|core-lite|best|ab|ablations|all] [--batches 16x256,1x2048] [--shape 7b] [--out DIR]
 
 Peers: bf16 base + PEFT LoRA (the ceiling users compare with; also with Liger, to show what Liger alone
 gives), bitsandbytes NF4 + PEFT (QLoRA). gptqlora at 2/3/4 bit with its defaults (Triton dequant, fused
@@ -17,13 +17,24 @@ import sys
 import time
 from pathlib import Path
 
-BATCHES = ((16, 256), (1, 2048))
 CORE = [["--mode", "bf16"], ["--mode", "bf16", "--liger"], ["--mode", "nf4"],
         ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger"],
         ["--mode", "gptq", "--bits", "3", "--group", "128", "--liger"],
         ["--mode", "gptq", "--bits", "2", "--group", "64", "--liger"]]
+# each tool at its best settings that fit the card: no recomputation (an H200 has the memory for a 7B)
+BEST = [["--mode", "bf16", "--no-checkpointing"], ["--mode", "nf4", "--no-checkpointing"],
+        ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-checkpointing"],
+        ["--mode", "gptq", "--bits", "2", "--group", "64", "--liger", "--no-checkpointing"]]
+CORE_LITE = [c for c in CORE if "3" not in c and c != ["--mode", "bf16", "--liger"]]  # peers, 4 and 2 bit
+# what each host-side change of the fused path gives (kernels/launch.py, adapters/siblings.py)
+AB = [["--mode", "gptq", "--bits", "4", "--group", "128", "--liger"],
+      ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings"],
+      ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--slow-launch"],
+      ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings", "--slow-launch"]]
 ABLATIONS = [["--mode", "gptq", "--bits", "4", "--group", "128"],  # no Liger
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-fused"],  # PEFT's LoRA path
+             ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings"],  # q/k/v one by one
+             ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--slow-launch"],  # Triton's launch
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--kernel", "torch"]]  # the old reference path
 
 
@@ -41,7 +52,8 @@ def run(args: list[str], timeout: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", default="core", choices=("core", "ablations", "all"))
+    ap.add_argument("--set", default="core", choices=("core", "core-lite", "best", "ab", "ablations", "all"))
+    ap.add_argument("--batches", default="16x256,1x2048", help="comma-separated BSxSEQ shapes")
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--steps", default="5")
     ap.add_argument("--out", default=".")
@@ -49,10 +61,12 @@ def main() -> int:
     ap.add_argument("--profile", action="append", default=[],
                     help="a configuration to profile (at both batch shapes), as its arguments, e.g. '--mode bf16'")
     a = ap.parse_args()
-    configs = {"core": CORE, "ablations": ABLATIONS, "all": CORE + ABLATIONS}[a.set]
+    configs = {"core": CORE, "core-lite": CORE_LITE, "best": BEST, "ab": AB, "ablations": ABLATIONS,
+               "all": CORE + ABLATIONS}[a.set]
     out = Path(a.out) / "train_suite.jsonl"
     t0, recs = time.time(), []
-    for bs, seq in BATCHES:
+    batches = [tuple(int(v) for v in b.split("x")) for b in a.batches.split(",")]
+    for bs, seq in batches:
         for c in configs:
             if time.time() - t0 > a.budget_s:
                 recs.append({"args": c, "bs": bs, "seq": seq, "error": "skipped: suite time budget spent"})
@@ -82,7 +96,9 @@ def table(recs: list[dict]) -> None:
             p(f"| {' '.join(r['args'])} | {batch} | {r['error']} | | | | |\n")
             continue
         peers = {x["mode"]: x["tokens_per_s"] for x in ok if (x["bs"], x["seq"]) == (r["bs"], r["seq"])}
-        ratio = {m: f"{r['tokens_per_s'] / peers[m]:.2f}" if m in peers else "-" for m in ("nf4", "bf16")}
+        suffix = "-nockpt" if r["mode"].endswith("-nockpt") else ""  # peers at the same checkpointing
+        ratio = {m: f"{r['tokens_per_s'] / peers[m + suffix]:.2f}" if m + suffix in peers else "-"
+                 for m in ("nf4", "bf16")}
         p(f"| {r['mode']} | {batch} | {r['tokens_per_s']:,} | {ratio['nf4']} | {ratio['bf16']} | {r['peak_gib']} | "
           f"{r['weights_gib']} |\n")
     for r in ok:

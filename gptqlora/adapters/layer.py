@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from gptqlora.kernels.quant_lora import quant_lora_matmul
+from gptqlora.kernels.quant_lora import PackedBase, quant_lora_group
 from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 
 MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
@@ -31,6 +31,7 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         if config.use_dora:
             raise ValueError("GPTQLoraLinear does not support DoRA")
         self._active_adapter = adapter_name
+        self.siblings = None  # a SiblingGroup (adapters/siblings.py) when q/k/v or gate/up are fused
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
@@ -60,16 +61,24 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         drop = self.lora_dropout[active[0]]
         return active[0] if isinstance(drop, (nn.Dropout, nn.Identity)) else None
 
+    def _fused_parts(self, name: str) -> tuple[PackedBase, torch.Tensor, torch.Tensor, float, float]:
+        """This layer's share of a fused call: packed base, lora_A, lora_B, scaling, dropout p."""
+        base, drop = self.base_layer, self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        packed = PackedBase(base.qweight, base.zero_points, base.scales, base.g_idx, base.bits, base.kernel_plan())
+        return packed, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(kwargs)
         if name is not None:  # one autograd function: base matmul, dropout and both LoRA matmuls
-            base = self.base_layer
-            drop = self.lora_dropout[name]
-            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            y = quant_lora_matmul(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
-                                  base.qweight, base.zero_points, base.scales, base.g_idx, base.bits,
-                                  self.scaling[name], p, base.kernel, base.kernel_plan())
-            return y if base.bias is None else y + base.bias.to(y.dtype)
+            y = None
+            if self.siblings is not None and self.siblings.enabled:
+                y = self.siblings.output(self, x, lambda layers, x: _fused_group(layers, x, name, kwargs))
+            if y is None:
+                packed, a, b, s, p = self._fused_parts(name)
+                (y,) = quant_lora_group(x.to(compute_dtype(x)), [packed], [a], [b], [s], p, self.base_layer.kernel)
+            bias = self.base_layer.bias
+            return y if bias is None else y + bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:
             return result
@@ -98,6 +107,19 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "gptqlora." + super().__repr__()
+
+
+def _fused_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
+    """All siblings' outputs from one fused call, or None when they can't share one now (another adapter
+    active on one of them, different dropout or backend)."""
+    if any(m._fused_adapter(kwargs) != name for m in layers):
+        return None
+    parts = [m._fused_parts(name) for m in layers]
+    kernels = {m.base_layer.kernel for m in layers}
+    if len({p for *_, p in parts}) != 1 or len(kernels) != 1:
+        return None
+    packed, a, b, s, p = zip(*parts)
+    return quant_lora_group(x.to(compute_dtype(x)), list(packed), list(a), list(b), list(s), p[0], kernels.pop())
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, qalora_group_size: int | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 
 from gptqlora.adapters.config import GPTQLoraConfig
 from gptqlora.adapters.dispatch import register
+from gptqlora.adapters.siblings import link_siblings
 from gptqlora.nn.registry import FORMATS
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
         from gptqlora.adapters.init import svd_init
 
         svd_init(peft_model, config, adapter_name)
+    link_siblings(peft_model)
     return peft_model
 
 
@@ -157,10 +159,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
                            peft_config=config, autocast_adapter_dtype=_keep_fp32(config))
+        link_siblings(model)
         return model
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                     is_trainable=is_trainable, config=config,
-                                     autocast_adapter_dtype=_keep_fp32(config))
+    model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
+                                      is_trainable=is_trainable, config=config,
+                                      autocast_adapter_dtype=_keep_fp32(config))
+    link_siblings(model)
+    return model
 
 
 def _keep_fp32(config: LoraConfig) -> bool:

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptqlora.kernels.launch import FastKernel
+
 
 @triton.jit
 def _unpack(words_ptr, offset, shift, next_word, mask, BITS: tl.constexpr):
@@ -91,6 +93,9 @@ def _dequant_gather_kernel(qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_pt
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=m2)
 
 
+_GROUPED, _GATHER = FastKernel(_dequant_grouped_kernel), FastKernel(_dequant_gather_kernel)
+
+
 @dataclass(frozen=True)
 class DequantPlan:
     """How the grouped kernel walks a layer: rows in group order (`perm`, None when g_idx is already
@@ -141,12 +146,12 @@ def dequantize_triton(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.
         bk = block_k or _block_k(plan.group)
         perm = plan.perm if plan.perm is not None else g_idx  # any int32 pointer; unread without HAS_PERM
         grid = (triton.cdiv(k, bk), triton.cdiv(n, block_n))
-        _dequant_grouped_kernel[grid](qweight, zeros, scales, perm, out, k, n, plan.group, BITS=bits,
+        _GROUPED[grid](qweight, zeros, scales, perm, out, k, n, plan.group, BITS=bits,
                                       FLOAT_ZEROS=float_zeros, HAS_PERM=plan.perm is not None, BLOCK_K=bk,
                                       BLOCK_N=block_n, num_warps=num_warps)
     else:
         bk = block_k or 16
         grid = (triton.cdiv(k, bk), triton.cdiv(n, block_n))
-        _dequant_gather_kernel[grid](qweight, zeros, scales, g_idx, out, k, n, BITS=bits, FLOAT_ZEROS=float_zeros,
+        _GATHER[grid](qweight, zeros, scales, g_idx, out, k, n, BITS=bits, FLOAT_ZEROS=float_zeros,
                                      BLOCK_K=bk, BLOCK_N=block_n, num_warps=num_warps)
     return out

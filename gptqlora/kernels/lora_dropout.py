@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptqlora.kernels.launch import FastKernel
+
 
 @triton.jit
 def _keep(seed, rows, u, K, thresh):
@@ -104,6 +106,9 @@ def _mask_kernel(out_ptr, T, K, seed, thresh, BLOCK_T: tl.constexpr):
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], _keep(seed, rows, u, K, thresh), mask=m)
 
 
+_XA, _DA, _DX, _MASK = map(FastKernel, (_xa_kernel, _da_kernel, _dx_kernel, _mask_kernel))
+
+
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -138,7 +143,7 @@ def dropout_xa(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.T
     r = a.shape[0]
     xa = torch.empty(t, r, dtype=x.dtype, device=x.device)
     bt = _rows_block(t)
-    _xa_kernel[(triton.cdiv(t, bt),)](x, a, xa, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=bt,
+    _XA[(triton.cdiv(t, bt),)](x, a, xa, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=bt,
                                       R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
     return xa
 
@@ -153,7 +158,7 @@ def dropout_da(dxa: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     per = triton.cdiv(triton.cdiv(t, splits), 64) * 64
     splits = triton.cdiv(t, per)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _da_kernel[(n_u, splits)](dxa, x, part, t, k, r, per, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64,
+    _DA[(n_u, splits)](dxa, x, part, t, k, r, per, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64,
                               R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
     return part.sum(0) if splits > 1 else part[0]
 
@@ -163,7 +168,7 @@ def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: floa
     t, k = dx.shape
     r = a.shape[0]
     grid = (triton.cdiv(t, 64), triton.cdiv(k, 128))
-    _dx_kernel[grid](dx, dxa, a, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64, R_PAD=_r_pad(r),
+    _DX[grid](dx, dxa, a, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64, R_PAD=_r_pad(r),
                      PRECISION=_precision(dx.dtype))
     return dx
 
@@ -171,5 +176,5 @@ def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: floa
 def dropout_mask(t: int, k: int, p: float, seed: int, device) -> torch.Tensor:
     """The keep mask (T, K) the kernels above use for this seed (for tests and references)."""
     out = torch.empty(t, k, dtype=torch.bool, device=device)
-    _mask_kernel[(triton.cdiv(t, 16), triton.cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
+    _MASK[(triton.cdiv(t, 16), triton.cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
     return out
