@@ -204,3 +204,25 @@ def test_export_refuses_a_split_qkv_for_vllm(tiny_dir, tmp_path):
     with pytest.raises(ExportError, match=r"vLLM fuses different settings.*v_proj: fp16"):
         export_vllm(run.root, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_siblings_of_different_bits_fuse_correctly(tiny_dir, tmp_path):
+    from gptqlora.adapters.siblings import unlink_siblings
+    from gptqlora.quant.driver import quantize_model
+    from tiny import calibration_samples
+
+    out = tmp_path / "q"
+    quantize_model(tiny_dir, out, QuantConfig(bits=4, group_size=32, dynamic={r"+:.*q_proj$": {"bits": 8}}),
+                   calibration_samples(2, 16), device="cpu", progress=False)
+    pm = get_peft_model(load_quantized(out, device="cpu", dtype=torch.float32), GPTQLoraConfig(r=4, lora_dropout=0.0))
+    attn = pm.base_model.model.model.layers[0].self_attn
+    assert attn.q_proj.base_layer.bits == 8 and attn.k_proj.base_layer.bits == 4 and attn.q_proj.siblings is not None
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        fused = pm(ids).logits
+        unlink_siblings(pm)
+        torch.testing.assert_close(pm(ids).logits, fused, rtol=1e-5, atol=1e-5)
