@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations journey)
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr journey)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +36,8 @@ for l in open(sys.argv[1]):
     r=json.loads(l); h=r['host']; print(r['mode'], r['tokens_per_s'], 'tok/s; launches', h['launches'], 'gpu busy', h['gpu_busy_ms'], 'ms of', h['profiled_wall_ms'], '; host enqueue', h['host_enqueue_ms'], 'ms; waits', h['waits'])" "$OUT/host.jsonl" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
+    spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
   esac
   echo "== $stage took $(( $(date +%s) - t0 )) s"

@@ -18,6 +18,7 @@ import warnings
 from gptqlora import __version__
 
 EPILOG = """Typical flow:
+  gptqlora analyze MODEL_DIR --calibration data.jsonl --out analysis/      (optional: where it hurts)
   gptqlora quantize MODEL_DIR OUT_DIR --bits 2 --group-size 64 --calibration data.jsonl
   gptqlora finetune --quant_checkpoint OUT_DIR --data alpaca.json --output_dir runs/my-run
   gptqlora merge runs/my-run --to fp16 --out merged/
@@ -28,7 +29,8 @@ like). `gptqlora finetune` with no arguments runs the built-in demo: a tiny bund
 
 # In the order of the workflow: name -> one line for `gptqlora --help`.
 COMMANDS = {
-    "quantize": "quantize an fp16/bf16 model to a GPTQ checkpoint",
+    "analyze": "quantization sensitivity and activation outliers of an fp16 model (JSON + plots)",
+    "quantize": "quantize an fp16/bf16 model to a GPTQ checkpoint (or SpQR; per-module precision)",
     "finetune": "train GPTQ-LoRA adapters (no arguments: the built-in CPU demo)",
     "merge": "merge a run's adapter into its base (fp16, GPTQ, or exact)",
     "export": "export a run for a serving engine (vLLM)",

@@ -133,7 +133,8 @@ def write_configs(out_dir: Path, config_dict: dict, qcfg: QuantConfig) -> None:
     config_dict["quantization_config"] = qcfg.to_dict()
     config_dict.pop("dtype", None)
     config_dict["torch_dtype"] = "float16"
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    # top-level keys sorted, nested ones kept in order: `dynamic` rules are ordered (the first match decides)
+    (out_dir / "config.json").write_text(json.dumps(dict(sorted(config_dict.items())), indent=2))
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg.to_dict(), indent=2))
 
 

@@ -48,7 +48,13 @@ class QuantConfig:
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
     mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})
-    # GPTQModel-style per-module overrides: {regex: {bits, group_size, ...}}; a "-:" key prefix skips a module
+    stat_bits: int = field(default=3, metadata={
+        "help": "--method spqr: bits of the second-level quantization of the group scales and zeros"})
+    stat_group_size: int = field(default=16, metadata={
+        "help": "--method spqr: output channels sharing one second-level scale/zero of the group statistics"})
+    # Per-module precision rules, GPTQModel's `dynamic` (see `precision_rules`): {regex: {bits, group_size,
+    # desc_act, sym}}, ordered, the first rule whose regex matches a module's full name (re.match) decides it;
+    # a "-:" key prefix keeps the module in full precision, "+:" (or none) overrides its settings.
     dynamic: Optional[dict] = field(default=None, metadata={"cli": False})
     meta: dict = field(default_factory=dict, metadata={"cli": False})
 
@@ -61,6 +67,8 @@ class QuantConfig:
             FORMATS.lookup(None, self.format).format.check_bits(self.bits)
         except FormatError as e:
             raise QuantConfigError(str(e)) from None
+        if self.dynamic is not None:
+            self.dynamic = check_dynamic(self.dynamic, self.format)
 
     @property
     def method(self) -> str:
@@ -75,6 +83,8 @@ class QuantConfig:
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
+        if self.method != "spqr":  # second-level statistics exist in SpQR layers only
+            d.pop("stat_bits"), d.pop("stat_group_size")
         return d
 
     @classmethod
@@ -87,6 +97,7 @@ class QuantConfig:
                        static_groups=bool(d.get("static_groups", False)),
                        true_sequential=bool(d.get("true_sequential", True)),
                        damp_percent=float(d.get("damp_percent", 0.01)),
+                       stat_bits=int(d.get("stat_bits", 3)), stat_group_size=int(d.get("stat_group_size", 16)),
                        dynamic=d.get("dynamic"), meta=dict(d.get("meta") or {}))
         except KeyError as e:
             raise QuantConfigError(f"{where}: missing field {e}") from None
@@ -94,16 +105,62 @@ class QuantConfig:
             raise QuantConfigError(f"{where}: {e}") from None
 
     def for_module(self, name: str) -> dict | None:
-        """bits/group_size/desc_act/sym for one module after `dynamic` overrides; None if it is skipped."""
+        """bits/group_size/desc_act/sym for one module after the `dynamic` rules; None if it stays in full
+        precision. As in GPTQModel: the first rule whose regex matches the full module name decides."""
         out = {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym}
-        for pattern, override in (self.dynamic or {}).items():
-            negative = pattern.startswith("-:")
-            regex = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
-            if re.match(regex, name):
-                if negative:
-                    return None
-                out.update({k: v for k, v in (override or {}).items() if k in out})
+        rule = matching_rule(self.dynamic, name)
+        if rule is None:
+            return out
+        if rule.startswith("-:"):
+            return None
+        out.update({k: v for k, v in (self.dynamic[rule] or {}).items() if k in out})
         return out
+
+
+RULE_KEYS = ("bits", "group_size", "desc_act", "sym")  # what a rule may set (GPTQModel's engine-visible fields)
+
+
+def rule_regex(pattern: str) -> str:
+    """A `dynamic` key without its "-:"/"+:" prefix."""
+    return pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+
+
+def matching_rule(dynamic: dict | None, name: str) -> str | None:
+    """The first `dynamic` key whose regex matches `name` from its start (GPTQModel's order), or None."""
+    for pattern in dynamic or {}:
+        if re.match(rule_regex(pattern), name):
+            return pattern
+    return None
+
+
+def check_dynamic(dynamic: dict, fmt: str) -> dict:
+    """Validate `dynamic` rules (regexes compile, known keys, storable bits/group sizes); returns them."""
+    if not isinstance(dynamic, dict):
+        raise QuantConfigError(f"dynamic must be a mapping of regex -> settings, got {type(dynamic).__name__}")
+    for pattern, override in dynamic.items():
+        try:
+            re.compile(rule_regex(pattern))
+        except re.error as e:
+            raise QuantConfigError(f"precision rule {pattern!r}: not a valid regex ({e})") from None
+        override = override or {}
+        if not isinstance(override, dict):
+            raise QuantConfigError(f"precision rule {pattern!r}: settings must be a mapping, got {override!r}")
+        unknown = sorted(set(override) - set(RULE_KEYS))
+        if unknown:
+            raise QuantConfigError(f"precision rule {pattern!r}: unknown setting(s) {unknown}; a rule sets "
+                                   f"{', '.join(RULE_KEYS)}")
+        if pattern.startswith("-:") and override:
+            raise QuantConfigError(f"precision rule {pattern!r} keeps modules in full precision, so it takes no "
+                                   f"settings (got {override})")
+        if "bits" in override:
+            try:
+                FORMATS.lookup(None, fmt).format.check_bits(int(override["bits"]))
+            except (FormatError, TypeError, ValueError) as e:
+                raise QuantConfigError(f"precision rule {pattern!r}: {e}") from None
+        gs = override.get("group_size", -1)
+        if not isinstance(gs, int) or gs == 0 or gs < -1:
+            raise QuantConfigError(f"precision rule {pattern!r}: group_size must be -1 or positive, got {gs!r}")
+    return dict(dynamic)
 
 
 def read_quant_config(model_dir: str | Path) -> QuantConfig | None:
@@ -128,4 +185,4 @@ def _read_json(path: Path) -> dict:
         raise QuantConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-__all__ = ["QuantConfig", "QuantConfigError", "read_quant_config"]
+__all__ = ["QuantConfig", "QuantConfigError", "read_quant_config", "matching_rule", "rule_regex", "check_dynamic"]

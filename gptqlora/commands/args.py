@@ -144,7 +144,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases:
                             title: str | None = None, bool_values: bool = True,
                             required: Sequence[str] = ()) -> None:
     """One option per field of `cls`: help from `metadata["help"]`, `choices`, `aliases` (more names),
-    `negative` (names of flags that set a boolean False, e.g. --asym); `cli: False` fields are left out.
+    `negative` (names of flags that set a boolean False, e.g. --asym), `append` (a list field given by
+    repeating its option); `cli: False` fields are left out.
 
     Booleans are `--key`, `--no-key` and, with `bool_values`, also `--key=false` / `--key false`; commands
     with positional arguments pass bool_values=False, so that `--desc-act MODEL_DIR` keeps MODEL_DIR.
@@ -180,6 +181,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases:
             for neg in f.metadata.get("negative", ()):
                 group.add_argument(*spellings(neg), dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                    help=f"the opposite of --{f.name.replace('_', '-')}")
+        elif f.metadata.get("append"):  # a list given by repeating the option: --keep ffn --keep '.*\.0\..*'
+            group.add_argument(*names, action="append", type=str, metavar=f.metadata.get("metavar", f.name.upper()),
+                               **kw)
         else:
             metavar = "{" + ",".join(map(str, kw["choices"])) + "}" if "choices" in kw else f.name.upper()
             conv = _converter(hints[f.name])
@@ -213,6 +217,10 @@ def build_dataclasses(classes: list[type], values: dict[str, Any], where: str = 
     unknown = sorted(set(values) - known)
     if unknown:
         raise OptionError(f"{where}unknown argument(s): {', '.join(unknown)}; see --help for the names")
+    for cls in classes:  # defaults that depend on other values (QuantizeOptions: --method spqr's group size)
+        hook = getattr(cls, "dependent_defaults", None)
+        if hook is not None:
+            values = hook(values)
     out = []
     for cls in classes:
         hints = typing.get_type_hints(cls)

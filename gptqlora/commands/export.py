@@ -115,6 +115,17 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False
         raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads the v1 'gptq' format. Merge and "
                           f"re-quantize first: {requantize} (symmetric writes v1), or re-save the base with "
                           f"gptqlora.save_quantized(model, DIR, QuantConfig(..., format='gptq'))")
+    if qcfg.dynamic:  # vLLM fuses q/k/v and gate/up and reads one setting per fused module
+        from gptqlora.checkpoint.io import SafetensorsSource
+        from gptqlora.quant.precision import split_fused_units
+
+        keys = SafetensorsSource(base).keys()
+        names = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".weight", ".qweight")) and ".layers." in k}
+        split = split_fused_units(qcfg, names)
+        if split:
+            raise ExportError(f"{base}: its precision rules give modules that vLLM fuses different settings, e.g. "
+                              f"{split[0]} ({len(split)} such unit(s)); quantize q/k/v alike and gate/up alike "
+                              f"(e.g. --keep attn or --keep ffn instead of --keep crucial) for vLLM")
     config = standard_adapter_config(json.loads((adapter / ADAPTER_CONFIG).read_text()))
     config["base_model_name_or_path"] = "../base"  # OUT/base, relative to OUT/adapter: moves with the export
     config, tensors = _convert(config, load_file(adapter / ADAPTER_WEIGHTS), pad_rank)

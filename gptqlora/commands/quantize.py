@@ -9,7 +9,15 @@ from gptqlora.commands.args import add_dataclass_arguments, add_option, build_da
 
 DESCRIPTION = ("Quantize a Hugging Face causal LM (LLaMA family) with GPTQ, block by block, streaming weights from "
                "its safetensors files. Writes a standard GPTQ checkpoint (loads in gptqlora, GPTQModel and "
-               "transformers) plus the tokenizer and quant_report.json with the per-module error.")
+               "transformers) plus the tokenizer and quant_report.json with the per-module error. --keep and "
+               "--rule set precision per module (saved as GPTQModel's `dynamic`); --method spqr writes SpQR "
+               "layers (gptqlora's spqr format: small groups, 3-bit statistics, fp16 outliers).")
+EPILOG = r"""examples:
+  gptqlora quantize llama-7b out --bits 2 --group-size 64 --calibration c.jsonl --keep ffn
+  gptqlora quantize llama-7b out --bits 2 --keep crucial --crucial-from analysis/analysis.json --calibration c.jsonl
+  gptqlora quantize llama-7b out --bits 3 --rule 'model\.layers\.0\..*=bits:8' --rule '.*down_proj=bits:4' ...
+  gptqlora quantize llama-7b out --method spqr --bits 3 --group-size 16 --stat-bits 3 --stat-group-size 16 \
+      --outlier-fraction 0.01 --calibration c.jsonl     # about 3.95 bits per weight"""
 ALIASES = {"calibration_seed": ("seed",)}
 
 
@@ -27,6 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "max_shard_size", default="2GB", type=shard_size, help="largest safetensors shard (default 2GB)")
     add_option(p, "overwrite", action="store_true",
                help="replace OUT_DIR if it exists (only a folder gptqlora wrote, never one with other files)")
+
+
+def describe(report) -> str:
+    """'14 quantized modules, 6 kept in fp16, 3.95 bits per weight (1.01% outliers)'."""
+    s = report.summary
+    text = f"{s.get('quantized_modules', len(report.modules))} quantized modules"
+    if report.kept:
+        text += f", {len(report.kept)} kept in full precision"
+    if "avg_bits" in s:
+        text += f", {s['avg_bits']:.2f} bits per weight on average"
+        if report.kept:
+            text += f" ({s.get('avg_bits_quantized', 0):.2f} in the quantized ones)"
+    if "outlier_fraction" in s:
+        text += f", {100 * s['outlier_fraction']:.2f}% outliers"
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(args.model_dir, args.out_dir, qcfg, options, device=args.device,
                       max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     worst = max((b["rel_output_error"] for b in report.blocks), default=0.0)
-    sys.stdout.write(f"wrote {args.out_dir} ({len(report.modules)} quantized modules, worst block relative "
-                     f"output error {worst:.4f}, {report.seconds:.1f}s); details in quant_report.json\n")
+    sys.stdout.write(f"wrote {args.out_dir} ({describe(report)}, worst block relative output error {worst:.4f}, "
+                     f"{report.seconds:.1f}s); details in quant_report.json\n")
     return 0

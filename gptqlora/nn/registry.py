@@ -24,7 +24,9 @@ from torch import nn
 
 from gptqlora.formats.base import FormatError, PackedFormat
 from gptqlora.formats.gptq_files import GPTQ_FORMATS
+from gptqlora.formats.spqr import SpQRFormat
 from gptqlora.nn.quant_linear import QuantLinear
+from gptqlora.nn.spqr_linear import SpQRLinear
 
 
 class PackedLayer(Protocol):
@@ -111,6 +113,7 @@ def _builtin() -> Registry:
     reg = Registry()
     for fmt in GPTQ_FORMATS:
         reg.register(fmt, QuantLinear)
+    reg.register(SpQRFormat(), SpQRLinear)
     return reg
 
 

@@ -31,6 +31,7 @@ from gptqlora.nn.registry import FORMATS, Entry
 from gptqlora.paths import require_dir
 from gptqlora.quant.memory import release_freed_memory
 from gptqlora.quant.model_utils import decoder_layers, linear_groups
+from gptqlora.quant.precision import check_rules, layer_stats, quantizable_names, split_fused_units, summarize
 from gptqlora.quant.solvers import SOLVERS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class QuantizeReport:
     calibration: dict
     modules: dict[str, dict] = field(default_factory=dict)
     blocks: list[dict] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # linears left in full precision (precision rules)
+    summary: dict = field(default_factory=dict)  # average bits per weight, outlier fraction (SpQR)
     seconds: float = 0.0
 
     def to_json(self) -> str:
@@ -87,20 +90,21 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float16,
                    method: str = "gptq", source: TensorSource | None = None, overwrite: bool = False,
                    max_shard_size: int | str = "2GB", progress: bool = True,
-                   config: PretrainedConfig | None = None) -> QuantizeReport:
+                   config: PretrainedConfig | None = None, solver_options: dict | None = None) -> QuantizeReport:
     """Quantize the model in `model_dir` (its config; weights from its safetensors or from `source`).
 
     `config` replaces model_dir's config.json (a merge passes the base's, minus its quantization_config).
 
-    `method` names a solver (`SOLVERS`: "gptq" or "rtn"). Writes a checkpoint in `qcfg.format` (+ tokenizer
+    `method` names a solver (`SOLVERS`: "gptq", "rtn" or "spqr"; `solver_options` are passed to its
+    `quantize`, e.g. SpQR's outlier_fraction). Writes a checkpoint in `qcfg.format` (+ tokenizer
     files and quant_report.json) to `out_dir` atomically and returns the report.
     """
     t0 = time.time()
     if method not in SOLVERS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {tuple(SOLVERS)}")
     entry = FORMATS.lookup(qcfg.method, qcfg.format)
-    if not hasattr(entry.layer, "from_codes"):
-        raise ValueError(f"the {qcfg.format} format cannot be written by the GPTQ/RTN quantizer")
+    if not hasattr(entry.layer, "from_codes") or (method == "spqr") != (entry.format.method == "spqr"):
+        raise ValueError(f"the {qcfg.format} format cannot be written by the {method} quantizer")
     device = resolve_device(device)
     work_dtype = torch.float32 if device.type == "cpu" else dtype  # fp16 matmuls are slow on CPU
     model_dir = require_dir(model_dir, "model folder")
@@ -112,6 +116,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
     src = source if source is not None else SafetensorsSource(model_dir)
     model = build_empty_model(config, work_dtype)
     layers_name, layers = decoder_layers(model)
+    names = quantizable_names(layers_name, layers)
+    check_rules(qcfg.dynamic, names, qcfg.format)
+    split = split_fused_units(qcfg, names) if qcfg.dynamic else []
+    if split:
+        log.warning("precision rules give modules that vLLM fuses different settings, e.g. %s (%d unit(s)): "
+                    "gptqlora and GPTQModel load this, `export --format vllm` will refuse it", split[0], len(split))
     report = QuantizeReport(config=qcfg.to_dict(), calibration={
         "nsamples": len(samples), "tokens": int(sum(s.numel() for s in samples))})
 
@@ -123,7 +133,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
         for i in bar:
             prefix = f"{layers_name}.{i}"
             block = _load_block(layers[i], src, prefix, device, work_dtype)
-            fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, entry, method, report)
+            fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, entry, method, report,
+                                             solver_options or {})
             with torch.no_grad():
                 inputs = [(_first(block(h, **kw)), kw) for h, kw in inputs]  # quantized outputs feed block i+1
             err = _relative_error([h for h, _ in inputs], fp_out)
@@ -141,6 +152,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
             del block, packed, fp_out
             release_freed_memory()
         writer.close()
+        report.summary = summarize(report)
         write_configs(tmp, config.to_dict(), qcfg)
         copy_side_files(model_dir, tmp)
         report.seconds = round(time.time() - t0, 2)
@@ -213,7 +225,8 @@ def _module_cfg(qcfg: QuantConfig, entry: Entry, name: str, linear: nn.Linear) -
 
 
 def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tensor, dict]], qcfg: QuantConfig,
-                    entry: Entry, method: str, report: QuantizeReport) -> tuple[list[torch.Tensor], dict]:
+                    entry: Entry, method: str, report: QuantizeReport,
+                    solver_options: dict) -> tuple[list[torch.Tensor], dict]:
     """Quantize the block's linears group by group; their weights are replaced by the dequantized ones so
     later groups see quantized outputs. Returns (the block's full-precision outputs, packed layers)."""
     fp_out: list[torch.Tensor] = []
@@ -227,6 +240,9 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
             cfg = _module_cfg(qcfg, entry, f"{prefix}.{n}", lin)
             if cfg is not None:
                 todo[n] = (lin, cfg)
+            else:
+                report.kept.append(f"{prefix}.{n}")
+                report.modules[f"{prefix}.{n}"] = {"bits": 16, "params": lin.weight.numel()}
         solvers = {n: SOLVERS[method](lin.weight) for n, (lin, _) in todo.items()}
         hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
                  for n, (lin, _) in todo.items() if solvers[n].needs_inputs]
@@ -242,13 +258,15 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
             t = time.time()
             res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                                       desc_act=cfg["desc_act"], static_groups=qcfg.static_groups,
-                                      damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero)
+                                      damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero, **solver_options)
             solvers[n] = None  # free the Hessian
             lin.weight.data = res.dequantize().to(lin.weight.dtype)
+            layer = entry.layer.from_codes(**res.layer_kwargs(), group_size=cfg["group_size"], bits=cfg["bits"],
+                                           bias=lin.bias)
             report.modules[f"{prefix}.{n}"] = {"bits": cfg["bits"], "group_size": cfg["group_size"],
-                                               "error": res.error, "seconds": round(time.time() - t, 3)}
-            packed[f"{prefix}.{n}"] = entry.layer.from_codes(res.codes, res.scales, res.zeros, res.g_idx,
-                                                             cfg["group_size"], cfg["bits"], bias=lin.bias)
+                                               "error": res.error, "seconds": round(time.time() - t, 3),
+                                               "params": lin.weight.numel(), **layer_stats(layer)}
+            packed[f"{prefix}.{n}"] = layer
     return fp_out, packed
 
 

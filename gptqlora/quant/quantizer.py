@@ -22,6 +22,10 @@ class QuantResult:
     g_idx: torch.Tensor  # int32 [K]
     error: float  # the solver's proxy loss (GPTQ) or squared weight error (RTN)
 
+    def layer_kwargs(self) -> dict:
+        """What the format's layer class takes in `from_codes` (besides group_size, bits, bias)."""
+        return {"codes": self.codes, "scales": self.scales, "zeros": self.zeros, "g_idx": self.g_idx}
+
     def dequantize(self) -> torch.Tensor:
         """Dense W [N, K] (nn.Linear orientation), fp32."""
         g = self.g_idx.long()

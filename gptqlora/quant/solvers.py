@@ -9,5 +9,6 @@
 
 from gptqlora.quant.gptq import GPTQ
 from gptqlora.quant.quantizer import RTN
+from gptqlora.quant.spqr import SpQR
 
-SOLVERS = {"gptq": GPTQ, "rtn": RTN}
+SOLVERS = {"gptq": GPTQ, "rtn": RTN, "spqr": SpQR}  # spqr takes more options: QuantizeOptions.solver_options

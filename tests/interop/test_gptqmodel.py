@@ -157,3 +157,35 @@ def test_requantized_merge_loads_in_gptqmodel(tiny_dir, tmp_path):
                   device="cpu")
     _, theirs = gptqmodel_logits(tmp_path / "merged")
     assert (our_logits(tmp_path / "merged") - theirs).abs().max() < TOL
+
+
+def test_precision_rules_mean_the_same_in_gptqmodel():
+    from gptqmodel.quantization.config import dynamic_get
+
+    from gptqlora.quant.precision import build_rules
+
+    rules = build_rules(["crucial", r"model\.layers\.0\..*"], [r".*\.1\.self_attn\.q_proj=bits:8,group_size:64",
+                                                               ".*gate_proj=bits:4,sym:false"],
+                        errors={"model.layers.0.self_attn.v_proj": 2.0, "model.layers.0.self_attn.o_proj": 1.0,
+                                "model.layers.0.self_attn.q_proj": 0.5})
+    cfg = QuantConfig(bits=2, group_size=32, dynamic=rules)
+    names = [f"model.layers.{i}.{m}" for i in range(3) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]
+    for n in names:
+        theirs = dynamic_get(rules, n)
+        ours = cfg.for_module(n)
+        if theirs is False:
+            assert ours is None, n
+        else:
+            assert ours == {"bits": 2, "group_size": 32, "desc_act": False, "sym": True, **(theirs or {})}, n
+
+
+def test_mixed_precision_checkpoint_loads_in_gptqmodel(tiny_dir, tmp_path):
+    out = tmp_path / "mixed"
+    rules = {r"-:.*\.mlp\.(gate_proj|up_proj|down_proj)$": {}, r"+:.*\.0\.self_attn\.q_proj$": {"bits": 8}}
+    quantize_model(tiny_dir, out, QuantConfig(bits=4, group_size=32, dynamic=rules), calibration_samples(),
+                   device="cpu", progress=False)
+    model, theirs = gptqmodel_logits(out)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert (our_logits(out) - theirs).abs().max() < TOL

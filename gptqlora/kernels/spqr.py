@@ -1,0 +1,95 @@
+"""SpQR layers on the training path: the dense part through the GPTQ dequantization (Triton kernel on CUDA,
+torch reference elsewhere), the CSR outliers added into that transient buffer, then one matmul.
+
+    W [K, N] = dequant(codes; scale, zero decoded from their 3-bit codes) ;  W[col, row] += value (outliers)
+    y = x @ W
+
+Adding the outliers into the dense buffer (O(nnz) scattered writes) rather than running a separate sparse
+matmul costs the same for any number of tokens, and the backward pass (grad_x = grad_y @ W^T) gets the
+outliers for free. Like QuantMatmul, only the packed tensors are kept for backward, which rebuilds W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptqlora.formats.spqr import csr_rows, decode_scales, decode_stats
+from gptqlora.kernels.dispatch import dequantize
+
+
+def unpack_along_n(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Codes packed along the last dim (pack_cols: [G, N*bits/32] int32) -> int32 [G, N], in a fixed number
+    of vectorised ops for any bit width (the per-offset loop of unpack_cols costs 32 launches at 3 bit)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # (G, W)
+    bit = torch.arange(n, device=packed.device, dtype=torch.int64) * bits  # (N,)
+    w, off = bit // 32, bit % 32
+    lo = words[:, w] >> off
+    nxt = torch.clamp(w + 1, max=words.shape[1] - 1)
+    hi = torch.where(off + bits > 32, words[:, nxt] << (32 - off), torch.zeros_like(lo))
+    return ((lo | hi) & (2**bits - 1)).to(torch.int32)
+
+
+@dataclass
+class SpQRTensors:
+    """One SpQR layer's packed tensors (names and shapes: gptqlora.formats.spqr)."""
+
+    qweight: torch.Tensor
+    g_idx: torch.Tensor
+    scales_code: torch.Tensor
+    scales_step: torch.Tensor
+    scales_base: torch.Tensor
+    zeros_code: torch.Tensor
+    zeros_step: torch.Tensor
+    zeros_base: torch.Tensor
+    outlier_values: torch.Tensor
+    outlier_cols: torch.Tensor
+    outlier_rows: torch.Tensor
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.__dict__.values())
+
+
+def spqr_stats(t: SpQRTensors, stat_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-level (scales fp16 [G, N], zeros fp32 [G, N]) decoded from their codes."""
+    n = t.qweight.shape[1]
+    s = decode_scales(unpack_along_n(t.scales_code, stat_bits, n), t.scales_step, t.scales_base)
+    z = decode_stats(unpack_along_n(t.zeros_code, stat_bits, n), t.zeros_step, t.zeros_base)
+    return s, z
+
+
+def spqr_weight(t: SpQRTensors, bits: int, stat_bits: int, dtype: torch.dtype | None = None,
+                backend: str = "auto", plan=None) -> torch.Tensor:
+    """Dense W [K, N] in `dtype` (default fp16): dequantized codes plus the outliers."""
+    scales, zeros = spqr_stats(t, stat_bits)
+    w = dequantize(t.qweight, zeros, scales, t.g_idx, bits, dtype or torch.float16, backend, plan)  # (K, N)
+    nnz = t.outlier_values.shape[0]
+    if nnz:
+        n = w.shape[1]
+        idx = t.outlier_cols.long() * n + csr_rows(t.outlier_rows, nnz)  # flat index of W[col, row]
+        w.view(-1).index_add_(0, idx, t.outlier_values.to(w.dtype))
+    return w
+
+
+class SpQRMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits: int, stat_bits: int, backend: str, plan, *tensors):
+        ctx.meta = (bits, stat_bits, backend, plan)
+        ctx.save_for_backward(*tensors)
+        return x @ spqr_weight(SpQRTensors(*tensors), bits, stat_bits, x.dtype, backend, plan)  # (..., N)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            bits, stat_bits, backend, plan = ctx.meta
+            w = spqr_weight(SpQRTensors(*ctx.saved_tensors), bits, stat_bits, grad_out.dtype, backend, plan)
+            grad_x = grad_out @ w.t()  # (..., K)
+        return (grad_x, None, None, None, None, *([None] * len(ctx.saved_tensors)))
+
+
+def spqr_matmul(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, backend: str = "auto",
+                plan=None) -> torch.Tensor:
+    """x (..., K) @ W -> (..., N) in x's dtype, differentiable in x only."""
+    return SpQRMatmul.apply(x, bits, stat_bits, backend, plan, *t.as_tuple())

@@ -1,0 +1,114 @@
+"""SpQRLinear: a frozen SpQR layer (dense low-bit codes with quantized group statistics + CSR outliers).
+
+The second entry of the format registry: the loader, writers, merge, SVD init and the LoRA adapter type
+(GPTQLoraLinear wraps it like QuantLinear) reach it through the registry only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptqlora.formats.gptq import pack_rows
+from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
+from gptqlora.kernels.dispatch import resolve
+from gptqlora.kernels.spqr import SpQRTensors, spqr_matmul, spqr_weight
+from gptqlora.nn.quant_linear import compute_dtype
+
+
+class SpQRLinear(nn.Module):
+    """y = x @ (dequant(codes) + outliers) + bias. Buffers: the SpQR tensors (gptqlora.formats.spqr), all
+    frozen; the gradient flows to the input only. `kernel`: as QuantLinear's (the dense part's backend)."""
+
+    def __init__(self, spec: SpQRSpec, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                 kernel: str = "auto") -> None:
+        super().__init__()
+        if spec.stat_bits is None or spec.stat_group_size is None:
+            raise ValueError("SpQRLinear needs a full spec (stat_bits and stat_group_size)")
+        self.spec, self.kernel = spec, kernel
+        self._plan = self._plan_key = None
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.bits, self.group_size = spec.bits, spec.group_size
+        self.stat_bits, self.stat_group_size = spec.stat_bits, spec.stat_group_size
+        for name in SPQR_TENSORS:
+            self.register_buffer(name, buffers[name])
+        if bias is not None:
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+
+    infeatures = property(lambda self: self.in_features)  # what PEFT reads to size adapters
+    outfeatures = property(lambda self: self.out_features)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.outlier_values.shape[0])
+
+    @property
+    def outlier_fraction(self) -> float:
+        return self.nnz / (self.in_features * self.out_features)
+
+    @property
+    def average_bits(self) -> float:
+        return average_bits(self.bits, self.group_size if self.group_size != -1 else self.in_features,
+                            self.stat_bits, self.stat_group_size, self.outlier_fraction)
+
+    @classmethod
+    def from_packed(cls, spec: SpQRSpec, buffers: dict[str, torch.Tensor],
+                    bias: torch.Tensor | None = None) -> "SpQRLinear":
+        """From a format's `read` (whose buffers fix the statistics' sizes)."""
+        n = spec.out_features
+        full = SpQRSpec(spec.in_features, n, spec.bits, spec.group_size,
+                        buffers["scales_code"].shape[-1] * 32 // n, n // buffers["scales_step"].shape[-1])
+        return cls(full, buffers, bias)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, g_idx: torch.Tensor, group_size: int, bits: int,
+                   scales_code: torch.Tensor, scales_step: torch.Tensor, scales_base: torch.Tensor,
+                   zeros_code: torch.Tensor, zeros_step: torch.Tensor, zeros_base: torch.Tensor,
+                   outlier_mask: torch.Tensor, outlier_residual: torch.Tensor, stat_bits: int,
+                   bias: torch.Tensor | None = None) -> "SpQRLinear":
+        """From a solver's unpacked result: codes [K, N], g_idx [K], stat codes [G, N] with their fp16
+        second-level step/base [G, N/stat_group], outliers as a mask and residuals [N, K]."""
+        k, n = codes.shape
+        spec = SpQRSpec(k, n, bits, group_size, stat_bits, n // scales_step.shape[-1])
+        values, cols, rows = csr_from_mask(outlier_mask.cpu(), outlier_residual.cpu())
+        buffers = {"qweight": pack_rows(codes.cpu(), bits), "g_idx": g_idx.cpu().to(torch.int32),
+                   "scales_code": pack_stats(scales_code.cpu(), stat_bits), "scales_step": scales_step.cpu().half(),
+                   "scales_base": scales_base.cpu().half(), "zeros_code": pack_stats(zeros_code.cpu(), stat_bits),
+                   "zeros_step": zeros_step.cpu().half(), "zeros_base": zeros_base.cpu().half(),
+                   "outlier_values": values, "outlier_cols": cols, "outlier_rows": rows}
+        return cls(spec, buffers, None if bias is None else bias.detach().cpu().to(torch.float16))
+
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in SPQR_TENSORS}
+
+    def tensors(self) -> SpQRTensors:
+        return SpQRTensors(**self.packed_state())
+
+    def kernel_plan(self):
+        """The Triton kernel's row plan for g_idx (None on the torch path); see QuantLinear.kernel_plan."""
+        if resolve(self.kernel, self.g_idx.device) != "triton":
+            return None
+        key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
+        if self._plan_key != key:
+            from gptqlora.kernels.dequant import plan_for
+
+            self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
+        return self._plan
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense W [K, N] (input-major, as in x @ W), outliers included."""
+        return spqr_weight(self.tensors(), self.bits, self.stat_bits, dtype, self.kernel, self.kernel_plan())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
+        y = spqr_matmul(x, self.tensors(), self.bits, self.stat_bits, self.kernel, self.kernel_plan())  # (..., N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, stat_bits={self.stat_bits}, stat_group_size={self.stat_group_size}, "
+                f"outliers={self.nnz} ({100 * self.outlier_fraction:.2f}%), bias={self.bias is not None}")
