@@ -66,6 +66,11 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             base = self.base_layer
             drop = self.lora_dropout[name]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            if p == 0:  # decoding (<= 16 tokens, no gradient): one small-M kernel for base and LoRA
+                y = base.small_m(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name])
+                if y is not None:
+                    return y
             y = quant_lora_matmul(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
                                   base.qweight, base.zero_points, base.scales, base.g_idx, base.bits,
                                   self.scaling[name], p, base.kernel, base.kernel_plan())

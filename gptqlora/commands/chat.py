@@ -18,7 +18,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import OFF, InferenceError, PromptFormat, Sampling, load_model, using_adapter
+from gptqlora.inference import (OFF, InferenceError, PromptFormat, Sampling, compiled_decode, decode_kwargs,
+                                load_model, using_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class ChatSession:
                     self.model.generate(input_ids=torch.tensor([ids], device=device),
                                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
                                         streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                                        **self.sampling.generate_kwargs(self.tokenizer))
+                                        **self.sampling.generate_kwargs(self.tokenizer),
+                                        **decode_kwargs(self.model, self.sampling, self.context_size))
             except BaseException as e:  # handed to the main thread, which must not wait forever
                 errors.append(e)
                 streamer.end()
@@ -204,6 +206,7 @@ def run_chat_command(run_dir: str | None = None, base: str | None = None, adapte
     loaded = load_model(run_dir, base, adapters, device, template)
     fmt = loaded.prompt_format(chat_template, system)
     size = loaded.context_size(max_context, sampling)
+    compiled_decode(loaded.model, sampling)  # --decode compiled without CUDA fails now, not at the first reply
     set_seed(seed)
     if sys.stdin.isatty():
         try:

@@ -22,6 +22,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_option(p, "top_p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     add_option(p, "max_context", type=int, default=None,
                help="tokens of prompt + reply (default: the model's max_position_embeddings)")
+    add_option(p, "decode", choices=("auto", "compiled", "eager"), default="auto",
+               help="compiled: a static KV cache and the decode step compiled with CUDA graphs (torch.compile; "
+                    "the first reply waits for the compile, about a minute for a 7B model, later ones are "
+                    "several times faster); eager: transformers' dynamic cache; auto (default): compiled on "
+                    "CUDA, eager elsewhere")
     add_option(p, "device", default=None, help="device (default: cuda if available, else cpu)")
     add_option(p, "seed", type=int, default=None, help="random seed, for reproducible sampling")
 
@@ -29,7 +34,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def sampling(args: argparse.Namespace):
     from gptqlora.inference import Sampling
 
-    return Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.decode)
 
 
 def set_seed(seed: int | None) -> None:

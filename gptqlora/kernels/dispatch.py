@@ -1,4 +1,5 @@
 """Which implementation computes dequantization: the Triton kernel on CUDA, the torch reference elsewhere.
+At most MAX_M tokens (decoding), the layers call `gemv`, the small-M kernel of kernels/gemv.py, instead.
 
 The choice is per call: `backend` ("auto", "triton" or "torch"; QuantLinear's `kernel` argument) or, when
 that is "auto", the GPTQLORA_KERNEL environment variable (same values). "auto" takes Triton for CUDA
@@ -16,6 +17,7 @@ import torch
 from gptqlora.kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
+MAX_M = 16  # rows up to which the small-M kernel (kernels/gemv.py) runs; the training kernels above
 ENV = "GPTQLORA_KERNEL"
 
 
@@ -55,3 +57,13 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
         return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype, plan=plan)
     return reference.dequantize(qweight, zeros, scales, g_idx, bits, dtype)
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+         bits: int, plan, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+         scaling: float = 1.0) -> torch.Tensor:
+    """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
+    kernel; `plan` from kernels.gemv.plan_gemv (kept by the layer). No gradient."""
+    from gptqlora.kernels import gemv as small_m
+
+    return small_m.gemv(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling)

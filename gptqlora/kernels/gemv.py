@@ -25,6 +25,7 @@ through dequant's `_unpack`. `gemv_reference` beside it is the torch ground trut
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -34,9 +35,8 @@ import triton.language as tl
 
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _unpack, _zeros_at, plan_for
+from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.reference import dequantize
-
-MAX_M = 16  # the kernel's largest token count; above it the training kernels (dequant + cuBLAS) run
 
 
 @triton.jit
@@ -234,3 +234,33 @@ def gemv_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, 
     if lora_a is not None:
         y = y + scaling * (xf @ lora_a.float().t()) @ lora_b.float().t()
     return y.to(x.dtype)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@torch.library.custom_op("gptqlora::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+             plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: torch.Tensor | None,
+             lora_b: torch.Tensor | None, bits: int, group: int, sorted_rows: bool, scaling: float) -> torch.Tensor:
+    # An opaque op for torch.compile (and CUDA graphs): the split-K counters it touches end as they began.
+    plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
+    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling,
+                       sms=_sm_count(x.device))
+
+
+@_gemv_op.register_fake
+def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling):
+    return x.new_empty((x.shape[0], scales.shape[1]))
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+         bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+         scaling: float = 1.0) -> torch.Tensor:
+    """gemv_triton on x (..., K) with at most 16 rows in all -> (..., N), as one torch op (compiles and
+    captures in CUDA graphs). No autograd: callers use it only where no gradient is wanted."""
+    y = _gemv_op(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, plan.qweight, plan.perm, plan.locks,
+                 lora_a, lora_b, bits, plan.group, plan.sorted, float(scaling))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
