@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train ablations journey)
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train ablations decode journey)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +24,10 @@ for stage in "$@"; do
                grep -v "^ " "$OUT/train.md" | grep "^|" ; tail -3 "$OUT/stderr.log" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
+    decode)    python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
+               tail -1 "$OUT/gpu_check_decode.json"
+               if [ $rc = 0 ]; then python3 bench/decode.py --json "$OUT/decode.json" > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
   esac
   echo "== $stage took $(( $(date +%s) - t0 )) s"
