@@ -72,11 +72,39 @@ def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: tl.constexpr, BK: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
+    """Σ_k x[k] q[k, n] over packed rows [k0, k0 + BK) for one row of x, with ~1 integer op per code: a code
+    is masked in place inside its 16-bit half-word and OR-ed into the mantissa of 2^23, so the float is
+    2^23 + q * 2^(BITS*j) (exact); x of that row is pre-scaled by 2^-(BITS*j) (exact), and only the 2^23 is
+    subtracted. No shift or int-to-float conversion per code. Returns (BN,) fp32."""
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
+    BKW: tl.constexpr = BK // PER
+    mn = offs_n < N
+    w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
+    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
+    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
+    jj = tl.arange(0, HALF)
+    masks = tl.full((HALF,), (1 << BITS) - 1, tl.uint32) << (jj * BITS).to(tl.uint32)  # (HALF,)
+    place = ((127 - jj * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), exact
+    p = tl.zeros((BKW, HALF, offs_n.shape[0]), tl.float32)
+    for h in tl.static_range(2):  # low and high half-words: rows w*PER + h*HALF + j
+        rows = k0 + tl.arange(0, BKW)[:, None] * PER + h * HALF + jj[None, :]  # (BKW, HALF)
+        src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
+        xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32) * place[None, :]
+        half = (words >> (16 * h)) & 0xFFFF if h == 1 else words & 0xFFFF  # (BKW, BN)
+        f = ((half[:, None, :] & masks[None, :, None]) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        p += xv[:, :, None] * f  # (BKW, HALF, BN)
+    return tl.sum(tl.sum(p, axis=1), axis=0)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
                  lock_ptr, M, K, N, R, GROUP, lora_scale,
                  BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr):
+                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, PLACE: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     DOT: tl.constexpr = BM >= 16
     offs_m = tl.arange(0, BM)
@@ -94,15 +122,19 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         mk = offs_k < k_end
         src = tl.load(perm_ptr + offs_k, mask=mk, other=0) if HAS_PERM else offs_k  # x column of each row
         xt = tl.load(x_ptr + offs_m[:, None] * K + src[None, :], mask=mm[:, None] & mk[None, :], other=0)  # (BM, BK)
-        q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
         if SORTED:  # one group per tile: scales and zeros once, the zero factored out
             g = k0 // GROUP
             s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
             z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
-            p = _mm(xt, q.to(tl.float32), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
+            if PLACE:  # M = 1, whole-word codes
+                p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
+            else:
+                q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+                p = _mm(xt, q.to(tl.float32), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
             xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
             acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
             g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
             m2 = mk[:, None] & mn[None, :]
             s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
@@ -203,6 +235,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
     cfg = dict(config or pick_config(m, k, n, bits, plan, sms))
+    place = cfg.pop("PLACE", True)
     sorted_rows = plan.sorted and cfg["BK"] > 0
     if cfg["BK"] == 0:
         cfg["BK"] = 64
@@ -221,7 +254,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                        float(scaling), BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                        HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT=split,
                        BR=max(16, triton.next_power_of_2(r)),
-                       F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", **cfg)
+                       F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+                       PLACE=place and sorted_rows and m == 1 and 32 % bits == 0, **cfg)
     return out
 
 

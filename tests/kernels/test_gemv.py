@@ -99,3 +99,14 @@ def test_too_many_rows():
     plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
     with pytest.raises(ValueError, match="at most 16"):
         gemv_triton(torch.randn(17, 64, device=DEVICE), p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_place_value_path_and_per_code_path_agree(bits):
+    """M = 1 reads codes in place (no shift, no conversion per code); the per-code path computes the same."""
+    p, x, a, b, want = case(256, 64, bits, 64, True, False, 1, torch.float32, seed=bits)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
+    args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
+    ys = [gemv_triton(x, *args, config={**pick_config(1, 256, 64, bits, plan), "PLACE": place}) for place in (1, 0)]
+    for y in ys:
+        assert rel_err(y, want) < 1e-6
