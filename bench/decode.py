@@ -149,13 +149,15 @@ def sweep_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list
 
 
 def weight_bytes(model) -> int:
+    """Bytes a decode step reads at batch 1: packed weights, scales, zeros, the dense parameters."""
     from gptqlora.nn.quant_linear import QuantLinear
 
     total = 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             total += sum(t.numel() * t.element_size() for t in (mod.qweight, mod.qzeros, mod.scales))
-    total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    # the embedding is not read per token (one row); lm_head, norms and the LoRA weights are
+    total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     return total
 
 
@@ -198,27 +200,30 @@ def build(kind: str, shape: str, device):
 
 
 def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline) -> list[dict]:
+    """Batch by batch (batch 1 first: the headline figures come before the deadline can cut anything),
+    one model at a time, each built fresh."""
     rows = []
     fast = device.type == "cuda"
-    for kind in ["bf16"] + [f"gptq{b}" for b in bits_list]:
-        if time.time() > deadline:
-            rows.append({"model": kind, "harness": "skipped: over --budget-s"})
-            continue
-        model = build(kind, shape, device)
-        wb = weight_bytes(model)
-        runs = [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else [])
-        for harness, f in runs:
-            for batch in batches:
+    for batch in batches:
+        for kind in ["bf16"] + [f"gptq{b}" for b in bits_list]:
+            label = kind + ("+lora r8" if kind != "bf16" else "")
+            if time.time() > deadline:
+                rows.append({"model": label, "harness": "skipped: over --budget-s", "batch": batch})
+                continue
+            model = build(kind, shape, device)
+            wb = weight_bytes(model)
+            for harness, f in [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else []):
                 tps = decode_rate(model, batch, prompt, new, f, timer, device)
                 step_gbps = wb * tps / batch / 1e9
-                rows.append({"model": kind + ("+lora r8" if kind != "bf16" else ""), "harness": harness,
-                             "batch": batch, "tokens_per_s": round(tps, 1), "weight_gb": round(wb / 1e9, 2),
-                             "step_weight_gbps": round(step_gbps), "pct_copy": round(100 * step_gbps / copy, 1)})
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("model") == "bf16" and r["harness"] == "same harness"}
+                rows.append({"model": label, "harness": harness, "batch": batch, "tokens_per_s": round(tps, 1),
+                             "weight_gb": round(wb / 1e9, 2), "step_weight_gbps": round(step_gbps),
+                             "pct_copy": round(100 * step_gbps / copy, 1)})
+                print(rows[-1], flush=True)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "bf16" and r["harness"] == "same harness"}
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("harness") == "plain transformers"}
     for r in rows:
         if "tokens_per_s" in r:

@@ -23,7 +23,8 @@ import time
 import torch
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
-from gptqlora.kernels.gemv import gemv, gemv_reference, gemv_triton, plan_gemv
+from gptqlora.kernels.dispatch import gemv
+from gptqlora.kernels.gemv import gemv_reference, gemv_triton, plan_gemv
 from gptqlora.kernels.reference import dequantize
 
 LAYOUTS = {"plain": (False, False, True), "act-order": (True, False, True), "act-order-gather": (True, False, False),

@@ -2,7 +2,9 @@
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; the main thread prints the pieces.
 That keeps Ctrl-C in the main thread: it sets an event that a stopping criterion checks after every
-token, so an interrupted reply ends cleanly (adapter state restored) and the chat goes on.
+token, so an interrupted reply ends cleanly (adapter state restored) and the chat goes on. It is one
+worker thread for the whole session: CUDA graphs recorded by the compiled decode step belong to the
+thread that recorded them, and replaying them from another thread would be wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
@@ -63,6 +66,7 @@ class ChatSession:
         self.adapters = list(adapters)
         self.active = active if active is not None else (self.adapters[0] if self.adapters else OFF)
         self.history: list[tuple[str, str]] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptqlora-generate")  # see above
 
     def reset(self) -> None:
         self.history.clear()
@@ -107,9 +111,9 @@ class ChatSession:
 
         pieces: list[str] = []
         interrupted = False
-        thread = threading.Thread(target=work, name="gptqlora-generate", daemon=True)
+        job = None
         try:
-            thread.start()
+            job = self._worker.submit(work)
             for piece in streamer:
                 pieces.append(piece)
                 on_text(piece)
@@ -117,7 +121,8 @@ class ChatSession:
             interrupted = True
         finally:
             stop.set()
-            _join(thread)
+            if job is not None:
+                _join(job)
         if errors:
             raise errors[0]
         text = "".join(pieces)
@@ -125,11 +130,11 @@ class ChatSession:
         return Reply(text, interrupted, dropped)
 
 
-def _join(thread: threading.Thread) -> None:
+def _join(job: Future) -> None:
     """Wait for a stopped generation (at most one more token); a second Ctrl-C must not leave it running."""
-    while thread.is_alive():
+    while not job.done():
         try:
-            thread.join()
+            wait([job])
         except KeyboardInterrupt:
             pass
 

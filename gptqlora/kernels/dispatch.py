@@ -63,7 +63,8 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
          bits: int, plan, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
          scaling: float = 1.0) -> torch.Tensor:
     """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
-    kernel; `plan` from kernels.gemv.plan_gemv (kept by the layer). No gradient."""
-    from gptqlora.kernels import gemv as small_m
-
-    return small_m.gemv(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling)
+    kernel; `plan` from kernels.gemv.plan_gemv (kept by the layer; importing that module registered the op,
+    which torch.compile and CUDA graphs see as one opaque call). No gradient."""
+    y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, plan.qweight, plan.perm,
+                                plan.locks, lora_a, lora_b, bits, plan.group, plan.sorted, float(scaling))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

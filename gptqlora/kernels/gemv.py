@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -181,20 +182,41 @@ class GemvPlan:
     locks: torch.Tensor
 
 
+REPACK_CHUNK = 1024  # columns repacked at a time: transient int64 codes of K x 1024, not K x N
+KEEP_FREE = 0.1  # an act-order copy is made only if this share of the card stays free after it
+
+
+def room_for_copy(qweight: torch.Tensor) -> bool:
+    """Whether the card can hold a second copy of `qweight` and still keep KEEP_FREE of it free."""
+    if qweight.device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(qweight.device)
+    return free - qweight.numel() * 4 > KEEP_FREE * total
+
+
 def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
-              repack: bool = True) -> GemvPlan:
+              repack: bool | None = None) -> GemvPlan:
     """The kernel's plan: sorted rows when g_idx is trivial; an act-order layer's rows repacked in group
-    order (one copy of qweight, made once) when `repack`, else the per-row gather of scales and zeros."""
+    order (one copy of qweight, made once) when `repack` (None: when `room_for_copy`, warning otherwise),
+    else the per-row gather of scales and zeros."""
     k, n = g_idx.shape[0], qweight.shape[1]
     locks = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=qweight.device)
     rows = plan_for(g_idx, group_size)
     gs = k if group_size == -1 else group_size
+    if rows is not None and rows.perm is not None and repack is None:
+        repack = room_for_copy(qweight)
+        if not repack:
+            warnings.warn("too little GPU memory for the act-order copies of the packed weights: decoding "
+                          "gathers scales per row instead (slower)", stacklevel=2)
     if rows is None or (rows.perm is not None and not repack):
         return GemvPlan(qweight, None, False, gs, locks)
     if rows.perm is None:
         return GemvPlan(qweight, None, True, gs, locks)
-    codes = unpack_rows(qweight, bits)[rows.perm.long()]  # (K, N) in group order
-    return GemvPlan(pack_rows(codes, bits), rows.perm, True, gs, locks)
+    perm = rows.perm.long()
+    copy = torch.empty_like(qweight)
+    for c in range(0, n, REPACK_CHUNK):  # rows in group order, a block of columns at a time
+        copy[:, c:c + REPACK_CHUNK] = pack_rows(unpack_rows(qweight[:, c:c + REPACK_CHUNK], bits)[perm], bits)
+    return GemvPlan(copy, rows.perm, True, gs, locks)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -289,12 +311,3 @@ def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
 def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling):
     return x.new_empty((x.shape[0], scales.shape[1]))
 
-
-def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-         bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-         scaling: float = 1.0) -> torch.Tensor:
-    """gemv_triton on x (..., K) with at most 16 rows in all -> (..., N), as one torch op (compiles and
-    captures in CUDA graphs). No autograd: callers use it only where no gradient is wanted."""
-    y = _gemv_op(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, plan.qweight, plan.perm, plan.locks,
-                 lora_a, lora_b, bits, plan.group, plan.sorted, float(scaling))
-    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -110,3 +110,15 @@ def test_place_value_path_and_per_code_path_agree(bits):
     ys = [gemv_triton(x, *args, config={**pick_config(1, 256, 64, bits, plan), "PLACE": place}) for place in (1, 0)]
     for y in ys:
         assert rel_err(y, want) < 1e-6
+
+
+def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
+    from gptqlora.kernels import gemv
+
+    p, x, a, b, want = case(128, 64, 4, 32, True, False, 1, torch.float32, seed=4)
+    monkeypatch.setattr(gemv, "room_for_copy", lambda qweight: False)
+    with pytest.warns(UserWarning, match="too little GPU memory"):
+        plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
+    assert not plan.sorted and plan.qweight is p["qweight"]
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
+    assert rel_err(y, want) < 1e-5
