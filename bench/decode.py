@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -30,8 +31,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_step import SHAPES, TARGETS, build_dense, build_gptq, config  # noqa: E402
+# bench/ must not shadow packages (bench/kernels.py would stand in for the `kernels` package transformers
+# looks for): take train_step by its path and drop bench/ from the import path.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+_spec = importlib.util.spec_from_file_location("train_step", _BENCH / "train_step.py")
+train_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_step)
+SHAPES, TARGETS, build_dense, build_gptq = train_step.SHAPES, train_step.TARGETS, train_step.build_dense, \
+    train_step.build_gptq
 
 from gptqlora.formats.gptq import pack_cols, pack_rows  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402

@@ -61,6 +61,13 @@ def _codes(qweight_ptr, k0, offs_n, k_end, N, BITS: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
+def _as_float(q):
+    """uint32 codes (< 2^23) -> fp32, exact: OR-ed into the mantissa of 2^23, which is then subtracted (a
+    LOP3 and an FADD instead of an integer-to-float conversion)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
     """(BM, BK) @ (BK, BN) -> fp32 (BM, BN): tensor cores (BM >= 16; b rounded to a's dtype, exact for codes)
     or broadcast-and-sum on the FMA units in fp32. b arrives in fp32 (the interpreter cannot convert
@@ -131,7 +138,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
                 p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
             else:
                 q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
-                p = _mm(xt, q.to(tl.float32), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
+                p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
             xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
             acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
@@ -140,7 +147,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             m2 = mk[:, None] & mn[None, :]
             s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
             z = _zeros_at(zeros_ptr, g, offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)
-            w = (q.to(tl.float32) - z) * s  # (BK, BN), rounded to x's dtype as the reference's dense W is
+            w = (_as_float(q) - z) * s  # (BK, BN), rounded to x's dtype as the reference's dense W is
             acc += _mm(xt, w.to(xt.dtype).to(tl.float32), DOT, F32_DOT)
         if HAS_LORA:
             at = tl.load(a_ptr + offs_r[None, :] * K + src[:, None], mask=mk[:, None] & mr[None, :], other=0)
@@ -240,6 +247,8 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
         bk = 0
     blocks = triton.cdiv(n, bn)
     split = max(1, min(16, triton.cdiv(2 * sms, blocks), k // (4 * max(bk, 16))))
+    tile = bk or 64
+    split = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split), tile) * tile)  # no split left without rows
     return dict(BM=bm, BK=bk, BN=bn, SPLIT=split, num_warps=4, num_stages=3)
 
 
