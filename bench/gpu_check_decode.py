@@ -23,7 +23,6 @@ import time
 import torch
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
-from gptqlora.kernels.dispatch import gemv
 from gptqlora.kernels.gemv import gemv_reference, gemv_triton, plan_gemv
 from gptqlora.kernels.reference import dequantize
 
@@ -82,21 +81,27 @@ def check_kernel(device, shapes, ms) -> list[dict]:
 
 
 def check_graphs(device, k, n) -> dict:
+    """A QuantLinear (act-order: its repacked copy is a buffer) decoding under torch.compile with CUDA graphs."""
+    from gptqlora.formats.gptq import GPTQSpec
+    from gptqlora.nn.quant_linear import QuantLinear
+
     p = packed(k, n, 4, 128, True, False, 7, device)
-    plan = plan_gemv(p[0], p[3], 4, 128)
+    layer = QuantLinear.from_packed(GPTQSpec(k, n, 4, 128), dict(zip(("qweight", "qzeros", "scales", "g_idx"), p)))
     a = torch.randn(16, k, device=device, dtype=torch.bfloat16) * 0.05
     b = torch.randn(n, 16, device=device, dtype=torch.bfloat16) * 0.05
 
     def f(x):
-        return torch.relu(gemv(x, *p, 4, plan, a, b, 2.0)) + 1.0
+        return torch.relu(layer.small_m(x, a, b, 2.0)) + 1.0
 
-    fc = torch.compile(f, mode="reduce-overhead", fullgraph=True)
-    ok, errs = True, []
-    for step in range(4):
-        x = torch.randn(2, k, device=device, dtype=torch.bfloat16)
-        got, want = fc(x).clone(), f(x)
-        errs.append(rel(got, want))
-        ok &= torch.equal(got, want) and not plan.locks.any()
+    with torch.no_grad():
+        f(torch.randn(2, k, device=device, dtype=torch.bfloat16))  # builds the plan before compiling
+        fc = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+        ok, errs = layer.gemv_qweight is not None, []
+        for _ in range(4):
+            x = torch.randn(2, k, device=device, dtype=torch.bfloat16)
+            got, want = fc(x).clone(), f(x)
+            errs.append(rel(got, want))
+            ok &= torch.equal(got, want) and not layer.gemv_locks.any()
     return {"check": "graphs", "rel_err": max(errs), "ok": ok}
 
 

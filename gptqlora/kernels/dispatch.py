@@ -60,11 +60,13 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-         bits: int, plan, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+         bits: int, plan: tuple, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
          scaling: float = 1.0) -> torch.Tensor:
     """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
-    kernel; `plan` from kernels.gemv.plan_gemv (kept by the layer; importing that module registered the op,
-    which torch.compile and CUDA graphs see as one opaque call). No gradient."""
-    y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, plan.qweight, plan.perm,
-                                plan.locks, lora_a, lora_b, bits, plan.group, plan.sorted, float(scaling))
+    kernel. `plan` = (packed weight read, perm, counters, rows sorted, group): a kernels.gemv.GemvPlan's
+    fields, as QuantLinear.gemv_plan keeps them (building one imported kernels.gemv, which registered the op
+    that torch.compile and CUDA graphs see as one opaque call). No gradient."""
+    read, perm, locks, rows_sorted, group = plan
+    y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, read, perm, locks,
+                                lora_a, lora_b, bits, group, rows_sorted, float(scaling))
     return y.reshape(*x.shape[:-1], y.shape[-1])

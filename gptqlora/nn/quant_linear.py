@@ -76,21 +76,30 @@ class QuantLinear(nn.Module):
             self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
         return self._plan
 
-    def gemv_plan(self):
-        """The decode kernel's plan (kernels/gemv.py; None off the Triton path), built at the first small-M
-        call and rebuilt when qweight or g_idx change. For an act-order layer it holds a copy of qweight with
-        the rows in group order (as many bytes again). Under torch.compile the plan built before is used."""
-        if torch.compiler.is_compiling():
-            return self._gemv
-        if resolve(self.kernel, self.qweight.device) != "triton":
-            return None
-        key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
-               self.qweight.device)
-        if self._gemv_key != key:
-            from gptqlora.kernels.gemv import plan_gemv
+    def gemv_plan(self) -> tuple | None:
+        """The decode kernel's plan (kernels/gemv.py; None off the Triton path): (packed weight it reads, perm,
+        split-K counters, rows sorted, group). Built at the first small-M call and rebuilt when qweight or
+        g_idx change; under torch.compile the plan built before is used. An act-order layer's copy of qweight
+        with the rows in group order, perm and the counters are non-persistent buffers: static addresses for
+        CUDA graphs, moved with the layer, never saved."""
+        if not torch.compiler.is_compiling():
+            if resolve(self.kernel, self.qweight.device) != "triton":
+                return None
+            key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
+                   self.qweight.device)
+            if self._gemv_key != key:
+                from gptqlora.kernels.gemv import plan_gemv
 
-            self._gemv, self._gemv_key = plan_gemv(self.qweight, self.g_idx, self.bits, self.group_size), key
-        return self._gemv
+                plan = plan_gemv(self.qweight, self.g_idx, self.bits, self.group_size)
+                copy = plan.qweight if plan.qweight is not self.qweight else None
+                self.register_buffer("gemv_qweight", copy, persistent=False)
+                self.register_buffer("gemv_perm", plan.perm, persistent=False)
+                self.register_buffer("gemv_locks", plan.locks, persistent=False)
+                self._gemv, self._gemv_key = (plan.sorted, plan.group), key
+        if self._gemv is None:
+            return None
+        qweight = self.gemv_qweight if self.gemv_qweight is not None else self.qweight
+        return (qweight, self.gemv_perm, self.gemv_locks, *self._gemv)
 
     def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scaling: float = 1.0) -> torch.Tensor | None:
