@@ -223,9 +223,11 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
             for harness, f in [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else []):
                 tps = decode_rate(model, batch, prompt, new, f, timer, device)
                 step_gbps = wb * tps / batch / 1e9
-                rows.append({"model": label, "harness": harness, "batch": batch, "tokens_per_s": round(tps, 1),
-                             "weight_gb": round(wb / 1e9, 2), "step_weight_gbps": round(step_gbps),
-                             "pct_copy": round(100 * step_gbps / copy, 1)})
+                ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
+                rows.append({"model": label, "harness": harness, "batch": batch,
+                             "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
+                             "step_weight_gbps": round(step_gbps) if ok else None,
+                             "pct_copy": round(100 * step_gbps / copy, 1) if ok else None})
                 print(rows[-1], flush=True)
             del model
             gc.collect()
@@ -234,9 +236,10 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "bf16" and r["harness"] == "same harness"}
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("harness") == "plain transformers"}
     for r in rows:
-        if "tokens_per_s" in r:
-            r["x_bf16_same_harness"] = round(r["tokens_per_s"] / base[r["batch"]], 2) if r["batch"] in base else None
-            r["x_plain_transformers"] = round(r["tokens_per_s"] / plain[r["batch"]], 2) if r["batch"] in plain else None
+        if r.get("tokens_per_s"):
+            b = r["batch"]
+            r["x_bf16_same_harness"] = round(r["tokens_per_s"] / base[b], 2) if base.get(b) else None
+            r["x_plain_transformers"] = round(r["tokens_per_s"] / plain[b], 2) if plain.get(b) else None
     return rows
 
 

@@ -24,9 +24,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                help="tokens of prompt + reply (default: the model's max_position_embeddings)")
     add_option(p, "decode", choices=("auto", "compiled", "eager"), default="auto",
                help="compiled: a static KV cache and the decode step compiled with CUDA graphs (torch.compile; "
-                    "the first reply waits for the compile, about a minute for a 7B model, later ones are "
-                    "several times faster); eager: transformers' dynamic cache; auto (default): compiled on "
-                    "CUDA, eager elsewhere")
+                    "the first reply waits while it compiles, later ones run without per-token launch "
+                    "overhead); eager: transformers' dynamic cache; auto (default): compiled on CUDA, eager "
+                    "elsewhere")
     add_option(p, "device", default=None, help="device (default: cuda if available, else cpu)")
     add_option(p, "seed", type=int, default=None, help="random seed, for reproducible sampling")
 
