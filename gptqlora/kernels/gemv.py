@@ -101,7 +101,7 @@ def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: t
         rows = k0 + tl.arange(0, BKW)[:, None] * PER + h * HALF + jj[None, :]  # (BKW, HALF)
         src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
         xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32) * place[None, :]
-        half = (words >> (16 * h)) & 0xFFFF if h == 1 else words & 0xFFFF  # (BKW, BN)
+        half = (words >> (16 * h)) & 0xFFFF  # (BKW, BN)
         f = ((half[:, None, :] & masks[None, :, None]) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         p += xv[:, :, None] * f  # (BKW, HALF, BN)
     return tl.sum(tl.sum(p, axis=1), axis=0)
