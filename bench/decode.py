@@ -174,7 +174,8 @@ def decode_rate(model, batch: int, prompt: int, new: int, fast: bool, timer: Tim
     from gptqlora.inference import Sampling, decode_kwargs
 
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=gen)
     extra = decode_kwargs(model, Sampling(decode="compiled"), prompt + new) if fast else {"disable_compile": True}
 
     def run(n: int) -> float:

@@ -127,7 +127,8 @@ def check_generation(device, hidden, inter) -> dict:
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_dropout=0.0, init_lora_weights="gaussian")).eval()
     out = {}
     for batch in (1, 3):
-        ids = torch.randint(0, 512, (batch, 20), device=device, generator=torch.Generator(device=device).manual_seed(batch))
+        gen = torch.Generator(device=device).manual_seed(batch)
+        ids = torch.randint(0, 512, (batch, 20), device=device, generator=gen)
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
         for name, backend, mode in (("reference", "torch", "eager"), ("kernel", "triton", "compiled")):
             os.environ["GPTQLORA_KERNEL"] = backend
@@ -141,7 +142,8 @@ def check_generation(device, hidden, inter) -> dict:
         pm.to(torch.bfloat16)
         agree = []
         for batch in (1, 3):
-            ids = torch.randint(0, 512, (batch, 20), device=device, generator=torch.Generator(device=device).manual_seed(batch))
+            gen = torch.Generator(device=device).manual_seed(batch)
+            ids = torch.randint(0, 512, (batch, 20), device=device, generator=gen)
             kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
             outs = []
             for backend, mode in (("torch", "eager"), ("triton", "compiled")):
