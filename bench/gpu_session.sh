@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr journey)
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr decode journey)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -38,6 +38,10 @@ for l in open(sys.argv[1]):
                grep "^|" "$OUT/ablations.md" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
+    decode)    python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
+               tail -1 "$OUT/gpu_check_decode.json"
+               if [ $rc = 0 ]; then python3 bench/decode.py --json "$OUT/decode.json" > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
   esac
   echo "== $stage took $(( $(date +%s) - t0 )) s"

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SHAPES = {
+    "micro": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),  # CPU smoke tests
     "tiny": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),

@@ -31,15 +31,24 @@ class InferenceError(ValueError):
 # -- sampling and batched generation --------------------------------------------------------------------
 
 
+DECODE_MODES = ("auto", "compiled", "eager")
+CACHE_STEP = 256  # static KV caches are sized in steps of this many tokens: few distinct graphs
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings; temperature 0 means greedy."""
+    """Decoding settings; temperature 0 means greedy. ``decode``: "compiled" = a static KV cache and the decode
+    step compiled by torch.compile with CUDA graphs (CUDA only), "eager" = transformers' dynamic cache,
+    "auto" = compiled on CUDA, eager elsewhere."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    decode: str = "eager"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise InferenceError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.max_new_tokens < 1:
             raise InferenceError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -56,6 +65,35 @@ class Sampling:
         else:
             kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         return kw
+
+
+def compiled_decode(model: Any, sampling: Sampling) -> bool:
+    """Whether generation with ``sampling`` uses the static cache and the compiled decode step on this model."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    if sampling.decode == "compiled" and not cuda:
+        raise InferenceError("--decode compiled needs a CUDA device (CUDA graphs); use --decode auto or eager")
+    return sampling.decode == "compiled" or (sampling.decode == "auto" and cuda)
+
+
+def decode_kwargs(model: Any, sampling: Sampling, length: int) -> dict[str, Any]:
+    """generate() keyword arguments for the decode step: a static KV cache for ``length`` tokens (rounded up
+    to CACHE_STEP, so that a few graphs serve all calls) and transformers' torch.compile of the step with CUDA
+    graphs (mode reduce-overhead), or nothing for eager decoding. Builds the small-M kernel plans first:
+    they must exist before the step is compiled."""
+    if not compiled_decode(model, sampling):
+        return {}
+    from transformers import CompileConfig
+
+    from gptqlora.nn.quant_linear import QuantLinear
+
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.gemv_plan()
+    size = -(-length // CACHE_STEP) * CACHE_STEP
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    size = min(size, limit) if limit and limit >= length else size
+    return {"cache_implementation": "static", "max_cache_len": size,
+            "compile_config": CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")}
 
 
 @torch.inference_mode()
@@ -79,7 +117,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
             n = len(prompts[i])
             ids[row, width - n:] = torch.tensor(prompts[i])
             mask[row, width - n:] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        fast = decode_kwargs(model, sampling, width + sampling.max_new_tokens)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw, **fast)
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
     return out

@@ -71,14 +71,18 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(kwargs)
         if name is not None:  # one autograd function: base matmul, dropout and both LoRA matmuls
+            base = self.base_layer
+            packed, a, b, s, p = self._fused_parts(name)
+            if p == 0:  # decoding (<= 16 tokens, no gradient): one small-M kernel for base and LoRA
+                y = base.small_m(x.to(compute_dtype(x)), a, b, s)
+                if y is not None:
+                    return y
             y = None
             if self.siblings is not None and self.siblings.enabled:
                 y = self.siblings.output(self, x, lambda layers, x: _fused_group(layers, x, name, kwargs))
             if y is None:
-                packed, a, b, s, p = self._fused_parts(name)
-                (y,) = quant_lora_group(x.to(compute_dtype(x)), [packed], [a], [b], [s], p, self.base_layer.kernel)
-            bias = self.base_layer.bias
-            return y if bias is None else y + bias.to(y.dtype)
+                (y,) = quant_lora_group(x.to(compute_dtype(x)), [packed], [a], [b], [s], p, base.kernel)
+            return y if base.bias is None else y + base.bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:
             return result

@@ -2,7 +2,9 @@
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; the main thread prints the pieces.
 That keeps Ctrl-C in the main thread: it sets an event that a stopping criterion checks after every
-token, so an interrupted reply ends cleanly (adapter state restored) and the chat goes on.
+token, so an interrupted reply ends cleanly (adapter state restored) and the chat goes on. It is one
+worker thread for the whole session: CUDA graphs recorded by the compiled decode step belong to the
+thread that recorded them, and replaying them from another thread would be wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
@@ -18,7 +21,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import OFF, InferenceError, PromptFormat, Sampling, load_model, using_adapter
+from gptqlora.inference import (OFF, InferenceError, PromptFormat, Sampling, compiled_decode, decode_kwargs,
+                                load_model, using_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class ChatSession:
         self.adapters = list(adapters)
         self.active = active if active is not None else (self.adapters[0] if self.adapters else OFF)
         self.history: list[tuple[str, str]] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptqlora-generate")  # see above
 
     def reset(self) -> None:
         self.history.clear()
@@ -98,16 +103,17 @@ class ChatSession:
                     self.model.generate(input_ids=torch.tensor([ids], device=device),
                                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
                                         streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                                        **self.sampling.generate_kwargs(self.tokenizer))
+                                        **self.sampling.generate_kwargs(self.tokenizer),
+                                        **decode_kwargs(self.model, self.sampling, self.context_size))
             except BaseException as e:  # handed to the main thread, which must not wait forever
                 errors.append(e)
                 streamer.end()
 
         pieces: list[str] = []
         interrupted = False
-        thread = threading.Thread(target=work, name="gptqlora-generate", daemon=True)
+        job = None
         try:
-            thread.start()
+            job = self._worker.submit(work)
             for piece in streamer:
                 pieces.append(piece)
                 on_text(piece)
@@ -115,7 +121,8 @@ class ChatSession:
             interrupted = True
         finally:
             stop.set()
-            _join(thread)
+            if job is not None:
+                _join(job)
         if errors:
             raise errors[0]
         text = "".join(pieces)
@@ -123,11 +130,11 @@ class ChatSession:
         return Reply(text, interrupted, dropped)
 
 
-def _join(thread: threading.Thread) -> None:
+def _join(job: Future) -> None:
     """Wait for a stopped generation (at most one more token); a second Ctrl-C must not leave it running."""
-    while thread.is_alive():
+    while not job.done():
         try:
-            thread.join()
+            wait([job])
         except KeyboardInterrupt:
             pass
 
@@ -204,6 +211,7 @@ def run_chat_command(run_dir: str | None = None, base: str | None = None, adapte
     loaded = load_model(run_dir, base, adapters, device, template)
     fmt = loaded.prompt_format(chat_template, system)
     size = loaded.context_size(max_context, sampling)
+    compiled_decode(loaded.model, sampling)  # --decode compiled without CUDA fails now, not at the first reply
     set_seed(seed)
     if sys.stdin.isatty():
         try:

@@ -15,8 +15,8 @@ from typing import Any, Sequence, TextIO
 
 from gptqlora.commands.args import add_option, ranged
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import (OFF, InferenceError, Loaded, PromptFormat, Sampling, generate_responses,
-                                load_model, using_adapter)
+from gptqlora.inference import (OFF, InferenceError, Loaded, PromptFormat, Sampling, compiled_decode,
+                                generate_responses, load_model, using_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def run_generate(prompts: str, run_dir: str | None = None, base: str | None = No
     items = read_prompts(prompts, file_format)  # a bad prompts file fails before the model loads
     loaded = load_model(run_dir, base, adapters, device, template)
     fmt = loaded.prompt_format(chat_template, system, raw)
+    compiled_decode(loaded.model, sampling)  # --decode compiled needs CUDA: fail before any generation
     set_seed(seed)
     generate_items(loaded, fmt, items, out or sys.stdout, sampling, use or None, batch_size, max_context)
     return 0

@@ -25,6 +25,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                help="nucleus sampling threshold, in (0, 1] (default 1.0)")
     add_option(p, "max_context", type=ranged(int, "max_context", min=2), default=None,
                help="tokens of prompt + reply (default: the model's max_position_embeddings)")
+    add_option(p, "decode", choices=("auto", "compiled", "eager"), default="auto",
+               help="compiled: a static KV cache and the decode step compiled with CUDA graphs (torch.compile; "
+                    "the first reply waits while it compiles, later ones run without per-token launch "
+                    "overhead); eager: transformers' dynamic cache; auto (default): compiled on CUDA, eager "
+                    "elsewhere")
     add_option(p, "device", default=None, help="device (default: cuda if available, else cpu)")
     add_option(p, "seed", type=int, default=None, help="random seed, for reproducible sampling")
 
@@ -32,7 +37,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def sampling(args: argparse.Namespace):
     from gptqlora.inference import Sampling
 
-    return Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.decode)
 
 
 def set_seed(seed: int | None) -> None:

@@ -1,4 +1,5 @@
 """Which implementation computes dequantization: the Triton kernel on CUDA, the torch reference elsewhere.
+At most MAX_M tokens (decoding), the layers call `gemv`, the small-M kernel of kernels/gemv.py, instead.
 
 The choice is per call: `backend` ("auto", "triton" or "torch"; QuantLinear's `kernel` argument) or, when
 that is "auto", the GPTQLORA_KERNEL environment variable (same values). "auto" takes Triton for CUDA
@@ -16,6 +17,7 @@ import torch
 from gptqlora.kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
+MAX_M = 16  # rows up to which the small-M kernel (kernels/gemv.py) runs; the training kernels above
 ENV = "GPTQLORA_KERNEL"
 
 
@@ -55,3 +57,16 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
         return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype, plan=plan)
     return reference.dequantize(qweight, zeros, scales, g_idx, bits, dtype)
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+         bits: int, plan: tuple, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+         scaling: float = 1.0) -> torch.Tensor:
+    """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
+    kernel. `plan` = (packed weight read, perm, counters, rows sorted, group): a kernels.gemv.GemvPlan's
+    fields, as QuantLinear.gemv_plan keeps them (building one imported kernels.gemv, which registered the op
+    that torch.compile and CUDA graphs see as one opaque call). No gradient."""
+    read, perm, locks, rows_sorted, group = plan
+    y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, read, perm, locks,
+                                lora_a, lora_b, bits, group, rows_sorted, float(scaling))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -7,7 +7,7 @@ from torch import nn
 
 from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows, unpack_zeros
 from gptqlora.kernels.autograd import quant_matmul
-from gptqlora.kernels.dispatch import dequantize, resolve
+from gptqlora.kernels.dispatch import MAX_M, dequantize, gemv, resolve
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,6 +34,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.kernel = kernel  # dequantization backend: "auto" (Triton on CUDA), "triton" or "torch"
         self._plan = self._plan_key = None  # kernel_plan's cache
+        self._gemv = self._gemv_key = None  # gemv_plan's cache
         self.spec = GPTQSpec(in_features, out_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -74,6 +75,45 @@ class QuantLinear(nn.Module):
 
             self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
         return self._plan
+
+    def gemv_plan(self) -> tuple | None:
+        """The decode kernel's plan (kernels/gemv.py; None off the Triton path): (packed weight it reads, perm,
+        split-K counters, rows sorted, group). Built at the first small-M call and rebuilt when qweight or
+        g_idx change; under torch.compile the plan built before is used. An act-order layer's copy of qweight
+        with the rows in group order, perm and the counters are non-persistent buffers: static addresses for
+        CUDA graphs, moved with the layer, never saved."""
+        if not torch.compiler.is_compiling():
+            if resolve(self.kernel, self.qweight.device) != "triton":
+                return None
+            key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
+                   self.qweight.device)
+            if self._gemv_key != key:
+                from gptqlora.kernels.gemv import plan_gemv
+
+                plan = plan_gemv(self.qweight, self.g_idx, self.bits, self.group_size)
+                copy = plan.qweight if plan.qweight is not self.qweight else None
+                self.register_buffer("gemv_qweight", copy, persistent=False)
+                self.register_buffer("gemv_perm", plan.perm, persistent=False)
+                self.register_buffer("gemv_locks", plan.locks, persistent=False)
+                self._gemv, self._gemv_key = (plan.sorted, plan.group), key
+        if self._gemv is None:
+            return None
+        qweight = self.gemv_qweight if self.gemv_qweight is not None else self.qweight
+        return (qweight, self.gemv_perm, self.gemv_locks, *self._gemv)
+
+    def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                scaling: float = 1.0) -> torch.Tensor | None:
+        """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] by the decode kernel when it applies (at most 16 rows
+        of x in the compute dtype, the Triton path, no gradient wanted), else None."""
+        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and (
+                x.requires_grad or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad)))):
+            return None
+        plan = self.gemv_plan()
+        if plan is None:
+            return None
+        y = gemv(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
+                 scaling)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property
     def zero_points(self) -> torch.Tensor:
@@ -138,6 +178,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))
+        y = self.small_m(x)  # decoding: the small-M kernel
+        if y is not None:
+            return y
         y = quant_matmul(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits,
                          self.kernel, self.kernel_plan())  # (..., N)
         if self.bias is not None:

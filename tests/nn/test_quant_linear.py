@@ -52,3 +52,22 @@ def test_autocast_bf16_on_cpu():
 def test_dequantize_is_correctly_rounded_fp16():
     layer, w64, _ = make_layer(3)
     assert torch.equal(layer.dequantize(torch.float16), w64.to(torch.float16))
+
+
+def test_decode_plan_buffers_are_never_saved(monkeypatch):
+    """Decoding an act-order layer keeps a repacked copy of qweight as a non-persistent buffer."""
+    from gptqlora.kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    layer = QuantLinear(64, 32, 4, 32)
+    layer.qweight.random_(-2**31, 2**31 - 1)
+    layer.scales.uniform_(0.01, 0.02)
+    layer.g_idx.copy_(layer.g_idx[torch.randperm(64)])
+    keys = set(layer.state_dict())
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.gemv_qweight is not None and layer.gemv_qweight.shape == layer.qweight.shape
+    assert set(layer.state_dict()) == keys
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)

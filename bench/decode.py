@@ -1,0 +1,307 @@
+"""Decode speed: GPTQ 2/3/4-bit with a LoRA adapter against bf16, in one process, a table last.
+
+    python bench/gpu_check_decode.py && python bench/decode.py [--json OUT.json]     (H200: < 8 minutes)
+    TRITON_INTERPRET=1 python bench/decode.py --device cpu --shape micro              (smoke test)
+
+1. copy: a device-to-device copy's bandwidth (bytes read + written), the ceiling for the figures below;
+2. layers: one linear of each 7B shape (q/k/v/o 4096x4096, gate/up 4096x11008, down 11008x4096) at
+   M = 1 and 8 tokens: the small-M kernel (act-order group 128, group 64 at 2 bit; with and without a fused
+   r=8 LoRA; act-order as the repacked copy and as the per-row gather) against a bf16 `x @ W`. Layers
+   rotate through more than L2 holds, so every call reads from HBM. Bytes/s counts the packed weight,
+   scales, zeros (and the LoRA A, B) once;
+3. generation: tokens/s at batch 1 and 8 of a 7B-shaped LLaMA (random weights built in packed form, as
+   bench/train_step.py does) with an r=8 adapter on the seven projections, through `generate` with the
+   harness `gptqlora chat/generate --decode compiled` use (static KV cache, the step compiled with CUDA
+   graphs); the bf16 model (no adapter: an adapter merged into bf16 costs nothing) in the same harness; and
+   plain transformers `generate` in bf16 (dynamic cache, no compile), what a user gets without us. Decode
+   tokens/s = batch x (new - 1) / (t(new tokens) - t(1 token)): the prefill cancels. The weight-read
+   bandwidth of a step is the model's weight bytes / the batch-1 step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# bench/ must not shadow packages (bench/kernels.py would stand in for the `kernels` package transformers
+# looks for): take train_step by its path and drop bench/ from the import path.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+_spec = importlib.util.spec_from_file_location("train_step", _BENCH / "train_step.py")
+train_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_step)
+SHAPES, TARGETS, build_dense, build_gptq = train_step.SHAPES, train_step.TARGETS, train_step.build_dense, \
+    train_step.build_gptq
+
+from gptqlora.formats.gptq import pack_cols, pack_rows  # noqa: E402
+from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
+
+GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, fn, reps: int = 20) -> float:
+        """Median milliseconds of fn (do_bench on CUDA; a few calls on CPU)."""
+        if self.cuda:
+            import triton
+
+            return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+        fn()
+        t = time.perf_counter()
+        for _ in range(2):
+            fn()
+        return (time.perf_counter() - t) / 2 * 1e3
+
+
+def copy_gbps(device, timer: Timer, nbytes: int) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = timer.ms(lambda: b.copy_(a))
+    return 2 * nbytes / t / 1e6
+
+
+def packed_layer(k, n, bits, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    gs = GROUP[bits]
+    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
+    zeros = torch.randint(0, 2**bits, (k // gs, n), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(k // gs, n, device=device, generator=g) * 0.01 + 1e-3).half()
+    g_idx = (torch.arange(k, device=device, dtype=torch.int32) // gs)[torch.randperm(k, device=device, generator=g)]
+    return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
+
+
+def layer_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list, l2_bytes: int) -> list[dict]:
+    h, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
+    rows = []
+    for k, n in ((h, h), (h, inter), (inter, h)):
+        dense_copies = max(1, math.ceil(l2_bytes / (k * n * 2)))
+        dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in range(dense_copies)]
+        for bits in bits_list:
+            packed_bytes = k * n * bits // 8 + (k // GROUP[bits]) * n * (2 + bits / 8)
+            copies = max(1, math.ceil(l2_bytes / packed_bytes))
+            layers = [packed_layer(k, n, bits, device, i) for i in range(copies)]
+            plans = {rp: [plan_gemv(p[0], p[3], bits, GROUP[bits], rp) for p in layers] for rp in (True, False)}
+            a = torch.randn(8, k, device=device, dtype=torch.bfloat16) * 0.01
+            b = torch.randn(n, 8, device=device, dtype=torch.bfloat16) * 0.01
+            for m in ms_list:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                t_bf16 = timer.ms(lambda: [x @ w for w in dense]) / dense_copies
+                for variant, repack, lora in (("repacked", True, False), ("repacked+lora", True, True),
+                                              ("gather", False, False)):
+                    ps = plans[repack]
+                    t = timer.ms(lambda: [gemv_triton(x, *p, bits, pl, a if lora else None, b if lora else None)
+                                          for p, pl in zip(layers, ps)]) / copies
+                    nbytes = packed_bytes + (lora * 2 * 8 * (k + n)) + (4 * k if repack else 0)
+                    rows.append({"shape": f"{k}x{n}", "bits": bits, "m": m, "variant": variant, "us": round(t * 1e3, 1),
+                                 "bf16_us": round(t_bf16 * 1e3, 1), "speedup": round(t_bf16 / t, 2),
+                                 "gbps": round(nbytes / t / 1e6), "pct_copy": round(100 * nbytes / t / 1e6 / copy, 1)})
+            del layers, plans
+        del dense
+        gc.collect()
+    return rows
+
+
+def sweep_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list, l2_bytes: int) -> list[dict]:
+    """Tile sizes, warps and split-K around pick_config's choice, per layer shape, bits and M: the best
+    against the default (to retune pick_config from)."""
+    from gptqlora.kernels.gemv import _sm_count, pick_config
+
+    h, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
+    rows = []
+    for k, n in ((h, h), (inter, h), (h, inter)):
+        for bits in bits_list:
+            packed_bytes = k * n * bits // 8 + (k // GROUP[bits]) * n * (2 + bits / 8)
+            copies = max(1, math.ceil(l2_bytes / packed_bytes))
+            layers = [packed_layer(k, n, bits, device, i) for i in range(copies)]
+            plans = [plan_gemv(p[0], p[3], bits, GROUP[bits]) for p in layers]
+            for m in ms_list:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                base = pick_config(m, k, n, bits, plans[0], _sm_count(device))
+                results = []
+                for bn in (64, 128, 256):
+                    for warps in (1, 2, 4):
+                        for split in sorted({max(1, base["SPLIT"] // 2), base["SPLIT"], min(32, base["SPLIT"] * 2)}):
+                            for place in ((True, False) if m == 1 else (True,)):
+                                cfg = {**base, "BN": bn, "num_warps": warps, "SPLIT": split, "PLACE": place}
+                                try:
+                                    t = timer.ms(lambda: [gemv_triton(x, *p, bits, pl, config=cfg)
+                                                          for p, pl in zip(layers, plans)]) / copies
+                                except Exception as e:  # e.g. out of resources: not a candidate
+                                    t = float("inf")
+                                    cfg["error"] = type(e).__name__
+                                results.append((t, cfg))
+                t_def = timer.ms(lambda: [gemv_triton(x, *p, bits, pl) for p, pl in zip(layers, plans)]) / copies
+                t_best, best = min(results, key=lambda r: r[0])
+                rows.append({"shape": f"{k}x{n}", "bits": bits, "m": m, "default_us": round(t_def * 1e3, 1),
+                             "default": base, "best_us": round(t_best * 1e3, 1), "best": best,
+                             "best_pct_copy": round(100 * packed_bytes / t_best / 1e6 / copy, 1)})
+                print(rows[-1], flush=True)
+            del layers, plans
+            gc.collect()
+    return rows
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads at batch 1: packed weights, scales, zeros, the dense parameters."""
+    from gptqlora.nn.quant_linear import QuantLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in (mod.qweight, mod.qzeros, mod.scales))
+    # the embedding is not read per token (one row); lm_head, norms and the LoRA weights are
+    total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return total
+
+
+def decode_rate(model, batch: int, prompt: int, new: int, fast: bool, timer: Timer, device) -> float:
+    """Decode tokens/s: batch x (new - 1) / (t(new) - t(1))."""
+    from gptqlora.inference import Sampling, decode_kwargs
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=gen)
+    extra = decode_kwargs(model, Sampling(decode="compiled"), prompt + new) if fast else {"disable_compile": True}
+
+    def run(n: int) -> float:
+        timer.sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+        timer.sync()
+        return time.perf_counter() - t
+
+    run(new)  # compiles (first shape) and records the CUDA graphs
+    run(1)
+    t_new = min(run(new) for _ in range(2))
+    t_one = min(run(1) for _ in range(2))
+    return batch * (new - 1) / (t_new - t_one) if t_new > t_one else float("nan")  # nan: timing noise (CPU)
+
+
+def build(kind: str, shape: str, device):
+    if kind == "bf16":
+        return build_dense(shape, False, device).eval()
+    import gptqlora
+    from gptqlora.adapters import GPTQLoraConfig
+
+    bits = int(kind.removeprefix("gptq"))
+    model = build_gptq(shape, bits, GROUP[bits], device)
+    if device.type == "cpu":
+        model = model.float()
+    return gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                         target_modules=TARGETS)).eval()
+
+
+def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline) -> list[dict]:
+    """Batch by batch (batch 1 first: the headline figures come before the deadline can cut anything),
+    one model at a time, each built fresh."""
+    rows = []
+    fast = device.type == "cuda"
+    for batch in batches:
+        for kind in ["bf16"] + [f"gptq{b}" for b in bits_list]:
+            label = kind + ("+lora r8" if kind != "bf16" else "")
+            if time.time() > deadline:
+                rows.append({"model": label, "harness": "skipped: over --budget-s", "batch": batch})
+                continue
+            model = build(kind, shape, device)
+            wb = weight_bytes(model)
+            for harness, f in [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else []):
+                tps = decode_rate(model, batch, prompt, new, f, timer, device)
+                step_gbps = wb * tps / batch / 1e9
+                ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
+                rows.append({"model": label, "harness": harness, "batch": batch,
+                             "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
+                             "step_weight_gbps": round(step_gbps) if ok else None,
+                             "pct_copy": round(100 * step_gbps / copy, 1) if ok else None})
+                print(rows[-1], flush=True)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "bf16" and r["harness"] == "same harness"}
+    plain = {r["batch"]: r["tokens_per_s"] for r in rows if r.get("harness") == "plain transformers"}
+    for r in rows:
+        if r.get("tokens_per_s"):
+            b = r["batch"]
+            r["x_bf16_same_harness"] = round(r["tokens_per_s"] / base[b], 2) if base.get(b) else None
+            r["x_plain_transformers"] = round(r["tokens_per_s"] / plain[b], 2) if plain.get(b) else None
+    return rows
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--bits", default="2,3,4", help="comma-separated bit widths (default 2,3,4)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate (default 64)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: layers, generation")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only sweep the kernel's tile sizes, warps and split-K per layer shape (a few minutes)")
+    ap.add_argument("--budget-s", type=float, default=420, help="start no model after this many seconds")
+    ap.add_argument("--json", help="write all rows here")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write("bench/decode.py: no CUDA device; use --device cpu --shape micro for the smoke test\n")
+        return 2
+    t0 = time.time()
+    timer = Timer(device)
+    bits = [int(b) for b in a.bits.split(",")]
+    batches = [int(b) for b in a.batches.split(",")]
+    cuda = device.type == "cuda"
+    copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)
+    l2 = 256 * 2**20 if cuda else 0
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "shape": a.shape, "copy_gbps": round(copy)}
+    print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
+    if not cuda:
+        sys.stderr.write("bench/decode.py: CPU smoke test (Triton's interpreter): figures mean nothing\n")
+    if a.sweep:
+        out["sweep"] = layer_sweep = sweep_rows(device, timer, a.shape, copy, bits, batches, l2)
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        print(table(layer_sweep, ["shape", "bits", "m", "default_us", "best_us", "best_pct_copy", "best"]))
+        return 0
+    if "layers" not in a.skip:
+        out["layers"] = layer_rows(device, timer, a.shape, copy, bits, batches, l2)
+        print(table(out["layers"], list(out["layers"][0])), flush=True)
+    if "generation" not in a.skip:
+        out["generation"] = generation_rows(device, timer, a.shape, bits, batches, a.prompt, a.new, copy,
+                                            t0 + a.budget_s)
+    out["wall_s"] = round(time.time() - t0)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    print(f"\n{out['device']}, torch {out['torch']}, {out['date']}, {a.shape} shape, copy {copy:.0f} GB/s, "
+          f"{out['wall_s']} s")
+    if "generation" in out:
+        print(table(out["generation"], ["model", "harness", "batch", "tokens_per_s", "x_bf16_same_harness",
+                                        "x_plain_transformers", "step_weight_gbps", "pct_copy"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

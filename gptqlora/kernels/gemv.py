@@ -1,0 +1,322 @@
+"""Small-M (1-16 tokens: decoding) GPTQ matmul with the LoRA update fused in, reading the packed weights once:
+
+    y = x @ dequant(W) + s * (x @ Aᵀ) @ Bᵀ        x (M, K), W (K, N) packed, A (r, K), B (N, r), y (M, N)
+
+At decode sizes the work is bound by reading the weights (0.25-1 byte per weight against 2 for bf16), so
+the kernel never writes a dense W: each program streams a K-range of packed words for BN output columns,
+unpacks them in registers and accumulates in fp32. Design (bench/notes_decode.md has the numbers):
+
+- Groups: where the packed rows are in group order (`sorted`: no act-order, or an act-order layer's
+  repacked copy, see `plan_gemv`), a tile of BK rows lies in one group, so its scales and zeros are
+  loaded once per tile and the zero is factored out: Σ_k x_k s (q_k - z) = s (Σ_k x_k q_k - z Σ_k x_k).
+  The repacked copy of an act-order layer reads x in the permuted order (`perm`), so nothing else changes.
+  Without it (`sorted` False: any g_idx) each row gathers its own group's scales and zeros.
+- M = 1 multiplies on the FMA units (broadcast and sum); M = 2..16 pads to 16 and uses tl.dot (tensor cores)
+  on codes converted exactly to x's dtype (integers <= 255 are exact in fp16 and bf16).
+- LoRA unmerged at nearly no cost: the product is linear in x, so each program adds s * (x_c @ A_cᵀ) @ B_nᵀ
+  for its own K-range c and columns n. A is read once per column block (r / BN of the weight reads).
+- Split-K fills the card when N / BN programs are too few: each program stores an fp32 partial; the last of
+  a column block to finish (a counter per block, which it resets to 0) sums the partials in a fixed order
+  and writes y. One launch per layer and deterministic; no zero-filled buffer, no second kernel.
+
+2/4/8-bit codes are unpacked from whole words (one load per 32-bit word); 3-bit codes, which straddle words,
+through dequant's `_unpack`. `gemv_reference` beside it is the torch ground truth.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from gptqlora.formats.gptq import pack_rows, unpack_rows
+from gptqlora.kernels.dequant import _unpack, _zeros_at, plan_for
+from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
+from gptqlora.kernels.reference import dequantize
+
+
+@triton.jit
+def _codes(qweight_ptr, k0, offs_n, k_end, N, BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Codes of packed rows [k0, k0 + BK) at columns offs_n: a (BK, BN) uint32 tile, 0 beyond k_end or N."""
+    mn = offs_n < N
+    if 32 % BITS == 0:  # whole words: each word holds PER consecutive rows of one column
+        PER: tl.constexpr = 32 // BITS
+        w_rows = k0 // PER + tl.arange(0, BK // PER)  # (BK/PER,)
+        mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
+        words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # (BK/PER, PER, BN)
+        return tl.reshape(q, (BK, BN))  # row w * PER + j
+    else:  # 3 bit: 32 rows fill 3 words, two of the codes straddle
+        k = k0 + tl.arange(0, BK)
+        bit = k * BITS
+        m2 = (k < k_end)[:, None] & mn[None, :]
+        return _unpack(qweight_ptr, (bit // 32)[:, None] * N + offs_n[None, :], (bit % 32)[:, None], N, m2, BITS)
+
+
+@triton.jit
+def _as_float(q):
+    """uint32 codes (< 2^23) -> fp32, exact: OR-ed into the mantissa of 2^23, which is then subtracted (a
+    LOP3 and an FADD instead of an integer-to-float conversion)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
+    """(BM, BK) @ (BK, BN) -> fp32 (BM, BN): tensor cores (BM >= 16; b rounded to a's dtype, exact for codes)
+    or broadcast-and-sum on the FMA units in fp32. b arrives in fp32 (the interpreter cannot convert
+    integers to bf16 directly)."""
+    if DOT and F32_DOT:  # Triton's interpreter gets bf16 dots wrong; the same exact products in fp32
+        return tl.dot(a.to(tl.float32), b.to(a.dtype).to(tl.float32), input_precision="ieee")
+    if DOT:
+        return tl.dot(a, b.to(a.dtype), input_precision="ieee")
+    return tl.sum(a.to(tl.float32)[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: tl.constexpr, BK: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
+    """Σ_k x[k] q[k, n] over packed rows [k0, k0 + BK) for one row of x, with ~1 integer op per code: a code
+    is masked in place inside its 16-bit half-word and OR-ed into the mantissa of 2^23, so the float is
+    2^23 + q * 2^(BITS*j) (exact); x of that row is pre-scaled by 2^-(BITS*j) (exact), and only the 2^23 is
+    subtracted. No shift or int-to-float conversion per code. Returns (BN,) fp32."""
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
+    BKW: tl.constexpr = BK // PER
+    mn = offs_n < N
+    w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
+    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
+    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
+    jj = tl.arange(0, HALF)
+    masks = tl.full((HALF,), (1 << BITS) - 1, tl.uint32) << (jj * BITS).to(tl.uint32)  # (HALF,)
+    place = ((127 - jj * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), exact
+    p = tl.zeros((BKW, HALF, offs_n.shape[0]), tl.float32)
+    for h in tl.static_range(2):  # low and high half-words: rows w*PER + h*HALF + j
+        rows = k0 + tl.arange(0, BKW)[:, None] * PER + h * HALF + jj[None, :]  # (BKW, HALF)
+        src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
+        xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32) * place[None, :]
+        half = (words >> (16 * h)) & 0xFFFF  # (BKW, BN)
+        f = ((half[:, None, :] & masks[None, :, None]) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        p += xv[:, :, None] * f  # (BKW, HALF, BN)
+    return tl.sum(tl.sum(p, axis=1), axis=0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
+                 lock_ptr, M, K, N, R, GROUP, lora_scale,
+                 BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
+                 HAS_LORA: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, PLACE: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    DOT: tl.constexpr = BM >= 16
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mm, mn = offs_m < M, offs_n < N
+    span = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK  # rows per split, whole tiles
+    k_start = pid_k * span
+    k_end = tl.minimum(K, k_start + span)
+    acc = tl.zeros((BM, BN), tl.float32)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < R
+    xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
+    for k0 in range(k_start, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < k_end
+        src = tl.load(perm_ptr + offs_k, mask=mk, other=0) if HAS_PERM else offs_k  # x column of each row
+        xt = tl.load(x_ptr + offs_m[:, None] * K + src[None, :], mask=mm[:, None] & mk[None, :], other=0)  # (BM, BK)
+        if SORTED:  # one group per tile: scales and zeros once, the zero factored out
+            g = k0 // GROUP
+            s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
+            z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
+            if PLACE:  # M = 1, whole-word codes
+                p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
+            else:
+                q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+                p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
+            xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
+            acc += s[None, :] * (p - xs[:, None] * z[None, :])
+        else:  # any g_idx: each row its own group
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+            g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
+            m2 = mk[:, None] & mn[None, :]
+            s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
+            z = _zeros_at(zeros_ptr, g, offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)
+            w = (_as_float(q) - z) * s  # (BK, BN), rounded to x's dtype as the reference's dense W is
+            acc += _mm(xt, w.to(xt.dtype).to(tl.float32), DOT, F32_DOT)
+        if HAS_LORA:
+            at = tl.load(a_ptr + offs_r[None, :] * K + src[:, None], mask=mk[:, None] & mr[None, :], other=0)
+            xa += _mm(xt, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
+    if HAS_LORA:
+        bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
+        dt = x_ptr.dtype.element_ty
+        acc += lora_scale * _mm(xa.to(dt), bt.to(dt).to(tl.float32), DOT, F32_DOT)  # (BM, BN)
+    m2 = mm[:, None] & mn[None, :]
+    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m2)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=m2)
+        tl.debug_barrier()  # every thread's partial is written before the count below releases them
+        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:  # the last split of this column block: sum all partials in split order
+            total = tl.zeros((BM, BN), tl.float32)
+            for i in tl.static_range(SPLIT):
+                total += tl.load(part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :], mask=m2, other=0,
+                                 cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=m2)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """How the kernel reads one layer; built once per layer by `plan_gemv`.
+
+    `qweight` is the layer's own packed weight, or for an act-order layer a copy with its rows in group
+    order (the same bytes again: decode speed for memory) read with `perm` (x column of each packed row).
+    `sorted`: packed row k is in group k // group. `locks`: the split-K counters, zero between calls.
+    """
+
+    qweight: torch.Tensor
+    perm: torch.Tensor | None
+    sorted: bool
+    group: int
+    locks: torch.Tensor
+
+
+REPACK_CHUNK = 1024  # columns repacked at a time: transient int64 codes of K x 1024, not K x N
+KEEP_FREE = 0.1  # an act-order copy is made only if this share of the card stays free after it
+
+
+def room_for_copy(qweight: torch.Tensor) -> bool:
+    """Whether the card can hold a second copy of `qweight` and still keep KEEP_FREE of it free."""
+    if qweight.device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(qweight.device)
+    return free - qweight.numel() * 4 > KEEP_FREE * total
+
+
+def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
+              repack: bool | None = None) -> GemvPlan:
+    """The kernel's plan: sorted rows when g_idx is trivial; an act-order layer's rows repacked in group
+    order (one copy of qweight, made once) when `repack` (None: when `room_for_copy`, warning otherwise),
+    else the per-row gather of scales and zeros."""
+    k, n = g_idx.shape[0], qweight.shape[1]
+    locks = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=qweight.device)
+    rows = plan_for(g_idx, group_size)
+    gs = k if group_size == -1 else group_size
+    if rows is not None and rows.perm is not None and repack is None:
+        repack = room_for_copy(qweight)
+        if not repack:
+            warnings.warn("too little GPU memory for the act-order copies of the packed weights: decoding "
+                          "gathers scales per row instead (slower)", stacklevel=2)
+    if rows is None or (rows.perm is not None and not repack):
+        return GemvPlan(qweight, None, False, gs, locks)
+    if rows.perm is None:
+        return GemvPlan(qweight, None, True, gs, locks)
+    perm = rows.perm.long()
+    copy = torch.empty_like(qweight)
+    for c in range(0, n, REPACK_CHUNK):  # rows in group order, a block of columns at a time
+        copy[:, c:c + REPACK_CHUNK] = pack_rows(unpack_rows(qweight[:, c:c + REPACK_CHUNK], bits)[perm], bits)
+    return GemvPlan(copy, rows.perm, True, gs, locks)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
+    """Tile sizes and split-K for one call. BM: 1 (FMA) or 16 (tensor cores). BK: a power of two of whole
+    words that divides the group in sorted mode. SPLIT: enough programs for ~2 per SM, each K-range
+    keeping several tiles."""
+    per = 32 // bits if 32 % bits == 0 else 1
+    bm = 1 if m == 1 else MAX_M
+    bn = 128 if bm == 1 else 64
+    bk = 64 if bm == 1 else 128
+    if plan.sorted and plan.group < k:
+        bk = _pow2_divisor(plan.group, bk)
+    if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
+        bk = 0
+    blocks = triton.cdiv(n, bn)
+    split = max(1, min(16, triton.cdiv(2 * sms, blocks), k // (4 * max(bk, 16))))
+    tile = bk or 64
+    split = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split), tile) * tile)  # no split left without rows
+    return dict(BM=bm, BK=bk, BN=bn, SPLIT=split, num_warps=4, num_stages=3)
+
+
+def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None,
+                lora_b: torch.Tensor | None = None, scaling: float = 1.0, config: dict | None = None,
+                sms: int = 132) -> torch.Tensor:
+    """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
+
+    `qweight` is the layer's own (the plan may hold a repacked copy, which is what is read); `zeros`
+    packed int32 [G, N*b/32] or float [G, N]; `config` overrides `pick_config` (bench/decode.py sweeps it).
+    """
+    m, k = x.shape
+    n = scales.shape[1]
+    if m > MAX_M:
+        raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
+    cfg = dict(config or pick_config(m, k, n, bits, plan, sms))
+    place = cfg.pop("PLACE", True)
+    sorted_rows = plan.sorted and cfg["BK"] > 0
+    if cfg["BK"] == 0:
+        cfg["BK"] = 64
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = cfg.pop("SPLIT")
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    has_lora = lora_a is not None
+    r = lora_a.shape[0] if has_lora else 1
+    a = lora_a.contiguous() if has_lora else x
+    b = lora_b.contiguous() if has_lora else x
+    qw = plan.qweight if sorted_rows else qweight
+    perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
+    grid = (triton.cdiv(n, cfg["BN"]), split)
+    _gemv_kernel[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
+                       float(scaling), BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
+                       HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT=split,
+                       BR=max(16, triton.next_power_of_2(r)),
+                       F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+                       PLACE=place and sorted_rows and m == 1 and 32 % bits == 0, **cfg)
+    return out
+
+
+def gemv_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor, bits: int, lora_a: torch.Tensor | None = None,
+                   lora_b: torch.Tensor | None = None, scaling: float = 1.0) -> torch.Tensor:
+    """The torch ground truth of gemv_triton, in fp32 (rounded once to x's dtype)."""
+    xf = x.float()
+    y = xf @ dequantize(qweight, zeros, scales, g_idx, bits, torch.float32)
+    if lora_a is not None:
+        y = y + scaling * (xf @ lora_a.float().t()) @ lora_b.float().t()
+    return y.to(x.dtype)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@torch.library.custom_op("gptqlora::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+             plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: torch.Tensor | None,
+             lora_b: torch.Tensor | None, bits: int, group: int, sorted_rows: bool, scaling: float) -> torch.Tensor:
+    # An opaque op for torch.compile (and CUDA graphs): the split-K counters it touches end as they began.
+    plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
+    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling,
+                       sms=_sm_count(x.device))
+
+
+@_gemv_op.register_fake
+def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling):
+    return x.new_empty((x.shape[0], scales.shape[1]))
+

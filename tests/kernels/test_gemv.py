@@ -1,0 +1,124 @@
+"""The small-M decode kernel against float64 and the torch reference: every bit width, group size, act-order
+(repacked and gathered), packed and float zeros, fp32/fp16/bf16, odd shapes, split-K, fused LoRA."""
+
+import pytest
+import torch
+
+from gptqlora.kernels.gemv import gemv_reference, gemv_triton, pick_config, plan_gemv
+from packed import random_packed
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # one rounding of y (and of A, B)
+
+
+def rel_err(got, ref) -> float:
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+def case(k, n, bits, group, act_order, float_zeros, m, dtype, seed, lora=True):
+    p = random_packed(k, n, bits, group, act_order, float_zeros, seed, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, k, device=DEVICE, generator=g).to(dtype)
+    a = (torch.randn(8, k, device=DEVICE, generator=g) * 0.1).to(dtype) if lora else None
+    b = (torch.randn(n, 8, device=DEVICE, generator=g) * 0.1).to(dtype) if lora else None
+    want = x.double() @ p["w64"].to(DEVICE)
+    if lora:
+        want = want + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
+    return p, x, a, b, want
+
+
+LAYOUTS = [(False, False), (True, False), (True, True)]  # (act_order, float_zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "act-order", "act-order-float-zeros"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_matches_float64_and_reference(bits, layout, m):
+    i = bits + 3 * m + LAYOUTS.index(layout)
+    dtype, group = DTYPES[i % 3], (32, 64, -1)[i % 3]
+    p, x, a, b, want = case(256, 96, bits, group, *layout, m, dtype, seed=i)
+    args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits
+    ref = gemv_reference(x, *args, a, b, 2.0)
+    for repack in (True, False) if layout[0] else (True,):  # act-order: the repacked copy, and the per-row gather
+        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group, repack)
+        y = gemv_triton(x, *args, plan, a, b, 2.0)
+        assert y.dtype == dtype and y.shape == (m, 96)
+        assert rel_err(y, want) < TOL[dtype], (repack, plan.sorted)
+        assert rel_err(y, ref.double()) < TOL[dtype]
+        assert not plan.locks.any()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 9])
+def test_split_k_sums_all_partials_and_resets_its_counters(bits, m):
+    p, x, a, b, want = case(384, 64, bits, 64, True, False, m, torch.float32, seed=bits * m)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
+    cfg = {**pick_config(m, 384, 64, bits, plan), "SPLIT": 3, "BN": 32}  # 2 column blocks x 3 splits
+    for _ in range(2):  # the second call finds the counters at zero again
+        y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0, config=cfg)
+        assert rel_err(y, want) < 1e-5
+        assert not plan.locks.any()
+
+
+@pytest.mark.parametrize("k, n, group", [(160, 32, 64), (96, 224, -1), (288, 64, 96)])
+def test_odd_shapes(k, n, group):
+    """A last group shorter than the others, one group per channel, a group no power-of-two tile divides
+    (the kernel falls back to the per-row gather); N not a multiple of the column block."""
+    for bits in (3, 4):
+        p, x, a, b, want = case(k, n, bits, group, group != -1, False, 2, torch.float32, seed=k + bits)
+        y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits,
+                        plan_gemv(p["qweight"], p["g_idx"], bits, group), a, b, 2.0)
+        assert rel_err(y, want) < 1e-5
+
+
+def test_without_lora_and_with_fp32_adapter_on_half_input():
+    p, x, _, _, want = case(128, 64, 4, 32, True, False, 1, torch.float16, seed=3, lora=False)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan)
+    assert rel_err(y, want) < TOL[torch.float16]
+    a, b = torch.randn(4, 128, device=DEVICE) * 0.1, torch.randn(64, 4, device=DEVICE) * 0.1  # fp32 LoRA, r=4
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 0.5)
+    want = want + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    assert rel_err(y, want) < TOL[torch.float16]
+
+
+def test_repacked_plan_reads_a_sorted_copy_and_keeps_the_original():
+    p = random_packed(128, 64, 2, 32, True, False, 1, DEVICE)
+    before = p["qweight"].clone()
+    plan = plan_gemv(p["qweight"], p["g_idx"], 2, 32)
+    assert plan.sorted and plan.perm is not None and plan.qweight.data_ptr() != p["qweight"].data_ptr()
+    assert torch.equal(p["qweight"], before)
+    plain = random_packed(128, 64, 2, 32, False, False, 1, DEVICE)
+    plan = plan_gemv(plain["qweight"], plain["g_idx"], 2, 32)
+    assert plan.sorted and plan.perm is None and plan.qweight is plain["qweight"]  # no copy without act-order
+
+
+def test_too_many_rows():
+    p = random_packed(64, 32, 4, 32, False, False, 1, DEVICE)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
+    with pytest.raises(ValueError, match="at most 16"):
+        gemv_triton(torch.randn(17, 64, device=DEVICE), p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_place_value_path_and_per_code_path_agree(bits):
+    """M = 1 reads codes in place (no shift, no conversion per code); the per-code path computes the same."""
+    p, x, a, b, want = case(256, 64, bits, 64, True, False, 1, torch.float32, seed=bits)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
+    args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
+    ys = [gemv_triton(x, *args, config={**pick_config(1, 256, 64, bits, plan), "PLACE": place}) for place in (1, 0)]
+    for y in ys:
+        assert rel_err(y, want) < 1e-6
+
+
+def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
+    from gptqlora.kernels import gemv
+
+    p, x, a, b, want = case(128, 64, 4, 32, True, False, 1, torch.float32, seed=4)
+    monkeypatch.setattr(gemv, "room_for_copy", lambda qweight: False)
+    with pytest.warns(UserWarning, match="too little GPU memory"):
+        plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
+    assert not plan.sorted and plan.qweight is p["qweight"]
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
+    assert rel_err(y, want) < 1e-5

@@ -1,0 +1,78 @@
+"""Decoding through the small-M kernel: greedy generations equal the torch reference path's, with the static
+KV cache that `--decode compiled` uses (on CPU transformers does not compile; the cache path still runs),
+and the layer dispatch picks the kernel only where it applies."""
+
+import pytest
+import torch
+
+from gptqlora import inference
+from gptqlora.adapters import GPTQLoraConfig, GPTQLoraLinear, get_peft_model
+from gptqlora.inference import InferenceError, Sampling, generate_responses
+from gptqlora.kernels import dispatch, gemv
+from gptqlora.nn.quant_linear import QuantLinear
+from tiny import char_tokenizer, packed_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = packed_tiny_llama(bits=3, group_size=32, layers=1, hidden=64, intermediate=128, seed=2)
+    for mod in m.modules():  # act-order group maps: the kernel reads the repacked copy
+        if isinstance(mod, QuantLinear):
+            mod.g_idx.copy_(mod.g_idx[torch.randperm(mod.in_features, generator=torch.Generator().manual_seed(0))])
+    pm = get_peft_model(m, GPTQLoraConfig(r=8, lora_dropout=0.0)).eval()
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return pm
+
+
+def count_kernel_calls(monkeypatch) -> list:
+    calls = []
+    real = gemv.gemv_triton
+    monkeypatch.setattr(gemv, "gemv_triton", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_greedy_generations_of_the_kernel_path_equal_the_reference_path(model, monkeypatch, static_cache):
+    tok = char_tokenizer()
+    prompts = [tok("abc")["input_ids"], tok("hello there, general")["input_ids"]]  # batched, left-padded
+    sampling = Sampling(max_new_tokens=5, decode="compiled" if static_cache else "eager")
+    monkeypatch.setattr(inference, "compiled_decode", lambda model, s: s.decode == "compiled")  # no CUDA here
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    want = generate_responses(model, tok, prompts, sampling)
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    calls = count_kernel_calls(monkeypatch)
+    got = generate_responses(model, tok, prompts, sampling)
+    assert got == want and any(w for w in want)
+    assert len(calls) == 4 * 7 and all(c[0] == 2 for c in calls)  # 4 decode steps x 7 layers, batch 2
+
+
+def test_kernel_only_without_gradient_and_at_small_m(model, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    calls = count_kernel_calls(monkeypatch)
+    layer = next(m for m in model.modules() if isinstance(m, GPTQLoraLinear))
+    x = torch.randn(1, 3, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+        layer(torch.randn(2, 9, layer.in_features))  # 18 rows: the training kernels
+    assert len(calls) == 1
+    layer(x.requires_grad_())  # a gradient is wanted: the autograd path
+    with torch.no_grad(), model.disable_adapter():
+        layer(torch.randn(4, layer.in_features))  # base alone: the kernel without LoRA
+    assert len(calls) == 2
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 2
+
+
+def test_compiled_decode_needs_cuda(model):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert not inference.compiled_decode(model, Sampling(decode="auto"))
+    assert inference.decode_kwargs(model, Sampling(decode="auto"), 100) == {}
+    with pytest.raises(InferenceError, match="--decode compiled needs a CUDA device"):
+        inference.compiled_decode(model, Sampling(decode="compiled"))
+    with pytest.raises(InferenceError, match="--decode must be one of"):
+        Sampling(decode="fast")
