@@ -31,6 +31,7 @@ COMMANDS = {
     "export": "export a run for a serving engine (vLLM)",
     "chat": "chat with a run's model in the terminal",
     "generate": "generate responses for a file of prompts (JSON lines out)",
+    "eval": "perplexity, task accuracy and lm-eval tasks of a run, a checkpoint or a model (JSON out)",
 }
 
 
@@ -63,13 +64,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gptqlora.commands.export import ExportError
     from gptqlora.data.calibration import CalibrationError
     from gptqlora.data.records import DataError
+    from gptqlora.eval import EvalError
     from gptqlora.formats.base import FormatError
     from gptqlora.inference import InferenceError
     from gptqlora.run import RunError
     from gptqlora.train.trainer import NonFiniteLossError
 
     return (FormatError, CalibrationError, QuantConfigError, CheckpointError, FileExistsError, FileNotFoundError,
-            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError)
+            AdapterError, ExportError, RunError, NonFiniteLossError, InferenceError, DataError, EvalError)
 
 
 def main(argv: list[str] | None = None) -> int:

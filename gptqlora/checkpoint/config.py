@@ -48,6 +48,9 @@ class QuantConfig:
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
     mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})
+    act_group_aware: bool = field(default=False, metadata={
+        "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
+                "their largest Hessian diagonal, g_idx kept trivial so every loader reads it"})
     # GPTQModel-style per-module overrides: {regex: {bits, group_size, ...}}; a "-:" key prefix skips a module
     dynamic: Optional[dict] = field(default=None, metadata={"cli": False})
     meta: dict = field(default_factory=dict, metadata={"cli": False})
@@ -71,8 +74,10 @@ class QuantConfig:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
         d = asdict(self)
         d.pop("mse")
+        d.pop("act_group_aware")  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
-        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, **self.meta}
+        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, "act_group_aware": self.act_group_aware,
+                     **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
         return d
