@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
     results = []
     work = Path(tempfile.mkdtemp(prefix="qcompare-"))
+    out_json = Path(args.out).resolve() if args.out else None
+    os.chdir(work)  # GPTQModel writes ./logs/*.log into the working directory
     try:
         for mname in args.models.split(","):
             spec = SPECS[mname](args.nsamples)
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    if out_json:
+        out_json.write_text(json.dumps(results, indent=2))
     return 0
 
 
