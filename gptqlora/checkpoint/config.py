@@ -44,13 +44,17 @@ class QuantConfig:
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's linears in the order qkv -> o -> gate/up -> down, each group seeing the "
                 "previous ones quantized (--no-true-sequential: all at once)"})
-    damp_percent: float = field(default=0.01, metadata={
+    # damp .05, mse and GAR by default: measured against GPTQModel 7.7 in bench/quantizer_compare.py
+    # (docs/results.md); the mse range search costs quantization time, stated there
+    damp_percent: float = field(default=0.05, metadata={
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
-    mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})
-    act_group_aware: bool = field(default=False, metadata={
+    mse: bool = field(default=True, metadata={
+        "help": "search clipped ranges that minimise the weight error (--no-mse: the plain min/max range)"})
+    act_group_aware: bool = field(default=True, metadata={
         "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
-                "their largest Hessian diagonal, g_idx kept trivial so every loader reads it"})
+                "their largest Hessian diagonal, g_idx kept trivial so every loader reads it "
+                "(--no-act-group-aware: columns in their own order)"})
     # GPTQModel-style per-module overrides: {regex: {bits, group_size, ...}}; a "-:" key prefix skips a module
     dynamic: Optional[dict] = field(default=None, metadata={"cli": False})
     meta: dict = field(default_factory=dict, metadata={"cli": False})

@@ -178,7 +178,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
             evals["fp16"] = _accuracy_of_fp_model(margs.base_model, tokenizer, template, targs, state.device)
         evals["quantized"] = _accuracy(model, tokenizer, template, targs)
 
-    peft_model = _wrap(model, args)
+    peft_model = _wrap(model, args, lambda: _init_calibration(args, data_files, template, tokenizer))
     trainer = _trainer(peft_model, tokenizer, train_ds, val_ds, run, targs, state)
     result = trainer.train(resume_from_checkpoint=resume_path(run.checkpoints_dir, targs.resume_from_checkpoint))
     if state.is_main_process:
@@ -216,11 +216,24 @@ def _quantize_base(args: FinetuneArgs, data_files: list[str], template, tokenize
              training=TrainingData(data_files, template, args.data.cutoff_len))
 
 
-def _wrap(model, args: FinetuneArgs):
+def _init_calibration(args: FinetuneArgs, data_files: list[str], template, tokenizer):
+    """Token windows for init_method aware: --calibration, else the training data (as quantization uses)."""
+    from gptqlora.quant.api import TrainingData, calibration_samples
+
+    return calibration_samples(args.quantize, tokenizer, TrainingData(data_files, template, args.data.cutoff_len))
+
+
+def _wrap(model, args: FinetuneArgs, calibration=None):
+    """The PEFT model; `calibration` (a function giving token windows) is called only for init aware."""
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
     from gptqlora.train.liger import apply_liger
 
     largs, targs = args.lora, args.train
+    init = largs.resolved_init(model.gptq_config.bits, args.model.base_model)
+    if init in ("svd", "aware") and not args.model.base_model:
+        raise ValueError(f"--init_method {init} needs the fp16 model's weights: pass --base_model (with "
+                         f"--quant_checkpoint, the fp16 model it was quantized from)")
+    log.info("LoRA init: %s", init)
     model.config.use_cache = False
     apply_liger(model, targs.liger)
     if targs.use_gradient_checkpointing:
@@ -230,10 +243,11 @@ def _wrap(model, args: FinetuneArgs):
     qa_group = largs.qalora_group_size or model.gptq_config.group_size
     config = GPTQLoraConfig(r=largs.lora_r, lora_alpha=largs.lora_alpha, lora_dropout=largs.lora_dropout,
                             target_modules=list(largs.target_modules), lora_dtype=largs.lora_dtype,
-                            init_method=largs.init_method, svd_iters=largs.svd_iters,
-                            svd_source=args.model.base_model if largs.init_method == "svd" else None,
+                            init_method=init, svd_iters=largs.svd_iters,
+                            svd_source=args.model.base_model if init in ("svd", "aware") else None,
                             use_qalora=largs.use_qalora, qalora_group_size=qa_group)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config,
+                                calibration=calibration() if init == "aware" and calibration else None)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
     return peft_model
