@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent))  # after site-packages: bench/kernels.py must not shadow `kernels`
 
 import torch  # noqa: E402
 
