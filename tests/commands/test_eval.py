@@ -64,8 +64,8 @@ def test_bad_input_is_one_clear_line(case, tiny_run, tiny_dir, text_file, tmp_pa
         "empty": (["--perplexity", str(empty)], "empty.txt: the file is empty"),
         "short": (["--perplexity", str(short), "--seqlen", "64"], "fewer than one window"),
         "seqlen": (["--perplexity", str(text_file), "--seqlen", "100000"], "longer than the model's context"),
-        "nothing": ([], "nothing to evaluate"),
-        "not_a_model": (None, "no config.json or run.json"),
+        "nothing": (["--device", "cpu"], "nothing to evaluate"),
+        "not_a_model": (["--tasks", "synthetic"], "no config.json or run.json"),
         "task": (["--tasks", "synthetic,arc_eazy"], "no task 'arc_eazy' (did you mean arc_easy"),
         "no_lm_eval": (["--tasks", "mmlu"], "lm-evaluation-harness, which is not installed"),
     }[case]
@@ -73,7 +73,6 @@ def test_bad_input_is_one_clear_line(case, tiny_run, tiny_dir, text_file, tmp_pa
         _fake_lm_eval(monkeypatch, ["arc_easy", "arc_challenge", "mmlu"])
     if case == "no_lm_eval":
         monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
-    path = str(tmp_path) if argv is None else str(tiny_run)
-    rc = main(["eval", path, *(argv or ["--tasks", "synthetic"])])
+    rc = main(["eval", str(tmp_path if case == "not_a_model" else tiny_run), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
