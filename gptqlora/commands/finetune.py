@@ -229,7 +229,7 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
     from gptqlora.train.liger import apply_liger
 
     largs, targs = args.lora, args.train
-    init = largs.resolved_init(model.gptq_config.bits, args.model.base_model)
+    init = largs.init_method
     if init in ("svd", "aware") and not args.model.base_model:
         raise ValueError(f"--init_method {init} needs the fp16 model's weights: pass --base_model (with "
                          f"--quant_checkpoint, the fp16 model it was quantized from)")

@@ -53,19 +53,13 @@ class LoraArguments:
         "help": "adapter type; 'gptqlora' (also accepted: 'lora') trains LoRA on the quantized base"})
     lora_dtype: str = field(default="float32", metadata={
         "help": "dtype of the LoRA weights", "choices": ("float32", "bfloat16")})
-    init_method: str = field(default="auto", metadata={
+    init_method: str = field(default="default", metadata={
         "help": "default (B=0); svd (A, B from the SVD of the quantization residual); aware (the residual "
-                "weighted by the calibration activations, block by block: the best start at 2 bit); auto: aware "
-                "at <= 3 bits when the fp16 model is known (--base_model), else default. svd and aware need "
+                "weighted by the calibration activations, block by block: the closest start at 2 bit, but it "
+                "trained worse than B=0 in docs/results.md, so it is not the default). svd and aware need "
                 "--base_model",
-        "choices": ("auto", "default", "svd", "aware")})
+        "choices": ("default", "svd", "aware")})
     svd_iters: int = field(default=1, metadata={"help": "alternations for --init_method svd"})
-
-    def resolved_init(self, bits: int, fp_model: str | None) -> str:
-        """The init a run uses: `auto` picks aware at <= 3 bits when the fp weights are there."""
-        if self.init_method != "auto":
-            return self.init_method
-        return "aware" if bits <= 3 and fp_model and not self.use_qalora else "default"
     use_qalora: bool = field(default=False, metadata={
         "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})
     qalora_group_size: int = field(default=0, metadata={

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
         out[method] = work / method
         quantize_model(d, out[method], QuantConfig(bits=2, group_size=64, desc_act=True), calib, device="cpu",
                        method=method, progress=False)
-    return {"dir": d, "calib": calib, "held": held, "train": [dict(train[i]) for i in range(64)], **out}
+    return {"dir": d, "calib": calib, "held": held, "train": [dict(train[i]) for i in range(128)], **out}
 
 
 def nll(model, held):
@@ -63,9 +63,9 @@ def test_aware_init_starts_closer_than_zero_and_svd(setup):
 def test_gptq_lora_recovers_2_bit_loss(setup):
     pm = get_peft_model(q(setup["gptq"]), GPTQLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0))
     before = nll(pm, setup["held"])
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-4)
     pm.train()
-    for s in range(0, 64, 8):  # 8 steps of 8 training records
+    for s in range(0, 128, 8):  # 16 steps of 8 training records (measured: 0.104 -> 0.078, fp 0.052)
         chunk = setup["train"][s:s + 8]
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in chunk])
@@ -73,4 +73,4 @@ def test_gptq_lora_recovers_2_bit_loss(setup):
         pm(input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-    assert nll(pm, setup["held"]) < 0.9 * before
+    assert nll(pm, setup["held"]) < 0.85 * before
