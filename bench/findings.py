@@ -285,7 +285,8 @@ def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,manpage")
-    p.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
+    p.add_argument("--rows", default=None,
+                   help="only rows whose name contains one of these (separated by ';', or ',' when no ';')")
     p.add_argument("--steps", type=int, default=120, help="LoRA optimizer steps")
     p.add_argument("--batch", type=int, default=8, help="examples per step (man-page: 256-token windows)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -300,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    rows = ROWS if not args.rows else [r for r in ROWS if r[0] == "fp16" or any(
-        s.strip() in r[0] for s in args.rows.split(","))]
+    wanted = [s.strip() for s in args.rows.split(";" if ";" in args.rows else ",")] if args.rows else None
+    rows = ROWS if not wanted else [r for r in ROWS if r[0] == "fp16" or any(s in r[0] for s in wanted)]
     results: dict[str, list[dict]] = {}
     t0 = time.time()
     for mname in args.models.split(","):
