@@ -36,6 +36,7 @@ COMMANDS = {
     "export": "export a run for a serving engine (vLLM)",
     "chat": "chat with a run's model in the terminal",
     "generate": "generate responses for a file of prompts (JSON lines out)",
+    "eval": "perplexity, task accuracy and lm-eval tasks of a run, a checkpoint or a model (JSON out)",
 }
 
 
@@ -126,7 +127,7 @@ USER_ERRORS = {
     "gptqlora.run": "RunError", "gptqlora.train.trainer": "NonFiniteLossError",
     "gptqlora.inference": "InferenceError", "gptqlora.data.records": "DataError",
     "gptqlora.data.templates": "TemplateError", "gptqlora.paths": "PathError",
-    "gptqlora.commands.args": "OptionError", "gptqlora.devices": "DeviceError",
+    "gptqlora.commands.args": "OptionError", "gptqlora.devices": "DeviceError", "gptqlora.eval": "EvalError",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from peft import LoraConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INIT_METHODS = ("default", "svd")
+INIT_METHODS = ("default", "svd", "aware")
 LORA_DTYPES = ("float32", "bfloat16")
 OWN_FIELDS = ("lora_dtype", "init_method", "svd_iters", "svd_source")  # not LoraConfig's: kept out of its file
 SETTINGS_FILE = "gptqlora_adapter.json"  # beside adapter_config.json: OWN_FIELDS
@@ -43,9 +43,11 @@ class GPTQLoraConfig(LoraConfig):
         default="default",
         metadata={"help": "'default': B = 0, so training starts from the quantized model. 'svd': A, B from a "
                           "truncated SVD of the quantization residual W_fp - dequant(Q) (LoftQ-style), which "
-                          "needs the original weights (`svd_source`); starts closer to the fp16 model"})
+                          "needs the original weights (`svd_source`); starts closer to the fp16 model. 'aware': the same with the "
+                          "residual weighted by the calibration activations (Hessian-whitened SVD), block by "
+                          "block; needs `svd_source` and calibration samples"})
     svd_source: Optional[str] = field(
-        default=None, metadata={"help": "directory of the fp16/bf16 model, for init_method='svd'"})
+        default=None, metadata={"help": "directory of the fp16/bf16 model, for init_method='svd' or 'aware'"})
     svd_iters: int = field(
         default=1,
         metadata={"help": "alternations for init_method='svd'; more than 1 also re-rounds the base codes on "
@@ -55,8 +57,9 @@ class GPTQLoraConfig(LoraConfig):
         super().__post_init__()
         if self.init_method not in INIT_METHODS:
             raise ValueError(f"init_method must be one of {INIT_METHODS}, got {self.init_method!r}")
-        if self.init_method == "svd" and not self.svd_source:
-            raise ValueError("init_method='svd' needs svd_source: the directory of the original fp16 model")
+        if self.init_method in ("svd", "aware") and not self.svd_source:
+            raise ValueError(f"init_method={self.init_method!r} needs svd_source: the directory of the original "
+                             f"fp16 model")
         if self.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"lora_dtype must be one of {LORA_DTYPES}, got {self.lora_dtype!r}")
         if self.use_dora:

@@ -13,8 +13,10 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Sequence
 
 import peft
+import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
@@ -71,11 +73,14 @@ def _check_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None = None,
-                   adapter_name: str = "default") -> PeftModel:
+                   adapter_name: str = "default", calibration: Sequence[torch.Tensor] | None = None) -> PeftModel:
     """Wrap every target QuantLinear (and plain Linear) of `model` with trainable LoRA adapters.
 
-    Only `lora_*` parameters require grad; the packed base stays frozen.
+    Only `lora_*` parameters require grad; the packed base stays frozen. `calibration` (token ids [1, L]
+    each) is what init_method='aware' weights the residual by.
     """
+    if getattr(config, "init_method", "default") == "aware" and not calibration:
+        raise ValueError("init_method='aware' needs calibration samples (token ids) to weight the residual by")
     config = config if config is not None else GPTQLoraConfig()
     _check_targets(model, config)
     quant_groups = {m.group_size for m in model.modules() if FORMATS.is_packed(m) and hasattr(m, "group_size")}
@@ -89,6 +94,11 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
         from gptqlora.adapters.init import svd_init
 
         svd_init(peft_model, config, adapter_name)
+    elif getattr(config, "init_method", "default") == "aware":
+        from gptqlora.adapters.aware import aware_init
+        from gptqlora.checkpoint.io import SafetensorsSource
+
+        aware_init(peft_model, SafetensorsSource(config.svd_source), calibration, adapter_name)
     link_siblings(peft_model)
     return peft_model
 

@@ -44,10 +44,17 @@ class QuantConfig:
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's linears in the order qkv -> o -> gate/up -> down, each group seeing the "
                 "previous ones quantized (--no-true-sequential: all at once)"})
-    damp_percent: float = field(default=0.01, metadata={"gt": 0, "max": 1,
+    # damp .05, mse and GAR by default: measured against GPTQModel 7.7 in bench/quantizer_compare.py
+    # (docs/results.md); the mse range search costs quantization time, stated there
+    damp_percent: float = field(default=0.05, metadata={
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
-    mse: bool = field(default=False, metadata={"help": "search clipped ranges that minimise the weight error"})
+    mse: bool = field(default=True, metadata={
+        "help": "search clipped ranges that minimise the weight error (--no-mse: the plain min/max range)"})
+    act_group_aware: bool = field(default=True, metadata={
+        "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
+                "their largest Hessian diagonal, g_idx kept trivial so every loader reads it "
+                "(--no-act-group-aware: columns in their own order)"})
     stat_bits: int = field(default=3, metadata={
         "help": "--method spqr: bits of the second-level quantization of the group scales and zeros"})
     stat_group_size: int = field(default=16, metadata={
@@ -79,8 +86,10 @@ class QuantConfig:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
         d = asdict(self)
         d.pop("mse")
+        d.pop("act_group_aware")  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
-        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, **self.meta}
+        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, "act_group_aware": self.act_group_aware,
+                     **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
         if self.method != "spqr":  # second-level statistics exist in SpQR layers only

@@ -143,9 +143,9 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
         margs.base_model = str(tiny_model_dir())
-    if largs.init_method == "svd" and not margs.base_model:
-        raise OptionError("--init_method svd needs --base_model (the fp16 model whose quantization residual it "
-                          "factorizes)")
+    if largs.init_method in ("svd", "aware") and not margs.base_model:
+        raise OptionError(f"--init_method {largs.init_method} needs --base_model (the fp16 model whose "
+                          f"quantization residual it factorizes)")
     data_files = [str(p) for p in (dargs.data or default_data_files())]
     inputs = _check_inputs(args, data_files)
     _check_checkpoint(args)
@@ -165,7 +165,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
             base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
             if not margs.quant_checkpoint and not (base_dir / "config.json").is_file():
                 _quantize_base(args, data_files, template, tokenizer, base_dir, state.device)
-            model, evals, peft_model = _load_and_wrap(args, base_dir, tokenizer, template, state.device, demo)
+            model, evals, peft_model = _load_and_wrap(args, base_dir, data_files, tokenizer, template, state.device, demo)
             run.record(base_dir, data_files, _kinds(data_files), template, demo=demo,
                        base_model=str(Path(margs.base_model).resolve()) if margs.base_model else None,
                        args=args.groups(), versions=_versions())
@@ -181,7 +181,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     if not state.is_main_process:
         run = Run(root)
         base_dir = Path(margs.quant_checkpoint) if margs.quant_checkpoint else run.own_base_dir
-        model, evals, peft_model = _load_and_wrap(args, base_dir, tokenizer, template, state.device, demo)
+        model, evals, peft_model = _load_and_wrap(args, base_dir, data_files, tokenizer, template, state.device, demo)
 
     trainer = _trainer(peft_model, tokenizer, train_ds, val_ds, run, targs, state)
     resume = resume_path(run.checkpoints_dir, targs.resume_from_checkpoint)
@@ -293,7 +293,8 @@ def _kinds(data_files: list[str]) -> set[str]:
     return {read_records(f).kind for f in data_files}
 
 
-def _load_and_wrap(args: FinetuneArgs, base_dir: Path, tokenizer, template, device, demo: bool):
+def _load_and_wrap(args: FinetuneArgs, base_dir: Path, data_files: list[str], tokenizer, template, device,
+                   demo: bool):
     """The quantized model (checked against --bits), the accuracy before training, and the PEFT model."""
     from gptqlora.checkpoint.checkpoint import load_quantized
     from gptqlora.devices import default_dtype
@@ -308,7 +309,7 @@ def _load_and_wrap(args: FinetuneArgs, base_dir: Path, tokenizer, template, devi
         if demo:
             evals["fp16"] = _accuracy_of_fp_model(margs.base_model, tokenizer, template, targs, device)
         evals["quantized"] = _accuracy(model, tokenizer, template, targs, "quantized")
-    return model, evals, _wrap(model, args)
+    return model, evals, _wrap(model, args, lambda: _init_calibration(args, data_files, template, tokenizer))
 
 
 def _mean_train_loss(trainer, result, resume: str | None) -> float:
@@ -346,11 +347,24 @@ def _quantize_base(args: FinetuneArgs, data_files: list[str], template, tokenize
              training=TrainingData(data_files, template, args.data.cutoff_len))
 
 
-def _wrap(model, args: FinetuneArgs):
+def _init_calibration(args: FinetuneArgs, data_files: list[str], template, tokenizer):
+    """Token windows for init_method aware: --calibration, else the training data (as quantization uses)."""
+    from gptqlora.quant.api import TrainingData, calibration_samples
+
+    return calibration_samples(args.quantize, tokenizer, TrainingData(data_files, template, args.data.cutoff_len))
+
+
+def _wrap(model, args: FinetuneArgs, calibration=None):
+    """The PEFT model; `calibration` (a function giving token windows) is called only for init aware."""
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
     from gptqlora.train.liger import apply_liger
 
     largs, targs = args.lora, args.train
+    init = largs.init_method
+    if init in ("svd", "aware") and not args.model.base_model:
+        raise OptionError(f"--init_method {init} needs the fp16 model's weights: pass --base_model (with "
+                         f"--quant_checkpoint, the fp16 model it was quantized from)")
+    log.info("LoRA init: %s", init)
     model.config.use_cache = False
     apply_liger(model, targs.liger)
     if targs.use_gradient_checkpointing:
@@ -360,10 +374,11 @@ def _wrap(model, args: FinetuneArgs):
     qa_group = largs.qalora_group_size or model.gptq_config.group_size
     config = GPTQLoraConfig(r=largs.lora_r, lora_alpha=largs.lora_alpha, lora_dropout=largs.lora_dropout,
                             target_modules=list(largs.target_modules), lora_dtype=largs.lora_dtype,
-                            init_method=largs.init_method, svd_iters=largs.svd_iters,
-                            svd_source=args.model.base_model if largs.init_method == "svd" else None,
+                            init_method=init, svd_iters=largs.svd_iters,
+                            svd_source=args.model.base_model if init in ("svd", "aware") else None,
                             use_qalora=largs.use_qalora, qalora_group_size=qa_group)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config,
+                                calibration=calibration() if init == "aware" and calibration else None)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
     return peft_model

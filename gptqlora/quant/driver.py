@@ -258,7 +258,8 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
             t = time.time()
             res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                                       desc_act=cfg["desc_act"], static_groups=qcfg.static_groups,
-                                      damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero, **solver_options)
+                                      damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero,
+                                      group_aware=qcfg.act_group_aware, **solver_options)
             solvers[n] = None  # free the Hessian
             lin.weight.data = res.dequantize().to(lin.weight.dtype)
             layer = entry.layer.from_codes(**res.layer_kwargs(), group_size=cfg["group_size"], bits=cfg["bits"],

@@ -56,7 +56,10 @@ class GPTQ:
     @torch.no_grad()
     def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                  static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
-                 mse: bool = False, min_zero: int = 0) -> QuantResult:
+                 mse: bool = False, min_zero: int = 0, group_aware: bool = False) -> QuantResult:
+        """`group_aware` (without desc_act, with groups): group-aware reordering (GAR, Gafni et al. 2025),
+        groups in decreasing order of their largest Hessian diagonal, columns in each group by decreasing
+        diagonal; groups stay contiguous, so g_idx stays trivial and every loader reads the result."""
         if self.nsamples == 0:
             raise RuntimeError("GPTQ.quantize() called before any add_batch()")
         maxq = 2**bits - 1
@@ -73,9 +76,15 @@ class GPTQ:
         if static_groups and group_size != -1:  # parameters from the original (unupdated) weights
             static = [find_params(W[:, s:s + gs], bits, sym, mse, min_zero) for s in range(0, k, gs)]
 
-        perm = None
+        perm = group_order = None
         if desc_act:
             perm = torch.argsort(torch.diag(H), descending=True)
+        elif group_aware and group_size != -1 and k % gs == 0:
+            diag = torch.diag(H).reshape(-1, gs)  # (G, gs)
+            group_order = torch.argsort(diag.max(1).values, descending=True)  # (G,)
+            local = torch.argsort(diag, dim=1, descending=True) + torch.arange(0, k, gs, device=H.device)[:, None]
+            perm = local[group_order].reshape(-1)  # (K,): groups contiguous, in the new order
+        if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
         Hinv = self._inverse_cholesky(H, damp)
         del H
@@ -115,11 +124,14 @@ class GPTQ:
 
         if static is not None:
             scales, zeros = [s for s, _ in static], [z for _, z in static]
+        elif group_order is not None:  # back to the groups' own order
+            back = torch.argsort(group_order).tolist()
+            scales, zeros = [scales[i] for i in back], [zeros[i] for i in back]
         g_idx = torch.arange(k, device=W.device) // gs
         if perm is not None:
             invperm = torch.argsort(perm)
             Q = Q[:, invperm]
-            if static is None:  # groups follow the processing order
+            if static is None and group_order is None:  # act-order groups follow the processing order
                 g_idx = g_idx[invperm]
         return QuantResult(
             codes=Q.t().to(torch.int32).contiguous(),

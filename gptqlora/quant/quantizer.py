@@ -126,6 +126,7 @@ class RTN:
 
     def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                  static_groups: bool = False, damp: float = 0.01, mse: bool = False,
-                 min_zero: int = 0) -> QuantResult:
-        """RTN has no column order, no updates and no Hessian: desc_act, static_groups and damp do not apply."""
+                 min_zero: int = 0, group_aware: bool = False) -> QuantResult:
+        """RTN has no column order, no updates and no Hessian: desc_act, static_groups, damp and group_aware
+        do not apply."""
         return rtn(self.weight, bits, group_size, sym, mse, min_zero)

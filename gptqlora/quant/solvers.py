@@ -4,7 +4,7 @@
     if solver.needs_inputs:
         solver.add_batch(x)                    # for each calibration input the layer sees
     result = solver.quantize(bits=..., group_size=..., sym=..., desc_act=..., static_groups=...,
-                             damp=..., mse=..., min_zero=...)   # -> QuantResult
+                             damp=..., mse=..., min_zero=..., group_aware=...)   # -> QuantResult
 """
 
 from gptqlora.quant.gptq import GPTQ

@@ -89,9 +89,9 @@ class SpQR(GPTQ):
     @torch.no_grad()
     def quantize(self, bits: int, group_size: int = 16, sym: bool = False, desc_act: bool = False,
                  static_groups: bool = False, damp: float = 0.01, block_size: int = 128, mse: bool = False,
-                 min_zero: int = 0, *, stat_bits: int = 3, stat_group_size: int = 16,
+                 min_zero: int = 0, group_aware: bool = False, *, stat_bits: int = 3, stat_group_size: int = 16,
                  outlier_fraction: float | None = 0.01, outlier_threshold: float | None = None) -> SpQRResult:
-        """`static_groups`, `mse` and `min_zero` do not apply (groups follow the processing order; zeros are
+        """`static_groups`, `mse`, `min_zero` and `group_aware` do not apply (groups follow the processing order; zeros are
         quantized floats). `outlier_threshold` (relative T) wins over `outlier_fraction`; neither: no outliers."""
         if self.nsamples == 0:
             raise RuntimeError("SpQR.quantize() called before any add_batch()")

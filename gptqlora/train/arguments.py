@@ -55,8 +55,11 @@ class LoraArguments:
     lora_dtype: str = field(default="float32", metadata={
         "help": "dtype of the LoRA weights", "choices": ("float32", "bfloat16")})
     init_method: str = field(default="default", metadata={
-        "help": "default (B=0) or svd (A, B from the quantization residual; needs --base_model)",
-        "choices": ("default", "svd")})
+        "help": "default (B=0); svd (A, B from the SVD of the quantization residual); aware (the residual "
+                "weighted by the calibration activations, block by block: the closest start at 2 bit, but it "
+                "trained worse than B=0 in docs/results.md, so it is not the default). svd and aware need "
+                "--base_model",
+        "choices": ("default", "svd", "aware")})
     svd_iters: int = field(default=1, metadata={"min": 1, "help": "alternations for --init_method svd"})
     use_qalora: bool = field(default=False, metadata={
         "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})

@@ -15,13 +15,13 @@ from gptqlora.quant.solvers import SOLVERS
 from tiny import char_tokenizer
 
 # every option away from its default
-OPTIONS = ["--bits", "3", "--group-size", "64", "--desc-act", "--asym", "--static-groups", "--damp", "0.05",
-           "--mse", "--format", "gptq_v2", "--no-true-sequential", "--nsamples", "3", "--seqlen", "40",
+OPTIONS = ["--bits", "3", "--group-size", "64", "--desc-act", "--asym", "--static-groups", "--damp", "0.1",
+           "--no-mse", "--no-act-group-aware", "--format", "gptq_v2", "--no-true-sequential", "--nsamples", "3", "--seqlen", "40",
            "--calibration-seed", "5", "--dtype", "bfloat16"]
 WANT = QuantConfig(bits=3, group_size=64, desc_act=True, sym=False, format="gptq_v2", static_groups=True,
-                   true_sequential=False, damp_percent=0.05, mse=True)
-WANT_SOLVER = {"bits": 3, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True, "damp": 0.05,
-               "mse": True, "min_zero": 0}
+                   true_sequential=False, damp_percent=0.1, mse=False, act_group_aware=False)
+WANT_SOLVER = {"bits": 3, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True, "damp": 0.1,
+               "mse": False, "min_zero": 0, "group_aware": False}
 
 
 class Stop(Exception):

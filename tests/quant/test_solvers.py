@@ -87,3 +87,26 @@ def test_min_zero_keeps_v1_storable():
     w = torch.rand(16, 32) + 0.5  # all positive: asymmetric zero would be 0
     assert find_params(w, 4, sym=False)[1].min() == 0
     assert find_params(w, 4, sym=False, min_zero=1)[1].min() == 1
+
+
+def _uneven_inputs(x: torch.Tensor) -> torch.Tensor:
+    """The calibration inputs with a few channels far larger than the rest, as in real LLM activations."""
+    scale = torch.ones(x.shape[1])
+    scale[torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(0))[:24]] = 8.0
+    return x * scale
+
+
+def test_group_aware_order_keeps_g_idx_trivial_and_beats_plain_order(layer_and_inputs):
+    w, x = layer_and_inputs
+    x = _uneven_inputs(x)
+    plain = gptq(w, x, 2, group_size=32)
+    gar = gptq(w, x, 2, group_size=32, group_aware=True)
+    assert torch.equal(gar.g_idx, torch.arange(w.shape[1], dtype=torch.int32) // 32)  # every loader reads it
+    assert output_error(w, x, gar) < output_error(w, x, plain)
+
+
+def test_group_aware_order_is_ignored_with_desc_act_and_per_channel(layer_and_inputs):
+    w, x = layer_and_inputs
+    for kw in ({"desc_act": True, "group_size": 32}, {"group_size": -1}):
+        a, b = gptq(w, x, 3, **kw), gptq(w, x, 3, group_aware=True, **kw)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.g_idx, b.g_idx)

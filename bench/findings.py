@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""The research findings in miniature: quantization and GPTQ-LoRA recovery on two small models, one table.
+
+    PYTHONPATH=$PWD python bench/findings.py --out findings.json --markdown findings.md   # CPU: ~1 h
+
+Models (bench/quality_models.py): the bundled tiny LLaMA (synthetic tasks: held-out response perplexity and
+task accuracy) and the man-page LLaMA (held-out text perplexity). Every row is quantized by the same
+`gptqlora.quantize` path with the defaults of the day unless the row says otherwise, and every LoRA row gets
+the same budget (--steps optimizer steps, same data order, same learning rate).
+
+ROWS is the row list: a row is a name and a dict (kind + settings); add one there. Rows whose kind is
+"pending" print as pending (their feature lands elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).parent))  # after site-packages: bench/kernels.py must not shadow `kernels`
+
+import torch  # noqa: E402
+
+from quality_models import SPECS, ModelSpec  # noqa: E402
+
+log = logging.getLogger("findings")
+
+Q2 = {"bits": 2, "group_size": 64, "desc_act": True}
+Q4 = {"bits": 4, "group_size": 128, "desc_act": True}
+ROWS: list[tuple[str, dict]] = [
+    ("fp16", {"kind": "fp"}),
+    ("RTN 4 bit g128", {"kind": "quant", "method": "rtn", "bits": 4, "group_size": 128}),
+    ("RTN 3 bit g64", {"kind": "quant", "method": "rtn", "bits": 3, "group_size": 64}),
+    ("RTN 2 bit g64", {"kind": "quant", "method": "rtn", "bits": 2, "group_size": 64}),
+    ("GPTQ 8 bit g128", {"kind": "quant", "bits": 8, "group_size": 128, "desc_act": True}),
+    ("GPTQ 4 bit g128", {"kind": "quant", **Q4}),
+    ("GPTQ 3 bit g64", {"kind": "quant", "bits": 3, "group_size": 64, "desc_act": True}),
+    ("GPTQ 2 bit g64", {"kind": "quant", **Q2}),
+    ("GPTQ 2 bit g64, old defaults (damp .01, no mse)", {"kind": "quant", **Q2, "damp_percent": 0.01, "mse": False}),
+    ("GPTQ 2 bit --keep ffn", {"kind": "pending", "note": "issue 17 (precision rules)"}),
+    ("GPTQ 2 bit --keep crucial", {"kind": "pending", "note": "issue 17 (precision rules)"}),
+    ("SpQR ~3.x bit", {"kind": "pending", "note": "issue 17 (SpQR)"}),
+    ("GPTQ-LoRA 4 bit, zero init", {"kind": "lora", **Q4, "init": "default"}),
+    ("GPTQ-LoRA 4 bit, SVD init", {"kind": "lora", **Q4, "init": "svd"}),
+    ("GPTQ-LoRA 4 bit, aware init", {"kind": "lora", **Q4, "init": "aware"}),
+    ("GPTQ-LoRA 4 bit, QA-LoRA", {"kind": "lora", **Q4, "init": "default", "qalora": True}),
+    ("GPTQ-LoRA 2 bit, zero init", {"kind": "lora", **Q2, "init": "default"}),
+    ("GPTQ-LoRA 2 bit, SVD init", {"kind": "lora", **Q2, "init": "svd"}),
+    ("GPTQ-LoRA 2 bit, aware init", {"kind": "lora", **Q2, "init": "aware"}),
+    ("GPTQ-LoRA 2 bit, QA-LoRA", {"kind": "lora", **Q2, "init": "default", "qalora": True}),
+    ("LoRA in fp16, then GPTQ 4 bit", {"kind": "lora_then_quant", **Q4}),
+    ("LoRA in fp16, then GPTQ 2 bit", {"kind": "lora_then_quant", **Q2}),
+]
+QUANT_KEYS = ("bits", "group_size", "desc_act", "damp_percent", "mse", "act_group_aware")
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def train_examples(spec: ModelSpec, tokenizer, n: int, seed: int) -> list[dict]:
+    """`n` training examples (input_ids, labels): random 256-token windows of the man-page training text, or
+    the bundled training records (prompt masked) for the tiny model; fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.train_text is not None:
+        ids = tokenizer(spec.train_text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        starts = torch.randint(0, ids.numel() - spec.seqlen, (n,), generator=g).tolist()
+        return [{"input_ids": ids[s:s + spec.seqlen].tolist(), "labels": ids[s:s + spec.seqlen].tolist()}
+                for s in starts]
+    from gptqlora.data.assets import default_data_files
+    from gptqlora.data.dataset import build_datasets
+    from gptqlora.data.templates import PromptTemplate
+
+    rows, _ = build_datasets(default_data_files(), tokenizer, PromptTemplate.load("alpaca"), cutoff_len=spec.seqlen,
+                             seed=seed)
+    pick = torch.randint(0, len(rows), (n,), generator=g).tolist()
+    return [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i in pick]
+
+
+def batches(examples: list[dict], batch: int, pad: int):
+    for s in range(0, len(examples), batch):
+        chunk = examples[s:s + batch]
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, e in enumerate(chunk):
+            k = len(e["input_ids"])
+            ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        yield ids, labels, mask
+
+
+def train_lora(model, examples: list[dict], batch: int, lr: float, pad: int, warmup: int = 10) -> list[float]:
+    """AdamW on the trainable (LoRA) parameters, linear warm-up then cosine; one pass over `examples`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = math.ceil(len(examples) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
+                                              (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    for ids, labels, mask in batches(examples, batch, pad):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+# -- rows ----------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, spec: ModelSpec, work: Path, args: argparse.Namespace) -> None:
+        from transformers import AutoTokenizer
+
+        self.spec, self.work, self.args = spec, work, args
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        self.pad = self.tokenizer.pad_token_id or 0
+        self.examples = train_examples(spec, self.tokenizer, args.steps * args.batch, args.seed)
+        self.quantized: dict[tuple, Path] = {}
+        self.n_params = None
+
+    def quantize(self, row: dict, model_dir: Path | None = None, tag: str = "") -> tuple[Path, float]:
+        from gptqlora.checkpoint.config import QuantConfig
+        from gptqlora.quant.driver import quantize_model
+
+        key = (tag, row.get("method", "gptq"), *(row.get(k) for k in QUANT_KEYS))
+        if key in self.quantized:
+            return self.quantized[key], 0.0
+        out = self.work / f"q{len(self.quantized)}"
+        t = time.time()
+        quantize_model(model_dir or self.spec.model_dir, out, QuantConfig(**{k: row[k] for k in QUANT_KEYS if k in row}),
+                       self.spec.calibration, device="cpu", method=row.get("method", "gptq"), progress=False)
+        self.quantized[key] = out
+        return out, time.time() - t
+
+    def measure(self, model, extra_bits: float = 0.0, weight_bytes: int | None = None) -> dict:
+        r = self.spec.score(model)
+        out = {"perplexity": r["perplexity"], "nll": r["nll"], "tokens": r["tokens"]}
+        if weight_bytes is not None:
+            out["bits_per_param"] = (8 * weight_bytes + extra_bits) / self.n_params
+            out["MB"] = (weight_bytes + extra_bits / 8) / 1e6
+        if self.spec.eval_examples is not None and self.args.acc_limit:
+            out["accuracy"] = accuracy(model, self.tokenizer, self.args.acc_limit)
+        return out
+
+    def run_row(self, row: dict) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        from gptqlora.checkpoint.checkpoint import load_quantized
+
+        kind = row["kind"]
+        if kind == "pending":
+            return {"pending": row.get("note", "")}
+        if kind == "fp":
+            m = AutoModelForCausalLM.from_pretrained(self.spec.model_dir, dtype=torch.float32)
+            self.n_params = sum(p.numel() for p in m.parameters())
+            return self.measure(m, weight_bytes=2 * self.n_params)
+        if kind == "quant":
+            q, secs = self.quantize(row)
+            return {**self.measure(load_quantized(q, device="cpu", dtype=torch.float32),
+                                   weight_bytes=_bytes(q)), "quantize_seconds": round(secs, 1)}
+        if kind == "lora":
+            return self.lora_row(row)
+        if kind == "lora_then_quant":
+            return self.lora_then_quant(row)
+        raise ValueError(f"unknown row kind {kind!r}")
+
+    def lora_config(self, init: str, qalora: bool = False, group_size: int = 64):
+        from gptqlora.adapters import GPTQLoraConfig
+
+        a = self.args
+        return GPTQLoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, init_method=init,
+                              svd_source=str(self.spec.model_dir) if init in ("svd", "aware") else None,
+                              use_qalora=qalora, qalora_group_size=group_size)
+
+    def lora_row(self, row: dict) -> dict:
+        from gptqlora.adapters import get_peft_model
+        from gptqlora.checkpoint.checkpoint import load_quantized
+
+        q, _ = self.quantize(row)
+        t = time.time()
+        pm = get_peft_model(load_quantized(q, device="cpu", dtype=torch.float32),
+                            self.lora_config(row["init"], row.get("qalora", False), row["group_size"]),
+                            calibration=self.spec.calibration)
+        init_secs = time.time() - t
+        start = self.spec.score(pm)["nll"]
+        t = time.time()
+        losses = train_lora(pm, self.examples, self.args.batch, self.args.lr, self.pad)
+        lora_bits = 16 * sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+        return {**self.measure(pm, extra_bits=lora_bits, weight_bytes=_bytes(q)), "nll_at_init": start,
+                "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
+                "init_seconds": round(init_secs, 1), "train_seconds": round(time.time() - t, 1)}
+
+    def lora_then_quant(self, row: dict) -> dict:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from gptqlora.checkpoint.checkpoint import load_quantized
+
+        merged = self.work / "fp-lora-merged"
+        if not merged.is_dir():
+            m = AutoModelForCausalLM.from_pretrained(self.spec.model_dir, dtype=torch.float32)
+            pm = get_peft_model(m, LoraConfig(r=self.args.rank, lora_alpha=2 * self.args.rank, lora_dropout=0.0,
+                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"]))
+            train_lora(pm, self.examples, self.args.batch, self.args.lr, self.pad)
+            pm.merge_and_unload().to(torch.float16).save_pretrained(merged)
+            self.tokenizer.save_pretrained(merged)
+        q, _ = self.quantize(row, merged, tag="merged")
+        return self.measure(load_quantized(q, device="cpu", dtype=torch.float32), weight_bytes=_bytes(q))
+
+
+def _bytes(qdir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in qdir.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                total += math.prod(sl.get_shape()) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}.get(
+                    sl.get_dtype(), 4)
+    return total
+
+
+def accuracy(model, tokenizer, limit: int) -> float:
+    from gptqlora.data.assets import eval_data_files
+    from gptqlora.data.dataset import template_for_kind
+    from gptqlora.data.records import detect_kind, read_records
+    from gptqlora.data.templates import PromptTemplate
+    from gptqlora.eval.accuracy import task_accuracy
+
+    records = [r for f in eval_data_files() for r in read_records(f).records[:limit]]
+    tpl = PromptTemplate.load("alpaca")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return task_accuracy(model, tokenizer, records, lambda r: template_for_kind(detect_kind(r), tpl),
+                         max_new_tokens=48, batch_size=50)["accuracy"]
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    lines = []
+    for mname, rows in results.items():
+        fp = next((r for r in rows if r["row"] == "fp16"), None)
+        acc = any("accuracy" in r for r in rows)
+        lines += [f"\n### {mname}\n",
+                  "| row | perplexity | log-ppl gap | gap closed | " + ("accuracy | " if acc else "") +
+                  "bits/param | MB | notes |",
+                  "|---|---:|---:|---:|" + ("---:|" if acc else "") + "---:|---:|---|"]
+        q2 = next((r for r in rows if r["row"] == "GPTQ 2 bit g64"), None)
+        q4 = next((r for r in rows if r["row"] == "GPTQ 4 bit g128"), None)
+        for r in rows:
+            if "pending" in r:
+                lines.append(f"| {r['row']} | pending | | | " + ("| " if acc else "") + f"| | {r['pending']} |")
+                continue
+            gap = r["nll"] - fp["nll"] if fp else float("nan")
+            ref = q2 if " 2 bit" in r["row"] and "LoRA" in r["row"] else q4 if " 4 bit" in r["row"] and \
+                "LoRA" in r["row"] else None
+            closed = f"{1 - gap / (ref['nll'] - fp['nll']):.0%}" if ref and fp and ref["nll"] > fp["nll"] else ""
+            notes = []
+            if "quantize_seconds" in r and r["quantize_seconds"]:
+                notes.append(f"quantized in {r['quantize_seconds']}s")
+            if "nll_at_init" in r:
+                notes.append(f"log-ppl gap at init {r['nll_at_init'] - fp['nll']:.3f}, train loss "
+                             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}, init {r['init_seconds']}s")
+            lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {gap:.4f} | {closed} | " +
+                         (f"{r['accuracy']:.1%} | " if "accuracy" in r else ("| " if acc else "")) +
+                         f"{r.get('bits_per_param', float('nan')):.2f} | {r.get('MB', float('nan')):.2f} | "
+                         f"{'; '.join(notes)} |")
+    lines.append(f"\nLoRA rows: rank {args.rank}, alpha {2 * args.rank}, {args.steps} steps of {args.batch} "
+                 f"examples, lr {args.lr} (warm-up 10, cosine), no dropout; 'gap closed' is against the same-bit "
+                 f"GPTQ row. bits/param counts every stored tensor (codes, scales, zeros, g_idx, fp16 "
+                 f"embeddings and norms; LoRA weights at 16 bit).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,manpage")
+    p.add_argument("--rows", default=None,
+                   help="only rows whose name contains one of these (separated by ';', or ',' when no ';')")
+    p.add_argument("--steps", type=int, default=120, help="LoRA optimizer steps")
+    p.add_argument("--batch", type=int, default=8, help="examples per step (man-page: 256-token windows)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    p.add_argument("--acc-limit", type=int, default=50, help="tiny model: eval records per task file (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--markdown", default=None, help="markdown table")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    wanted = [s.strip() for s in args.rows.split(";" if ";" in args.rows else ",")] if args.rows else None
+    rows = ROWS if not wanted else [r for r in ROWS if r[0] == "fp16" or any(s in r[0] for s in wanted)]
+    results: dict[str, list[dict]] = {}
+    t0 = time.time()
+    for mname in args.models.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"findings-{mname}-"))
+        try:
+            bench = Bench(SPECS[mname](args.nsamples), work, args)
+            results[mname] = []
+            for name, row in rows:
+                t = time.time()
+                r = {"row": name, **bench.run_row(row)}
+                r["seconds"] = round(time.time() - t, 1)
+                results[mname].append(r)
+                print(f"[{time.time() - t0:7.0f}s] {mname}: {json.dumps(r)}", flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    table = markdown(results, args)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The two models of the quality findings, each with its calibration samples and held-out text.
+
+- tiny: the bundled tiny LLaMA (synthetic tasks); calibration from the bundled training records; held-out
+  perplexity on the response tokens of the bundled eval records (what the model was trained to predict:
+  its prompts hold random strings it was never trained on), rendered as fine-tuning renders them.
+- manpage: the LLaMA trained on manual pages by scripts/train_text_llama.py (bench/assets/manpage-llama);
+  calibration from its train.txt, held-out text its test.txt (pages it never saw); windows of 256 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MANPAGE_DIR = Path(__file__).parent / "assets" / "manpage-llama"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    model_dir: Path
+    calibration: list[torch.Tensor]  # [1, seqlen] token windows
+    eval_ids: torch.Tensor | None  # (T,) held-out text tokens (manpage), or
+    eval_examples: list[dict] | None  # encoded held-out records, prompt masked (tiny)
+    seqlen: int
+    train_text: Path | None = None  # fine-tuning text (manpage) or None (tiny: the bundled records)
+
+    def score(self, model) -> dict:
+        """{"perplexity", "nll", "tokens"} of a model on this spec's held-out data."""
+        from gptqlora.eval.perplexity import perplexity, response_perplexity
+
+        if self.eval_examples is not None:
+            return response_perplexity(model, self.eval_examples, batch_size=50)
+        return perplexity(model, self.eval_ids, self.seqlen, batch_size=8)
+
+
+def tiny_spec(nsamples: int = 64) -> ModelSpec:
+    from transformers import AutoTokenizer
+
+    from gptqlora.data.assets import default_data_files, eval_data_files, tiny_model_dir
+    from gptqlora.data.calibration import calibration_from_data
+    from gptqlora.data.dataset import build_datasets
+    from gptqlora.data.templates import PromptTemplate
+
+    d = tiny_model_dir()
+    tok = AutoTokenizer.from_pretrained(d)
+    tpl = PromptTemplate.load("alpaca")
+    calib = calibration_from_data(default_data_files(), tok, tpl, nsamples, 128)
+    held, _ = build_datasets(eval_data_files(), tok, tpl, cutoff_len=128)
+    return ModelSpec("tiny", d, calib, None, [dict(r) for r in held], 128)
+
+
+def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR) -> ModelSpec:
+    from transformers import AutoTokenizer
+
+    from gptqlora.data.calibration import load_calibration
+    from gptqlora.eval.perplexity import text_ids
+
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no model; build it with python scripts/train_text_llama.py "
+                                f"--out {model_dir}")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib = load_calibration(model_dir / "train.txt", tok, nsamples, 256, seed=0)
+    ids = text_ids(tok, (model_dir / "test.txt").read_text())
+    return ModelSpec("manpage", model_dir, calib, ids, None, 256, model_dir / "train.txt")
+
+
+SPECS = {"tiny": tiny_spec, "manpage": manpage_spec}
+
+
+def fp_perplexity(spec: ModelSpec) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return spec.score(AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32))
+
+
+def quantized_perplexity(qdir: Path, spec: ModelSpec) -> dict:
+    from gptqlora.checkpoint.checkpoint import load_quantized
+    return spec.score(load_quantized(qdir, device="cpu", dtype=torch.float32))
