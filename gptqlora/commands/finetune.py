@@ -128,8 +128,9 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     from gptqlora.data.dataset import build_datasets
     from gptqlora.data.records import read_records
     from gptqlora.data.templates import PromptTemplate
-    from gptqlora.devices import default_dtype
+    from gptqlora.devices import configure_cuda_allocator, default_dtype
     from gptqlora.run import Run, default_run_dir
+    from gptqlora.train.checkpointing import resolve_mode
     from gptqlora.train.trainer import resume_path
 
     margs, dargs, largs, targs = args.model, args.data, args.lora, args.train
@@ -137,6 +138,8 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         return _dry_run(args)
     if largs.adapter_name not in ("gptqlora", "lora"):
         raise ValueError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
+    resolve_mode(targs.use_gradient_checkpointing, targs.gradient_checkpointing)  # a conflict fails here
+    configure_cuda_allocator(targs.expandable_segments and targs.device != "cpu")  # before any CUDA memory
     state = PartialState(cpu=targs.device == "cpu")
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
@@ -218,15 +221,16 @@ def _quantize_base(args: FinetuneArgs, data_files: list[str], template, tokenize
 
 def _wrap(model, args: FinetuneArgs):
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    from gptqlora.train import checkpointing
     from gptqlora.train.liger import apply_liger
+    from gptqlora.train.loss import apply_chunked_loss
+    from gptqlora.train.trainer import autocast_dtype
 
-    largs, targs = args.lora, args.train
+    largs, targs, dargs = args.lora, args.train, args.data
     model.config.use_cache = False
-    apply_liger(model, targs.liger)
-    if targs.use_gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": targs.reentrant_checkpointing})
-        model.enable_input_require_grads()  # frozen embeddings: reentrant checkpoints need a grad input
+    fused_loss = apply_liger(model, targs.liger)  # Liger's fused linear + cross-entropy comes with it
+    if targs.loss == "chunked" or (targs.loss == "auto" and not fused_loss):
+        apply_chunked_loss(model)
     qa_group = largs.qalora_group_size or model.gptq_config.group_size
     config = GPTQLoraConfig(r=largs.lora_r, lora_alpha=largs.lora_alpha, lora_dropout=largs.lora_dropout,
                             target_modules=list(largs.target_modules), lora_dtype=largs.lora_dtype,
@@ -236,6 +240,12 @@ def _wrap(model, args: FinetuneArgs):
     peft_model = get_peft_model(model, config)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
+    device = next(model.parameters()).device
+    checkpointing.setup(peft_model, checkpointing.resolve_mode(targs.use_gradient_checkpointing,
+                                                               targs.gradient_checkpointing),
+                        fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
+                        dtype=autocast_dtype(targs, device), optim=targs.optim,
+                        reentrant=targs.reentrant_checkpointing, offload=targs.offload_activations)
     return peft_model
 
 

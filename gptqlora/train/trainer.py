@@ -80,6 +80,12 @@ def precision(targs: TrainArguments, device: torch.device) -> dict[str, bool]:
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
+def autocast_dtype(targs: TrainArguments, device: torch.device) -> torch.dtype | None:
+    """The dtype the Trainer's autocast runs in (None: no autocast, fp32)."""
+    p = precision(targs, device)
+    return torch.bfloat16 if p["bf16"] else torch.float16 if p["fp16"] else None
+
+
 def training_arguments(output_dir: Path, run_name: str, targs: TrainArguments, world: int, device: torch.device,
                        has_val: bool) -> TrainingArguments:
     accum = max(1, targs.batch_size // (targs.micro_batch_size * world))
