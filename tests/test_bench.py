@@ -26,3 +26,16 @@ def test_scale_benchmark_smoke(tmp_path):
     assert rec["breakdown_gib"]["optimizer"] > 0  # AdamW moments of the LoRA weights: 8 bytes each
     table = [ln for ln in out[out.index("| bits |"):].splitlines() if ln.startswith("|")]
     assert len(table) == 3 and "| 2 | 2x32 | selective 2/4 | chunked | offload |" in table[2]
+
+
+def test_quant_stream_smoke_and_its_memory_cap(tmp_path):
+    args = [str(ROOT / "bench" / "quant_stream.py"), "--device", "cpu", "--shape", "tiny", "--layers", "3",
+            "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "w")]
+    out = _run([*args, "--max_rss_gib", "6"], tmp_path)
+    rec = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert rec["layers"] == 3 and len(rec["seconds_per_block"]) == 3 and rec["peak_rss_gib"] <= 6
+    assert 0 < rec["quantized_gib"] < rec["fp_checkpoint_gib"] and rec["worst_block_rel_error"] < 0.5
+    assert not (tmp_path / "w" / "fp").exists()  # cleaned up without --keep
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, *args, "--max_rss_gib", "0.05"], capture_output=True, text=True, env=env)
+    assert r.returncode == 3 and "passed --max_rss_gib 0.05" in r.stderr
