@@ -130,7 +130,6 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     from gptqlora.data.templates import PromptTemplate
     from gptqlora.devices import configure_cuda_allocator, default_dtype
     from gptqlora.run import Run, default_run_dir
-    from gptqlora.train.checkpointing import resolve_mode
     from gptqlora.train.trainer import resume_path
 
     margs, dargs, largs, targs = args.model, args.data, args.lora, args.train
@@ -138,7 +137,6 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         return _dry_run(args)
     if largs.adapter_name not in ("gptqlora", "lora"):
         raise ValueError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
-    resolve_mode(targs.use_gradient_checkpointing, targs.gradient_checkpointing)  # a conflict fails here
     configure_cuda_allocator(targs.expandable_segments and targs.device != "cpu")  # before any CUDA memory
     state = PartialState(cpu=targs.device == "cpu")
     demo = not margs.quant_checkpoint and not margs.base_model
@@ -188,8 +186,10 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         run.save_adapter(peft_model)
     if targs.eval_accuracy:
         evals["quantized+lora"] = _accuracy(peft_model, tokenizer, template, targs)
+    plan = peft_model.checkpointing_plan
     summary = {"run_dir": str(run.root), "train_loss": result.training_loss, "steps": result.global_step,
-               "accuracy": {k: v["accuracy"] for k, v in evals.items()}}
+               "accuracy": {k: v["accuracy"] for k, v in evals.items()},
+               "checkpointing": {"mode": plan.mode, "blocks_recomputed": len(plan.checkpointed), "why": plan.reason}}
     if state.is_main_process:
         run.update(quant_config=model.gptq_config.to_dict(), result=summary)
         if evals:
@@ -241,11 +241,11 @@ def _wrap(model, args: FinetuneArgs):
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
     device = next(model.parameters()).device
-    checkpointing.setup(peft_model, checkpointing.resolve_mode(targs.use_gradient_checkpointing,
-                                                               targs.gradient_checkpointing),
-                        fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
-                        dtype=autocast_dtype(targs, device), optim=targs.optim,
-                        reentrant=targs.reentrant_checkpointing, offload=targs.offload_activations)
+    mode = checkpointing.resolve_mode(targs.use_gradient_checkpointing, targs.gradient_checkpointing)
+    peft_model.checkpointing_plan = checkpointing.setup(  # recorded in run.json's result
+        peft_model, mode, fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
+        dtype=autocast_dtype(targs, device), optim=targs.optim, reentrant=targs.reentrant_checkpointing,
+        offload=targs.offload_activations)
     return peft_model
 
 

@@ -83,7 +83,8 @@ class TrainArguments:
                 "per trainable parameter, paged to host memory under pressure; on a CPU, not paged)",
         "choices": ("adamw_torch", "paged_adamw_8bit")})
     use_gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "the research scripts' flag: the same as --gradient_checkpointing full"})
+        "help": "the research scripts' flag: --gradient_checkpointing full (an explicit --gradient_checkpointing "
+                "wins)"})
     gradient_checkpointing: str = field(default="auto", metadata={
         "help": "recompute decoder blocks in backward: full (least memory, ~30%% slower), selective "
                 "(--checkpoint_fraction of the blocks), none (fastest), auto (on a GPU: as few blocks as fit "

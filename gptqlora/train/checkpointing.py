@@ -219,14 +219,15 @@ def auto_budget(model: nn.Module, device: torch.device, trainable: int, optim: s
 
 
 def resolve_mode(use_gradient_checkpointing: bool, mode: str) -> str:
-    """--use_gradient_checkpointing (the research scripts' flag) means full; it cannot be combined with
-    another explicit mode."""
-    if not use_gradient_checkpointing:
+    """--use_gradient_checkpointing (the research scripts' flag) means full, unless --gradient_checkpointing
+    names another mode: the explicit mode wins (a research command line plus `--gradient_checkpointing none`
+    trains without recomputation)."""
+    if not use_gradient_checkpointing or mode == "full":
         return mode
-    if mode not in ("auto", "full"):
-        raise ValueError(f"--use_gradient_checkpointing means --gradient_checkpointing full, but "
-                         f"--gradient_checkpointing {mode} was given too: keep one of them")
-    return "full"
+    if mode == "auto":
+        return "full"
+    log.warning("--use_gradient_checkpointing and --gradient_checkpointing %s: using %s", mode, mode)
+    return mode
 
 
 def setup(model: nn.Module, mode: str, *, fraction: float, batch: int, seq: int, dtype: torch.dtype | None,

@@ -58,8 +58,7 @@ def test_plans():
 
 def test_resolve_mode_keeps_the_research_flag():
     assert ck.resolve_mode(True, "auto") == "full" and ck.resolve_mode(False, "selective") == "selective"
-    with pytest.raises(ValueError, match="keep one"):
-        ck.resolve_mode(True, "none")
+    assert ck.resolve_mode(True, "none") == "none" and ck.resolve_mode(False, "auto") == "auto"
 
 
 def test_measured_block_cost_predicts_what_training_keeps():

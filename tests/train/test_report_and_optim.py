@@ -1,4 +1,5 @@
-"""--report_to wandb works offline (what CI runs) and --optim paged_adamw_8bit trains with 8-bit moments."""
+"""One finetune run with the scale options: --report_to wandb offline (what CI runs), --optim
+paged_adamw_8bit (8-bit moments), --gradient_checkpointing selective, --loss chunked."""
 
 import json
 
@@ -42,7 +43,8 @@ def test_wandb_offline_and_paged_adamw_8bit(tiny_run, data_file, tmp_path, monke
     rc = main(["finetune", "--quant_checkpoint", str(tiny_run / "base"), "--data", str(data_file),
                "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--micro_batch_size", "4",
                "--batch_size", "4", "--cutoff_len", "256", "--logging_steps", "1", "--lora_r", "32",
-               "--report_to", "wandb", "--run_name", "ci-offline", "--optim", "paged_adamw_8bit"])
+               "--report_to", "wandb", "--run_name", "ci-offline", "--optim", "paged_adamw_8bit",
+               "--gradient_checkpointing", "selective", "--checkpoint_fraction", "0.5", "--loss", "chunked"])
     run = wandb.run  # the Trainer's wandb callback leaves it open
     summary, name, offline = dict(run.summary), run.name, run.offline
     wandb.finish()
@@ -53,6 +55,10 @@ def test_wandb_offline_and_paged_adamw_8bit(tiny_run, data_file, tmp_path, monke
     assert "train/loss" in summary and summary["train/global_step"] == 3
     (log,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # what `wandb sync` uploads
     assert log.stat().st_size > 1000
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["result"]["checkpointing"]["mode"] == "selective"
+    assert info["result"]["checkpointing"]["blocks_recomputed"] == 1  # of the tiny base's 2
+    assert info["args"]["TrainArguments"]["loss"] == "chunked"
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_paged_adamw_8bit_pages_on_a_gpu():
