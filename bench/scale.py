@@ -16,7 +16,8 @@ The breakdown (GiB, from torch.cuda memory counters on the last step):
   blocks       allocated growth from the start of forward to the final norm: what the decoder blocks keep
                (only their inputs when checkpointed)
   head+loss    growth from the final norm to the loss: lm_head / logits / cross-entropy residue
-  backward     peak above the end-of-forward level: recomputed block, dequantized weights, gradients in flight
+  backward     backward's peak above the end-of-forward level: recomputed block, dequantized weights,
+               gradients in flight (peak GiB is the highest of forward, backward and optimizer step)
   cache        reserved - allocated at the peak: the caching allocator's free blocks (fragmentation)
 Prints one JSON line per configuration, then a markdown table; --out DIR also writes DIR/scale.jsonl.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -60,7 +62,8 @@ def one(a: argparse.Namespace) -> dict:
 
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    expandable = configure_cuda_allocator(a.expandable_segments) if cuda else False
+    expandable = cuda and (configure_cuda_allocator(a.expandable_segments) or
+                           "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     alloc = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
     t0 = time.perf_counter()
@@ -95,13 +98,18 @@ def one(a: argparse.Namespace) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = pm(input_ids=x, labels=x).loss
         m["norm"], m["forward"] = marks["norm"], alloc()
+        peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else (lambda: 0)
+        m["forward_peak"] = peak()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         loss.backward()
-        m["backward_peak"] = torch.cuda.max_memory_allocated(device) if cuda else 0
+        m["backward_peak"] = peak()
         m["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         opt.step()
+        m["step_peak"] = max(m["forward_peak"], peak())  # the optimizer step's temporaries included
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         return float(loss), m
 
     times, losses, peak, reserved_at_peak, budget_hit = [], [], 0, 0, False
@@ -112,10 +120,8 @@ def one(a: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - t)
         losses.append(loss)
-        if cuda:
-            stats = torch.cuda.memory_stats(device)
-            if m["backward_peak"] >= peak:
-                peak, reserved_at_peak = m["backward_peak"], stats["reserved_bytes.all.peak"]
+        if cuda and m["step_peak"] >= peak:
+            peak, reserved_at_peak = m["step_peak"], torch.cuda.memory_stats(device)["reserved_bytes.all.peak"]
         if time.perf_counter() - t0 > a.max_s and i >= 2:
             budget_hit = True  # fewer steps rather than a killed process
             break

@@ -26,5 +26,8 @@ def configure_cuda_allocator(expandable_segments: bool) -> bool:
     if not expandable_segments or "PYTORCH_CUDA_ALLOC_CONF" in os.environ or not torch.cuda.is_available():
         return False
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # for processes started from here
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")  # this one, even if CUDA is up
+    try:  # this process, even if CUDA is already up (the env variable is read only at its start)
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # an older torch: the variable still reaches child processes
+        return False
     return True
