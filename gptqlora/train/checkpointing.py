@@ -120,29 +120,37 @@ def measure_block(model: nn.Module, block: nn.Module, hidden: int, dtype: torch.
     measured = []
     was_training = block.training
     block.train()
-    for seq in seqs:
-        seen: dict[tuple, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            key = _storage_key(t)
-            if key not in state:
-                seen[key] = t.untyped_storage().nbytes()
-            return t
-
-        h = torch.randn(1, seq, hidden, device=device, dtype=dtype or torch.float32, requires_grad=True)
-        pos = torch.arange(seq, device=device)[None]
-        kw = {"position_ids": pos, "position_embeddings": rotary(h, pos)} if rotary is not None else {}
-        ac = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-        with ac, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = block(h, **kw)
-        del out
-        measured.append(sum(seen.values()))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # training's random stream (dropout) stays as it was
+        for seq in seqs:
+            measured.append(_saved_bytes(block, rotary, state, seq, hidden, device, dtype))
     block.train(was_training)
     (s1, s2), (b1, b2) = seqs, measured
     # b = s·a + s²·c for one sequence: two points give a and c
     c = max(0.0, (b2 / s2 - b1 / s1) / (s2 - s1))
     a = b1 / s1 - c * s1
     return BlockCost(per_token=a, per_token_seq=c)
+
+
+def _saved_bytes(block: nn.Module, rotary, state: set, seq: int, hidden: int, device: torch.device,
+                 dtype: torch.dtype | None) -> int:
+    """Bytes of the tensors one forward of `block` on one sequence saves for backward (not model state)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in state:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    h = torch.randn(1, seq, hidden, device=device, dtype=dtype or torch.float32, requires_grad=True)
+    pos = torch.arange(seq, device=device)[None]
+    kw = {"position_ids": pos, "position_embeddings": rotary(h, pos)} if rotary is not None else {}
+    ac = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    with ac, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(h, **kw)
+    del out
+    return sum(seen.values())
 
 
 def _rotary(model: nn.Module):
