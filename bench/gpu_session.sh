@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr decode journey)
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr
+#                                                    decode journey scale scale-speed scale-memory quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -43,6 +44,14 @@ for l in open(sys.argv[1]):
                if [ $rc = 0 ]; then python3 bench/decode.py --json "$OUT/decode.json" > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
+    scale|scale-speed|scale-memory)  # 65B: one stage per device call (each ~6-8 min on an H200)
+               set_name=${stage#scale-}; [ "$set_name" = scale ] && set_name=memory-target
+               python3 bench/scale.py --set "$set_name" --out "$OUT" > "$OUT/$stage.md" 2>> "$OUT/stderr.log"
+               grep "^|" "$OUT/$stage.md"; tail -3 "$OUT/stderr.log" ;;
+    quant-stream) python3 bench/quant_stream.py --out /tmp/quant_stream > "$OUT/quant_stream.txt" 2>> "$OUT/stderr.log"
+               echo "quant_stream rc=$?"; tail -2 "$OUT/quant_stream.txt" ;;
+    scale-tests) python3 -m pytest -q tests/train/test_checkpointing.py tests/train/test_report_and_optim.py \
+                 tests/train/test_loss.py 2>&1 | tail -5 ;;
   esac
   echo "== $stage took $(( $(date +%s) - t0 )) s"
 done

@@ -42,3 +42,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA; fp32 elsewhere (half-precision matmuls are slow or missing on CPUs)."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def configure_cuda_allocator(expandable_segments: bool) -> bool:
+    """Turn on the CUDA caching allocator's expandable segments (segments grow in place instead of new
+    fixed-size blocks being added, so freed memory of odd sizes is reused and fragmentation stays low).
+    PYTORCH_CUDA_ALLOC_CONF, when set, wins. True if it was turned on here."""
+    import os
+
+    if not expandable_segments or "PYTORCH_CUDA_ALLOC_CONF" in os.environ or not torch.cuda.is_available():
+        return False
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # for processes started from here
+    try:  # this process, even if CUDA is already up (the env variable is read only at its start)
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # an older torch: the variable still reaches child processes
+        return False
+    return True

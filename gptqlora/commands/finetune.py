@@ -130,7 +130,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     from accelerate.utils import broadcast_object_list
 
     from gptqlora.data.assets import default_data_files, tiny_model_dir
-    from gptqlora.devices import check_device
+    from gptqlora.devices import check_device, configure_cuda_allocator
     from gptqlora.run import Run, default_run_dir
     from gptqlora.train.trainer import resume_path
 
@@ -140,6 +140,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     if largs.adapter_name not in ("gptqlora", "lora"):
         raise OptionError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
     check_device(targs.device, "--device")
+    configure_cuda_allocator(targs.expandable_segments and targs.device != "cpu")  # before any CUDA memory
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
         margs.base_model = str(tiny_model_dir())
@@ -190,8 +191,10 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         run.save_adapter(peft_model)
     if targs.eval_accuracy:
         evals["quantized+lora"] = _accuracy(peft_model, tokenizer, template, targs, "quantized+lora")
+    plan = peft_model.checkpointing_plan
     summary = {"run_dir": str(run.root), "train_loss": _mean_train_loss(trainer, result, resume),
-               "steps": result.global_step, "accuracy": {k: v["accuracy"] for k, v in evals.items()}}
+               "steps": result.global_step, "accuracy": {k: v["accuracy"] for k, v in evals.items()},
+               "checkpointing": {"mode": plan.mode, "blocks_recomputed": len(plan.checkpointed), "why": plan.reason}}
     if state.is_main_process:
         run.update(quant_config=model.gptq_config.to_dict(), result=summary)
         if evals:
@@ -357,20 +360,21 @@ def _init_calibration(args: FinetuneArgs, data_files: list[str], template, token
 def _wrap(model, args: FinetuneArgs, calibration=None):
     """The PEFT model; `calibration` (a function giving token windows) is called only for init aware."""
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    from gptqlora.train import checkpointing
     from gptqlora.train.liger import apply_liger
+    from gptqlora.train.loss import apply_chunked_loss
+    from gptqlora.train.trainer import autocast_dtype
 
-    largs, targs = args.lora, args.train
+    largs, targs, dargs = args.lora, args.train, args.data
     init = largs.init_method
     if init in ("svd", "aware") and not args.model.base_model:
         raise OptionError(f"--init_method {init} needs the fp16 model's weights: pass --base_model (with "
                          f"--quant_checkpoint, the fp16 model it was quantized from)")
     log.info("LoRA init: %s", init)
     model.config.use_cache = False
-    apply_liger(model, targs.liger)
-    if targs.use_gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": targs.reentrant_checkpointing})
-        model.enable_input_require_grads()  # frozen embeddings: reentrant checkpoints need a grad input
+    fused_loss = apply_liger(model, targs.liger)  # Liger's fused linear + cross-entropy comes with it
+    if targs.loss == "chunked" or (targs.loss == "auto" and not fused_loss):
+        apply_chunked_loss(model)
     qa_group = largs.qalora_group_size or model.gptq_config.group_size
     config = GPTQLoraConfig(r=largs.lora_r, lora_alpha=largs.lora_alpha, lora_dropout=largs.lora_dropout,
                             target_modules=list(largs.target_modules), lora_dtype=largs.lora_dtype,
@@ -381,6 +385,12 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
                                 calibration=calibration() if init == "aware" and calibration else None)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
+    device = next(model.parameters()).device
+    mode = checkpointing.resolve_mode(targs.use_gradient_checkpointing, targs.gradient_checkpointing)
+    peft_model.checkpointing_plan = checkpointing.setup(  # recorded in run.json's result
+        peft_model, mode, fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
+        dtype=autocast_dtype(targs, device), optim=targs.optim, reentrant=targs.reentrant_checkpointing,
+        offload=targs.offload_activations)
     return peft_model
 
 

@@ -85,10 +85,30 @@ class TrainArguments:
     warmup_steps: int = field(default=10, metadata={"min": 0, "help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"min": 0, "help": "AdamW weight decay"})
     optim: str = field(default="adamw_torch", metadata={
-        "help": "optimizer: adamw_torch, or paged_adamw_8bit (needs bitsandbytes and a GPU)",
+        "help": "optimizer: adamw_torch, or paged_adamw_8bit (bitsandbytes: 8-bit moments, 2 instead of 8 bytes "
+                "per trainable parameter, paged to host memory under pressure; on a CPU, not paged)",
         "choices": ("adamw_torch", "paged_adamw_8bit")})
     use_gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in backward (much less memory, ~30% slower)"})
+        "help": "the research scripts' flag: --gradient_checkpointing full (an explicit --gradient_checkpointing "
+                "wins)"})
+    gradient_checkpointing: str = field(default="auto", metadata={
+        "help": "recompute decoder blocks in backward: full (least memory, ~30%% slower), selective "
+                "(--checkpoint_fraction of the blocks), none (fastest), auto (on a GPU: as few blocks as fit "
+                "the free memory, measured on the model; on a CPU: none)",
+        "choices": ("auto", "full", "selective", "none")})
+    checkpoint_fraction: float = field(default=0.5, metadata={
+        "help": "--gradient_checkpointing selective: the fraction of decoder blocks recomputed"})
+    offload_activations: bool = field(default=False, metadata={
+        "help": "keep the checkpointed blocks' inputs in pinned host memory (frees layers x tokens x hidden "
+                "x 2 bytes on the GPU, 2.5 GiB for 65B at 2048 tokens; costs a copy back per block in backward)"})
+    loss: str = field(default="auto", metadata={
+        "help": "how the loss over the vocabulary is computed: chunked (1024 tokens of logits at a time, one "
+                "more lm_head matmul in backward, <1%% slower), full (transformers': all fp32 logits at once), "
+                "auto (Liger's fused linear+cross-entropy where --liger applies it, else chunked)",
+        "choices": ("auto", "chunked", "full")})
+    expandable_segments: bool = field(default=True, metadata={
+        "help": "CUDA allocator with expandable segments (less fragmentation; PYTORCH_CUDA_ALLOC_CONF, when "
+                "set, wins)"})
     liger: str = field(default="auto", metadata={
         "help": "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy: auto (on for CUDA when "
                 "liger-kernel is installed), on, off", "choices": ("auto", "on", "off")})

@@ -42,7 +42,22 @@ def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def ddp_sync_only_trainable(model: torch.nn.Module) -> list[str]:
+    """Tell DDP to leave every buffer (the packed base: qweight, qzeros, scales, g_idx) and every frozen
+    parameter alone: each rank loads the same checkpoint, so nothing of the base is broadcast, neither when
+    DDP starts nor each step, and only the LoRA gradients are all-reduced. Returns the names left out."""
+    names = [n for n, _ in model.named_buffers()] + [n for n, p in model.named_parameters() if not p.requires_grad]
+    model._ddp_params_and_buffers_to_ignore = names  # read by DistributedDataParallel.__init__
+    return names
+
+
 class GPTQLoraTrainer(Trainer):
+    def __init__(self, *args, **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            ddp_sync_only_trainable(model)
+        super().__init__(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
@@ -82,6 +97,12 @@ def precision(targs: TrainArguments, device: torch.device) -> dict[str, bool]:
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
+def autocast_dtype(targs: TrainArguments, device: torch.device) -> torch.dtype | None:
+    """The dtype the Trainer's autocast runs in (None: no autocast, fp32)."""
+    p = precision(targs, device)
+    return torch.bfloat16 if p["bf16"] else torch.float16 if p["fp16"] else None
+
+
 def training_arguments(output_dir: Path, run_name: str, targs: TrainArguments, world: int, device: torch.device,
                        has_val: bool) -> TrainingArguments:
     accum = max(1, targs.batch_size // (targs.micro_batch_size * world))
@@ -102,7 +123,7 @@ def training_arguments(output_dir: Path, run_name: str, targs: TrainArguments, w
         optim=targs.optim, logging_steps=targs.logging_steps, save_strategy="steps", save_steps=targs.save_steps,
         save_total_limit=targs.save_total_limit, eval_strategy="steps" if has_val else "no",
         eval_steps=targs.eval_steps, report_to=report, run_name=targs.run_name or run_name,
-        seed=targs.seed, data_seed=targs.seed, remove_unused_columns=False, ddp_find_unused_parameters=False,
+        seed=targs.seed, data_seed=targs.seed, remove_unused_columns=False, ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
         dataloader_num_workers=0, use_cpu=device.type == "cpu", **precision(targs, device))
 
 

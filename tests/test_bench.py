@@ -1,0 +1,41 @@
+"""The GPU benchmarks' CPU smoke modes run and print what they promise (the figures come from a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_scale_benchmark_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "scale.py"), "--device", "cpu", "--shape", "tiny", "--set", "smoke",
+                "--batches", "2x32", "--steps", "1", "--out", str(tmp_path)], tmp_path)
+    (rec,) = [json.loads(line) for line in (tmp_path / "scale.jsonl").read_text().splitlines()]
+    assert rec["checkpointing"] == "selective 2/4" and rec["offload"] and rec["loss"] == "chunked"
+    assert rec["tokens_per_s"] > 0 and rec["loss_finite"] and len(rec["losses"]) == 3
+    assert set(rec["breakdown_gib"]) == {"weights", "optimizer", "grads", "blocks", "head+loss", "backward", "cache"}
+    assert rec["breakdown_gib"]["optimizer"] > 0  # AdamW moments of the LoRA weights: 8 bytes each
+    table = [ln for ln in out[out.index("| bits |"):].splitlines() if ln.startswith("|")]
+    assert len(table) == 3 and "| 2 | 2x32 | selective 2/4 | chunked | offload |" in table[2]
+
+
+def test_quant_stream_smoke_and_its_memory_cap(tmp_path):
+    args = [str(ROOT / "bench" / "quant_stream.py"), "--device", "cpu", "--shape", "tiny", "--layers", "3",
+            "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "w")]
+    out = _run([*args, "--max_rss_gib", "6"], tmp_path)
+    rec = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert rec["layers"] == 3 and len(rec["seconds_per_block"]) == 3 and rec["peak_rss_gib"] <= 6
+    assert 0 < rec["quantized_gib"] < rec["fp_checkpoint_gib"] and rec["worst_block_rel_error"] < 0.5
+    assert not (tmp_path / "w" / "fp").exists()  # cleaned up without --keep
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, *args, "--max_rss_gib", "0.05"], capture_output=True, text=True, env=env)
+    assert r.returncode == 3 and "passed --max_rss_gib 0.05" in r.stderr
