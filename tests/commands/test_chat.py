@@ -98,8 +98,17 @@ def test_oldest_turns_dropped_to_fit_context(loaded):
     assert len(s.history) == 6 - drop + 1  # a refused message changes nothing
 
 
+class LongReply(Sampling):
+    """Never ends early: the reply must still be streaming when the SIGINT lands (a model that happens to
+    emit EOS after three tokens would otherwise let the signal hit the test itself)."""
+
+    def generate_kwargs(self, tokenizer):
+        return {**super().generate_kwargs(tokenizer), "min_new_tokens": self.max_new_tokens}
+
+
 def test_ctrl_c_stops_the_reply_not_the_chat(loaded):
     s, out = session(loaded, max_new_tokens=300), io.StringIO()
+    s.sampling = LongReply(max_new_tokens=300)
     pieces = []
 
     def interrupt_after_some(text):  # a real SIGINT, as Ctrl-C sends, once the reply has started
