@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptqlora.adapters.layer import GPTQLoraLinear
+from gptqlora.nn.blocks import capture_block_inputs, first_output
 from gptqlora.nn.registry import FORMATS
 
 log = logging.getLogger(__name__)
@@ -39,26 +40,6 @@ def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float =
     B = U[:, :r] * root  # (N, r)
     A = torch.linalg.solve_triangular(L, root[:, None] * Vh[:r], upper=False, left=False)  # (r, K): M L⁻¹
     return B.float(), A.float()
-
-
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[tuple[torch.Tensor, dict]] = []
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append((hidden_states, kwargs))
-        raise _Caught
-
-
-class _Caught(Exception):
-    pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -92,17 +73,7 @@ def aware_init(peft_model: nn.Module, weights: Any, samples: Sequence[torch.Tens
 
 
 def _init_blocks(base_model, layers, prefix, device, weights, samples, adapter, damp, progress) -> int:
-    catcher, first = _Catcher(), layers[0]
-    layers[0] = catcher
-    try:
-        for ids in samples:
-            try:
-                base_model(input_ids=ids.to(device), use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        layers[0] = first
-    inputs = catcher.inputs
+    inputs = capture_block_inputs(base_model, layers, samples)
     done = 0
     for i in tqdm(range(len(layers)), desc="aware init", unit="block", disable=not progress):
         block = layers[i]
@@ -133,6 +104,6 @@ def _init_blocks(base_model, layers, prefix, device, weights, samples, adapter, 
             m.lora_A[adapter].weight.copy_((A / scaling**0.5).to(m.lora_A[adapter].weight.dtype))
             m.lora_B[adapter].weight.copy_((B / scaling**0.5).to(m.lora_B[adapter].weight.dtype))
             done += 1
-        inputs = [(_first(block(h, **kw)), kw) for h, kw in inputs]  # with this block's adapters on
+        inputs = [(first_output(block(h, **kw)), kw) for h, kw in inputs]  # with this block's adapters on
     log.info("activation-aware init of %d layers from %d calibration samples", done, len(samples))
     return done

@@ -27,6 +27,8 @@ from gptqlora.checkpoint.io import (CheckpointError, SafetensorsSource, ShardedW
 from gptqlora.data.calibration import CalibrationError
 from gptqlora.devices import resolve_device
 from gptqlora.formats.base import FormatError
+from gptqlora.nn.blocks import capture_block_inputs as _capture_block_inputs
+from gptqlora.nn.blocks import first_output as _first
 from gptqlora.nn.registry import FORMATS, Entry
 from gptqlora.paths import require_dir
 from gptqlora.quant.memory import release_freed_memory
@@ -56,26 +58,6 @@ class QuantizeReport:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
-
-
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[tuple[torch.Tensor, dict]] = []
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append((hidden_states, kwargs))
-        raise _Caught
-
-
-class _Caught(Exception):
-    pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def check_token_ids(samples: list[torch.Tensor], vocab_size: int) -> None:
@@ -179,24 +161,6 @@ def _load_outside_blocks(model: nn.Module, src: TensorSource, layers_name: str, 
         for bname, b in mod.named_buffers(recurse=False):
             if b.device.type != "meta":
                 setattr(mod, bname, b.to(device))
-
-
-def _capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
-                          samples: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    """Run the embeddings on each sample and record what block 0 receives (hidden states + kwargs)."""
-    device = next(p.device for p in model.get_input_embeddings().parameters())
-    first, catcher = layers[0], _Catcher()
-    layers[0] = catcher
-    try:
-        for ids in samples:
-            try:
-                with torch.no_grad():
-                    model(input_ids=ids.to(device), use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        layers[0] = first
-    return catcher.inputs
 
 
 def _load_block(block: nn.Module, src: TensorSource, prefix: str, device: torch.device,
