@@ -88,8 +88,9 @@ class QuantConfig:
         d.pop("mse")
         d.pop("act_group_aware")  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
-        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse, "act_group_aware": self.act_group_aware,
-                     **self.meta}
+        # GAR applies only without act-order (and GPTQModel refuses a config that says both)
+        d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
+                     "act_group_aware": self.act_group_aware and not self.desc_act, **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
         if self.method != "spqr":  # second-level statistics exist in SpQR layers only
