@@ -133,11 +133,18 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    torch.set_grad_enabled(False)
     return model, tokenizer, template or PromptTemplate.load("alpaca"), info
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation's JSON record, computed without autograd (the caller's grad mode is left as it was)."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from gptqlora.eval.perplexity import max_context
 
     p = plan(args)

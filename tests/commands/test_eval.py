@@ -25,6 +25,9 @@ def test_run_folder_perplexity_and_tasks_json(tiny_run, text_file, tmp_path, cap
     assert r["seqlen"] == 128 and r["tokens"] == r["windows"] * 128 > 0 and r["perplexity"] > 1
     assert r["model"]["kind"] == "run" and r["model"]["adapter"].endswith("adapter")
     assert r["tasks"]["synthetic"]["total"] == 4 and 0 <= r["tasks"]["synthetic"]["accuracy"] <= 1
+    import torch
+
+    assert torch.is_grad_enabled()  # evaluating must not switch autograd off for the caller (later tests)
 
 
 def test_adapter_changes_the_perplexity(tiny_run, text_file, capsys):
@@ -76,3 +79,4 @@ def test_bad_input_is_one_clear_line(case, tiny_run, tiny_dir, text_file, tmp_pa
     rc = main(["eval", str(tmp_path if case == "not_a_model" else tiny_run), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
