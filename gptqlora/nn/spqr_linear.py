@@ -11,9 +11,8 @@ from torch import nn
 
 from gptqlora.formats.gptq import pack_rows
 from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
-from gptqlora.kernels.dispatch import resolve
 from gptqlora.kernels.spqr import SpQRTensors, spqr_matmul, spqr_weight
-from gptqlora.nn.quant_linear import compute_dtype
+from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 
 
 class SpQRLinear(nn.Module):
@@ -86,16 +85,8 @@ class SpQRLinear(nn.Module):
     def tensors(self) -> SpQRTensors:
         return SpQRTensors(**self.packed_state())
 
-    def kernel_plan(self):
-        """The Triton kernel's row plan for g_idx (None on the torch path); see QuantLinear.kernel_plan."""
-        if resolve(self.kernel, self.g_idx.device) != "triton":
-            return None
-        key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
-        if self._plan_key != key:
-            from gptqlora.kernels.dequant import plan_for
-
-            self._plan, self._plan_key = plan_for(self.g_idx, self.group_size), key
-        return self._plan
+    # the Triton kernel's row plan for g_idx, cached as QuantLinear caches it (same attributes)
+    kernel_plan = QuantLinear.kernel_plan
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W), outliers included."""
