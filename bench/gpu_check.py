@@ -31,7 +31,7 @@ from gptqlora.kernels.reference import dequantize
 
 def packed(k, n, bits, group, act_order, float_zeros, seed, device):
     g = torch.Generator(device=device).manual_seed(seed)
-    ng = k // group
+    ng = -(-k // group)  # a last, shorter group when group does not divide k
     codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
     zeros = torch.randint(0, 2**bits, (ng, n), device=device, dtype=torch.int32, generator=g)
     scales = (torch.rand(ng, n, device=device, generator=g) * 0.02 + 1e-3).half()

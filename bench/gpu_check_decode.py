@@ -22,25 +22,14 @@ import time
 
 import torch
 
-from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels.gemv import gemv_reference, gemv_triton, plan_gemv
 from gptqlora.kernels.reference import dequantize
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import packed  # noqa: E402  (random packed layers, shared with the training checks)
+
 LAYOUTS = {"plain": (False, False, True), "act-order": (True, False, True), "act-order-gather": (True, False, False),
            "float-zeros": (True, True, True)}  # act_order, float_zeros, repack
-
-
-def packed(k, n, bits, group, act_order, float_zeros, seed, device):
-    g = torch.Generator(device=device).manual_seed(seed)
-    ng = -(-k // group)
-    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
-    zeros = torch.randint(0, 2**bits, (ng, n), device=device, dtype=torch.int32, generator=g)
-    scales = (torch.rand(ng, n, device=device, generator=g) * 0.02 + 1e-3).half()
-    g_idx = torch.arange(k, device=device, dtype=torch.int32) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, device=device, generator=g)]
-    z = zeros.float() + torch.rand(ng, n, device=device, generator=g) - 0.5 if float_zeros else pack_cols(zeros, bits)
-    return pack_rows(codes, bits), z, scales, g_idx
 
 
 def rel(got, ref) -> float:

@@ -63,24 +63,28 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def _fused_parts(self, name: str) -> tuple[PackedBase, torch.Tensor, torch.Tensor, float, float]:
         """This layer's share of a fused call: packed base, lora_A, lora_B, scaling, dropout p."""
-        base, drop = self.base_layer, self.lora_dropout[name]
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        base = self.base_layer
         packed = PackedBase(base.qweight, base.zero_points, base.scales, base.g_idx, base.bits, base.kernel_plan())
-        return packed, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+        return packed, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name)
+
+    def _dropout_p(self, name: str) -> float:
+        drop = self.lora_dropout[name]
+        return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(kwargs)
         if name is not None:  # one autograd function: base matmul, dropout and both LoRA matmuls
             base = self.base_layer
-            packed, a, b, s, p = self._fused_parts(name)
-            if p == 0:  # decoding (<= 16 tokens, no gradient): one small-M kernel for base and LoRA
-                y = base.small_m(x.to(compute_dtype(x)), a, b, s)
+            if self._dropout_p(name) == 0:  # decoding (<= 16 tokens, no gradient): one small-M kernel
+                y = base.small_m(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name])
                 if y is not None:
                     return y
             y = None
-            if self.siblings is not None and self.siblings.enabled:
+            if self.siblings is not None and self.siblings.enabled:  # a sibling may hold this layer's output
                 y = self.siblings.output(self, x, lambda layers, x: _fused_group(layers, x, name, kwargs))
             if y is None:
+                packed, a, b, s, p = self._fused_parts(name)
                 (y,) = quant_lora_group(x.to(compute_dtype(x)), [packed], [a], [b], [s], p, base.kernel)
             return y if base.bias is None else y + base.bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
