@@ -1,8 +1,10 @@
 """`gptqlora chat`: an interactive terminal chat with a run's model, streaming tokens as they are generated.
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; the main thread prints the pieces.
-That keeps Ctrl-C in the main thread: it sets an event that a stopping criterion checks after every
-token, so an interrupted reply ends cleanly (adapter state restored) and the chat goes on. It is one
+That keeps Ctrl-C in the main thread: while a reply streams, SIGINT only sets an event that a stopping
+criterion checks after every token, so an interrupted reply ends cleanly (adapter state restored) and the
+chat goes on. The handler must not raise: a KeyboardInterrupt landing inside the streamer's queue can
+leave its lock held, and the worker's next put would then wait forever (CI saw that hang). It is one
 worker thread for the whole session: CUDA graphs recorded by the compiled decode step belong to the
 thread that recorded them, and replaying them from another thread would be wrong.
 """
@@ -10,7 +12,9 @@ thread that recorded them, and replaying them from another thread would be wrong
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -110,15 +114,17 @@ class ChatSession:
                 streamer.end()
 
         pieces: list[str] = []
-        interrupted = False
+        interrupted = threading.Event()
         job = None
         try:
-            job = self._worker.submit(work)
-            for piece in streamer:
-                pieces.append(piece)
-                on_text(piece)
-        except KeyboardInterrupt:
-            interrupted = True
+            with _sigint_sets(stop, interrupted):
+                job = self._worker.submit(work)
+                for piece in streamer:
+                    if not stop.is_set():  # after Ctrl-C at most one more piece arrives; it is not shown
+                        pieces.append(piece)
+                        on_text(piece)
+        except KeyboardInterrupt:  # not on the main thread (no handler), or before the handler was in place
+            interrupted.set()
         finally:
             stop.set()
             if job is not None:
@@ -127,7 +133,25 @@ class ChatSession:
             raise errors[0]
         text = "".join(pieces)
         self.history.append((message, text.strip()))
-        return Reply(text, interrupted, dropped)
+        return Reply(text, interrupted.is_set(), dropped)
+
+
+@contextlib.contextmanager
+def _sigint_sets(*events: threading.Event):
+    """While inside, SIGINT (Ctrl-C) sets ``events`` instead of raising; only the main thread can do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for e in events:
+            e.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _join(job: Future) -> None:
