@@ -26,9 +26,11 @@ through dequant's `_unpack`. `gemv_reference` beside it is the torch ground trut
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -37,6 +39,7 @@ import triton.language as tl
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
+from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.reference import dequantize
 
 
@@ -107,11 +110,11 @@ def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: t
     return tl.sum(tl.sum(p, axis=1), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
-                 lock_ptr, M, K, N, R, GROUP, lora_scale,
+                 lock_ptr, M, K, N, R, GROUP, lora_scale, SPLIT,
                  BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_LORA: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                 HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, PLACE: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     DOT: tl.constexpr = BM >= 16
@@ -149,16 +152,20 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             z = _zeros_at(zeros_ptr, g, offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)
             w = (_as_float(q) - z) * s  # (BK, BN), rounded to x's dtype as the reference's dense W is
             acc += _mm(xt, w.to(xt.dtype).to(tl.float32), DOT, F32_DOT)
-        if HAS_LORA:
-            at = tl.load(a_ptr + offs_r[None, :] * K + src[:, None], mask=mk[:, None] & mr[None, :], other=0)
-            xa += _mm(xt, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
+        if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K, and A is read contiguously
+            if HAS_PERM:
+                xl = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mm[:, None] & mk[None, :], other=0)
+            else:
+                xl = xt
+            at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=mk[:, None] & mr[None, :], other=0)
+            xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
     if HAS_LORA:
         bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
         dt = x_ptr.dtype.element_ty
         acc += lora_scale * _mm(xa.to(dt), bt.to(dt).to(tl.float32), DOT, F32_DOT)  # (BM, BN)
     m2 = mm[:, None] & mn[None, :]
     out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT == 1:
+    if not SPLIT_K:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m2)
     else:
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=m2)
@@ -166,7 +173,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:  # the last split of this column block: sum all partials in split order
             total = tl.zeros((BM, BN), tl.float32)
-            for i in tl.static_range(SPLIT):
+            for i in range(SPLIT):
                 total += tl.load(part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :], mask=m2, other=0,
                                  cache_modifier=".cg")
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=m2)
@@ -233,23 +240,78 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
-    """Tile sizes and split-K for one call. BM: 1 (FMA) or 16 (tensor cores). BK: a power of two of whole
-    words that divides the group in sorted mode. SPLIT: enough programs for ~2 per SM, each K-range
-    keeping several tiles."""
-    per = 32 // bits if 32 % bits == 0 else 1
+TUNED_ENV = "GPTQLORA_GEMV_CONFIGS"  # a JSON file of tuned configs (bench/gemv_sweep.py writes one)
+TUNED_FILE = Path(__file__).with_name("gemv_configs.json")  # the table shipped with the package, if present
+TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages", "PLACE")
+
+
+def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
+    """The table's key: bit width, M bucket (1: FMA path, 16: tensor-core path for M = 2..16), K, N, and
+    whether rows are read in group order ("sorted") or gathered."""
+    return f"{bits},{1 if m == 1 else MAX_M},{k},{n},{'sorted' if sorted_rows else 'gather'}"
+
+
+@functools.cache
+def tuned_table() -> dict[str, dict]:
+    """{tuned_key: {BN, BK, SPLIT, num_warps, num_stages, PLACE} (any subset)} from $GPTQLORA_GEMV_CONFIGS,
+    else from gemv_configs.json beside this file, else empty (the heuristic alone). Read once per process
+    (`tuned_table.cache_clear()` re-reads it)."""
+    path = os.environ.get(TUNED_ENV) or (TUNED_FILE if TUNED_FILE.exists() else None)
+    if not path:
+        return {}
+    table = json.loads(Path(path).read_text())
+    table = table.get("configs", table)  # the sweep's whole output, or just its table
+    bad = {key: {f for f in cfg if f not in TUNABLE} for key, cfg in table.items()}
+    if any(bad.values()):
+        raise ValueError(f"{path}: unknown gemv config fields {bad}; allowed: {TUNABLE}")
+    return table
+
+
+def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
+    """The untuned choice. BM: 1 (FMA) or 16 (tensor cores). BK: a power of two of whole words that divides
+    the group in sorted mode. SPLIT: enough programs for ~2 per SM, each K-range keeping several tiles."""
     bm = 1 if m == 1 else MAX_M
     bn = 128 if bm == 1 else 64
     bk = 64 if bm == 1 else 128
+    tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
+    blocks = triton.cdiv(n, bn)
+    split = max(1, min(16, triton.cdiv(2 * sms, blocks), k // (4 * max(tile, 16))))
+    return dict(BM=bm, BK=bk, BN=bn, SPLIT=split, num_warps=4, num_stages=3, PLACE=True)
+
+
+def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
+    """cfg made valid for this layer: BK a divisor of the group in sorted mode (0: the gather path, for a
+    group no whole-word tile divides), SPLIT no larger than leaves every split some rows."""
+    cfg = dict(cfg)
+    per = 32 // bits if 32 % bits == 0 else 1
+    bk = cfg["BK"]
     if plan.sorted and plan.group < k:
         bk = _pow2_divisor(plan.group, bk)
     if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
         bk = 0
-    blocks = triton.cdiv(n, bn)
-    split = max(1, min(16, triton.cdiv(2 * sms, blocks), k // (4 * max(bk, 16))))
     tile = bk or 64
-    split = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split), tile) * tile)  # no split left without rows
-    return dict(BM=bm, BK=bk, BN=bn, SPLIT=split, num_warps=4, num_stages=3)
+    split = max(1, min(cfg["SPLIT"], triton.cdiv(k, tile)))
+    cfg["SPLIT"] = triton.cdiv(k, triton.cdiv(triton.cdiv(k, split), tile) * tile)  # no split without rows
+    cfg["BK"] = bk
+    return cfg
+
+
+_CONFIGS: dict = {}  # (m bucket, k, n, bits, sorted, group, sms) -> config: no host work per call
+
+
+def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
+    """Tile sizes, warps and split-K for one call: the tuned table's entry for this shape where it has one
+    (`tuned_table`), over the heuristic; cached per shape."""
+    key = (1 if m == 1 else MAX_M, k, n, bits, plan.sorted, plan.group, sms)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = heuristic_config(m, k, n, bits, plan, sms)
+        cfg.update(tuned_table().get(tuned_key(bits, m, k, n, plan.sorted), {}))
+        cfg = _CONFIGS[key] = legal_config(cfg, k, bits, plan)
+    return cfg
+
+
+_launch = FastKernel(_gemv_kernel)
 
 
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -259,13 +321,16 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
 
     `qweight` is the layer's own (the plan may hold a repacked copy, which is what is read); `zeros`
-    packed int32 [G, N*b/32] or float [G, N]; `config` overrides `pick_config` (bench/decode.py sweeps it).
+    packed int32 [G, N*b/32] or float [G, N]; `config` overrides `pick_config` (bench/gemv_sweep.py sweeps
+    it; it is made legal for the layer by `legal_config`).
     """
     m, k = x.shape
     n = scales.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
-    cfg = dict(config or pick_config(m, k, n, bits, plan, sms))
+    cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
+        legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
+    cfg = dict(cfg)
     place = cfg.pop("PLACE", True)
     sorted_rows = plan.sorted and cfg["BK"] > 0
     if cfg["BK"] == 0:
@@ -281,12 +346,13 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
-    _gemv_kernel[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
-                       float(scaling), BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
-                       HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT=split,
-                       BR=max(16, triton.next_power_of_2(r)),
-                       F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
-                       PLACE=place and sorted_rows and m == 1 and 32 % bits == 0, **cfg)
+    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
+                  float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
+                  HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
+                  BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
+                  F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+                  PLACE=place and sorted_rows and m == 1 and 32 % bits == 0,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

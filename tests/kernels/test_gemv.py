@@ -122,3 +122,33 @@ def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
     assert not plan.sorted and plan.qweight is p["qweight"]
     y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
     assert rel_err(y, want) < 1e-5
+
+
+def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypatch):
+    """A sweep's table (GPTQLORA_GEMV_CONFIGS) replaces the heuristic for its shapes only; a BK that does not
+    divide the group is cut to one that does, and the results are unchanged."""
+    import json
+
+    from gptqlora.kernels import gemv
+
+    p, x, a, b, want = case(256, 64, 4, 64, True, False, 1, torch.float32, seed=11)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
+    table = {gemv.tuned_key(4, 1, 256, 64, True): {"BN": 32, "BK": 128, "SPLIT": 2, "num_warps": 2, "PLACE": False}}
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"configs": table}))
+    monkeypatch.setenv(gemv.TUNED_ENV, str(path))
+    monkeypatch.setattr(gemv, "_CONFIGS", {})
+    gemv.tuned_table.cache_clear()
+    try:
+        cfg = pick_config(1, 256, 64, 4, plan)
+        assert (cfg["BN"], cfg["BK"], cfg["SPLIT"], cfg["num_warps"], cfg["PLACE"]) == (32, 64, 2, 2, False)
+        assert pick_config(3, 256, 64, 4, plan)["BN"] == 64  # M = 3 is another key: the heuristic
+        y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
+        assert rel_err(y, want) < 1e-5 and not plan.locks.any()
+        path.write_text(json.dumps({"configs": {"4,1,256,64,sorted": {"BLOCK": 3}}}))
+        gemv.tuned_table.cache_clear()
+        with pytest.raises(ValueError, match="unknown gemv config fields"):
+            gemv.tuned_table()
+    finally:
+        monkeypatch.delenv(gemv.TUNED_ENV)
+        gemv.tuned_table.cache_clear()
