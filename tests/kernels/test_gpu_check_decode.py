@@ -1,0 +1,47 @@
+"""bench/gpu_check_decode.py's logic on CPU (interpreter, small shapes): a wrong kernel result fails its case,
+a right one passes, and the case list needs few kernel compilations while covering the real-shape grid."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def check():
+    spec = importlib.util.spec_from_file_location("gpu_check_decode", BENCH / "gpu_check_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path  # bench/ must not shadow packages (bench/kernels.py) for later tests
+    return mod
+
+
+def test_case_grid_and_compile_classes(check):
+    cases = check.cases(check.SHAPES)
+    main = [c for c in cases if c["ms"] == check.MS]
+    assert {(c["k"], c["n"], c["bits"], c["layout"]) for c in main} == {
+        (k, n, b, lay) for k, n in check.SHAPES for b in check.BITS for lay in ("plain", "act-order")}
+    assert all(c["lora"] for c in main)
+    classes = check.compile_classes(cases)
+    assert len(classes) <= 26 and all((c["k"], c["n"]) == (4096, 4096) for c in classes)
+
+
+@pytest.mark.parametrize("layout", ["plain", "act-order"])
+def test_a_wrong_result_fails_and_a_right_one_passes(check, monkeypatch, layout):
+    case = dict(k=256, n=128, bits=3, layout=layout, ms=(1, 8), lora=True, dtype="bfloat16")
+    (r1, r8) = check.run_case(case, torch.device("cpu"))
+    assert r1["ok"] and r8["ok"] and r1["sorted"] and r1["deterministic"] and r1["counters_zero"]
+    real = check.gemv_triton
+    monkeypatch.setattr(check, "gemv_triton", lambda x, *a, **k: real(x, *a, **k) * 1.02)  # 2% off: over tol
+    assert not any(r["ok"] for r in check.run_case(case, torch.device("cpu")))
+    calls = []
+    monkeypatch.setattr(check, "gemv_triton",  # every second call 0.8% off: within tolerance, but not equal
+                        lambda x, *a, **k: calls.append(0) or real(x, *a, **k) * (1 + 2**-7 * (len(calls) % 2)))
+    assert not any(r["ok"] for r in check.run_case(case, torch.device("cpu")))  # two calls differ: not deterministic
