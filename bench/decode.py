@@ -228,13 +228,20 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
             model = build(kind, shape, device)
             wb = weight_bytes(model)
             for harness, f in [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else []):
+                from torch._dynamo.utils import counters
+
+                torch._dynamo.reset()  # each model compiles afresh: no recompile limit carried over
+                counters.clear()
                 tps = decode_rate(model, batch, prompt, new, f, timer, device)
+                compiled = {"graph_breaks": sum(counters["graph_break"].values()),
+                            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
+                            "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
                 step_gbps = wb * tps / batch / 1e9
                 ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
                 rows.append({"model": label, "harness": harness, "batch": batch,
                              "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
                              "step_weight_gbps": round(step_gbps) if ok else None,
-                             "pct_copy": round(100 * step_gbps / copy, 1) if ok else None})
+                             "pct_copy": round(100 * step_gbps / copy, 1) if ok else None, **compiled})
                 print(rows[-1], flush=True)
             del model
             gc.collect()
@@ -305,7 +312,8 @@ def main() -> int:
           f"{out['wall_s']} s")
     if "generation" in out:
         print(table(out["generation"], ["model", "harness", "batch", "tokens_per_s", "x_bf16_same_harness",
-                                        "x_plain_transformers", "step_weight_gbps", "pct_copy"]))
+                                        "x_plain_transformers", "step_weight_gbps", "pct_copy", "unique_graphs",
+                                        "graph_breaks", "cudagraph_skips"]))
     return 0
 
 

@@ -39,3 +39,34 @@ def test_quant_stream_smoke_and_its_memory_cap(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, *args, "--max_rss_gib", "0.05"], capture_output=True, text=True, env=env)
     assert r.returncode == 3 and "passed --max_rss_gib 0.05" in r.stderr
+
+
+def test_gemv_sweep_smoke_writes_the_table_pick_config_reads(tmp_path, monkeypatch):
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gemv_sweep.py"), "--small", "--bits", "4", "--ms", "1",
+                        "--budget-s", "30", "--json", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert len(rec["rows"]) == 3 and all(row["tried"] >= 1 and row["best_us"] > 0 for row in rec["rows"])
+    assert sum(row["tried"] for row in rec["rows"]) >= 5  # beyond the defaults, within the budget
+    assert set(rec["configs"]) == {row["key"] for row in rec["rows"]}
+
+    import torch
+
+    from gptqlora.kernels import gemv
+
+    monkeypatch.setenv(gemv.TUNED_ENV, str(out))
+    monkeypatch.setattr(gemv, "_CONFIGS", {})
+    gemv.tuned_table.cache_clear()
+    try:
+        row = rec["rows"][0]
+        k, n = map(int, row["shape"].split("x"))
+        g_idx = torch.arange(k, dtype=torch.int32) // 128
+        plan = gemv.plan_gemv(torch.zeros(k // 8, n, dtype=torch.int32), g_idx, 4, 128)
+        cfg = gemv.pick_config(1, k, n, 4, plan, sms=gemv._sm_count(torch.device("cpu")))
+        assert {f: cfg[f] for f in gemv.TUNABLE} == rec["configs"][row["key"]]
+    finally:
+        monkeypatch.delenv(gemv.TUNED_ENV)
+        gemv.tuned_table.cache_clear()
