@@ -11,7 +11,8 @@ from torch import nn
 
 from gptqlora.formats.gptq import pack_rows
 from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
-from gptqlora.kernels.spqr import SpQRTensors, spqr_matmul, spqr_weight
+from gptqlora.kernels.dispatch import MAX_M
+from gptqlora.kernels.spqr import SpQRTensors, spqr_matmul, spqr_small_m_op, spqr_weight
 from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 
 
@@ -26,6 +27,7 @@ class SpQRLinear(nn.Module):
             raise ValueError("SpQRLinear needs a full spec (stat_bits and stat_group_size)")
         self.spec, self.kernel = spec, kernel
         self._plan = self._plan_key = None
+        self._gemv = self._gemv_key = None  # gemv_plan's cache (the decode kernel reads the dense codes)
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.bits, self.group_size = spec.bits, spec.group_size
         self.stat_bits, self.stat_group_size = spec.stat_bits, spec.stat_group_size
@@ -85,8 +87,22 @@ class SpQRLinear(nn.Module):
     def tensors(self) -> SpQRTensors:
         return SpQRTensors(**self.packed_state())
 
-    # the Triton kernel's row plan for g_idx, cached as QuantLinear caches it (same attributes)
+    # the Triton kernels' row plans for g_idx (dequant) and for the decode kernel, cached as QuantLinear
+    # caches them (same attributes)
     kernel_plan = QuantLinear.kernel_plan
+    gemv_plan = QuantLinear.gemv_plan
+
+    def small_m(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y = x @ W + bias without a dense W (kernels.spqr.spqr_small_m) when it applies: at most 16 rows,
+        the Triton path, no gradient wanted; else None."""
+        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        plan = self.gemv_plan()
+        if plan is None:
+            return None
+        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), self.tensors(), self.bits, self.stat_bits, plan)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense W [K, N] (input-major, as in x @ W), outliers included."""
@@ -94,6 +110,9 @@ class SpQRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))
+        y = self.small_m(x)  # decoding
+        if y is not None:
+            return y
         y = spqr_matmul(x, self.tensors(), self.bits, self.stat_bits, self.kernel, self.kernel_plan())  # (..., N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

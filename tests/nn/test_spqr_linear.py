@@ -174,3 +174,30 @@ def test_a_corrupt_spqr_checkpoint_is_one_clear_error(spqr_dir, tmp_path):
     save_file(t, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.layers.1.self_attn.q_proj: the outlier CSR is inconsistent"):
         load_quantized(bad, device="cpu")
+
+
+def test_decode_path_without_a_dense_weight_matches_and_compiles_in_one_graph(monkeypatch):
+    """At most 16 rows without gradient, the Triton path takes spqr_small_m (decoded statistics, the small-M
+    kernel, CSR SpMV) as one opaque op: equal to x @ W within fp32 rounding, one graph under torch.compile."""
+    from torch._dynamo.utils import counters
+
+    from gptqlora.kernels import spqr as kspqr
+
+    layer, res = spqr_layer(kernel="triton", desc_act=True)
+    w = res.dequantize()  # (N, K)
+    calls = []
+    real = kspqr.spqr_small_m
+    monkeypatch.setattr(kspqr, "spqr_small_m", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls and layer.gemv_qweight is not None  # act-order: the decode kernel's repacked copy
+    torch.testing.assert_close(y, x @ w.t() + layer.bias.float(), rtol=1e-5, atol=1e-5)
+    xg = torch.randn(3, 128, requires_grad=True)
+    layer(xg).sum().backward()  # a gradient is wanted: the autograd path
+    assert len(calls) == 1 and xg.grad is not None
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        yc = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert torch.equal(yc, y) and not counters["graph_break"]
