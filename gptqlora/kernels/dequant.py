@@ -56,6 +56,18 @@ def _zeros_at(zeros_ptr, g, offs_n, mask, N, BITS: tl.constexpr, FLOAT_ZEROS: tl
 
 
 @triton.jit
+def _stat_at(code_ptr, step_ptr, base_ptr, g, offs_n, mask, N, SG, SBITS: tl.constexpr):
+    """base + step * code (fp32) of group(s) g at columns offs_n: codes packed along N, step and base per
+    second-level group of SG columns. The product is exact in fp32 (fp16 step, code < 2^8), as in torch."""
+    bit_n = offs_n * SBITS
+    code = _unpack(code_ptr, g * (N * SBITS // 32) + bit_n // 32, bit_n % 32, 1, mask, SBITS).to(tl.float32)
+    s2 = g * (N // SG) + offs_n // SG
+    step = tl.load(step_ptr + s2, mask=mask, other=0).to(tl.float32)
+    base = tl.load(base_ptr + s2, mask=mask, other=0).to(tl.float32)
+    return base + step * code
+
+
+@triton.jit
 def _dequant_grouped_kernel(qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, out_ptr, K, N, GROUP,
                             BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):

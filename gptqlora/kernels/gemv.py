@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from gptqlora.formats.gptq import pack_rows, unpack_rows
-from gptqlora.kernels.dequant import _unpack, _zeros_at, plan_for
+from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.reference import dequantize
@@ -112,8 +112,8 @@ def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: t
 
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
-                 lock_ptr, M, K, N, R, GROUP, lora_scale, SPLIT,
-                 BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
+                 lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, R, GROUP, lora_scale, SPLIT, SG,
+                 SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, PLACE: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -135,8 +135,12 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         xt = tl.load(x_ptr + offs_m[:, None] * K + src[None, :], mask=mm[:, None] & mk[None, :], other=0)  # (BM, BK)
         if SORTED:  # one group per tile: scales and zeros once, the zero factored out
             g = k0 // GROUP
-            s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
-            z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
+            if SPQR:  # SpQR: the statistics decoded from their codes here, once per tile
+                s = _stat_at(sc_ptr, ss_ptr, sb_ptr, g, offs_n, mn, N, SG, SBITS).to(tl.float16).to(tl.float32)
+                z = _stat_at(zc_ptr, zs_ptr, zb_ptr, g, offs_n, mn, N, SG, SBITS)
+            else:
+                s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
+                z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
             if PLACE:  # M = 1, whole-word codes
                 p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
             else:
@@ -148,8 +152,12 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
             g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
             m2 = mk[:, None] & mn[None, :]
-            s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
-            z = _zeros_at(zeros_ptr, g, offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)
+            if SPQR:
+                s = _stat_at(sc_ptr, ss_ptr, sb_ptr, g, offs_n[None, :], m2, N, SG, SBITS).to(tl.float16).to(tl.float32)
+                z = _stat_at(zc_ptr, zs_ptr, zb_ptr, g, offs_n[None, :], m2, N, SG, SBITS)
+            else:
+                s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)
+                z = _zeros_at(zeros_ptr, g, offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)
             w = (_as_float(q) - z) * s  # (BK, BN), rounded to x's dtype as the reference's dense W is
             acc += _mm(xt, w.to(xt.dtype).to(tl.float32), DOT, F32_DOT)
         if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K, and A is read contiguously
@@ -317,15 +325,18 @@ _launch = FastKernel(_gemv_kernel)
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None, scaling: float = 1.0, config: dict | None = None,
-                sms: int = 132) -> torch.Tensor:
+                sms: int = 132, spqr_stats: tuple | None = None) -> torch.Tensor:
     """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
+
+    `spqr_stats` (SpQR's dense part): (stat_bits, scales_code, scales_step, scales_base, zeros_code,
+    zeros_step, zeros_base), decoded in the kernel; `zeros` and `scales` are then unread.
 
     `qweight` is the layer's own (the plan may hold a repacked copy, which is what is read); `zeros`
     packed int32 [G, N*b/32] or float [G, N]; `config` overrides `pick_config` (bench/gemv_sweep.py sweeps
     it; it is made legal for the layer by `legal_config`).
     """
     m, k = x.shape
-    n = scales.shape[1]
+    n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
@@ -346,8 +357,13 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
-    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
-                  float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
+    if spqr_stats is not None:
+        sbits, *stats = spqr_stats
+        sg = n // stats[1].shape[-1]
+    else:
+        sbits, stats, sg = 1, [g_idx] * 6, 1  # unread without SPQR
+    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, *stats, m, k, n, r, plan.group,
+                  float(scaling), split, sg, SPQR=spqr_stats is not None, SBITS=sbits, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",

@@ -15,9 +15,9 @@ Adding the outliers into the dense buffer (O(nnz)) rather than running a separat
 same for any number of tokens, and the backward pass (grad_x = grad_y @ W^T) gets the outliers for free.
 Like QuantMatmul, only the packed tensors are kept for backward, which rebuilds W.
 
-At decode sizes (at most 16 rows, no gradient) `spqr_small_m` skips the dense W: the statistics are decoded
-once per call into [G, N] (one launch), the small-M GPTQ kernel (kernels/gemv.py, float zeros) reads the
-codes, and a CSR SpMV kernel adds x @ outliers into its output.
+At decode sizes (at most 16 rows, no gradient) `spqr_small_m` skips the dense W: the small-M GPTQ kernel
+(kernels/gemv.py, SPQR mode) reads the codes and decodes each tile's statistics itself, and a CSR SpMV
+kernel adds x @ outliers into its output. Two launches, ~4 bits read per weight.
 """
 
 from __future__ import annotations
@@ -29,21 +29,9 @@ import triton
 import triton.language as tl
 
 from gptqlora.formats.spqr import csr_rows, decode_scales, decode_stats
-from gptqlora.kernels.dequant import _unpack
+from gptqlora.kernels.dequant import _stat_at, _unpack
 from gptqlora.kernels.dispatch import dequantize, resolve
 from gptqlora.kernels.launch import FastKernel
-
-
-@triton.jit
-def _stat_at(code_ptr, step_ptr, base_ptr, g, offs_n, mask, N, SG, SBITS: tl.constexpr):
-    """base + step * code (fp32) of group(s) g at columns offs_n: codes packed along N, step and base per
-    second-level group of SG columns. The product is exact in fp32 (fp16 step, code < 2^8), as in torch."""
-    bit_n = offs_n * SBITS
-    code = _unpack(code_ptr, g * (N * SBITS // 32) + bit_n // 32, bit_n % 32, 1, mask, SBITS).to(tl.float32)
-    s2 = g * (N // SG) + offs_n // SG
-    step = tl.load(step_ptr + s2, mask=mask, other=0).to(tl.float32)
-    base = tl.load(base_ptr + s2, mask=mask, other=0).to(tl.float32)
-    return base + step * code
 
 
 @triton.jit
@@ -213,13 +201,14 @@ def spqr_weight_triton(t: SpQRTensors, bits: int, stat_bits: int, dtype: torch.d
 
 
 def spqr_small_m(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, gemv_plan) -> torch.Tensor:
-    """x (M <= 16, K) @ W -> (M, N) in x's dtype without a dense W: statistics decoded into [G, N] (one
-    launch), the small-M GPTQ kernel on the codes (float zeros), then the CSR SpMV of the outliers added."""
+    """x (M <= 16, K) @ W -> (M, N) in x's dtype without a dense W: the small-M GPTQ kernel on the codes,
+    decoding the statistics per tile, then the CSR SpMV of the outliers added."""
     from gptqlora.kernels.gemv import _sm_count, gemv_triton
 
     m, k = x.shape
-    scales, zeros = spqr_stats_triton(t, stat_bits)
-    y = gemv_triton(x, t.qweight, zeros, scales, t.g_idx, bits, gemv_plan, sms=_sm_count(x.device))
+    stats = (stat_bits, t.scales_code, t.scales_step, t.scales_base, t.zeros_code, t.zeros_step, t.zeros_base)
+    y = gemv_triton(x, t.qweight, t.zeros_step, t.scales_step, t.g_idx, bits, gemv_plan,  # zeros, scales: unread
+                    sms=_sm_count(x.device), spqr_stats=stats)
     if t.outlier_values.shape[0]:
         n = y.shape[1]
         _CSR_SPMV[(n,)](x.contiguous(), y, t.outlier_values, t.outlier_cols, t.outlier_rows, m, k, n,

@@ -85,19 +85,22 @@ def test_outlier_add_is_where_the_torch_path_puts_it():
 
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_m_path_matches_the_dense_weight(m, dtype):
-    """Decode: the small-M GPTQ kernel on the codes with decoded statistics, plus the CSR SpMV, against
-    x @ W (the torch path's W, in float64)."""
+@pytest.mark.parametrize("bits, repack", [(3, True), (4, True), (3, False)], ids=["3bit", "4bit", "3bit-gather"])
+def test_small_m_path_matches_the_dense_weight(m, dtype, bits, repack):
+    """Decode: the small-M GPTQ kernel on the codes, decoding the statistics per tile (act-order's repacked
+    copy; or per row, gathered), plus the CSR SpMV, against x @ W (the torch path's W, in float64)."""
     from gptqlora.kernels.gemv import plan_gemv
 
-    t = random_spqr(k=256, n=96, seed=m)
-    w = spqr_weight(t, 3, 3, torch.float64 if DEVICE == "cpu" else torch.float32, "torch").double()
+    t = random_spqr(k=256, n=96, bits=bits, seed=m)
+    w = spqr_weight(t, bits, 3, torch.float64 if DEVICE == "cpu" else torch.float32, "torch").double()
     x = torch.randn(m, 256, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(m)).to(dtype)
-    y = spqr_small_m(x, t, 3, 3, plan_gemv(t.qweight, t.g_idx, 3, 16))
+    plan = plan_gemv(t.qweight, t.g_idx, bits, 16, repack)
+    assert plan.sorted == repack
+    y = spqr_small_m(x, t, bits, 3, plan)
     want = x.double() @ w
     err = float((y.double() - want).norm() / want.norm())
     assert y.dtype == dtype and err < (1e-5 if dtype == torch.float32 else 1e-2), err
-    y0 = spqr_small_m(x, without_outliers(t), 3, 3, plan_gemv(t.qweight, t.g_idx, 3, 16))
+    y0 = spqr_small_m(x, without_outliers(t), bits, 3, plan)
     assert float((y0.double() - want).norm() / want.norm()) > 10 * err  # the outliers are really added
 
 
