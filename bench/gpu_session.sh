@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr
-#                                                    decode journey scale scale-speed scale-memory quant-stream scale-tests)
+#                                                    tune decode journey scale scale-speed scale-memory quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,6 +39,12 @@ for l in open(sys.argv[1]):
                grep "^|" "$OUT/ablations.md" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
+    tune)      # decode check (~1 min), then the gemv config sweep (< 3 min): $OUT/gemv_sweep.json is the table
+               # to commit as gptqlora/kernels/gemv_configs.json (or to pass as GPTQLORA_GEMV_CONFIGS)
+               python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
+               tail -1 "$OUT/gpu_check_decode.json"
+               if [ $rc = 0 ]; then python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
     decode)    python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
                tail -1 "$OUT/gpu_check_decode.json"
                if [ $rc = 0 ]; then python3 bench/decode.py --json "$OUT/decode.json" > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \

@@ -7,8 +7,9 @@ Per configuration, summed over the seven projections of one decoder block (q/k/v
 4096x11008, down 11008x4096):
   train   LoRA training step of the linears (r=8): forward + backward to the input and the adapter, bf16,
           `--tokens` rows, as GPTQLoraLinear runs it (GPTQ: the fused base+LoRA function; SpQR: its layer,
-          dense dequant + outlier scatter + matmul, then LoRA) -> tokens/s
-  decode  batch-1 forward of the base layers (one token) -> tokens/s of the linears alone
+          one dequant kernel decoding the statistics + a CSR outlier-add kernel + matmul, then LoRA) -> tokens/s
+  decode  batch-1 forward of the base layers (one token), timed inside a CUDA graph -> tokens/s of the
+          linears alone (SpQR: the small-M kernel decoding the statistics per tile + CSR SpMV)
 Configurations: bf16 nn.Linear; GPTQ 3-bit g128 and 4-bit g128 (act-order g_idx); SpQR 3-bit g16 with
 3-bit statistics in groups of 16 and 1% fp16 outliers (3.945 bits per weight). Weights are random (speed
 does not depend on their values). The acceptance ratio is SpQR train tokens/s over GPTQ 3-bit's (>= 0.8).
@@ -75,6 +76,19 @@ def build(kind: str, k: int, n: int, device, dtype) -> nn.Module:
     return spqr_layer(k, n, device=device)
 
 
+def graph_timed(fn, device, reps: int) -> float:
+    """Median seconds of fn() replayed inside a CUDA graph (a decode-size call runs for less time than its
+    launches take on the host: eager timing measures the launcher); `timed` off CUDA or if not capturable."""
+    if device.type == "cuda":
+        import triton
+
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") / 1e3
+        except Exception as e:
+            sys.stderr.write(f"spqr.py: CUDA graph timing failed ({str(e)[:120]}); timing eagerly\n")
+    return timed(fn, device, reps)
+
+
 def timed(fn, device, reps: int) -> float:
     """Median seconds of fn() over reps, after two warm-up calls."""
     for _ in range(2):
@@ -121,7 +135,7 @@ def bench(kind: str, shapes: dict, tokens: int, device, dtype, reps: int, check:
         train_s += timed(step, device, reps)
         x1 = torch.randn(1, k, device=device, dtype=dtype)
         with torch.no_grad():
-            decode_s += timed(lambda: base(x1), device, reps * 4)
+            decode_s += graph_timed(lambda: base(x1), device, reps * 4)
             if kind != "bf16":  # the layer's path (Triton on a GPU) dequantizes what the torch reference does
                 w = base.dequantize(torch.float32)
                 kernel, base.kernel = base.kernel, "torch"
@@ -163,7 +177,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['kind']} | {r['avg_bits']} | {r['train_ms']} | {r['train_tok_s']} | {r['decode_ms']} | "
               f"{r['decode_tok_s']} |" for r in rows]
     lines += ["", f"SpQR train tokens/s / GPTQ 3-bit: {ratio_train:.3f} (target >= 0.8, i.e. within 1.25x)",
-              f"SpQR decode tokens/s / bf16: {ratio_decode:.3f} (issue target >= 1.3 needs the decode kernel)"]
+              f"SpQR decode tokens/s / bf16: {ratio_decode:.3f} (issue target >= 1.3)"]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:

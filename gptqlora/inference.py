@@ -85,10 +85,11 @@ def decode_kwargs(model: Any, sampling: Sampling, length: int) -> dict[str, Any]
     from transformers import CompileConfig
 
     from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.nn.spqr_linear import SpQRLinear
 
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.gemv_plan()
+        if isinstance(mod, (QuantLinear, SpQRLinear)):  # built now: under torch.compile a missing plan
+            mod.gemv_plan()  # would send the step to the training kernels, traced into the graph
     size = -(-length // CACHE_STEP) * CACHE_STEP
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     size = min(size, limit) if limit and limit >= length else size

@@ -201,3 +201,16 @@ def test_decode_path_without_a_dense_weight_matches_and_compiles_in_one_graph(mo
     with torch.no_grad():
         yc = torch.compile(layer, fullgraph=True, backend="eager")(x)
     assert torch.equal(yc, y) and not counters["graph_break"]
+
+
+def test_decode_kwargs_builds_the_spqr_decode_plan_before_compiling(monkeypatch):
+    """Under torch.compile a plan cannot be built; a layer without one would take the training path."""
+    from gptqlora import inference
+
+    layer, _ = spqr_layer(kernel="triton")
+    holder = torch.nn.Sequential(layer)
+    holder.config = None
+    monkeypatch.setattr(inference, "compiled_decode", lambda model, s: True)
+    assert layer._gemv is None
+    kw = inference.decode_kwargs(holder, inference.Sampling(decode="compiled"), 40)
+    assert kw["cache_implementation"] == "static" and layer._gemv is not None
