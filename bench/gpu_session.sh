@@ -18,7 +18,7 @@ for stage in "$@"; do
   case $stage in
     check)     python3 bench/gpu_check.py > "$OUT/gpu_check.json" 2>> "$OUT/stderr.log"; rc=$?
                tail -1 "$OUT/gpu_check.json"; [ $rc = 0 ] || { tail -5 "$OUT/stderr.log"; echo "CHECK FAILED"; } ;;
-    kernels)   python3 bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>> "$OUT/stderr.log" \
+    kernels)   python3 bench/kernel_bench.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/kernels.txt" ;;
     train)     python3 bench/train_suite.py --set core --out "$OUT" --budget_s "${TRAIN_BUDGET:-330}" \
                  --profile "--mode gptq --bits 4 --group 128 --liger" --profile "--mode gptq --bits 2 --group 64 --liger" > "$OUT/train.md" 2>> "$OUT/stderr.log"

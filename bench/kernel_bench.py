@@ -1,6 +1,6 @@
 """Kernel benchmark: one quantized linear (Triton dequant + cuBLAS) against a bf16 matmul, same run.
 
-    python bench/kernels.py [--quick] [--json OUT.json]
+    python bench/kernel_bench.py [--quick] [--json OUT.json]
 
 For each shape (K x N) and token count M, times in bf16:
   peer   x @ W (forward) and forward + dx = dy @ Wᵀ (what a frozen base costs in LoRA training);
