@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-# bench/ must not shadow packages (a bench script named like a package, e.g. `kernels`, would stand in for the one transformers
-# looks for): take train_step by its path and drop bench/ from the import path.
+# bench/ must not shadow packages (a bench script named like a package, e.g. `kernels`, would stand in for
+# the one transformers looks for): take train_step by its path and drop bench/ from the import path.
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 _spec = importlib.util.spec_from_file_location("train_step", _BENCH / "train_step.py")
