@@ -21,7 +21,6 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gptqlora.kernels import lora_dropout, reference
 from gptqlora.kernels.dispatch import resolve
@@ -62,36 +61,26 @@ def _dequantize_triton():
 
 # --- the LoRA weights in the compute dtype, cast once per optimizer step -------------------------------
 # Under autocast the LoRA weights are fp32 and the products run in bf16/fp16: the cast copies (and B scaled
-# for the backward) are the same tensors at every call between two optimizer steps (forward, the
-# recomputation under checkpointing, every micro-batch of an accumulation), so a layer keeps them in a
-# CastSlot and makes them again only when one of its weights changed. A weight changed when its Parameter
-# object, storage or version counter (every in-place write through autograd's view of it: optimizers,
-# load_state_dict, nn.init) differ, or when any optimizer stepped since (the post-step hook below: an
-# optimizer that writes through raw pointers, bitsandbytes' paged 8-bit AdamW, bumps no version counter).
-# The gradients are unaffected: they are computed against the cast copies and returned to the fp32
-# parameters, as without the cache. The copies are new tensors each time, never written in place, so a
-# graph that saved older ones keeps them intact.
-
-_STEPS = [0]  # optimizer steps taken in this process, by any torch.optim.Optimizer
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
+# for the backward) are the same tensors at every call of one training step (forward, and the
+# recomputation under checkpointing), so a layer keeps them in a CastSlot. A backward through them drops
+# them (an optimizer step comes next; an optimizer that writes through raw pointers, such as
+# bitsandbytes' paged 8-bit AdamW, bumps no version counter, so the version alone can't tell), and any
+# other change is seen by the Parameter object, storage or version counter differing (in-place writes
+# through autograd's view of a weight: load_state_dict, nn.init). So a step casts once in its forward,
+# reuses it in the recomputation and backward, and eval between steps casts once. The gradients are
+# unaffected: computed against the cast copies and returned to the fp32 parameters, as without the cache.
+# The copies are new tensors each time, never written in place, so a graph that saved older ones keeps them.
 
 class LoraCast:
     """The cast LoRA weights of one fused call: a = [A_1; A_2; ...] (R, K), b_i (N_i, r_i), b_iᵀ, s_i * b_i,
     all in the compute dtype, and each layer's rank (its columns of xa)."""
 
-    __slots__ = ("src", "step", "dtype", "scalings", "a", "b", "bt", "_bs", "rs", "dtypes")
+    __slots__ = ("src", "dtype", "scalings", "a", "b", "bt", "_bs", "rs", "dtypes")
 
     def __init__(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> None:
         ts = (*lora_a, *lora_b)
         self.src = tuple((t, t._version, t.data_ptr()) for t in ts)
-        self.step, self.dtype, self.scalings = _STEPS[0], dtype, scalings
+        self.dtype, self.scalings = dtype, scalings
         self.a = lora_a[0].to(dtype).contiguous() if len(lora_a) == 1 else torch.cat(lora_a).to(dtype)
         self.b = [t.to(dtype) for t in lora_b]  # (N_i, r_i)
         self.bt = [t.t() for t in self.b]  # (r_i, N_i) views, for the forward's addmm
@@ -107,7 +96,7 @@ class LoraCast:
         return self._bs
 
     def fresh(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> bool:
-        if self.step != _STEPS[0] or self.dtype != dtype or self.scalings != scalings or \
+        if self.dtype != dtype or self.scalings != scalings or \
                 len(self.src) != len(lora_a) + len(lora_b):
             return False
         for t, (s, v, p) in zip((*lora_a, *lora_b), self.src):
@@ -170,8 +159,8 @@ class QuantLoraMatmul(torch.autograd.Function):
             xas = (xa,) if n == 1 else xa.split(cast.rs, dim=1)  # (T, r_i) views
             for y, xai, bti, s in zip(ys, xas, cast.bt, scalings):
                 y.addmm_(xai, bti, alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
-        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed, ctx.cast = \
-            bases, scalings, dropout, backend, shape, seed, cast
+        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed, ctx.cast, ctx.slot = \
+            bases, scalings, dropout, backend, shape, seed, cast, slot
         ctx.save_for_backward(xd, mask, xa, a, *cast.b)  # a, b: the cast copies (kept: no second cast)
         if len(shape) == 2:
             return tuple(ys)
@@ -181,6 +170,8 @@ class QuantLoraMatmul(torch.autograd.Function):
     def backward(ctx, *grad_ys):
         xd, mask, xa, a, *b = ctx.saved_tensors  # a, b in the compute dtype
         cast = ctx.cast
+        if ctx.slot is not None and ctx.slot.cast is cast:
+            ctx.slot.cast = None  # an optimizer step follows a backward: the next forward casts again
         n = len(b)
         dt = xd.dtype
         a_dtypes, b_dtypes = cast.dtypes
