@@ -70,3 +70,13 @@ def test_gemv_sweep_smoke_writes_the_table_pick_config_reads(tmp_path, monkeypat
     finally:
         monkeypatch.delenv(gemv.TUNED_ENV)
         gemv.tuned_table.cache_clear()
+
+
+def test_host_ops_smoke(tmp_path):
+    out = _run([str(ROOT / "bench" / "host_ops.py"), "--reps", "3", "--step-reps", "1"], tmp_path)
+    rec = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert [r["dropout"] for r in rec["per_call"]] == [0.05, 0.0]
+    for r in rec["per_call"]:
+        assert 0 < r["fwd_ops_per_call"] < 15 and 0 < r["bwd_ops_per_call"] < 30  # 18.8 / 30.0 before the casts went
+        assert r["fwd_py_calls_per_call"] > 0 and r["fwd_us_per_call"] > 0
+    assert all(r["ops_per_step"] > 0 for r in rec["per_step"])

@@ -9,6 +9,7 @@ is what lets `gptqlora merge` fold the adapter exactly into the quantized zeros.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -16,7 +17,8 @@ from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from gptqlora.kernels.quant_lora import PackedBase, quant_lora_group
+from gptqlora.kernels.dispatch import MAX_M
+from gptqlora.kernels.quant_lora import CAST_CACHE_ENV, CastSlot, PackedBase, quant_lora_group
 from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 
 MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
@@ -32,6 +34,9 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             raise ValueError("GPTQLoraLinear does not support DoRA")
         self._active_adapter = adapter_name
         self.siblings = None  # a SiblingGroup (adapters/siblings.py) when q/k/v or gate/up are fused
+        # the LoRA weights cast to the compute dtype, kept between calls (kernels/quant_lora.py, LoraCast):
+        # one slot for this layer's own calls, one for the sibling group's calls this layer leads
+        self._cast_one, self._cast_group = CastSlot(), CastSlot()
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
@@ -61,11 +66,14 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         drop = self.lora_dropout[active[0]]
         return active[0] if isinstance(drop, (nn.Dropout, nn.Identity)) else None
 
-    def _fused_parts(self, name: str) -> tuple[PackedBase, torch.Tensor, torch.Tensor, float, float]:
-        """This layer's share of a fused call: packed base, lora_A, lora_B, scaling, dropout p."""
+    def _fused_parts(self, name: str, p: float | None = None) -> tuple[PackedBase, torch.Tensor, torch.Tensor,
+                                                                        float, float]:
+        """This layer's share of a fused call: packed base, lora_A, lora_B, scaling, dropout p (`p` when the
+        caller has it already)."""
         base = self.base_layer
         packed = PackedBase(base.qweight, base.zero_points, base.scales, base.g_idx, base.bits, base.kernel_plan())
-        return packed, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name)
+        return (packed, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                self._dropout_p(name) if p is None else p)
 
     def _dropout_p(self, name: str) -> float:
         drop = self.lora_dropout[name]
@@ -75,17 +83,22 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         name = self._fused_adapter(kwargs)
         if name is not None:  # one autograd function: base matmul, dropout and both LoRA matmuls
             base = self.base_layer
-            if self._dropout_p(name) == 0:  # decoding (<= 16 tokens, no gradient): one small-M kernel
-                y = base.small_m(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight,
-                                 self.scaling[name])
+            p = self._dropout_p(name)
+            xc = None  # x in the compute dtype, cast once, and only where a path below takes it
+            if p == 0 and x.numel() <= MAX_M * x.shape[-1]:  # decoding (no gradient): one small-M kernel
+                xc = x.to(compute_dtype(x))
+                y = base.small_m(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
                 if y is not None:
                     return y
             y = None
             if self.siblings is not None and self.siblings.enabled:  # a sibling may hold this layer's output
-                y = self.siblings.output(self, x, lambda layers, x: _fused_group(layers, x, name, kwargs))
+                # keyed on x itself (the caller's tensor): a sibling whose output is held casts nothing
+                y = self.siblings.output(self, x, lambda layers, x: _fused_group(
+                    layers, x.to(compute_dtype(x)) if xc is None else xc, name, kwargs))
             if y is None:
-                packed, a, b, s, p = self._fused_parts(name)
-                (y,) = quant_lora_group(x.to(compute_dtype(x)), [packed], [a], [b], [s], p, base.kernel)
+                packed, a, b, s, _ = self._fused_parts(name, p)
+                (y,) = quant_lora_group(x.to(compute_dtype(x)) if xc is None else xc, [packed], [a], [b], [s], p,
+                                        base.kernel, cast_slot=_slot(self._cast_one))
             return y if base.bias is None else y + base.bias.to(y.dtype)
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:
@@ -118,16 +131,23 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
 
 def _fused_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
-    """All siblings' outputs from one fused call, or None when they can't share one now (another adapter
-    active on one of them, different dropout or backend)."""
+    """All siblings' outputs from one fused call on x (already in the compute dtype), or None when they
+    can't share one now (another adapter active on one of them, different dropout or backend)."""
     if any(m._fused_adapter(kwargs) != name for m in layers):
         return None
     parts = [m._fused_parts(name) for m in layers]
-    kernels = {m.base_layer.kernel for m in layers}
-    if len({p for *_, p in parts}) != 1 or len(kernels) != 1:
+    kernel = layers[0].base_layer.kernel
+    p = parts[0][4]
+    if any(q[4] != p for q in parts) or any(m.base_layer.kernel != kernel for m in layers):
         return None
-    packed, a, b, s, p = zip(*parts)
-    return quant_lora_group(x.to(compute_dtype(x)), list(packed), list(a), list(b), list(s), p[0], kernels.pop())
+    packed, a, b, s, _ = zip(*parts)
+    return quant_lora_group(x, list(packed), list(a), list(b), list(s), p, kernel,
+                            cast_slot=_slot(layers[0]._cast_group))
+
+
+def _slot(slot: CastSlot) -> CastSlot | None:
+    """The layer's cast slot, or None when GPTQLORA_LORA_CAST_CACHE=0 (cast on every call, for A/B runs)."""
+    return None if os.environ.get(CAST_CACHE_ENV) == "0" else slot
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, qalora_group_size: int | None = None) -> torch.Tensor:

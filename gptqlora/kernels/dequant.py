@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptqlora.kernels.launch import FastKernel
+from gptqlora.kernels.launch import FastKernel, cdiv
 
 
 @triton.jit
@@ -157,13 +157,13 @@ def dequantize_triton(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.
     if plan is not None:
         bk = block_k or _block_k(plan.group)
         perm = plan.perm if plan.perm is not None else g_idx  # any int32 pointer; unread without HAS_PERM
-        grid = (triton.cdiv(k, bk), triton.cdiv(n, block_n))
+        grid = (cdiv(k, bk), cdiv(n, block_n))
         _GROUPED[grid](qweight, zeros, scales, perm, out, k, n, plan.group, BITS=bits,
                                       FLOAT_ZEROS=float_zeros, HAS_PERM=plan.perm is not None, BLOCK_K=bk,
                                       BLOCK_N=block_n, num_warps=num_warps)
     else:
         bk = block_k or 16
-        grid = (triton.cdiv(k, bk), triton.cdiv(n, block_n))
+        grid = (cdiv(k, bk), cdiv(n, block_n))
         _GATHER[grid](qweight, zeros, scales, g_idx, out, k, n, BITS=bits, FLOAT_ZEROS=float_zeros,
                                      BLOCK_K=bk, BLOCK_N=block_n, num_warps=num_warps)
     return out

@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 ENV = "GPTQLORA_FAST_LAUNCH"
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv without its cost: in Triton 3.9 `triton.cdiv` and `triton.next_power_of_2` are
+    ConstexprFunctions whose host-side call takes ~5 us (they unwrap every argument); a fused layer call
+    computes a dozen grids."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for n >= 0, without its cost (see cdiv)."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _spec(v) -> object:
     if isinstance(v, torch.Tensor):
         return v.dtype, v.data_ptr() % 16 == 0

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptqlora.kernels.launch import FastKernel
+from gptqlora.kernels.launch import FastKernel, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -110,7 +110,7 @@ _XA, _DA, _DX, _MASK = map(FastKernel, (_xa_kernel, _da_kernel, _dx_kernel, _mas
 
 
 def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -143,7 +143,7 @@ def dropout_xa(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.T
     r = a.shape[0]
     xa = torch.empty(t, r, dtype=x.dtype, device=x.device)
     bt = _rows_block(t)
-    _XA[(triton.cdiv(t, bt),)](x, a, xa, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=bt,
+    _XA[(cdiv(t, bt),)](x, a, xa, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=bt,
                                       R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
     return xa
 
@@ -153,21 +153,22 @@ def dropout_da(dxa: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     added after)."""
     t, k = x.shape
     r = dxa.shape[1]
-    n_u = triton.cdiv(k, 128)
-    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(264, n_u)))
-    per = triton.cdiv(triton.cdiv(t, splits), 64) * 64
-    splits = triton.cdiv(t, per)
-    part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    n_u = cdiv(k, 128)
+    splits = max(1, min(cdiv(t, 64), cdiv(264, n_u)))
+    per = cdiv(cdiv(t, splits), 64) * 64
+    splits = cdiv(t, per)
+    # one split writes (r, K) directly (no `part[0]` view op per call)
+    part = torch.empty((splits, r, k) if splits > 1 else (r, k), dtype=torch.float32, device=x.device)
     _DA[(n_u, splits)](dxa, x, part, t, k, r, per, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64,
-                              R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
-    return part.sum(0) if splits > 1 else part[0]
+                       R_PAD=_r_pad(r), PRECISION=_precision(x.dtype))
+    return part.sum(0) if splits > 1 else part
 
 
 def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """dx += (dxa @ a) * keep / (1 - p), in place: dx (T, K), dxa (T, r), a (r, K) in dx's dtype."""
     t, k = dx.shape
     r = a.shape[0]
-    grid = (triton.cdiv(t, 64), triton.cdiv(k, 128))
+    grid = (cdiv(t, 64), cdiv(k, 128))
     _DX[grid](dx, dxa, a, t, k, r, seed, _threshold(p), 1.0 / (1.0 - p), BLOCK_T=64, R_PAD=_r_pad(r),
                      PRECISION=_precision(dx.dtype))
     return dx
@@ -176,5 +177,5 @@ def add_dropout_dx(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: floa
 def dropout_mask(t: int, k: int, p: float, seed: int, device) -> torch.Tensor:
     """The keep mask (T, K) the kernels above use for this seed (for tests and references)."""
     out = torch.empty(t, k, dtype=torch.bool, device=device)
-    _MASK[(triton.cdiv(t, 16), triton.cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
+    _MASK[(cdiv(t, 16), cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
     return out

@@ -17,17 +17,21 @@ regenerated in backward (kernels/lora_dropout.py); on the torch path drop(x) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from typing import NamedTuple
 
 import torch
 
-from gptqlora.kernels import lora_dropout
-from gptqlora.kernels.dispatch import dequantize, resolve
+from gptqlora.kernels import lora_dropout, reference
+from gptqlora.kernels.dispatch import resolve
+
+CAST_CACHE_ENV = "GPTQLORA_LORA_CAST_CACHE"  # "0": cast the LoRA weights on every call (for comparison)
 
 
-@dataclass(frozen=True)
-class PackedBase:
-    """One frozen packed layer as the fused function takes it (the QuantLinear buffers and its plan)."""
+class PackedBase(NamedTuple):
+    """One frozen packed layer as the fused function takes it (the QuantLinear buffers and its plan). A
+    named tuple, not a dataclass: one is built per layer per call, and a tuple is built in a fraction of a
+    frozen dataclass's time."""
 
     qweight: torch.Tensor
     zeros: torch.Tensor
@@ -37,30 +41,113 @@ class PackedBase:
     plan: object = None
 
     def dense(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
-        return dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype, backend, self.plan)
+        """Dense W (K, N); `backend` already resolved ("triton" or "torch"), so no second resolve here."""
+        if backend == "triton":
+            return _dequantize_triton()(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
+                                        plan=self.plan)
+        return reference.dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype)
 
 
-def _cat_rows(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return ts[0].to(dtype).contiguous() if len(ts) == 1 else torch.cat(ts).to(dtype)
+_DEQUANT = []
+
+
+def _dequantize_triton():
+    if not _DEQUANT:  # imported at first use: triton is optional off the GPU
+        from gptqlora.kernels.dequant import dequantize_triton
+
+        _DEQUANT.append(dequantize_triton)
+    return _DEQUANT[0]
+
+
+# --- the LoRA weights in the compute dtype, cast once per optimizer step -------------------------------
+# Under autocast the LoRA weights are fp32 and the products run in bf16/fp16: the cast copies (and B scaled
+# for the backward) are the same tensors at every call of one training step (forward, and the
+# recomputation under checkpointing), so a layer keeps them in a CastSlot. A backward through them drops
+# them (an optimizer step comes next; an optimizer that writes through raw pointers, such as
+# bitsandbytes' paged 8-bit AdamW, bumps no version counter, so the version alone can't tell), and any
+# other change is seen by the Parameter object, storage or version counter differing (in-place writes
+# through autograd's view of a weight: load_state_dict, nn.init). So a step casts once in its forward,
+# reuses it in the recomputation and backward, and eval between steps casts once. The gradients are
+# unaffected: computed against the cast copies and returned to the fp32 parameters, as without the cache.
+# The copies are new tensors each time, never written in place, so a graph that saved older ones keeps them.
+
+class LoraCast:
+    """The cast LoRA weights of one fused call: a = [A_1; A_2; ...] (R, K), b_i (N_i, r_i), b_iᵀ, s_i * b_i,
+    all in the compute dtype, and each layer's rank (its columns of xa)."""
+
+    __slots__ = ("src", "dtype", "scalings", "a", "b", "bt", "_bs", "rs", "dtypes")
+
+    def __init__(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> None:
+        ts = (*lora_a, *lora_b)
+        self.src = tuple((t, t._version, t.data_ptr()) for t in ts)
+        self.dtype, self.scalings = dtype, scalings
+        self.a = lora_a[0].to(dtype).contiguous() if len(lora_a) == 1 else torch.cat(lora_a).to(dtype)
+        self.b = [t.to(dtype) for t in lora_b]  # (N_i, r_i)
+        self.bt = [t.t() for t in self.b]  # (r_i, N_i) views, for the forward's addmm
+        self._bs = None
+        self.rs = [t.shape[1] for t in lora_b]  # r_i: each layer's columns of xa
+        self.dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]  # the gradients' dtypes
+
+    @property
+    def bs(self) -> list[torch.Tensor]:
+        """s_i * B_i (N_i, r_i) for the backward, made at the first backward that needs it (none in eval)."""
+        if self._bs is None:
+            self._bs = [t * s for t, s in zip(self.b, self.scalings)]
+        return self._bs
+
+    def fresh(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> bool:
+        if self.dtype != dtype or self.scalings != scalings or \
+                len(self.src) != len(lora_a) + len(lora_b):
+            return False
+        for t, (s, v, p) in zip((*lora_a, *lora_b), self.src):
+            if t is not s or t._version != v or t.data_ptr() != p:
+                return False
+        return True
+
+
+class CastSlot:
+    """Where a layer (or a sibling group) keeps its LoraCast between calls. Not a module, no state dict."""
+
+    __slots__ = ("cast",)
+
+    def __init__(self) -> None:
+        self.cast = None
+
+
+def lora_cast(lora_a, lora_b, scalings, dtype: torch.dtype, slot: CastSlot | None) -> LoraCast:
+    """The cast weights: the slot's when still fresh, else made now (and kept when there is a slot)."""
+    if slot is None or torch.compiler.is_compiling():
+        return LoraCast(lora_a, lora_b, scalings, dtype)
+    c = slot.cast
+    if c is None or not c.fresh(lora_a, lora_b, scalings, dtype):
+        c = slot.cast = LoraCast(lora_a, lora_b, scalings, dtype)
+    return c
+
+
+def _no_autocast(device_type: str, dtype: torch.dtype):
+    """Autocast off around the products, unless it would change nothing (off already, or on in the operands'
+    own dtype: every operand is in `dtype`), which saves building a torch.autocast per call."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != dtype:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class QuantLoraMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bases, scalings, dropout: float, backend: str, *ab):
+    def forward(ctx, x, bases, scalings, dropout: float, backend: str, slot, *ab):
         n = len(bases)
-        lora_a, lora_b = ab[:n], ab[n:]
         dt = x.dtype  # the compute dtype: the caller has already cast x (autocast's dtype on GPU)
         shape = x.shape
         backend = resolve(backend, x.device)  # once: "triton" or "torch"; backward reuses it
         x = x.reshape(-1, shape[-1])  # (T, K)
-        with torch.autocast(x.device.type, enabled=False):
+        cast = lora_cast(ab[:n], ab[n:], scalings, dt, slot)  # a (R, K), R = Σ r_i; b_i (N_i, r_i)
+        a = cast.a
+        with _no_autocast(x.device.type, dt):
             ys = []
             for base in bases:
                 w = base.dense(dt, backend)  # (K, N_i), freed after its matmul
                 ys.append(x @ w)  # (T, N_i)
                 del w
-            a = _cat_rows(lora_a, dt)  # (R, K), R = Σ r_i; kept for backward: no second cast there
-            b = [t.to(dt) for t in lora_b]  # (N_i, r_i)
             mask = seed = None
             if dropout > 0 and backend == "triton":  # mask from a seed, never stored
                 seed = int(torch.randint(0, 2**31 - 1, (1,)))  # CPU generator: no device sync
@@ -69,41 +156,44 @@ class QuantLoraMatmul(torch.autograd.Function):
             else:
                 xd, mask = torch.native_dropout(x, dropout, True) if dropout > 0 else (x, None)
                 xa = xd @ a.t()  # (T, R)
-            cols = []
-            off = 0
-            for y, bi, s in zip(ys, b, scalings):
-                r = bi.shape[1]
-                cols.append((off, off + r))
-                y.addmm_(xa[:, off:off + r], bi.t(), alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
-                off += r
-        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed, ctx.cols = \
-            bases, scalings, dropout, backend, shape, seed, cols
-        ctx.dtypes = [t.dtype for t in lora_a], [t.dtype for t in lora_b]  # the gradients' dtypes
-        ctx.save_for_backward(xd, mask, xa, a, *b)
-        return tuple(y.reshape(*shape[:-1], y.shape[-1]) for y in ys)
+            xas = (xa,) if n == 1 else xa.split(cast.rs, dim=1)  # (T, r_i) views
+            for y, xai, bti, s in zip(ys, xas, cast.bt, scalings):
+                y.addmm_(xai, bti, alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
+        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed, ctx.cast, ctx.slot = \
+            bases, scalings, dropout, backend, shape, seed, cast, slot
+        ctx.save_for_backward(xd, mask, xa, a, *cast.b)  # a, b: the cast copies (kept: no second cast)
+        if len(shape) == 2:
+            return tuple(ys)
+        return tuple(y.view(*shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *grad_ys):
         xd, mask, xa, a, *b = ctx.saved_tensors  # a, b in the compute dtype
+        cast = ctx.cast
+        if ctx.slot is not None and ctx.slot.cast is cast:
+            ctx.slot.cast = None  # an optimizer step follows a backward: the next forward casts again
         n = len(b)
         dt = xd.dtype
-        a_dtypes, b_dtypes = ctx.dtypes
+        a_dtypes, b_dtypes = cast.dtypes
         dys = [g.reshape(-1, g.shape[-1]).to(dt) for g in grad_ys]  # (T, N_i)
-        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5:5 + n], ctx.needs_input_grad[5 + n:]
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
         dx = None
         da, db = [None] * n, [None] * n
-        with torch.autocast(xd.device.type, enabled=False):
-            parts = [dy @ (bi * s) for dy, bi, s in zip(dys, b, ctx.scalings)]  # (T, r_i): gradient of xa_i
+        with _no_autocast(xd.device.type, dt):
+            parts = [dy @ bs for dy, bs in zip(dys, cast.bs)]  # (T, r_i): gradient of xa_i
             dxa = parts[0] if n == 1 else torch.cat(parts, dim=1)  # (T, R)
-            for i, ((lo, hi), dy) in enumerate(zip(ctx.cols, dys)):
-                if need_b[i]:
-                    db[i] = (dy.t() @ xa[:, lo:hi]).mul_(ctx.scalings[i]).to(b_dtypes[i])  # (N_i, r_i)
+            if any(need_b):
+                xas = (xa,) if n == 1 else xa.split(cast.rs, dim=1)
+                for i, (xai, dy) in enumerate(zip(xas, dys)):
+                    if need_b[i]:
+                        db[i] = (dy.t() @ xai).mul_(ctx.scalings[i]).to(b_dtypes[i])  # (N_i, r_i)
             if any(need_a):
                 if ctx.seed is not None:  # xd is x here; the kernel applies the mask
                     da_all = lora_dropout.dropout_da(dxa, xd, ctx.dropout, ctx.seed)  # (R, K) fp32
                 else:
                     da_all = dxa.t() @ xd  # (R, K)
-                da = [da_all[lo:hi].to(a_dtypes[i]) if need_a[i] else None for i, (lo, hi) in enumerate(ctx.cols)]
+                das = (da_all,) if n == 1 else da_all.split(cast.rs, dim=0)
+                da = [d.to(a_dtypes[i]) if need_a[i] else None for i, d in enumerate(das)]
             if need_x:
                 for base, dy in zip(ctx.bases, dys):
                     w = base.dense(dt, ctx.backend)  # (K, N_i)
@@ -115,25 +205,27 @@ class QuantLoraMatmul(torch.autograd.Function):
                     dx.addmm_(dxa, a)
                 else:  # d drop(x) / dx = mask / (1 - p)
                     dx.add_((dxa @ a).mul_(mask), alpha=1.0 / (1.0 - ctx.dropout))
-                dx = dx.reshape(ctx.shape)
-        return dx, None, None, None, None, *da, *db
+                if len(ctx.shape) != 2:
+                    dx = dx.view(ctx.shape)
+        return dx, None, None, None, None, None, *da, *db
 
 
 def quant_lora_group(x: torch.Tensor, bases: list[PackedBase], lora_a: list[torch.Tensor],
                      lora_b: list[torch.Tensor], scalings: list[float], dropout: float = 0.0,
-                     backend: str = "auto") -> tuple[torch.Tensor, ...]:
+                     backend: str = "auto", cast_slot: CastSlot | None = None) -> tuple[torch.Tensor, ...]:
     """x (..., K) -> one (..., N_i) per layer, in x's dtype; differentiable in x and every lora_a (r_i, K),
     lora_b (N_i, r_i). The layers share x and the dropout mask (sibling projections of one input).
 
     `dropout` is the training-time dropout probability on the LoRA input (pass 0 in eval mode);
-    `backend`: see dispatch.dequantize.
+    `backend`: see dispatch.dequantize. `cast_slot`: where the caller keeps the LoRA weights cast to x's
+    dtype between calls (made again after any change to them; see LoraCast); None casts them every call.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not len(bases) == len(lora_a) == len(lora_b) == len(scalings) >= 1:
         raise ValueError("quant_lora_group needs one base, lora_a, lora_b and scaling per layer")
     return QuantLoraMatmul.apply(x, tuple(bases), tuple(float(s) for s in scalings), float(dropout), backend,
-                                 *lora_a, *lora_b)
+                                 cast_slot, *lora_a, *lora_b)
 
 
 def quant_lora_matmul(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, qweight: torch.Tensor,
