@@ -79,6 +79,6 @@ def test_host_ops_smoke(tmp_path):
     for r in rec["per_call"]:
         # before the cast cache: 18.8-19.5 ops per forward (and as many in the recomputation), 30-33 per backward
         assert 0 < r["recompute_ops_per_call"] < 15 and 0 < r["fwd_ops_per_call"] < 18.5
-        assert 0 < r["bwd_ops_per_call"] < 30
+        assert 0 < r["bwd_ops_per_call"] < {0.05: 29.0, 0.0: 31.8}[r["dropout"]]  # before: 30.0 / 32.8
         assert r["fwd_py_calls_per_call"] > 0 and r["fwd_us_per_call"] > 0
     assert all(r["ops_per_step"] > 0 for r in rec["per_step"])
