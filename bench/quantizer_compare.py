@@ -73,11 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", default="0", help="calibration seeds, comma-separated: each gives its own table "
+                   "(the spread between them is the run-to-run noise)")
+    p.add_argument("--ours", action="append", default=[], metavar="NAME=JSON",
+                   help='an extra variant of ours, e.g. \'x={"mse": false}\' (QuantConfig overrides)')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     configs = CONFIGS if not args.configs else [
         tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    for extra in args.ours:
+        name, _, js = extra.partition("=")
+        OURS[f"ours: {name}"] = json.loads(js)
     try:
         import gptqmodel  # noqa: F401
         variants = {**{k: (ours, v) for k, v in OURS.items()}, **{k: (theirs, v) for k, v in THEIRS.items()}}
@@ -92,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     out_json = Path(args.out).resolve() if args.out else None
     os.chdir(work)  # GPTQModel writes ./logs/*.log into the working directory
     try:
-        for mname in args.models.split(","):
-            spec = SPECS[mname](args.nsamples)
+        for mname, seed in [(m, int(s)) for m in args.models.split(",") for s in args.seeds.split(",")]:
+            spec = SPECS[mname](args.nsamples, seed=seed)
             fp = fp_perplexity(spec)
-            print(f"\n## {mname}: fp perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, windows of "
+            print(f"\n## {mname} (calibration seed {seed}): fp perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, windows of "
                   f"{spec.seqlen}; calibration {len(spec.calibration)} x {spec.calibration[0].shape[1]})")
             for bits, gs, desc in configs:
                 rows = {}
@@ -114,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 for vname, r in rows.items():
                     ratio = f"{r['gap'] / ref:.2f}" if ref else "-"
                     print(f"| {vname} | {r['perplexity']:.3f} | {r['gap']:.4f} | {ratio} | {r['seconds']:.1f} |")
-                    results.append({"model": mname, "bits": bits, "group_size": gs, "desc_act": bool(desc),
+                    results.append({"model": mname, "seed": seed, "bits": bits, "group_size": gs, "desc_act": bool(desc),
                                     "quantizer": vname, "fp_perplexity": fp["perplexity"], **r})
                 sys.stdout.flush()
+                if out_json:  # after every table: a stopped run keeps what it measured
+                    out_json.write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if out_json:
