@@ -35,13 +35,16 @@ log = logging.getLogger("quantizer_compare")
 CONFIGS = [(2, 64, True), (3, 64, True), (4, 128, True), (2, 64, False), (3, 64, False), (4, 128, False)]
 # ours: name -> QuantConfig overrides ("defaults" = whatever QuantConfig's defaults are today)
 OURS = {
-    "ours: damp .01": {"damp_percent": 0.01, "mse": False, "act_group_aware": False},
-    "ours: damp .05": {"damp_percent": 0.05, "mse": False, "act_group_aware": False},
-    "ours: damp .05 + mse": {"damp_percent": 0.05, "mse": True, "act_group_aware": False},
-    "ours: damp .1 + mse": {"damp_percent": 0.1, "mse": True, "act_group_aware": False},
-    "ours: damp .01 + mse": {"damp_percent": 0.01, "mse": True, "act_group_aware": False},
-    "ours: damp .05 + mse + GAR": {"damp_percent": 0.05, "mse": True, "act_group_aware": True},
-    "ours: defaults": {},
+    "ours: damp .01": {"damp_percent": 0.01, "mse": False, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05": {"damp_percent": 0.05, "mse": False, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05 + mse": {"damp_percent": 0.05, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .1 + mse": {"damp_percent": 0.1, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .01 + mse": {"damp_percent": 0.01, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05 + mse + GAR (previous default)": {"damp_percent": 0.05, "mse": True, "act_group_aware": True,
+                                                      "gptaq": 0.0},
+    "ours: defaults": {},  # today: damp .05 + mse + GAR + GPTAQ (alpha 1)
+    "ours: defaults, no mse": {"mse": False},
+    "ours: defaults + mse select": {"mse_select": True},
 }
 THEIRS = {"GPTQModel 7.7 default": {}, "GPTQModel 7.7 mse=2.4": {"mse": 2.4}}
 
@@ -130,7 +133,36 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))
+    summarize(results)
     return 0
+
+
+def summarize(results: list[dict]) -> None:
+    """Per model and config: each quantizer's gap for every seed, the mean over seeds, and the ratio of
+    the mean gaps to GPTQModel's default (the noise between seeds is the size of the 3-4 bit gaps)."""
+    keys = dict.fromkeys((r["model"], r["bits"], r["group_size"], r["desc_act"]) for r in results)
+    for key in keys:
+        rows = [r for r in results if (r["model"], r["bits"], r["group_size"], r["desc_act"]) == key]
+        seeds = sorted({r["seed"] for r in rows})
+        names = list(dict.fromkeys(r["quantizer"] for r in rows))
+        done = [s for s in seeds if all(any(r["quantizer"] == n and r["seed"] == s for r in rows) for n in names)]
+        rows = [r for r in rows if r["seed"] in done]  # a stopped run: only the seeds every quantizer has
+        seeds = done
+        mean = {n: sum(r["gap"] for r in rows if r["quantizer"] == n) / len(seeds) for n in names}
+        secs = {n: sum(r["seconds"] for r in rows if r["quantizer"] == n) / len(seeds) for n in names}
+        ref, ref_mse = mean.get("GPTQModel 7.7 default"), mean.get("GPTQModel 7.7 mse=2.4")
+        m, bits, gs, desc = key
+        print(f"\n### {m}: {bits} bit, group {gs}, act-order {'on' if desc else 'off'}, mean over seeds "
+              f"{','.join(map(str, seeds))}\n")
+        print("| quantizer | " + " | ".join(f"gap seed {s}" for s in seeds) +
+              " | mean gap | / GPTQModel default | / GPTQModel mse | seconds |")
+        print("|---|" + "---:|" * (len(seeds) + 4))
+        for n in names:
+            gaps = [next(r["gap"] for r in rows if r["quantizer"] == n and r["seed"] == s) for s in seeds]
+            ratio = f"{mean[n] / ref:.2f}" if ref else "-"
+            ratio_mse = f"{mean[n] / ref_mse:.2f}" if ref_mse else "-"
+            print(f"| {n} | " + " | ".join(f"{g:.4f}" for g in gaps) +
+                  f" | {mean[n]:.4f} | {ratio} | {ratio_mse} | {secs[n]:.1f} |")
 
 
 if __name__ == "__main__":
