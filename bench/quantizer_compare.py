@@ -72,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,manpage")
     p.add_argument("--configs", default=None, help="e.g. 2:64:1,4:128:0 (bits:group:desc_act); default: all")
-    p.add_argument("--variants", default=None, help="comma-separated names to run (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated names to run, or parts of names (default: "
+                   "all)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", default="0", help="calibration seeds, comma-separated: each gives its own table "
                    "(the spread between them is the run-to-run noise)")
+    p.add_argument("--merge", default=None, help="comma-separated JSON results of earlier runs (--out), added to "
+                   "this run's in the summary over seeds; with --models '' only the summary is printed")
     p.add_argument("--ours", action="append", default=[], metavar="NAME=JSON",
                    help='an extra variant of ours, e.g. \'x={"mse": false}\' (QuantConfig overrides)')
     args = p.parse_args(argv)
@@ -96,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         variants = {k: (ours, v) for k, v in OURS.items()}
     if args.variants:
         keep = [v.strip() for v in args.variants.split(",")]
-        variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
+        # a full variant name selects that variant only, any other text every variant whose name holds it
+        variants = {k: v for k, v in variants.items() if k in keep or any(s in k for s in keep if s not in variants)}
     results = []
     work = Path(tempfile.mkdtemp(prefix="qcompare-"))
     out_json = Path(args.out).resolve() if args.out else None
+    merge = [Path(f).resolve() for f in (args.merge or "").split(",") if f]
     os.chdir(work)  # GPTQModel writes ./logs/*.log into the working directory
     try:
-        for mname, seed in [(m, int(s)) for m in args.models.split(",") for s in args.seeds.split(",")]:
+        for mname, seed in [(m, int(s)) for m in args.models.split(",") if m
+                                for s in args.seeds.split(",")]:
             spec = SPECS[mname](args.nsamples, seed=seed)
             fp = fp_perplexity(spec)
             print(f"\n## {mname} (calibration seed {seed}): fp perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, windows of "
@@ -133,37 +139,44 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))
-    summarize(results)
+    merged = {}
+    for f in merge:  # earlier runs' results, then this run's
+        for r in json.loads(f.read_text()):
+            merged[(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"])] = r
+    for r in results:
+        merged[(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"])] = r
+    summarize(list(merged.values()))
     return 0
 
 
 def summarize(results: list[dict]) -> None:
     """Per model and config: each quantizer's gap for every seed, the mean over seeds, and the ratio of
-    the mean gaps to GPTQModel's default (the noise between seeds is the size of the 3-4 bit gaps)."""
-    keys = dict.fromkeys((r["model"], r["bits"], r["group_size"], r["desc_act"]) for r in results)
+    the summed gaps to GPTQModel's default (and mse) over the seeds both have (the noise between seeds is
+    the size of the 3-4 bit gaps)."""
+    gap = {(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"]): r for r in results}
+    keys = dict.fromkeys(k[:4] for k in gap)
     for key in keys:
-        rows = [r for r in results if (r["model"], r["bits"], r["group_size"], r["desc_act"]) == key]
-        seeds = sorted({r["seed"] for r in rows})
-        names = list(dict.fromkeys(r["quantizer"] for r in rows))
-        done = [s for s in seeds if all(any(r["quantizer"] == n and r["seed"] == s for r in rows) for n in names)]
-        rows = [r for r in rows if r["seed"] in done]  # a stopped run: only the seeds every quantizer has
-        seeds = done
-        mean = {n: sum(r["gap"] for r in rows if r["quantizer"] == n) / len(seeds) for n in names}
-        secs = {n: sum(r["seconds"] for r in rows if r["quantizer"] == n) / len(seeds) for n in names}
-        ref, ref_mse = mean.get("GPTQModel 7.7 default"), mean.get("GPTQModel 7.7 mse=2.4")
+        names = list(dict.fromkeys(k[4] for k in gap if k[:4] == key))
+        seeds = sorted({k[5] for k in gap if k[:4] == key})
+        got = {n: {s: gap[(*key, n, s)] for s in seeds if (*key, n, s) in gap} for n in names}
+
+        def ratio(n: str, ref: str) -> str:
+            common = [s for s in got[n] if s in got.get(ref, {})]
+            den = sum(got[ref][s]["gap"] for s in common)
+            return f"{sum(got[n][s]['gap'] for s in common) / den:.2f}" if common and den else "-"
+
         m, bits, gs, desc = key
-        print(f"\n### {m}: {bits} bit, group {gs}, act-order {'on' if desc else 'off'}, mean over seeds "
-              f"{','.join(map(str, seeds))}\n")
-        print("| quantizer | " + " | ".join(f"gap seed {s}" for s in seeds) +
-              " | mean gap | / GPTQModel default | / GPTQModel mse | seconds |")
+        print(f"\n### {m}: {bits} bit, group {gs}, act-order {'on' if desc else 'off'}\n")
+        print("| quantizer | " + " | ".join(f"seed {s}" for s in seeds) +
+              " | mean | / GPTQModel default | / GPTQModel mse | seconds |")
         print("|---|" + "---:|" * (len(seeds) + 4))
         for n in names:
-            gaps = [next(r["gap"] for r in rows if r["quantizer"] == n and r["seed"] == s) for s in seeds]
-            ratio = f"{mean[n] / ref:.2f}" if ref else "-"
-            ratio_mse = f"{mean[n] / ref_mse:.2f}" if ref_mse else "-"
-            print(f"| {n} | " + " | ".join(f"{g:.4f}" for g in gaps) +
-                  f" | {mean[n]:.4f} | {ratio} | {ratio_mse} | {secs[n]:.1f} |")
-
+            g = got[n]
+            cells = " | ".join(f"{g[s]['gap']:.4f}" if s in g else "" for s in seeds)
+            mean = sum(r["gap"] for r in g.values()) / len(g)
+            secs = sum(r["seconds"] for r in g.values()) / len(g)
+            print(f"| {n} | {cells} | {mean:.4f} | {ratio(n, 'GPTQModel 7.7 default')} | "
+                  f"{ratio(n, 'GPTQModel 7.7 mse=2.4')} | {secs:.1f} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())
