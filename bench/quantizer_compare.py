@@ -174,9 +174,10 @@ def summarize(results: list[dict]) -> None:
             g = got[n]
             cells = " | ".join(f"{g[s]['gap']:.4f}" if s in g else "" for s in seeds)
             mean = sum(r["gap"] for r in g.values()) / len(g)
-            secs = sum(r["seconds"] for r in g.values()) / len(g)
+            timed = [r["seconds"] for r in g.values() if r.get("seconds") is not None]
+            secs = f"{sum(timed) / len(timed):.1f}" if timed else "-"
             print(f"| {n} | {cells} | {mean:.4f} | {ratio(n, 'GPTQModel 7.7 default')} | "
-                  f"{ratio(n, 'GPTQModel 7.7 mse=2.4')} | {secs:.1f} |")
+                  f"{ratio(n, 'GPTQModel 7.7 mse=2.4')} | {secs} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())
