@@ -36,7 +36,7 @@ class ModelSpec:
         return perplexity(model, self.eval_ids, self.seqlen, batch_size=8)
 
 
-def tiny_spec(nsamples: int = 64) -> ModelSpec:
+def tiny_spec(nsamples: int = 64, seed: int = 0) -> ModelSpec:
     from transformers import AutoTokenizer
 
     from gptqlora.data.assets import default_data_files, eval_data_files, tiny_model_dir
@@ -47,12 +47,12 @@ def tiny_spec(nsamples: int = 64) -> ModelSpec:
     d = tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)
     tpl = PromptTemplate.load("alpaca")
-    calib = calibration_from_data(default_data_files(), tok, tpl, nsamples, 128)
+    calib = calibration_from_data(default_data_files(), tok, tpl, nsamples, 128, seed)
     held, _ = build_datasets(eval_data_files(), tok, tpl, cutoff_len=128)
     return ModelSpec("tiny", d, calib, None, [dict(r) for r in held], 128)
 
 
-def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR) -> ModelSpec:
+def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR, seed: int = 0) -> ModelSpec:
     from transformers import AutoTokenizer
 
     from gptqlora.data.calibration import load_calibration
@@ -62,7 +62,7 @@ def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR) -> ModelSpec
         raise FileNotFoundError(f"{model_dir}: no model; build it with python scripts/train_text_llama.py "
                                 f"--out {model_dir}")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib = load_calibration(model_dir / "train.txt", tok, nsamples, 256, seed=0)
+    calib = load_calibration(model_dir / "train.txt", tok, nsamples, 256, seed=seed)
     ids = text_ids(tok, (model_dir / "test.txt").read_text())
     return ModelSpec("manpage", model_dir, calib, ids, None, 256, model_dir / "train.txt")
 

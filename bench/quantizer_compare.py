@@ -35,13 +35,16 @@ log = logging.getLogger("quantizer_compare")
 CONFIGS = [(2, 64, True), (3, 64, True), (4, 128, True), (2, 64, False), (3, 64, False), (4, 128, False)]
 # ours: name -> QuantConfig overrides ("defaults" = whatever QuantConfig's defaults are today)
 OURS = {
-    "ours: damp .01": {"damp_percent": 0.01, "mse": False, "act_group_aware": False},
-    "ours: damp .05": {"damp_percent": 0.05, "mse": False, "act_group_aware": False},
-    "ours: damp .05 + mse": {"damp_percent": 0.05, "mse": True, "act_group_aware": False},
-    "ours: damp .1 + mse": {"damp_percent": 0.1, "mse": True, "act_group_aware": False},
-    "ours: damp .01 + mse": {"damp_percent": 0.01, "mse": True, "act_group_aware": False},
-    "ours: damp .05 + mse + GAR": {"damp_percent": 0.05, "mse": True, "act_group_aware": True},
-    "ours: defaults": {},
+    "ours: damp .01": {"damp_percent": 0.01, "mse": False, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05": {"damp_percent": 0.05, "mse": False, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05 + mse": {"damp_percent": 0.05, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .1 + mse": {"damp_percent": 0.1, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .01 + mse": {"damp_percent": 0.01, "mse": True, "act_group_aware": False, "gptaq": 0.0},
+    "ours: damp .05 + mse + GAR (previous default)": {"damp_percent": 0.05, "mse": True, "act_group_aware": True,
+                                                      "gptaq": 0.0},
+    "ours: defaults": {},  # today: damp .05 + mse + GAR + GPTAQ (alpha 1)
+    "ours: defaults, no mse": {"mse": False},
+    "ours: defaults + mse select": {"mse_select": True},
 }
 THEIRS = {"GPTQModel 7.7 default": {}, "GPTQModel 7.7 mse=2.4": {"mse": 2.4}}
 
@@ -69,15 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,manpage")
     p.add_argument("--configs", default=None, help="e.g. 2:64:1,4:128:0 (bits:group:desc_act); default: all")
-    p.add_argument("--variants", default=None, help="comma-separated names to run (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated names to run, or parts of names (default: "
+                   "all)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", default="0", help="calibration seeds, comma-separated: each gives its own table "
+                   "(the spread between them is the run-to-run noise)")
+    p.add_argument("--merge", default=None, help="comma-separated JSON results of earlier runs (--out), added to "
+                   "this run's in the summary over seeds; with --models '' only the summary is printed")
+    p.add_argument("--ours", action="append", default=[], metavar="NAME=JSON",
+                   help='an extra variant of ours, e.g. \'x={"mse": false}\' (QuantConfig overrides)')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     configs = CONFIGS if not args.configs else [
         tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    for extra in args.ours:
+        name, _, js = extra.partition("=")
+        OURS[f"ours: {name}"] = json.loads(js)
     try:
         import gptqmodel  # noqa: F401
         variants = {**{k: (ours, v) for k, v in OURS.items()}, **{k: (theirs, v) for k, v in THEIRS.items()}}
@@ -86,16 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         variants = {k: (ours, v) for k, v in OURS.items()}
     if args.variants:
         keep = [v.strip() for v in args.variants.split(",")]
-        variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
+        # a full variant name selects that variant only, any other text every variant whose name holds it
+        variants = {k: v for k, v in variants.items() if k in keep or any(s in k for s in keep if s not in variants)}
     results = []
     work = Path(tempfile.mkdtemp(prefix="qcompare-"))
     out_json = Path(args.out).resolve() if args.out else None
+    merge = [Path(f).resolve() for f in (args.merge or "").split(",") if f]
     os.chdir(work)  # GPTQModel writes ./logs/*.log into the working directory
     try:
-        for mname in args.models.split(","):
-            spec = SPECS[mname](args.nsamples)
+        for mname, seed in [(m, int(s)) for m in args.models.split(",") if m
+                                for s in args.seeds.split(",")]:
+            spec = SPECS[mname](args.nsamples, seed=seed)
             fp = fp_perplexity(spec)
-            print(f"\n## {mname}: fp perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, windows of "
+            print(f"\n## {mname} (calibration seed {seed}): fp perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, windows of "
                   f"{spec.seqlen}; calibration {len(spec.calibration)} x {spec.calibration[0].shape[1]})")
             for bits, gs, desc in configs:
                 rows = {}
@@ -114,15 +130,54 @@ def main(argv: list[str] | None = None) -> int:
                 for vname, r in rows.items():
                     ratio = f"{r['gap'] / ref:.2f}" if ref else "-"
                     print(f"| {vname} | {r['perplexity']:.3f} | {r['gap']:.4f} | {ratio} | {r['seconds']:.1f} |")
-                    results.append({"model": mname, "bits": bits, "group_size": gs, "desc_act": bool(desc),
+                    results.append({"model": mname, "seed": seed, "bits": bits, "group_size": gs, "desc_act": bool(desc),
                                     "quantizer": vname, "fp_perplexity": fp["perplexity"], **r})
                 sys.stdout.flush()
+                if out_json:  # after every table: a stopped run keeps what it measured
+                    out_json.write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if out_json:
         out_json.write_text(json.dumps(results, indent=2))
+    merged = {}
+    for f in merge:  # earlier runs' results, then this run's
+        for r in json.loads(f.read_text()):
+            merged[(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"])] = r
+    for r in results:
+        merged[(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"])] = r
+    summarize(list(merged.values()))
     return 0
 
+
+def summarize(results: list[dict]) -> None:
+    """Per model and config: each quantizer's gap for every seed, the mean over seeds, and the ratio of
+    the summed gaps to GPTQModel's default (and mse) over the seeds both have (the noise between seeds is
+    the size of the 3-4 bit gaps)."""
+    gap = {(r["model"], r["bits"], r["group_size"], r["desc_act"], r["quantizer"], r["seed"]): r for r in results}
+    keys = dict.fromkeys(k[:4] for k in gap)
+    for key in keys:
+        names = list(dict.fromkeys(k[4] for k in gap if k[:4] == key))
+        seeds = sorted({k[5] for k in gap if k[:4] == key})
+        got = {n: {s: gap[(*key, n, s)] for s in seeds if (*key, n, s) in gap} for n in names}
+
+        def ratio(n: str, ref: str) -> str:
+            common = [s for s in got[n] if s in got.get(ref, {})]
+            den = sum(got[ref][s]["gap"] for s in common)
+            return f"{sum(got[n][s]['gap'] for s in common) / den:.2f}" if common and den else "-"
+
+        m, bits, gs, desc = key
+        print(f"\n### {m}: {bits} bit, group {gs}, act-order {'on' if desc else 'off'}\n")
+        print("| quantizer | " + " | ".join(f"seed {s}" for s in seeds) +
+              " | mean | / GPTQModel default | / GPTQModel mse | seconds |")
+        print("|---|" + "---:|" * (len(seeds) + 4))
+        for n in names:
+            g = got[n]
+            cells = " | ".join(f"{g[s]['gap']:.4f}" if s in g else "" for s in seeds)
+            mean = sum(r["gap"] for r in g.values()) / len(g)
+            timed = [r["seconds"] for r in g.values() if r.get("seconds") is not None]
+            secs = f"{sum(timed) / len(timed):.1f}" if timed else "-"
+            print(f"| {n} | {cells} | {mean:.4f} | {ratio(n, 'GPTQModel 7.7 default')} | "
+                  f"{ratio(n, 'GPTQModel 7.7 mse=2.4')} | {secs} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())

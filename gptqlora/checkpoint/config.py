@@ -44,13 +44,20 @@ class QuantConfig:
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's linears in the order qkv -> o -> gate/up -> down, each group seeing the "
                 "previous ones quantized (--no-true-sequential: all at once)"})
-    # damp .05, mse and GAR by default: measured against GPTQModel 7.7 in bench/quantizer_compare.py
-    # (docs/results.md); the mse range search costs quantization time, stated there
+    # damp .05, mse, GAR and GPTAQ (alpha 1) by default: measured against GPTQModel 7.7 in
+    # bench/quantizer_compare.py over three calibration seeds (docs/results.md, with their cost in time)
     damp_percent: float = field(default=0.05, metadata={
         "help": "Hessian dampening as a fraction of its mean diagonal; raised automatically if Cholesky fails",
         "aliases": ("damp",)})
     mse: bool = field(default=True, metadata={
         "help": "search clipped ranges that minimise the weight error (--no-mse: the plain min/max range)"})
+    mse_select: bool = field(default=False, metadata={
+        "help": "with --mse: quantize each linear with and without the range search and keep the one with the "
+                "lower calibration output error ||X (W - Q)||^2 (a second GPTQ pass per linear)"})
+    gptaq: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0,
+        "help": "asymmetric calibration (GPTAQ) strength alpha in [0, 1]: each linear's target is the fp "
+                "model's output on fp inputs (1, the default) instead of its own fp weights on the quantized "
+                "model's inputs (0: plain GPTQ); costs an fp copy of one block and of the block inputs"})
     act_group_aware: bool = field(default=True, metadata={
         "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
                 "their largest Hessian diagonal, g_idx kept trivial so every loader reads it "
@@ -85,12 +92,13 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
         d = asdict(self)
-        d.pop("mse")
-        d.pop("act_group_aware")  # how the codes were found, not how to read them: meta, as GPTQModel does
+        for k in ("mse", "mse_select", "gptaq", "act_group_aware"):
+            d.pop(k)  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
         # GAR applies only without act-order (and GPTQModel refuses a config that says both)
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
-                     "act_group_aware": self.act_group_aware and not self.desc_act, **self.meta}
+                     "act_group_aware": self.act_group_aware and not self.desc_act,
+                     "mse_select": self.mse_select, "gptaq": self.gptaq, **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
         if self.method != "spqr":  # second-level statistics exist in SpQR layers only

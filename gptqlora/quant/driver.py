@@ -8,6 +8,7 @@ are written out before the next block is read.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -111,13 +112,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
         writer = ShardedWriter(tmp, max_shard_size)
         _load_outside_blocks(model, src, layers_name, device, work_dtype, writer, dtype)
         inputs = _capture_block_inputs(model, layers, samples)
+        # asymmetric calibration (GPTAQ) also follows the fp model: its block inputs, and an fp copy of each block
+        asym = method == "gptq" and qcfg.gptaq > 0
+        fp_inputs = [h for h, _ in inputs] if asym else None
         bar = tqdm(range(len(layers)), desc="quantizing blocks", unit="block", disable=not progress)
         for i in bar:
             prefix = f"{layers_name}.{i}"
             block = _load_block(layers[i], src, prefix, device, work_dtype)
+            fp_block = copy.deepcopy(block) if asym else None
             fp_out, packed = _quantize_block(block, prefix, inputs, qcfg, entry, method, report,
-                                             solver_options or {})
+                                             solver_options or {}, fp_block, fp_inputs)
             with torch.no_grad():
+                if asym:
+                    fp_inputs = [_first(fp_block(h, **kw)) for h, (_, kw) in zip(fp_inputs, inputs)]
                 inputs = [(_first(block(h, **kw)), kw) for h, kw in inputs]  # quantized outputs feed block i+1
             err = _relative_error([h for h, _ in inputs], fp_out)
             report.blocks.append({"index": i, "rel_output_error": err})
@@ -131,7 +138,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
                 for k, v in layer_tensors(name, layer, entry.format).items():
                     writer.add(k, v)
             layers[i].to("meta")  # free the block before reading the next
-            del block, packed, fp_out
+            del block, packed, fp_out, fp_block
             release_freed_memory()
         writer.close()
         report.summary = summarize(report)
@@ -190,9 +197,13 @@ def _module_cfg(qcfg: QuantConfig, entry: Entry, name: str, linear: nn.Linear) -
 
 def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tensor, dict]], qcfg: QuantConfig,
                     entry: Entry, method: str, report: QuantizeReport,
-                    solver_options: dict) -> tuple[list[torch.Tensor], dict]:
+                    solver_options: dict, fp_block: nn.Module | None = None,
+                    fp_inputs: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict]:
     """Quantize the block's linears group by group; their weights are replaced by the dequantized ones so
-    later groups see quantized outputs. Returns (the block's full-precision outputs, packed layers)."""
+    later groups see quantized outputs. Returns (the block's full-precision outputs, packed layers).
+
+    With `fp_block` (an unquantized copy) and `fp_inputs` (the fp model's inputs of this block), each
+    linear's solver also gets what it sees in the fp model on the same tokens (asymmetric calibration)."""
     fp_out: list[torch.Tensor] = []
     packed: dict[str, nn.Module] = {}
     # asymmetric zeros stay off values the format cannot store (v1 cannot store a zero of 0)
@@ -208,22 +219,30 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
                 report.kept.append(f"{prefix}.{n}")
                 report.modules[f"{prefix}.{n}"] = {"bits": 16, "params": lin.weight.numel()}
         solvers = {n: SOLVERS[method](lin.weight) for n, (lin, _) in todo.items()}
-        hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n]: g.add_batch(inp[0]))
+        seen: dict[str, torch.Tensor] = {}  # this sample's inputs of the linears in the fp block
+        hooks = [lin.register_forward_hook(lambda m, inp, out, g=solvers[n], n=n: g.add_batch(inp[0], seen.get(n)))
                  for n, (lin, _) in todo.items() if solvers[n].needs_inputs]
+        if fp_block is not None and hooks:
+            hooks += [fp_block.get_submodule(n).register_forward_hook(
+                lambda m, inp, out, n=n: seen.__setitem__(n, inp[0])) for n in todo]
         if hooks or gi == 0:  # RTN needs no inputs, only the block's fp outputs for the report
             with torch.no_grad():
-                for h, kw in inputs:
+                for j, (h, kw) in enumerate(inputs):
+                    if fp_block is not None and hooks:
+                        fp_block(fp_inputs[j], **kw)
                     out = _first(block(h, **kw))
+                    seen.clear()
                     if gi == 0:
                         fp_out.append(out)
         for hk in hooks:
             hk.remove()
+        extra = {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq} if method == "gptq" else {}
         for n, (lin, cfg) in todo.items():
             t = time.time()
             res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                                       desc_act=cfg["desc_act"], static_groups=qcfg.static_groups,
                                       damp=qcfg.damp_percent, mse=qcfg.mse, min_zero=min_zero,
-                                      group_aware=qcfg.act_group_aware, **solver_options)
+                                      group_aware=qcfg.act_group_aware, **extra, **solver_options)
             solvers[n] = None  # free the Hessian
             lin.weight.data = res.dequantize().to(lin.weight.dtype)
             layer = entry.layer.from_codes(**res.layer_kwargs(), group_size=cfg["group_size"], bits=cfg["bits"],

@@ -26,15 +26,28 @@ class GPTQ:
         self.columns = weight.shape[1]
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=weight.device)
         self.nsamples = 0  # rows (tokens) seen
+        self.D: torch.Tensor | None = None  # (K, K): (2/n) sum (x_fp - x) x^T, asymmetric calibration only
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """Accumulate H = (2/n) * sum over tokens of x x^T, in fp32, as a running mean."""
+    def add_batch(self, inp: torch.Tensor, fp_inp: torch.Tensor | None = None) -> None:
+        """Accumulate H = (2/n) * sum over tokens of x x^T, in fp32, as a running mean.
+
+        `fp_inp`: what the layer sees in the full-precision model on the same tokens (asymmetric
+        calibration, GPTAQ): then also D = (2/n) sum (x_fp - x) x^T, so that `quantize(gptaq=1)` targets
+        the fp layer's output W x_fp instead of W x."""
         x = inp.detach().reshape(-1, self.columns).to(self.H.device, torch.float32)  # (T, K)
         t = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + t)
+        scale = self.nsamples / (self.nsamples + t)
+        self.H *= scale
         self.nsamples += t
         x = math.sqrt(2 / self.nsamples) * x
         self.H += x.t() @ x
+        if fp_inp is not None:
+            xf = fp_inp.detach().reshape(-1, self.columns).to(self.H.device, torch.float32)
+            xf = math.sqrt(2 / self.nsamples) * xf
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            self.D *= scale
+            self.D += (xf - x).t() @ x
 
     def _inverse_cholesky(self, H: torch.Tensor, damp: float) -> torch.Tensor:
         """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp until it exists."""
@@ -56,21 +69,50 @@ class GPTQ:
     @torch.no_grad()
     def quantize(self, bits: int, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                  static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
-                 mse: bool = False, min_zero: int = 0, group_aware: bool = False) -> QuantResult:
+                 mse: bool = False, min_zero: int = 0, group_aware: bool = False,
+                 mse_select: bool = False, gptaq: float = 0.0) -> QuantResult:
         """`group_aware` (without desc_act, with groups): group-aware reordering (GAR, Gafni et al. 2025),
         groups in decreasing order of their largest Hessian diagonal, columns in each group by decreasing
-        diagonal; groups stay contiguous, so g_idx stays trivial and every loader reads the result."""
+        diagonal; groups stay contiguous, so g_idx stays trivial and every loader reads the result.
+
+        `mse_select` (with `mse`): solve twice, with and without the MSE range search, and keep the result
+        with the lower calibration output error (`output_error`); costs a second GPTQ pass.
+
+        `gptaq` (alpha, needs `add_batch(x, fp_inp=...)`): asymmetric calibration (GPTAQ, Li et al. 2025):
+        the target is alpha * W x_fp + (1 - alpha) * W x. Solved exactly by first moving W to the
+        least-squares target W' = W (I + alpha D H^-1) (damped H), then running GPTQ on W' with H."""
         if self.nsamples == 0:
             raise RuntimeError("GPTQ.quantize() called before any add_batch()")
-        maxq = 2**bits - 1
-        W = self.weight.to(self.H.device, torch.float32).clone()  # (N, K)
-        n, k = W.shape
-        gs = k if group_size == -1 else group_size
         H, self.H = self.H, None  # free as we go
-
+        D, self.D = self.D, None
+        W = self.weight.to(H.device, torch.float32).clone()  # (N, K)
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
+        if gptaq and D is not None:
+            eye = torch.eye(H.shape[0], device=H.device)
+            Hd = H + damp * torch.mean(torch.diag(H)) * eye
+            W = W + gptaq * torch.linalg.solve(Hd, (W @ D).t()).t()  # W + alpha W D Hd^-1 (Hd symmetric)
+            W[:, dead] = 0
+        kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
+                  damp=damp, block_size=block_size, min_zero=min_zero, group_aware=group_aware)
+        if not (mse and mse_select):
+            return self._solve(W, H, mse=mse, **kw)
+        best = None
+        for m in (True, False):
+            res = self._solve(W.clone(), H.clone(), mse=m, **kw)
+            res.output_error = output_error(W, res.dequantize(), H)
+            if best is None or res.output_error < best.output_error:
+                best = res
+        return best
+
+    def _solve(self, W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool,
+               static_groups: bool, damp: float, block_size: int, mse: bool, min_zero: int,
+               group_aware: bool) -> QuantResult:
+        """One GPTQ pass over W [N, K] with Hessian H (both consumed)."""
+        maxq = 2**bits - 1
+        n, k = W.shape
+        gs = k if group_size == -1 else group_size
 
         static = None
         if static_groups and group_size != -1:  # parameters from the original (unupdated) weights
@@ -140,3 +182,10 @@ class GPTQ:
             g_idx=g_idx.to(torch.int32),
             error=float(losses.sum()),
         )
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """The calibration output error of Q against W [N, K]: tr((W - Q) H (W - Q)^T), H = (2/n) X X^T, i.e.
+    twice the mean over tokens of ||(W - Q) x||^2."""
+    E = W - Q
+    return float(((E @ H) * E).sum())

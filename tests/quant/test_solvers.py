@@ -110,3 +110,35 @@ def test_group_aware_order_is_ignored_with_desc_act_and_per_channel(layer_and_in
     for kw in ({"desc_act": True, "group_size": 32}, {"group_size": -1}):
         a, b = gptq(w, x, 3, **kw), gptq(w, x, 3, group_aware=True, **kw)
         assert torch.equal(a.codes, b.codes) and torch.equal(a.g_idx, b.g_idx)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_mse_select_keeps_the_lower_output_error(layer_and_inputs, bits):
+    w, x = layer_and_inputs
+    errs = [output_error(w, x, gptq(w, x, bits, group_size=64, desc_act=True, mse=m)) for m in (True, False)]
+    assert errs[0] != errs[1]  # the two candidates differ, so the choice is real
+    chosen = output_error(w, x, gptq(w, x, bits, group_size=64, desc_act=True, mse=True, mse_select=True))
+    assert chosen == pytest.approx(min(errs), rel=1e-5)
+
+
+def asym_gptq(w, x, x_fp, alpha, **kw):
+    g = GPTQ(w)
+    for a, b in zip(x.split(256), x_fp.split(256)):
+        g.add_batch(a, b)
+    return g.quantize(2, group_size=64, gptaq=alpha, **kw)
+
+
+def test_gptaq_targets_the_fp_output(layer_and_inputs):
+    """The quantized layer sees perturbed inputs x (an earlier layer's quantization error); asymmetric
+    calibration makes Q x closer to the fp layer's W x_fp, and with x == x_fp it is plain GPTQ."""
+    w, x_fp = layer_and_inputs
+    gen = torch.Generator().manual_seed(0)
+    x = x_fp + 0.3 * x_fp.std() * torch.randn(x_fp.shape, generator=gen) @ torch.randn(256, 256, generator=gen) / 16
+
+    def fp_error(res):
+        return float((x_fp @ w.t() - x @ res.dequantize().t()).pow(2).mean())
+
+    plain, asym = fp_error(asym_gptq(w, x, x_fp, 0.0)), fp_error(asym_gptq(w, x, x_fp, 1.0))
+    assert asym < 0.9 * plain
+    same = asym_gptq(w, x_fp, x_fp, 1.0)
+    assert torch.equal(same.codes, gptq(w, x_fp, 2, group_size=64).codes)
