@@ -234,9 +234,9 @@ class Bench:
             self._teacher = AutoModelForCausalLM.from_pretrained(self.spec.model_dir, dtype=torch.float32).eval()
         return self._teacher
 
-    def train(self, pm, teacher=True) -> dict:
+    def train(self, pm, teacher=True, lr: float | None = None) -> dict:
         t = time.time()
-        r = train_lora(pm, self.examples, self.args.batch, self.args.lr, self.pad, self.args.warmup,
+        r = train_lora(pm, self.examples, self.args.batch, lr or self.args.lr, self.pad, self.args.warmup,
                        self.teacher() if teacher else None)
         n = min(10, len(r["losses"]))
         return {"last_loss": sum(r["losses"][-n:]) / n, "last_loss_untrained": sum(r["untrained"][-n:]) / n,
@@ -261,7 +261,7 @@ class Bench:
     def fp_lora(self) -> tuple[dict, Path]:
         """LoRA (zero init) trained on the fp model with the same budget: its scores (the continued-training
         reference) and the merged fp16 model (what "LoRA in fp16, then GPTQ" quantizes). Always with the
-        cross-entropy: distilling the fp model into itself is a no-op (its gradient is zero)."""
+        cross-entropy (distilling the fp model into itself is a no-op: its gradient is zero), at --ref-lr."""
         from gptqlora.adapters import get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -270,7 +270,7 @@ class Bench:
             m = AutoModelForCausalLM.from_pretrained(self.spec.model_dir, dtype=torch.float32)
             pm = get_peft_model(m, self.lora_config("default"))
             start = self.spec.score(pm)["nll"]
-            trained = self.train(pm, teacher=False)
+            trained = self.train(pm, teacher=False, lr=self.args.ref_lr)
             lora_bits = 16 * sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
             res = {**self.measure(pm, extra_bits=lora_bits, weight_bytes=2 * self.n_params), "nll_at_init": start,
                    **trained, "init_seconds": 0.0}
@@ -362,8 +362,9 @@ def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
                  f"{args.batch} examples, lr {args.lr} (warm-up {args.warmup}, cosine), no dropout, loss "
                  f"{'KL to the fp16 model (distillation)' if args.loss == 'kd' else 'cross-entropy'}; 'gap closed' "
                  f"is against the same-bit GPTQ row, 'net of fp16 LoRA' discounts what the same LoRA does to the "
-                 f"fp16 model (LoRA on fp16 and 'LoRA in fp16, then GPTQ' always train with the cross-entropy: "
-                 f"distilling fp16 into itself is a no-op; so under kd the column is left empty). bits/param counts every stored tensor (codes, scales, zeros, g_idx, outliers, fp16 "
+                 f"fp16 model (LoRA on fp16 and 'LoRA in fp16, then GPTQ' always train with the cross-entropy, at lr "
+                 f"{args.ref_lr or args.lr}: distilling fp16 into itself is a no-op; so under kd the column is left "
+                 f"empty). bits/param counts every stored tensor (codes, scales, zeros, g_idx, outliers, fp16 "
                  f"embeddings and norms; LoRA weights at 16 bit).")
     return "\n".join(lines) + "\n"
 
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=0, help="LoRA alpha (0: 2 x rank)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps before the cosine decay")
+    p.add_argument("--ref-lr", type=float, default=None,
+                   help="lr of the LoRA trained on fp16 (the reference row, and LoRA in fp16 then GPTQ), always "
+                        "with the cross-entropy (default: --lr)")
     p.add_argument("--loss", default="ce", choices=("ce", "kd"),
                    help="ce: next-token cross-entropy on the training text; kd: KL to the fp model's "
                         "next-token distribution on it (distillation)")

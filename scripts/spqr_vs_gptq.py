@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--gptq-group", type=int, default=128)
     p.add_argument("--spqr-bits", type=int, default=3)
     p.add_argument("--outlier-fraction", type=float, default=0.01, help="SpQR: 0.01 -> 3.945 bits per weight")
-    p.add_argument("--train-data", help="also train GPTQ-LoRA on the SpQR base on this file and merge it")
+    p.add_argument("--train-data", help="also train GPTQ-LoRA on the SpQR base on this file and merge it: "
+                                        "Alpaca/CoT/chat JSON(L), or a .txt file (cut into --text-chars "
+                                        "chunks, each an Alpaca record 'Continue the text.' -> chunk)")
+    p.add_argument("--text-chars", type=int, default=800, help="chunk size of a .txt --train-data")
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -96,7 +99,14 @@ def main(argv=None) -> int:
         del model
     if args.train_data:
         run_dir, merged = out / "lora-on-spqr", out / "lora-on-spqr-merged"
-        rc = cli(["finetune", "--quant_checkpoint", str(out / "spqr"), "--data", args.train_data, "--output_dir",
+        data = args.train_data
+        if data.endswith(".txt"):
+            text = Path(data).read_text()
+            data = str(out / "train-records.jsonl")
+            n = args.text_chars
+            Path(data).write_text("".join(json.dumps({"instruction": "Continue the text.", "output": text[i:i + n]})
+                                          + "\n" for i in range(0, len(text), n)))
+        rc = cli(["finetune", "--quant_checkpoint", str(out / "spqr"), "--data", data, "--output_dir",
                   str(run_dir), "--max_steps", str(args.max_steps), "--overwrite", *dev])
         if rc:
             return rc

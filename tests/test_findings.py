@@ -48,7 +48,7 @@ def test_gap_closed_and_net_of_the_fp16_lora_reference():
 
     results = {"m": [row("fp16", 1.0), row("GPTQ 2 bit g64", 1.2), row("LoRA on fp16, same budget", 0.95),
                      row("GPTQ-LoRA 2 bit, zero init", 1.05)]}
-    args = argparse.Namespace(rank=16, alpha=0, steps=120, batch=8, lr=1e-3, warmup=10, loss="ce")
+    args = argparse.Namespace(rank=16, alpha=0, steps=120, batch=8, lr=1e-3, ref_lr=None, warmup=10, loss="ce")
     line = next(ln for ln in findings.markdown(results, args).splitlines() if "zero init" in ln)
     cells = [c.strip() for c in line.split("|")]
     assert cells[4] == "75%"  # 1 - 0.05 / 0.2
