@@ -110,9 +110,30 @@ def build(base: str, spec, args, init: str):
     return get_peft_model(m, cfg, calibration=spec.calibration)
 
 
+def table(path: str) -> str:
+    """Markdown of a sweep's JSON lines: gap closed on validation and test against the untrained 2-bit
+    row (rank 0) and the untrained fp row of the same file."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    fp = next(r for r in rows if r["base"] == "fp" and r["rank"] == 0)
+    out = ["| base | loss | init | lr | val NLL | val gap closed | test NLL | test gap closed | train loss, last 10 "
+           "batches (untrained) |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("windows_from", "train") != "train":
+            continue
+        q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0), None)
+        closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.0%}" if r["base"] != "fp" and q and r["rank"] else "")
+                  for k in ("val_nll", "test_nll")}
+        out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | "
+                   f"{'kd' if r['distill'] else 'ce'} | {r['init'] if r['rank'] else 'untrained'} | "
+                   f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {r['test_nll']:.4f} | "
+                   f"{closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="fp, or a quantized checkpoint folder")
+    p.add_argument("--base", help="fp, or a quantized checkpoint folder")
+    p.add_argument("--table", help="print the markdown table of this JSON-lines file and exit")
     p.add_argument("--init", default="default", help="comma list: default, svd, aware")
     p.add_argument("--lr", default="1e-3", help="comma list")
     p.add_argument("--rank", type=int, default=16)
@@ -126,20 +147,29 @@ def main(argv=None) -> int:
     p.add_argument("--clip", type=float, default=None, help="gradient-norm clipping")
     p.add_argument("--distill", action="store_true", help="loss: KL to the fp model's next-token distribution")
     p.add_argument("--val-frac", type=float, default=VAL_FRAC)
+    p.add_argument("--windows-from", default="train", choices=("train", "all"),
+                   help="draw the fine-tuning windows from the training part (default) or from all of train.txt, "
+                        "validation tail included (what bench/findings.py did before the split)")
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--no-test", action="store_true", help="skip the test.txt score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="")
-    p.add_argument("--out", required=True, help="JSON lines, appended")
+    p.add_argument("--out", help="JSON lines, appended (required unless --table)")
     args = p.parse_args(argv)
+    if args.table:
+        sys.stdout.write(table(args.table))
+        return 0
+    if not args.base or not args.out:
+        p.error("--base and --out are required (or --table)")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = manpage_spec(64)
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
     train_ids, val_ids = train_text_split(spec, tok, args.val_frac)
-    x = windows(train_ids, args.steps * args.batch, spec.seqlen, args.seed)
+    x = windows(train_ids if args.windows_from == "train" else torch.cat([train_ids, val_ids]),
+                args.steps * args.batch, spec.seqlen, args.seed)
     teacher = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval() if args.distill \
         else None
     for init in args.init.split(","):
@@ -155,10 +185,11 @@ def main(argv=None) -> int:
             row = {"tag": args.tag, "base": args.base, "init": init, "lr": lr, "rank": args.rank,
                    "alpha": args.alpha or 2 * args.rank, "qalora": args.qalora, "steps": args.steps,
                    "batch": args.batch, "warmup": args.warmup, "schedule": args.schedule, "clip": args.clip,
-                   "distill": args.distill, "val_tokens": int(val_ids.numel()),
+                   "distill": args.distill, "windows_from": args.windows_from, "val_tokens": int(val_ids.numel()),
                    "train_tokens": int(train_ids.numel()), "val_nll_init": val0, "val_curve": r["val_curve"],
                    "val_nll": nll(model, val_ids, spec.seqlen),
                    "test_nll": None if args.no_test else spec.score(model)["nll"],
+                   "loss_first": r["losses"][0], "untrained_first": ref[0],
                    "loss_first10": sum(r["losses"][:10]) / 10, "loss_last10": sum(r["losses"][-10:]) / 10,
                    "untrained_first10": sum(ref[:10]) / 10, "untrained_last10": sum(ref[-10:]) / 10,
                    "losses": [round(v, 4) for v in r["losses"]], "seconds": round(time.time() - t0, 1)}
