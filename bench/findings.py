@@ -2,14 +2,17 @@
 """The research findings in miniature: quantization and GPTQ-LoRA recovery on two small models, one table.
 
     PYTHONPATH=$PWD python bench/findings.py --out findings.json --markdown findings.md   # CPU: ~1 h
+    PYTHONPATH=$PWD python bench/findings.py --models manpage --loss kd --lr 3e-3 --ref-lr 3e-4   # docs/results.md
 
 Models (bench/quality_models.py): the bundled tiny LLaMA (synthetic tasks: held-out response perplexity and
 task accuracy) and the man-page LLaMA (held-out text perplexity). Every row is quantized by the same
 `gptqlora.quantize` path with the defaults of the day unless the row says otherwise, and every LoRA row gets
-the same budget (--steps optimizer steps, same data order, same learning rate).
+the same budget (--steps optimizer steps, same data order, same learning rate). The man-page LoRA rows train
+on the first 90% of train.txt; its last 10% is the validation split the protocol (--loss kd, --lr 3e-3) was
+chosen on by bench/recovery_sweep.py. "LoRA on fp16, same budget" is the continued-training reference.
 
-ROWS is the row list: a row is a name and a dict (kind + settings); add one there. Rows whose kind is
-"pending" print as pending (their feature lands elsewhere).
+ROWS is the row list: a row is a name and a dict (kind + settings); add one there. Quantization rows take
+the settings of `gptqlora quantize` (`keep` as --keep, `method` spqr with `outlier_fraction`).
 """
 
 from __future__ import annotations

@@ -106,17 +106,23 @@ def build(base: str, spec, args, init: str):
         return m
     cfg = GPTQLoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha else 2 * args.rank, lora_dropout=0.0,
                          init_method=init, svd_source=str(spec.model_dir) if init in ("svd", "aware") else None,
-                         use_qalora=args.qalora, qalora_group_size=args.qalora_group)
+                         use_qalora=args.qalora, qalora_group_size=args.qalora_group, svd_iters=args.svd_iters)
     return get_peft_model(m, cfg, calibration=spec.calibration)
+
+
+def _init(r: dict) -> str:
+    if not r["rank"]:
+        return "untrained"
+    return r["init"] + (f" x{r['svd_iters']}" if r.get("svd_iters", 1) > 1 else "")
 
 
 def table(path: str) -> str:
     """Markdown of a sweep's JSON lines: gap closed on validation and test against the untrained 2-bit
     row (rank 0) and the untrained fp row of the same file."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for p in path.split(",") for line in Path(p).read_text().splitlines() if line.strip()]
     fp = next(r for r in rows if r["base"] == "fp" and r["rank"] == 0)
-    out = ["| base | loss | init | lr | val NLL | val gap closed | test NLL | test gap closed | train loss, last 10 "
-           "batches (untrained) |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| base | loss | init | rank | lr | val NLL | val gap closed | test NLL | test gap closed | train loss, last 10 "
+           "batches (untrained) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("windows_from", "train") != "train":
             continue
@@ -124,7 +130,7 @@ def table(path: str) -> str:
         closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.0%}" if r["base"] != "fp" and q and r["rank"] else "")
                   for k in ("val_nll", "test_nll")}
         out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | "
-                   f"{'kd' if r['distill'] else 'ce'} | {r['init'] if r['rank'] else 'untrained'} | "
+                   f"{'kd' if r['distill'] else 'ce'} | {_init(r)} | {r['rank'] or ''} | "
                    f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {r['test_nll']:.4f} | "
                    f"{closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
     return "\n".join(out) + "\n"
@@ -133,12 +139,13 @@ def table(path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="fp, or a quantized checkpoint folder")
-    p.add_argument("--table", help="print the markdown table of this JSON-lines file and exit")
+    p.add_argument("--table", help="print the markdown table of these JSON-lines files (comma-separated) and exit")
     p.add_argument("--init", default="default", help="comma list: default, svd, aware")
     p.add_argument("--lr", default="1e-3", help="comma list")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=0, help="LoRA alpha (0: 2 x rank)")
     p.add_argument("--qalora", action="store_true")
+    p.add_argument("--svd-iters", type=int, default=1, help="--init svd: alternations (>1 re-rounds the base codes)")
     p.add_argument("--qalora-group", type=int, default=64)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=8)
@@ -182,7 +189,7 @@ def main(argv=None) -> int:
             r = train(model, x, args.steps, args.batch, lr, args.schedule, args.warmup, teacher,
                       lambda m: nll(m, val_ids, spec.seqlen), args.eval_every, args.clip) if args.rank else \
                 {"losses": ref, "val_curve": []}
-            row = {"tag": args.tag, "base": args.base, "init": init, "lr": lr, "rank": args.rank,
+            row = {"tag": args.tag, "base": args.base, "init": init, "lr": lr, "rank": args.rank, "svd_iters": args.svd_iters,
                    "alpha": args.alpha or 2 * args.rank, "qalora": args.qalora, "steps": args.steps,
                    "batch": args.batch, "warmup": args.warmup, "schedule": args.schedule, "clip": args.clip,
                    "distill": args.distill, "windows_from": args.windows_from, "val_tokens": int(val_ids.numel()),
