@@ -62,6 +62,7 @@ ROWS: list[tuple[str, dict]] = [
     ("GPTQ-LoRA 4 bit, QA-LoRA", {"kind": "lora", **Q4, "init": "default", "qalora": True}),
     ("GPTQ-LoRA 2 bit, zero init", {"kind": "lora", **Q2, "init": "default"}),
     ("GPTQ-LoRA 2 bit, SVD init", {"kind": "lora", **Q2, "init": "svd"}),
+    ("GPTQ-LoRA 2 bit, SVD init x4 (re-rounds the codes)", {"kind": "lora", **Q2, "init": "svd", "svd_iters": 4}),
     ("GPTQ-LoRA 2 bit, aware init", {"kind": "lora", **Q2, "init": "aware"}),
     ("GPTQ-LoRA 2 bit, QA-LoRA", {"kind": "lora", **Q2, "init": "default", "qalora": True}),
     ("LoRA in fp16, then GPTQ 4 bit", {"kind": "lora_then_quant", **Q4}),
@@ -219,13 +220,13 @@ class Bench:
             return dict(self.fp_lora()[0])
         raise ValueError(f"unknown row kind {kind!r}")
 
-    def lora_config(self, init: str, qalora: bool = False, group_size: int = 64):
+    def lora_config(self, init: str, qalora: bool = False, group_size: int = 64, svd_iters: int = 1):
         from gptqlora.adapters import GPTQLoraConfig
 
         a = self.args
         return GPTQLoraConfig(r=a.rank, lora_alpha=a.alpha or 2 * a.rank, lora_dropout=0.0, init_method=init,
                               svd_source=str(self.spec.model_dir) if init in ("svd", "aware") else None,
-                              use_qalora=qalora, qalora_group_size=group_size)
+                              use_qalora=qalora, qalora_group_size=group_size, svd_iters=svd_iters)
 
     def teacher(self):
         """The fp model, for --loss kd (LoRA distilled from it); None with the cross-entropy."""
@@ -252,7 +253,8 @@ class Bench:
         q, _ = self.quantize(row)
         t = time.time()
         pm = get_peft_model(load_quantized(q, device="cpu", dtype=torch.float32),
-                            self.lora_config(row["init"], row.get("qalora", False), row["group_size"]),
+                            self.lora_config(row["init"], row.get("qalora", False), row["group_size"],
+                                             row.get("svd_iters", 1)),
                             calibration=self.spec.calibration)
         init_secs = time.time() - t
         start = self.spec.score(pm)["nll"]
@@ -342,8 +344,8 @@ def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             base = q2 if " 2 bit" in r["row"] and "LoRA" in r["row"] else q4 if " 4 bit" in r["row"] and \
                 "LoRA" in r["row"] else None
             ok = base and fp and base["nll"] > fp["nll"]
-            closed = f"{1 - gap / (base['nll'] - fp['nll']):.0%}" if ok else ""
-            net = f"{1 - (r['nll'] - ref['nll']) / (base['nll'] - fp['nll']):.0%}" if ok and ref and \
+            closed = f"{1 - gap / (base['nll'] - fp['nll']):.1%}" if ok else ""
+            net = f"{1 - (r['nll'] - ref['nll']) / (base['nll'] - fp['nll']):.1%}" if ok and ref and \
                 (args.loss == "ce" or "GPTQ-LoRA" not in r["row"]) else ""
             notes = []
             if "report_avg_bits" in r:
@@ -395,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--markdown", default=None, help="markdown table")
+    p.add_argument("--render", default=None, help="print the markdown table of a saved --out JSON and exit")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        sys.stdout.write(markdown(saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -127,7 +127,7 @@ def table(path: str) -> str:
         if r.get("windows_from", "train") != "train":
             continue
         q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0), None)
-        closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.0%}" if r["base"] != "fp" and q and r["rank"] else "")
+        closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}" if r["base"] != "fp" and q and r["rank"] else "")
                   for k in ("val_nll", "test_nll")}
         out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | "
                    f"{'kd' if r['distill'] else 'ce'} | {_init(r)} | {r['rank'] or ''} | "

@@ -51,8 +51,8 @@ def test_gap_closed_and_net_of_the_fp16_lora_reference():
     args = argparse.Namespace(rank=16, alpha=0, steps=120, batch=8, lr=1e-3, ref_lr=None, warmup=10, loss="ce")
     line = next(ln for ln in findings.markdown(results, args).splitlines() if "zero init" in ln)
     cells = [c.strip() for c in line.split("|")]
-    assert cells[4] == "75%"  # 1 - 0.05 / 0.2
-    assert cells[5] == "50%"  # 1 - (1.05 - 0.95) / 0.2
+    assert cells[4] == "75.0%"  # 1 - 0.05 / 0.2
+    assert cells[5] == "50.0%"  # 1 - (1.05 - 0.95) / 0.2
     args.loss = "kd"  # the reference trains with the cross-entropy: no net figure for distilled rows
     line = next(ln for ln in findings.markdown(results, args).splitlines() if "zero init" in ln)
     assert [c.strip() for c in line.split("|")][5] == ""
