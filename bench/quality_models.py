@@ -68,6 +68,17 @@ def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR, seed: int = 
 
 
 SPECS = {"tiny": tiny_spec, "manpage": manpage_spec}
+VAL_FRAC = 0.1  # the end of train.txt held out of fine-tuning: where the LoRA protocol was chosen
+
+
+def train_text_split(spec: ModelSpec, tokenizer, val_frac: float = VAL_FRAC) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fine-tuning ids, validation ids) of spec.train_text: validation is its last `val_frac` of tokens
+    (whole pages but the first, train.txt being shuffled pages), never trained on; test.txt stays the score."""
+    if spec.train_text is None:
+        raise ValueError(f"{spec.name}: no training text to split")
+    ids = tokenizer(spec.train_text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    cut = int(ids.numel() * (1 - val_frac))
+    return ids[:cut], ids[cut:]
 
 
 def fp_perplexity(spec: ModelSpec) -> dict:

@@ -5,8 +5,9 @@ SpQR base, trained and merged to fp16. The issue-17 acceptance on a real-text mo
         [--train-data alpaca.json --max-steps 50] [--device cuda]
 
 Writes OUT/gptq/ and OUT/spqr/ (the checkpoints), OUT/results.json and OUT/results.md, and prints the table:
-fp16, GPTQ (--gptq-bits, g --gptq-group, act-order) and SpQR (--spqr-bits, group 16, 3-bit statistics,
---outlier-fraction) perplexity on --eval (non-overlapping windows of --seqlen tokens, at most --windows),
+fp16, GPTQ (--gptq-bits, g --gptq-group, act-order) and SpQR (--spqr-bits, group --spqr-group, 3-bit
+statistics in groups of --stat-group, --outlier-fraction) perplexity on --eval (non-overlapping windows of
+--seqlen tokens, at most --windows),
 with each one's average bits per weight. `spqr_closer` is true when |ppl(SpQR) - ppl(fp16)| <=
 |ppl(GPTQ) - ppl(fp16)|. With --train-data, also trains a GPTQ-LoRA adapter on the SpQR base (`finetune
 --quant_checkpoint`), merges it (`merge --to fp16`) and reports the merged model's perplexity.
@@ -50,8 +51,13 @@ def main(argv=None) -> int:
     p.add_argument("--gptq-bits", type=int, default=4)
     p.add_argument("--gptq-group", type=int, default=128)
     p.add_argument("--spqr-bits", type=int, default=3)
+    p.add_argument("--spqr-group", type=int, default=16, help="SpQR first-level group size")
+    p.add_argument("--stat-group", type=int, default=16, help="SpQR second-level (statistics) group size")
     p.add_argument("--outlier-fraction", type=float, default=0.01, help="SpQR: 0.01 -> 3.945 bits per weight")
-    p.add_argument("--train-data", help="also train GPTQ-LoRA on the SpQR base on this file and merge it")
+    p.add_argument("--train-data", help="also train GPTQ-LoRA on the SpQR base on this file and merge it: "
+                                        "Alpaca/CoT/chat JSON(L), or a .txt file (cut into --text-chars "
+                                        "chunks, each an Alpaca record 'Continue the text.' -> chunk)")
+    p.add_argument("--text-chars", type=int, default=800, help="chunk size of a .txt --train-data")
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -70,8 +76,9 @@ def main(argv=None) -> int:
               "--overwrite", *dev]
     runs = {
         "gptq": ["--bits", str(args.gptq_bits), "--group-size", str(args.gptq_group), "--desc-act"],
-        "spqr": ["--method", "spqr", "--bits", str(args.spqr_bits), "--group-size", "16", "--stat-bits", "3",
-                 "--stat-group-size", "16", "--desc-act", "--outlier-fraction", str(args.outlier_fraction)],
+        "spqr": ["--method", "spqr", "--bits", str(args.spqr_bits), "--group-size", str(args.spqr_group),
+                 "--stat-bits", "3", "--stat-group-size", str(args.stat_group), "--desc-act", "--outlier-fraction",
+                 str(args.outlier_fraction)],
     }
     for name, flags in runs.items():
         rc = cli(["quantize", args.model_dir, str(out / name), *flags, *common])
@@ -96,7 +103,14 @@ def main(argv=None) -> int:
         del model
     if args.train_data:
         run_dir, merged = out / "lora-on-spqr", out / "lora-on-spqr-merged"
-        rc = cli(["finetune", "--quant_checkpoint", str(out / "spqr"), "--data", args.train_data, "--output_dir",
+        data = args.train_data
+        if data.endswith(".txt"):
+            text = Path(data).read_text()
+            data = str(out / "train-records.jsonl")
+            n = args.text_chars
+            Path(data).write_text("".join(json.dumps({"instruction": "Continue the text.", "output": text[i:i + n]})
+                                          + "\n" for i in range(0, len(text), n)))
+        rc = cli(["finetune", "--quant_checkpoint", str(out / "spqr"), "--data", data, "--output_dir",
                   str(run_dir), "--max_steps", str(args.max_steps), "--overwrite", *dev])
         if rc:
             return rc
