@@ -170,7 +170,8 @@ class Bench:
         out = self.work / f"q{len(self.quantized)}"
         src = model_dir or self.spec.model_dir
         qcfg = QuantConfig(**{k: row[k] for k in QUANT_KEYS if k in row},
-                           **({"format": "spqr"} if method == "spqr" else {}))
+                           **({"format": "spqr"} if method == "spqr" else {}),
+                           **({"gptaq": self.args.gptaq} if self.args.gptaq is not None else {}))
         t = time.time()
         if keep:  # what `gptqlora quantize --keep ...` does (gptqlora.quant.api.quantize), on our calibration
             errors = None
@@ -392,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ce: next-token cross-entropy on the training text; kd: KL to the fp model's "
                         "next-token distribution on it (distillation)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    p.add_argument("--gptaq", type=float, default=None,
+                   help="GPTAQ alpha for every quantized row (default: the quantizer's default, 1; 0 turns it off)")
     p.add_argument("--acc-limit", type=int, default=50, help="tiny model: eval records per task file (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -75,12 +75,13 @@ class LoraCast:
     """The cast LoRA weights of one fused call: a = [A_1; A_2; ...] (R, K), b_i (N_i, r_i), b_iᵀ, s_i * b_i,
     all in the compute dtype, and each layer's rank (its columns of xa)."""
 
-    __slots__ = ("src", "dtype", "scalings", "a", "b", "bt", "_bs", "rs", "dtypes")
+    __slots__ = ("src", "dtype", "scalings", "inference", "a", "b", "bt", "_bs", "rs", "dtypes")
 
     def __init__(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> None:
         ts = (*lora_a, *lora_b)
         self.src = tuple((t, t._version, t.data_ptr()) for t in ts)
         self.dtype, self.scalings = dtype, scalings
+        self.inference = torch.is_inference_mode_enabled()  # then the copies are inference tensors
         self.a = lora_a[0].to(dtype).contiguous() if len(lora_a) == 1 else torch.cat(lora_a).to(dtype)
         self.b = [t.to(dtype) for t in lora_b]  # (N_i, r_i)
         self.bt = [t.t() for t in self.b]  # (r_i, N_i) views, for the forward's addmm
@@ -96,6 +97,8 @@ class LoraCast:
         return self._bs
 
     def fresh(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> bool:
+        if self.inference and not torch.is_inference_mode_enabled():
+            return False  # inference tensors can't be saved for a backward
         if self.dtype != dtype or self.scalings != scalings or \
                 len(self.src) != len(lora_a) + len(lora_b):
             return False

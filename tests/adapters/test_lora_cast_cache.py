@@ -87,3 +87,14 @@ def test_cache_sees_in_place_edits_and_a_backward_drops_it(monkeypatch):
         after.logits.float().sum().backward()  # an optimizer step may follow: every copy is dropped
         pm(input_ids=ids)
     assert len(made) == 9
+
+
+def test_copies_made_in_inference_mode_are_not_reused_for_training(monkeypatch):
+    monkeypatch.setenv(quant_lora.CAST_CACHE_ENV, "1")
+    pm = get_peft_model(packed_tiny_llama(4, 32, seed=3, layers=1), GPTQLoraConfig(lora_dropout=0.0))
+    ids = torch.randint(4, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # as generate / chat run
+        pm(input_ids=ids)
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()  # would raise: inference tensors saved for backward
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad is not None
