@@ -98,7 +98,9 @@ class QuantConfig:
         # GAR applies only without act-order (and GPTQModel refuses a config that says both)
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
                      "act_group_aware": self.act_group_aware and not self.desc_act,
-                     "mse_select": self.mse_select, "gptaq": self.gptaq, **self.meta}
+                     "mse_select": self.mse_select,
+                     # GPTQModel reads meta's "gptaq" as its GPTAQConfig: a dict or None, not a number
+                     "gptaq": {"alpha": self.gptaq} if self.gptaq else None, **self.meta}
         if self.dynamic is None:
             d.pop("dynamic")
         if self.method != "spqr":  # second-level statistics exist in SpQR layers only

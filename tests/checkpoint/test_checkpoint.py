@@ -207,3 +207,10 @@ def test_calibration_errors(tmp_path):
     (tmp_path / "ids.jsonl").write_text('{"input_ids": [5, 6, 7]}\n{"text": "hello world, hello"}\n')
     s = load_calibration(tmp_path / "ids.jsonl", tok, nsamples=4, seqlen=8)
     assert s[0].tolist() == [[5, 6, 7]] and all(x.shape[1] <= 8 for x in s)
+
+
+def test_meta_records_gptaq_as_gptqmodel_reads_it():
+    """GPTQModel parses meta["gptaq"] as its GPTAQConfig (a dict or None) and refuses a bare number: every
+    checkpoint quantized with the default (alpha 1) failed to load there."""
+    assert QuantConfig(bits=4, group_size=32).to_dict()["meta"]["gptaq"] == {"alpha": 1.0}
+    assert QuantConfig(bits=4, group_size=32, gptaq=0.0).to_dict()["meta"]["gptaq"] is None
