@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).parent))  # after site-packages: bench/kernels.py must not shadow `kernels`
+sys.path.append(str(Path(__file__).parent))  # after site-packages: a bench script must not shadow a package
 
 import torch  # noqa: E402
 

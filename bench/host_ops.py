@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# the script's folder leaves sys.path: bench/kernels.py would shadow the `kernels` package transformers probes
+# the script's folder leaves sys.path: a bench script named like a package would shadow it
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton's path on CPU tensors
 os.environ.setdefault("GPTQLORA_KERNEL", "triton")

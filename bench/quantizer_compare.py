@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-sys.path.append(str(Path(__file__).parent))  # after site-packages: bench/kernels.py must not shadow `kernels`
+sys.path.append(str(Path(__file__).parent))  # after site-packages: a bench script must not shadow a package
 
 import torch  # noqa: E402
 

@@ -4,7 +4,7 @@ Why dequantize-then-cuBLAS rather than a matmul that dequantizes inside its load
 (thousands of tokens) the matmul is compute-bound and cuBLAS runs near the card's peak, while writing and
 re-reading a dense bf16 copy of one layer costs ~2 bytes per weight, i.e. tens of microseconds per layer.
 The dense W lives only for one matmul (the caching allocator reuses its block), so no model-sized copy and
-no fp32/int64 temporaries exist. bench/kernels.py measures the choice against a bf16 matmul.
+no fp32/int64 temporaries exist. bench/kernel_bench.py measures the choice against a bf16 matmul.
 
 Two kernels, both computing (q - z) * s in fp32 and rounding once, as the torch reference
 (`gptqlora.kernels.reference.dequantize`) does, so all three agree bit for bit:
@@ -148,7 +148,7 @@ def dequantize_triton(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.
 
     `zeros` is the packed int32 [G, N*b/32] of true zeros or float zeros [G, N]; `out` a preallocated
     [K, N] to write into; `plan` (from `plan_for`) selects the grouped kernel, without it the gather kernel
-    runs. Block sizes: measured on an H200 (bench/kernels.py), 16 x 256 with 4 warps was fastest.
+    runs. Block sizes: measured on an H200 (bench/kernel_bench.py), 16 x 256 with 4 warps was fastest.
     """
     k, n = g_idx.shape[0], scales.shape[1]
     if out is None:

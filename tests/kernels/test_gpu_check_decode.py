@@ -19,7 +19,7 @@ def check():
     try:
         spec.loader.exec_module(mod)
     finally:
-        sys.path[:] = path  # bench/ must not shadow packages (bench/kernels.py) for later tests
+        sys.path[:] = path  # bench/ must not shadow packages for later tests
     return mod
 
 
