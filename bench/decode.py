@@ -32,19 +32,26 @@ from pathlib import Path
 import torch
 
 # bench/ must not shadow packages (a bench script named like a package, e.g. `kernels`, would stand in for
-# the one transformers looks for): take train_step by its path and drop bench/ from the import path.
+# the one transformers looks for): take the bench modules by their paths and drop bench/ from the import path.
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-_spec = importlib.util.spec_from_file_location("train_step", _BENCH / "train_step.py")
-train_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_step)
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_step = _bench_module("train_step")
 SHAPES, TARGETS, build_dense, build_gptq = train_step.SHAPES, train_step.TARGETS, train_step.build_dense, \
     train_step.build_gptq
+gemv_sweep = _bench_module("gemv_sweep")  # its random packed layers and group sizes, not a copy of them
+GROUP, packed_layer = gemv_sweep.GROUP, gemv_sweep.packed_layer
 
-from gptqlora.formats.gptq import pack_cols, pack_rows  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
 
-GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
 
 
 class Timer:
@@ -79,16 +86,6 @@ def copy_gbps(device, timer: Timer, nbytes: int) -> float:
     b = torch.empty_like(a)
     t = timer.ms(lambda: b.copy_(a))
     return 2 * nbytes / t / 1e6
-
-
-def packed_layer(k, n, bits, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    gs = GROUP[bits]
-    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
-    zeros = torch.randint(0, 2**bits, (k // gs, n), device=device, dtype=torch.int32, generator=g)
-    scales = (torch.rand(k // gs, n, device=device, generator=g) * 0.01 + 1e-3).half()
-    g_idx = (torch.arange(k, device=device, dtype=torch.int32) // gs)[torch.randperm(k, device=device, generator=g)]
-    return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
 
 
 def layer_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list, l2_bytes: int) -> list[dict]:
