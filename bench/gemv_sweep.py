@@ -11,15 +11,16 @@ table's key is M = 1 or M = 2..16), act-order read through the repacked copy, wi
 decode path of a model with an adapter), bf16:
 
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
-2. tile scan at the best split's program count: BN {64, 128, 256} x num_warps {2, 4, 8} x BK {32, 64, 128}
-   at M = 1 (x PLACE on/off at 2/4/8 bit), BK {64, 128} at M = 8; num_stages 3;
+2. tile scan at the best split's program count: at M = 1 BN {128, 256, 512} x num_warps {2, 4, 8} x
+   BK {32, 64, 128} x the read path PLACE {3, 2, 1, 0} (2/4/8 bit; see `tile_grid`), at M = 8 BN {64, 128, 256}
+   x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
 Each candidate is checked against the heuristic's output first (a wrong config is never picked), then timed
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
 timed) are measured in the same run. The kernels of stage 2 are compiled first by parallel worker processes
-(`--jobs`; Triton's disk cache): 72 compilations per bit width.
+(`--jobs`; Triton's disk cache): 126 compilations per bit width.
 
 Prints a table (default vs best us, % of copy bandwidth, x bf16) and writes JSON: {"configs": {key: config},
 "rows": [...], ...}; the "configs" part is the table format of kernels/gemv.py (`tuned_key`).
@@ -45,10 +46,11 @@ from gptqlora.kernels import gemv as G
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 SMALL_SHAPES = ((256, 128), (256, 384), (384, 128))
 GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
-BN, WARPS = (64, 128, 256), (2, 4, 8)
+BN = {1: (128, 256, 512), 16: (64, 128, 256)}  # per M bucket
+WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
-SPLITS = (1, 2, 4, 8, 16, 32)
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
 R = 8
 
 
@@ -63,10 +65,13 @@ def packed_layer(k, n, bits, device, seed):
 
 
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
-    bns, bks, warps = SMALL_GRID if small else (BN, BK[1 if m == 1 else 16], WARPS)
-    places = (True, False) if m == 1 and 32 % bits == 0 else (m == 1 and 32 % bits == 0,)
+    """Stage 2's candidates. At M = 1 with whole-word codes the four read paths of kernels/gemv.py are all
+    tried (PLACE 3: gemv1.py's prefetching kernel, first so that a short budget still measures it; 2: in
+    place, summed after the loop; 1: in place, summed per tile; 0: per code)."""
+    bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
+    places = (3, 2, 1, 0) if m == 1 and 32 % bits == 0 else (0,)
     return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=p)
-            for bn, bk, w, p in itertools.product(bns, bks, warps, places)]
+            for p, bn, bk, w in itertools.product(places, bns, bks, warps)]
 
 
 class Timer:
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,8")
     ap.add_argument("--small", action="store_true", help="interpreter-sized shapes and grid (CPU smoke test)")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="compile workers (GPU)")
-    ap.add_argument("--budget-s", type=float, default=165, help="stop trying configs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=200, help="stop trying configs after this many seconds")
     ap.add_argument("--json", help="write the table and all rows here")
     ap.add_argument("--warm-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -13,6 +13,13 @@ import torch, triton, transformers, peft
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
       "transformers", transformers.__version__, "peft", peft.__version__)
 PY
+decode_check() {  # gpu_check_decode once per call; status 1 (and a line) if it failed
+  if [ ! -f /tmp/decode_check_rc ]; then
+    python3 bench/gpu_check_decode.py --budget-s "${DECODE_CHECK_BUDGET:-120}" > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"
+    echo $? > /tmp/decode_check_rc; tail -1 "$OUT/gpu_check_decode.json"
+  fi
+  [ "$(cat /tmp/decode_check_rc)" = 0 ] || { tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; return 1; }
+}
 for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
@@ -39,16 +46,16 @@ for l in open(sys.argv[1]):
                grep "^|" "$OUT/ablations.md" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
-    tune)      # decode check (~1 min), then the gemv config sweep (< 3 min): $OUT/gemv_sweep.json is the table
+    tune)      # decode check (~1 min), then the gemv config sweep (< 4 min): $OUT/gemv_sweep.json is the table
                # to commit as gptqlora/kernels/gemv_configs.json (or to pass as GPTQLORA_GEMV_CONFIGS)
-               python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
-               tail -1 "$OUT/gpu_check_decode.json"
-               if [ $rc = 0 ]; then python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
-                 || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
-    decode)    python3 bench/gpu_check_decode.py > "$OUT/gpu_check_decode.json" 2>> "$OUT/stderr.log"; rc=$?
-               tail -1 "$OUT/gpu_check_decode.json"
-               if [ $rc = 0 ]; then python3 bench/decode.py --json "$OUT/decode.json" > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
-                 || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt"; else tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; fi ;;
+               decode_check || continue
+               python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt" ;;
+    decode)    # the check once per call (skipped after `tune`); this call's sweep table if there is one
+               decode_check || continue
+               [ -f "$OUT/gemv_sweep.json" ] && export GPTQLORA_GEMV_CONFIGS="$OUT/gemv_sweep.json"
+               python3 bench/decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt" ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
     scale|scale-speed|scale-memory)  # 65B: one stage per device call (each ~6-8 min on an H200)
                set_name=${stage#scale-}; [ "$set_name" = scale ] && set_name=memory-target

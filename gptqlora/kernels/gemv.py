@@ -39,6 +39,7 @@ import triton.language as tl
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
+from gptqlora.kernels.gemv1 import _gemv1_kernel
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.reference import dequantize
 
@@ -110,6 +111,35 @@ def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: t
     return tl.sum(tl.sum(p, axis=1), axis=0)
 
 
+@triton.jit
+def _place_value_rows(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: tl.constexpr, BK: tl.constexpr,
+                      HAS_PERM: tl.constexpr):
+    """PLACE = 2: the place-value trick of `_place_value_dot` on 2-D tiles only. Each of a word's PER codes is
+    its own (BKW, BN) step in the words' own layout (no 3-D broadcast, no reshape), and nothing is summed
+    across threads here: returns p (BKW, BN) = Σ_j x[w*PER + j] q[w*PER + j, n] and xs (BKW,) = Σ_j x[..];
+    the caller accumulates s * (p - xs z) over tiles and sums over BKW once, after the K loop."""
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
+    BKW: tl.constexpr = BK // PER
+    mn = offs_n < N
+    w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
+    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
+    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
+    p = tl.zeros((BKW, offs_n.shape[0]), tl.float32)
+    xs = tl.zeros((BKW,), tl.float32)
+    for h in tl.static_range(2):
+        half = words >> 16 if h == 1 else words  # the code's bits stay below 16 after the mask below
+        for j in tl.static_range(HALF):
+            rows = k0 + tl.arange(0, BKW) * PER + h * HALF + j  # (BKW,)
+            src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
+            xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32)
+            xs += xv
+            # 2^23 + q * 2^(BITS*j), exact; x scaled by 2^-(BITS*j), exact
+            f = ((half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            p += (xv * (2.0 ** (-BITS * j)))[:, None] * f
+    return p, xs
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, R, GROUP, lora_scale, SPLIT, SG,
@@ -128,6 +158,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     offs_r = tl.arange(0, BR)
     mr = offs_r < R
     xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
+    acc2 = tl.zeros((BK // (32 // BITS) if PLACE == 2 else 1, BN), tl.float32)  # PLACE 2: per word row, summed last
+    xa2 = tl.zeros((BK if not DOT else 1, BR), tl.float32)  # M = 1: x_k A[:, k] per row k, summed last
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < k_end
@@ -141,13 +173,17 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
                 z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
-            if PLACE:  # M = 1, whole-word codes
+            if PLACE == 2:  # M = 1, whole-word codes, 2-D tiles, summed over K after the loop
+                p2, xs2 = _place_value_rows(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)
+                acc2 += s[None, :] * (p2 - xs2[:, None] * z[None, :])
+            elif PLACE == 1:  # M = 1, whole-word codes
                 p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
             else:
                 q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
                 p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
-            xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
-            acc += s[None, :] * (p - xs[:, None] * z[None, :])
+            if PLACE != 2:
+                xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
+                acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
             q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
             g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
@@ -166,7 +202,14 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 xl = xt
             at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=mk[:, None] & mr[None, :], other=0)
-            xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
+            if DOT:
+                xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
+            else:  # M = 1: no reduction across threads inside the loop
+                xa2 += tl.reshape(xl, (BK,)).to(tl.float32)[:, None] * at.to(xt.dtype).to(tl.float32)
+    if PLACE == 2:
+        acc += tl.sum(acc2, axis=0)[None, :]
+    if HAS_LORA and not DOT:
+        xa += tl.sum(xa2, axis=0)[None, :]
     if HAS_LORA:
         bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
         dt = x_ptr.dtype.element_ty
@@ -320,6 +363,7 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
 
 
 _launch = FastKernel(_gemv_kernel)
+_launch1 = FastKernel(_gemv1_kernel)
 
 
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -357,6 +401,14 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
+    in_place = m == 1 and sorted_rows and 32 % bits == 0  # codes read in place (PLACE 1-3)
+    if place == 3 and in_place and spqr_stats is None:  # gemv1.py: M = 1 with the next tile's loads in flight
+        _launch1[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, k, n, r, plan.group, float(scaling),
+                       split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), HAS_PERM=plan.perm is not None,
+                       HAS_LORA=has_lora, SPLIT_K=split > 1, BK=cfg["BK"], BN=cfg["BN"],
+                       BR=max(16, triton.next_power_of_2(r)), num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
+        return out
     if spqr_stats is not None:
         sbits, *stats = spqr_stats
         sg = n // stats[1].shape[-1]
@@ -367,7 +419,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
-                  PLACE=place and sorted_rows and m == 1 and 32 % bits == 0,
+                  PLACE=min(int(place), 2) if in_place else 0,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

@@ -102,14 +102,18 @@ def test_too_many_rows():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_place_value_path_and_per_code_path_agree(bits):
-    """M = 1 reads codes in place (no shift, no conversion per code); the per-code path computes the same."""
+@pytest.mark.parametrize("split", [1, 3])
+def test_place_value_paths_and_per_code_path_agree(bits, split):
+    """M = 1 reads codes in place (no shift, no conversion per code), summed per tile (PLACE 1) or once after
+    the K loop (PLACE 2; PLACE 3: gemv1.py's kernel, the next tile prefetched); the per-code path (PLACE 0)
+    computes the same, with and without split-K."""
     p, x, a, b, want = case(256, 64, bits, 64, True, False, 1, torch.float32, seed=bits)
     plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
     args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
-    ys = [gemv_triton(x, *args, config={**pick_config(1, 256, 64, bits, plan), "PLACE": place}) for place in (1, 0)]
-    for y in ys:
-        assert rel_err(y, want) < 1e-6
+    base = {**pick_config(1, 256, 64, bits, plan), "SPLIT": split, "BK": 32}
+    for place in (3, 2, 1, 0):
+        y = gemv_triton(x, *args, config={**base, "PLACE": place})
+        assert rel_err(y, want) < 1e-6, place
 
 
 def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):

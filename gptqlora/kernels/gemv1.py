@@ -1,0 +1,103 @@
+"""One-token decode (M = 1) GPTQ matmul with LoRA fused, for rows in group order and 2/4/8-bit codes:
+
+    y = x @ dequant(W) + s * (x @ Aᵀ) @ Bᵀ        x (1, K), W (K, N) packed, A (r, K), B (N, r), y (1, N)
+
+`gemv.py`'s kernel (the general one: M <= 16, any g_idx, 3 bit, SpQR) and this one compute the same
+function; `gemv_triton` runs this one when its config says PLACE = 3, and `gemv_reference` is the ground
+truth of both. Why a second kernel: at M = 1 the work is bound by how many bytes of packed weights are in
+flight, and loads into registers are not pipelined by Triton's software pipeliner (it pipelines loads
+that feed shared memory). So each iteration here issues the next tile's words, scales and zeros before it
+computes on the current one (a register double buffer), and the loop body has no reduction across
+threads: partial sums stay per word row (BKW, BN) and are summed once after the loop (as is x @ Aᵀ).
+
+Codes are read in place as in gemv.py's `_place_value_rows` (one LOP3 + FADD + FFMA per code). Split-K and
+its deterministic last-program sum are those of gemv.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gptqlora.kernels.dequant import _zeros_at
+
+
+@triton.jit
+def _tile(qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, offs_n, mn, N, GROUP, BITS: tl.constexpr,
+          FLOAT_ZEROS: tl.constexpr, BKW: tl.constexpr):
+    """The packed words (BKW, BN) of rows [k0, k0 + BK) and their group's scales and zeros (BN,); zeros
+    (no memory read) where k0 >= k_end."""
+    PER: tl.constexpr = 32 // BITS
+    w_rows = k0 // PER + tl.arange(0, BKW)
+    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
+    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
+    g = k0 // GROUP
+    mg = mn & (offs_n * 0 + k0 < k_end)  # (BN,): a scalar condition as a mask
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mg, other=0).to(tl.float32)
+    z = _zeros_at(zeros_ptr, g, offs_n, mg, N, BITS, FLOAT_ZEROS)
+    return words, s, z
+
+
+@triton.jit(do_not_specialize=["SPLIT"])
+def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr, lock_ptr,
+                  K, N, R, GROUP, lora_scale, SPLIT, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr,
+                  HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+                  BN: tl.constexpr, BR: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
+    BKW: tl.constexpr = BK // PER
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mn = offs_n < N
+    span = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK  # rows per split, whole tiles (BK divides the group)
+    k_start = pid_k * span
+    k_end = tl.minimum(K, k_start + span)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < R
+    acc2 = tl.zeros((BKW, BN), tl.float32)  # s (Σ_j x q - z Σ_j x) per word row, summed after the loop
+    xa2 = tl.zeros((BK, BR), tl.float32)  # x_k A[:, k] per row k, summed after the loop
+    words, s, z = _tile(qweight_ptr, scales_ptr, zeros_ptr, k_start, k_end, offs_n, mn, N, GROUP, BITS,
+                        FLOAT_ZEROS, BKW)
+    for k0 in range(k_start, k_end, BK):
+        # the next tile's loads go out first: they are in flight while this tile is computed
+        nwords, ns, nz = _tile(qweight_ptr, scales_ptr, zeros_ptr, k0 + BK, k_end, offs_n, mn, N, GROUP, BITS,
+                               FLOAT_ZEROS, BKW)
+        p = tl.zeros((BKW, BN), tl.float32)
+        xs = tl.zeros((BKW,), tl.float32)
+        for h in tl.static_range(2):
+            half = words >> 16 if h == 1 else words
+            for j in tl.static_range(HALF):
+                rows = k0 + tl.arange(0, BKW) * PER + h * HALF + j  # (BKW,)
+                src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
+                xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32)
+                xs += xv
+                # 2^23 + q * 2^(BITS*j), exact; x scaled by 2^-(BITS*j), exact
+                f = ((half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                p += (xv * (2.0 ** (-BITS * j)))[:, None] * f
+        acc2 += s[None, :] * (p - xs[:, None] * z[None, :])
+        if HAS_LORA:  # rows in x's own order (the splits partition K either way); A read contiguously
+            offs_k = k0 + tl.arange(0, BK)
+            mk = offs_k < k_end
+            xl = tl.load(x_ptr + offs_k, mask=mk, other=0)
+            at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=mk[:, None] & mr[None, :], other=0)
+            xa2 += xl.to(tl.float32)[:, None] * at.to(xl.dtype).to(tl.float32)  # A in x's dtype as in training
+        words, s, z = nwords, ns, nz
+    acc = tl.sum(acc2, axis=0)  # (BN,)
+    if HAS_LORA:
+        dt = x_ptr.dtype.element_ty
+        xa = tl.sum(xa2, axis=0).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as the general kernel does
+        bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
+        acc += lora_scale * tl.sum(xa[:, None] * bt.to(dt).to(tl.float32), axis=0)
+    out = out_ptr + offs_n
+    if not SPLIT_K:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn)
+    else:
+        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mn)
+        tl.debug_barrier()  # every thread's partial is written before the count below releases them
+        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:  # the last split of this column block: sum all partials in split order
+            total = tl.zeros((BN,), tl.float32)
+            for i in range(SPLIT):
+                total += tl.load(part_ptr + i * N + offs_n, mask=mn, other=0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mn)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)
