@@ -197,6 +197,28 @@ def decode_rate(model, batch: int, prompt: int, new: int, fast: bool, timer: Tim
     return batch * (new - 1) / (t_new - t_one) if t_new > t_one else float("nan")  # nan: timing noise (CPU)
 
 
+def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12) -> list[dict]:
+    """Where a decode step's GPU time goes: one compiled generate of `new` tokens under torch.profiler
+    (after the timed runs: graphs recorded), kernels by total device time, per generated token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptqlora.inference import Sampling, decode_kwargs
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device, generator=gen)
+    extra = decode_kwargs(model, Sampling(decode="compiled"), prompt + new)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: -e.device_time_total)
+    return [{"kernel": e.key[:90], "calls_per_token": round(e.count / new, 1),
+             "us_per_token": round(e.device_time_total / new, 1), "share": round(e.device_time_total / total, 3)}
+            for e in events[:top]] + [{"kernel": "(all kernels)", "us_per_token": round(total / new, 1)}]
+
+
 def build(kind: str, shape: str, device):
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
@@ -211,7 +233,8 @@ def build(kind: str, shape: str, device):
                                                          target_modules=TARGETS)).eval()
 
 
-def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline) -> list[dict]:
+def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline,
+                    profile_batch: int | None = None) -> list[dict]:
     """Batch by batch (batch 1 first: the headline figures come before the deadline can cut anything),
     one model at a time, each built fresh."""
     rows = []
@@ -240,6 +263,13 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                              "step_weight_gbps": round(step_gbps) if ok else None,
                              "pct_copy": round(100 * step_gbps / copy, 1) if ok else None, **compiled})
                 print(rows[-1], flush=True)
+                if harness == "same harness" and batch == profile_batch and fast:
+                    try:  # a diagnosis: its failure must not cost the rows after it
+                        rows[-1]["profile"] = step_profile(model, batch, prompt, 16, device)
+                    except Exception as e:
+                        rows[-1]["profile"] = [{"kernel": f"profile failed: {type(e).__name__}: {e}"[:200]}]
+                    for r in rows[-1]["profile"]:
+                        print("   ", r, flush=True)
             del model
             gc.collect()
             if device.type == "cuda":
@@ -272,6 +302,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="only sweep the kernel's tile sizes, warps and split-K per layer shape (a few minutes)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no model after this many seconds")
+    ap.add_argument("--profile", type=int, metavar="BATCH",
+                    help="also profile one generate at this batch size per model (kernels by GPU time per token)")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -301,7 +333,7 @@ def main() -> int:
         print(table(out["layers"], list(out["layers"][0])), flush=True)
     if "generation" not in a.skip:
         out["generation"] = generation_rows(device, timer, a.shape, bits, batches, a.prompt, a.new, copy,
-                                            t0 + a.budget_s)
+                                            t0 + a.budget_s, a.profile)
     out["wall_s"] = round(time.time() - t0)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host ablations spqr
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations spqr
 #                                                    tune decode journey scale scale-speed scale-memory quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
@@ -56,6 +56,14 @@ for l in open(sys.argv[1]):
                [ -f "$OUT/gemv_sweep.json" ] && export GPTQLORA_GEMV_CONFIGS="$OUT/gemv_sweep.json"
                python3 bench/decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt" ;;
+    cast-ab)   # the LoRA cast cache on and off (kernels/quant_lora.py), gptq4 + Liger at 1x2048, same process order each call
+               for cache in 1 0; do
+                 GPTQLORA_LORA_CAST_CACHE=$cache python3 bench/train_step.py --mode gptq --bits 4 --group 128 --liger --bs 1 --seq 2048 \
+                   2>> "$OUT/stderr.log" | sed "s/^{/{\"cast_cache\": $cache, /" >> "$OUT/cast_ab.jsonl"
+               done
+               python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    r=json.loads(l); print('cast cache', r['cast_cache'], r['tokens_per_s'], 'tok/s, step', r['step_s'], 's, peak', r['peak_gib'], 'GiB, losses', r['losses'])" "$OUT/cast_ab.jsonl" ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
     scale|scale-speed|scale-memory)  # 65B: one stage per device call (each ~6-8 min on an H200)
                set_name=${stage#scale-}; [ "$set_name" = scale ] && set_name=memory-target

@@ -222,11 +222,16 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=m2)
         tl.debug_barrier()  # every thread's partial is written before the count below releases them
         done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT - 1:  # the last split of this column block: sum all partials in split order
+        if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
+            # CH partials per load (one round trip for CH of them, not one per split: call 7 measured the
+            # one-by-one sum as a chain of SPLIT dependent L2 reads)
+            CH: tl.constexpr = 16 if BM == 1 else 4
+            offs_c = tl.arange(0, CH)
             total = tl.zeros((BM, BN), tl.float32)
-            for i in range(SPLIT):
-                total += tl.load(part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :], mask=m2, other=0,
-                                 cache_modifier=".cg")
+            for c in range(0, SPLIT, CH):
+                ptrs = part_ptr + (((c + offs_c)[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
+                mc = ((c + offs_c) < SPLIT)[:, None, None] & m2[None, :, :]
+                total += tl.sum(tl.load(ptrs, mask=mc, other=0, cache_modifier=".cg"), axis=0)
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=m2)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)
 

@@ -95,9 +95,12 @@ def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_
         tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mn)
         tl.debug_barrier()  # every thread's partial is written before the count below releases them
         done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT - 1:  # the last split of this column block: sum all partials in split order
+        if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
+            offs_c = tl.arange(0, 16)  # 16 partials per load: one round trip for 16 of them (see gemv.py)
             total = tl.zeros((BN,), tl.float32)
-            for i in range(SPLIT):
-                total += tl.load(part_ptr + i * N + offs_n, mask=mn, other=0, cache_modifier=".cg")
+            for c in range(0, SPLIT, 16):
+                mc = ((c + offs_c) < SPLIT)[:, None] & mn[None, :]
+                total += tl.sum(tl.load(part_ptr + (c + offs_c)[:, None] * N + offs_n[None, :], mask=mc, other=0,
+                                        cache_modifier=".cg"), axis=0)
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mn)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)

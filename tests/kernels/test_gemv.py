@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from gptqlora.kernels.gemv import gemv_reference, gemv_triton, pick_config, plan_gemv
+from gptqlora.kernels.gemv import gemv_reference, gemv_triton, legal_config, pick_config, plan_gemv
 from packed import random_packed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,3 +156,16 @@ def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypat
     finally:
         monkeypatch.delenv(gemv.TUNED_ENV)
         gemv.tuned_table.cache_clear()
+
+
+@pytest.mark.parametrize("m,place,split", [(1, 3, 20), (1, 0, 20), (5, 0, 10)])
+def test_split_k_sums_more_partials_than_one_load_takes(m, place, split):
+    """The last program of a column block sums the partials CH at a time (16 at M = 1, 4 above); a split
+    count past one chunk must still add every partial once, and leave the counters at zero."""
+    p, x, a, b, want = case(640, 48, 4, 32, True, False, m, torch.float32, seed=split)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
+    cfg = {**pick_config(m, 640, 48, 4, plan), "SPLIT": split, "BK": 32, "BN": 16, "PLACE": place}
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0, config=cfg)
+    assert legal_config(cfg, 640, 4, plan)["SPLIT"] == split
+    assert rel_err(y, want) < 1e-5
+    assert not plan.locks.any()
