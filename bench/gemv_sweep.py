@@ -11,8 +11,8 @@ table's key is M = 1 or M = 2..16), act-order read through the repacked copy, wi
 decode path of a model with an adapter), bf16:
 
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
-2. tile scan at the best split's program count: at M = 1 BN {128, 256, 512} x num_warps {2, 4, 8} x
-   BK {32, 64, 128} x the read path PLACE {3, 2, 1, 0} (2/4/8 bit; see `tile_grid`), at M = 8 BN {64, 128, 256}
+2. tile scan at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
+   BK {32, 64, 128} x the read path PLACE {3, 0, 1} (2/4/8 bit; see `tile_grid`), at M = 8 BN {64, 128, 256}
    x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
@@ -20,7 +20,7 @@ Each candidate is checked against the heuristic's output first (a wrong config i
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
 timed) are measured in the same run. The kernels of stage 2 are compiled first by parallel worker processes
-(`--jobs`; Triton's disk cache): 126 compilations per bit width.
+(`--jobs`; Triton's disk cache): 72 compilations per bit width.
 
 Prints a table (default vs best us, % of copy bandwidth, x bf16) and writes JSON: {"configs": {key: config},
 "rows": [...], ...}; the "configs" part is the table format of kernels/gemv.py (`tuned_key`).
@@ -46,7 +46,7 @@ from gptqlora.kernels import gemv as G
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 SMALL_SHAPES = ((256, 128), (256, 384), (384, 128))
 GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
-BN = {1: (128, 256, 512), 16: (64, 128, 256)}  # per M bucket
+BN = {1: (128, 256), 16: (64, 128, 256)}  # per M bucket (call 7: BN 512 never won at M = 1)
 WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
@@ -65,11 +65,11 @@ def packed_layer(k, n, bits, device, seed):
 
 
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
-    """Stage 2's candidates. At M = 1 with whole-word codes the four read paths of kernels/gemv.py are all
-    tried (PLACE 3: gemv1.py's prefetching kernel, first so that a short budget still measures it; 2: in
-    place, summed after the loop; 1: in place, summed per tile; 0: per code)."""
+    """Stage 2's candidates. At M = 1 with whole-word codes three read paths of kernels/gemv.py are tried
+    (PLACE 3: gemv1.py's prefetching kernel, first so that a short budget still measures it; 0: per code;
+    1: in place, summed per tile). PLACE 2 (in place, summed after the loop) won no shape in call 7."""
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
-    places = (3, 2, 1, 0) if m == 1 and 32 % bits == 0 else (0,)
+    places = (3, 0, 1) if m == 1 and 32 % bits == 0 else (0,)
     return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=p)
             for p, bn, bk, w in itertools.product(places, bns, bks, warps)]
 
