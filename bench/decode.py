@@ -139,7 +139,7 @@ def sweep_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list
                 for bn in (64, 128, 256):
                     for warps in (1, 2, 4):
                         for split in sorted({max(1, base["SPLIT"] // 2), base["SPLIT"], min(32, base["SPLIT"] * 2)}):
-                            for place in ((3, 2, 1, 0) if m == 1 else (0,)):
+                            for place in ((3, 1, 0) if m == 1 else (0,)):
                                 cfg = {**base, "BN": bn, "num_warps": warps, "SPLIT": split, "PLACE": place}
                                 try:
                                     t = timer.ms(lambda: [gemv_triton(x, *p, bits, pl, config=cfg)

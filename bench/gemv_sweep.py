@@ -67,7 +67,8 @@ def packed_layer(k, n, bits, device, seed):
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
     """Stage 2's candidates. At M = 1 with whole-word codes three read paths of kernels/gemv.py are tried
     (PLACE 3: gemv1.py's prefetching kernel, first so that a short budget still measures it; 0: per code;
-    1: in place, summed per tile). PLACE 2 (in place, summed after the loop) won no shape in call 7."""
+    1: in place, summed per tile). A PLACE 2 (in place, summed after the loop) won no shape in calls 7 and 10
+    and is gone."""
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
     places = (3, 0, 1) if m == 1 and 32 % bits == 0 else (0,)
     return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=p)

@@ -111,35 +111,6 @@ def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: t
     return tl.sum(tl.sum(p, axis=1), axis=0)
 
 
-@triton.jit
-def _place_value_rows(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: tl.constexpr, BK: tl.constexpr,
-                      HAS_PERM: tl.constexpr):
-    """PLACE = 2: the place-value trick of `_place_value_dot` on 2-D tiles only. Each of a word's PER codes is
-    its own (BKW, BN) step in the words' own layout (no 3-D broadcast, no reshape), and nothing is summed
-    across threads here: returns p (BKW, BN) = Σ_j x[w*PER + j] q[w*PER + j, n] and xs (BKW,) = Σ_j x[..];
-    the caller accumulates s * (p - xs z) over tiles and sums over BKW once, after the K loop."""
-    PER: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
-    BKW: tl.constexpr = BK // PER
-    mn = offs_n < N
-    w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
-    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
-    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
-    p = tl.zeros((BKW, offs_n.shape[0]), tl.float32)
-    xs = tl.zeros((BKW,), tl.float32)
-    for h in tl.static_range(2):
-        half = words >> 16 if h == 1 else words  # the code's bits stay below 16 after the mask below
-        for j in tl.static_range(HALF):
-            rows = k0 + tl.arange(0, BKW) * PER + h * HALF + j  # (BKW,)
-            src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
-            xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32)
-            xs += xv
-            # 2^23 + q * 2^(BITS*j), exact; x scaled by 2^-(BITS*j), exact
-            f = ((half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            p += (xv * (2.0 ** (-BITS * j)))[:, None] * f
-    return p, xs
-
-
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, R, GROUP, lora_scale, SPLIT, SG,
@@ -158,7 +129,6 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     offs_r = tl.arange(0, BR)
     mr = offs_r < R
     xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
-    acc2 = tl.zeros((BK // (32 // BITS) if PLACE == 2 else 1, BN), tl.float32)  # PLACE 2: per word row, summed last
     xa2 = tl.zeros((BK if not DOT else 1, BR), tl.float32)  # M = 1: x_k A[:, k] per row k, summed last
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -173,17 +143,13 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
                 z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
-            if PLACE == 2:  # M = 1, whole-word codes, 2-D tiles, summed over K after the loop
-                p2, xs2 = _place_value_rows(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)
-                acc2 += s[None, :] * (p2 - xs2[:, None] * z[None, :])
-            elif PLACE == 1:  # M = 1, whole-word codes
+            if PLACE == 1:  # M = 1, whole-word codes
                 p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
             else:
                 q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
                 p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
-            if PLACE != 2:
-                xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
-                acc += s[None, :] * (p - xs[:, None] * z[None, :])
+            xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
+            acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
             q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
             g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
@@ -206,8 +172,6 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
                 xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
             else:  # M = 1: no reduction across threads inside the loop
                 xa2 += tl.reshape(xl, (BK,)).to(tl.float32)[:, None] * at.to(xt.dtype).to(tl.float32)
-    if PLACE == 2:
-        acc += tl.sum(acc2, axis=0)[None, :]
     if HAS_LORA and not DOT:
         xa += tl.sum(xa2, axis=0)[None, :]
     if HAS_LORA:
@@ -223,9 +187,10 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         tl.debug_barrier()  # every thread's partial is written before the count below releases them
         done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
-            # CH partials per load (one round trip for CH of them, not one per split: call 7 measured the
-            # one-by-one sum as a chain of SPLIT dependent L2 reads)
-            CH: tl.constexpr = 16 if BM == 1 else 4
+            # CH partials per load. M = 1: 16 (one round trip for 16 of them instead of a chain of SPLIT
+            # dependent L2 reads; call 10: M = 1 layers 1.0-1.35x faster). M > 1: one by one (4 at a time
+            # made the M = 8 layers 5-30% slower in call 10: a (4, 16, BN) tile per thread block)
+            CH: tl.constexpr = 16 if BM == 1 else 1
             offs_c = tl.arange(0, CH)
             total = tl.zeros((BM, BN), tl.float32)
             for c in range(0, SPLIT, CH):
@@ -324,15 +289,19 @@ def tuned_table() -> dict[str, dict]:
 
 
 def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
-    """The untuned choice. BM: 1 (FMA) or 16 (tensor cores). BK: a power of two of whole words that divides
-    the group in sorted mode. SPLIT: enough programs for ~2 per SM, each K-range keeping several tiles."""
-    bm = 1 if m == 1 else MAX_M
-    bn = 128 if bm == 1 else 64
-    bk = 64 if bm == 1 else 128
+    """The untuned choice, from what won the 7B-shape sweeps on an H200 (calls 7 and 10,
+    docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
+    group in sorted mode; codes per code (PLACE 0); split-K for ~4 programs per SM, each keeping >= 2 tiles
+    at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
+    if m == 1:
+        bn, bk, warps = 256, 128, (4 if bits >= 4 else 2)
+        tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
+        split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
+        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, PLACE=0)
+    bn, bk = 128, 64
     tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
-    blocks = triton.cdiv(n, bn)
-    split = max(1, min(16, triton.cdiv(2 * sms, blocks), k // (4 * max(tile, 16))))
-    return dict(BM=bm, BK=bk, BN=bn, SPLIT=split, num_warps=4, num_stages=3, PLACE=True)
+    split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
+    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=2, num_stages=3, PLACE=0)
 
 
 def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
@@ -391,7 +360,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)
-    place = cfg.pop("PLACE", True)
+    place = cfg.pop("PLACE", 0)
     sorted_rows = plan.sorted and cfg["BK"] > 0
     if cfg["BK"] == 0:
         cfg["BK"] = 64
@@ -406,7 +375,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
-    in_place = m == 1 and sorted_rows and 32 % bits == 0  # codes read in place (PLACE 1-3)
+    in_place = m == 1 and sorted_rows and 32 % bits == 0  # codes read in place (PLACE 1 and 3)
     if place == 3 and in_place and spqr_stats is None:  # gemv1.py: M = 1 with the next tile's loads in flight
         _launch1[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, k, n, r, plan.group, float(scaling),
                        split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), HAS_PERM=plan.perm is not None,
@@ -424,7 +393,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
-                  PLACE=min(int(place), 2) if in_place else 0,
+                  PLACE=min(int(place), 1) if in_place else 0,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
