@@ -57,7 +57,7 @@ for l in open(sys.argv[1]):
                python3 bench/decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} > "$OUT/decode.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -15 "$OUT/decode.txt" ;;
     cast-ab)   # the LoRA cast cache on and off (kernels/quant_lora.py), gptq4 + Liger at 1x2048, same process order each call
-               for cache in 1 0; do
+               for cache in 1 0 1 0; do  # alternated: this host drifts by tens of % between runs
                  GPTQLORA_LORA_CAST_CACHE=$cache python3 bench/train_step.py --mode gptq --bits 4 --group 128 --liger --bs 1 --seq 2048 \
                    2>> "$OUT/stderr.log" | sed "s/^{/{\"cast_cache\": $cache, /" >> "$OUT/cast_ab.jsonl"
                done

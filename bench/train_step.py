@@ -151,6 +151,7 @@ def main() -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)  # LoRA init, dropout and the tokens: two processes of one config do the same work
     t0 = time.perf_counter()
     model = build_gptq(a.shape, a.bits, a.group, device) if a.mode == "gptq" else \
         build_dense(a.shape, a.mode == "nf4", device)
