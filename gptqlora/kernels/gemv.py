@@ -291,7 +291,7 @@ def tuned_table() -> dict[str, dict]:
 def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
     """The untuned choice, from what won the 7B-shape sweeps on an H200 (calls 7 and 10,
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
-    group in sorted mode; codes per code (PLACE 0); split-K for ~4 programs per SM, each keeping >= 2 tiles
+    group in sorted mode; codes unpacked one by one (PLACE 0); split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
     if m == 1:
         bn, bk, warps = 256, 128, (4 if bits >= 4 else 2)
