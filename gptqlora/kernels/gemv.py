@@ -15,9 +15,8 @@ unpacks them in registers and accumulates in fp32. Design (bench/notes_decode.md
   on codes converted exactly to x's dtype (integers <= 255 are exact in fp16 and bf16).
 - LoRA unmerged at nearly no cost: the product is linear in x, so each program adds s * (x_c @ A_cᵀ) @ B_nᵀ
   for its own K-range c and columns n. A is read once per column block (r / BN of the weight reads).
-- Split-K fills the card when N / BN programs are too few: each program stores an fp32 partial; the last of
-  a column block to finish (a counter per block, which it resets to 0) sums the partials in a fixed order
-  and writes y. One launch per layer and deterministic; no zero-filled buffer, no second kernel.
+- Split-K fills the card when N / BN programs are too few: each program stores an fp32 partial and the last
+  of a column block sums them in a fixed order (split_k.py). One launch per layer and deterministic.
 
 2/4/8-bit codes are unpacked from whole words (one load per 32-bit word); 3-bit codes, which straddle words,
 through dequant's `_unpack`. `gemv_reference` beside it is the torch ground truth.
@@ -41,6 +40,7 @@ from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.gemv1 import _gemv1_kernel
 from gptqlora.kernels.launch import FastKernel
+from gptqlora.kernels.split_k import _store_split
 from gptqlora.kernels.reference import dequantize
 
 
@@ -178,27 +178,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
         dt = x_ptr.dtype.element_ty
         acc += lora_scale * _mm(xa.to(dt), bt.to(dt).to(tl.float32), DOT, F32_DOT)  # (BM, BN)
-    m2 = mm[:, None] & mn[None, :]
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    if not SPLIT_K:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m2)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=m2)
-        tl.debug_barrier()  # every thread's partial is written before the count below releases them
-        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
-            # CH partials per load. M = 1: 16 (one round trip for 16 of them instead of a chain of SPLIT
-            # dependent L2 reads; call 10: M = 1 layers 1.0-1.35x faster). M > 1: one by one (4 at a time
-            # made the M = 8 layers 5-30% slower in call 10: a (4, 16, BN) tile per thread block)
-            CH: tl.constexpr = 16 if BM == 1 else 1
-            offs_c = tl.arange(0, CH)
-            total = tl.zeros((BM, BN), tl.float32)
-            for c in range(0, SPLIT, CH):
-                ptrs = part_ptr + (((c + offs_c)[:, None, None] * M + offs_m[None, :, None]) * N + offs_n[None, None, :])
-                mc = ((c + offs_c) < SPLIT)[:, None, None] & m2[None, :, :]
-                total += tl.sum(tl.load(ptrs, mask=mc, other=0, cache_modifier=".cg"), axis=0)
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=m2)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)
+    _store_split(acc, out_ptr, part_ptr, lock_ptr, pid_n, pid_k, offs_m, offs_n, mm[:, None] & mn[None, :], M, N, SPLIT,
+                 SPLIT_K, BM, BN)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ computes on the current one (a register double buffer), and the loop body has no
 threads: partial sums stay per word row (BKW, BN) and are summed once after the loop (as is x @ Aᵀ).
 
 Codes are read in place, the trick of gemv.py's `_place_value_dot` (one LOP3 + FADD + FFMA per code).
-Split-K and its deterministic last-program sum are those of gemv.py.
+Split-K ends as in gemv.py (split_k.py's `_store_split`).
 
 Measured (H200, bench/gemv_sweep.py): it won 2 of the 6 M = 1 7B shapes in call 7 and none in call 10,
 after gemv.py's split-K sum got faster; it stays as an option the sweep tries (PLACE 3), not a default.
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from gptqlora.kernels.dequant import _zeros_at
+from gptqlora.kernels.split_k import _store_split
 
 
 @triton.jit
@@ -91,19 +92,5 @@ def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_
         xa = tl.sum(xa2, axis=0).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as the general kernel does
         bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
         acc += lora_scale * tl.sum(xa[:, None] * bt.to(dt).to(tl.float32), axis=0)
-    out = out_ptr + offs_n
-    if not SPLIT_K:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mn)
-    else:
-        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=mn)
-        tl.debug_barrier()  # every thread's partial is written before the count below releases them
-        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
-            offs_c = tl.arange(0, 16)  # 16 partials per load: one round trip for 16 of them (see gemv.py)
-            total = tl.zeros((BN,), tl.float32)
-            for c in range(0, SPLIT, 16):
-                mc = ((c + offs_c) < SPLIT)[:, None] & mn[None, :]
-                total += tl.sum(tl.load(part_ptr + (c + offs_c)[:, None] * N + offs_n[None, :], mask=mc, other=0,
-                                        cache_modifier=".cg"), axis=0)
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mn)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next call (and the next CUDA-graph replay)
+    _store_split(acc[None, :], out_ptr, part_ptr, lock_ptr, pid_n, pid_k, tl.arange(0, 1), offs_n, mn[None, :], 1, N,
+                 SPLIT, SPLIT_K, 1, BN)
