@@ -10,12 +10,13 @@
    rotate through more than L2 holds, so every call reads from HBM. Bytes/s counts the packed weight,
    scales, zeros (and the LoRA A, B) once;
 3. generation: tokens/s at batch 1 and 8 of a 7B-shaped LLaMA (random weights built in packed form, as
-   bench/train_step.py does) with an r=8 adapter on the seven projections, through `generate` with the
-   harness `gptqlora chat/generate --decode compiled` use (static KV cache, the step compiled with CUDA
-   graphs); the bf16 model (no adapter: an adapter merged into bf16 costs nothing) in the same harness; and
+   bench/train_step.py does) with an r=8 adapter on the seven projections, through the harness
+   `gptqlora chat/generate --decode compiled` use (gptqlora/graph_decode.py: static KV cache, the step
+   compiled and captured in one CUDA graph); the bf16 model (no adapter: an adapter merged into bf16 costs nothing) in the same harness; and
    plain transformers `generate` in bf16 (dynamic cache, no compile), what a user gets without us. Decode
    tokens/s = batch x (new - 1) / (t(new tokens) - t(1 token)): the prefill cancels. The weight-read
-   bandwidth of a step is the model's weight bytes / the batch-1 step time.
+   bandwidth of a step is the model's weight bytes / the batch-1 step time. At batch 1 also transformers'
+   own compiled generate (static cache, compile_config with CUDA graphs), the harness before graph_decode.
 """
 
 from __future__ import annotations
@@ -172,21 +173,46 @@ def weight_bytes(model) -> int:
     return total
 
 
-def decode_rate(model, batch: int, prompt: int, new: int, fast: bool, timer: Timer, device) -> float:
-    """Decode tokens/s: batch x (new - 1) / (t(new) - t(1))."""
-    from gptqlora.inference import Sampling, decode_kwargs
+HARNESSES = ("same harness", "transformers compiled", "plain transformers")
 
+
+def _generator(model, harness: str, ids: torch.Tensor, prompt: int, new: int):
+    """A function generating `n` new tokens for `ids` through one harness:
+    "same harness": graph_decode (what `gptqlora chat/generate --decode compiled` run: static cache, the
+    step compiled and captured in one CUDA graph); "transformers compiled": transformers' generate with a
+    static cache and its compile_config (the harness before graph_decode); "plain transformers": generate,
+    dynamic cache, no compile."""
+    from gptqlora.graph_decode import decoder_for
+    from gptqlora.inference import cache_length, prepare_decode
+
+    mask = torch.ones_like(ids)
+    if harness == "same harness":
+        prepare_decode(model)
+        dec = decoder_for(model, ids.shape[0], cache_length(model, prompt + new))
+        return lambda n: dec.run(ids, mask, n, [], 0, sample=False)
+    extra = {"disable_compile": True}
+    if harness == "transformers compiled":
+        from transformers import CompileConfig
+
+        prepare_decode(model)
+        extra = {"cache_implementation": "static", "max_cache_len": cache_length(model, prompt + new),
+                 "compile_config": CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")}
+    return lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+
+
+def decode_rate(model, batch: int, prompt: int, new: int, harness: str, timer: Timer, device) -> float:
+    """Decode tokens/s: batch x (new - 1) / (t(new) - t(1))."""
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt), device=device, generator=gen)
-    extra = decode_kwargs(model, Sampling(decode="compiled"), prompt + new) if fast else {"disable_compile": True}
+    make = _generator(model, harness, ids, prompt, new)
 
     def run(n: int) -> float:
         timer.sync()
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+            make(n)
         timer.sync()
         return time.perf_counter() - t
 
@@ -198,25 +224,29 @@ def decode_rate(model, batch: int, prompt: int, new: int, fast: bool, timer: Tim
 
 
 def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12) -> list[dict]:
-    """Where a decode step's GPU time goes: one compiled generate of `new` tokens under torch.profiler
-    (after the timed runs: graphs recorded), kernels by total device time, per generated token."""
+    """Where a decode step's time goes: one graph_decode generate of `new` tokens under torch.profiler
+    (after the timed runs: graphs recorded), kernels by total device time per generated token, and the
+    wall time per token beside the GPU time (their difference: the GPU waiting on the host)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from gptqlora.inference import Sampling, decode_kwargs
 
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device, generator=gen)
-    extra = decode_kwargs(model, Sampling(decode="compiled"), prompt + new)
+    make = _generator(model, "same harness", ids, prompt, new)
+    with torch.inference_mode():
+        make(new)
+    torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+        t = time.perf_counter()
+        make(new)
         torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     events.sort(key=lambda e: -e.device_time_total)
     return [{"kernel": e.key[:90], "calls_per_token": round(e.count / new, 1),
              "us_per_token": round(e.device_time_total / new, 1), "share": round(e.device_time_total / total, 3)}
-            for e in events[:top]] + [{"kernel": "(all kernels)", "us_per_token": round(total / new, 1)}]
+            for e in events[:top]] + [{"kernel": "(all kernels)", "us_per_token": round(total / new, 1),
+                                       "wall_us_per_token": round(wall * 1e6 / new, 1)}]
 
 
 def build(kind: str, shape: str, device):
@@ -247,15 +277,20 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                 continue
             model = build(kind, shape, device)
             wb = weight_bytes(model)
-            for harness, f in [("same harness", fast)] + ([("plain transformers", False)] if kind == "bf16" else []):
+            harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 else []) + \
+                (["plain transformers"] if kind == "bf16" else [])
+            for harness in harnesses:
                 from torch._dynamo.utils import counters
 
                 torch._dynamo.reset()  # each model compiles afresh: no recompile limit carried over
                 counters.clear()
-                tps = decode_rate(model, batch, prompt, new, f, timer, device)
+                tps = decode_rate(model, batch, prompt, new, harness, timer, device)
                 compiled = {"graph_breaks": sum(counters["graph_break"].values()),
                             "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
                             "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
+                if harness == "same harness":  # whether graph_decode captured its step (else it ran uncaptured)
+                    compiled["cuda_graph"] = any(d.use_graph and bool(d.graphs)
+                                                 for d in model.__dict__.get("_gptqlora_decoders", {}).values())
                 step_gbps = wb * tps / batch / 1e9
                 ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
                 rows.append({"model": label, "harness": harness, "batch": batch,
@@ -341,8 +376,8 @@ def main() -> int:
           f"{out['wall_s']} s")
     if "generation" in out:
         print(table(out["generation"], ["model", "harness", "batch", "tokens_per_s", "x_bf16_same_harness",
-                                        "x_plain_transformers", "step_weight_gbps", "pct_copy", "unique_graphs",
-                                        "graph_breaks", "cudagraph_skips"]))
+                                        "x_plain_transformers", "step_weight_gbps", "pct_copy", "cuda_graph",
+                                        "unique_graphs", "graph_breaks", "cudagraph_skips"]))
     return 0
 
 

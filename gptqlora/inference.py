@@ -10,7 +10,7 @@ import string
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -75,26 +75,72 @@ def compiled_decode(model: Any, sampling: Sampling) -> bool:
     return sampling.decode == "compiled" or (sampling.decode == "auto" and cuda)
 
 
-def decode_kwargs(model: Any, sampling: Sampling, length: int) -> dict[str, Any]:
-    """generate() keyword arguments for the decode step: a static KV cache for ``length`` tokens (rounded up
-    to CACHE_STEP, so that a few graphs serve all calls) and transformers' torch.compile of the step with CUDA
-    graphs (mode reduce-overhead), or nothing for eager decoding. Builds the small-M kernel plans first:
-    they must exist before the step is compiled."""
-    if not compiled_decode(model, sampling):
-        return {}
-    from transformers import CompileConfig
-
+def prepare_decode(model: Any) -> None:
+    """Builds the small-M kernel plans of every quantized layer: they must exist before the decode step is
+    compiled (under torch.compile a missing plan would send the step to the training kernels)."""
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.spqr_linear import SpQRLinear
 
     for mod in model.modules():
-        if isinstance(mod, (QuantLinear, SpQRLinear)):  # built now: under torch.compile a missing plan
-            mod.gemv_plan()  # would send the step to the training kernels, traced into the graph
+        if isinstance(mod, (QuantLinear, SpQRLinear)):
+            mod.gemv_plan()
+
+
+def cache_length(model: Any, length: int) -> int:
+    """A static KV cache's size for ``length`` tokens: rounded up to CACHE_STEP (a few graphs serve all
+    calls), within the model's max_position_embeddings where that still holds ``length``."""
     size = -(-length // CACHE_STEP) * CACHE_STEP
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    size = min(size, limit) if limit and limit >= length else size
-    return {"cache_implementation": "static", "max_cache_len": size,
-            "compile_config": CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")}
+    return min(size, limit) if limit and limit >= length else size
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = tokenizer.eos_token_id
+    if ids is None:
+        ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
+                 length: int | None = None, on_token: Callable[[torch.Tensor], bool] | None = None,
+                 stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens) for left-padded ``ids`` / ``mask`` on the model's device.
+
+    Compiled decoding (``sampling.decode``, see `compiled_decode`) runs graph_decode's loop with a static
+    cache of ``length`` tokens (default: prompt + max_new_tokens); eager decoding runs transformers'
+    ``generate``. ``on_token(tokens (B,) on the CPU)`` streams each step's tokens; ``stop()`` True ends early.
+    Rows that ended early are padded with the pad token after their end-of-sequence token."""
+    from gptqlora.graph_decode import decoder_for
+
+    kw = sampling.generate_kwargs(tokenizer)
+    if not compiled_decode(model, sampling):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Stream(StoppingCriteria):  # transformers' hook after every token
+            def __init__(self) -> None:
+                self.seen = ids.shape[1]
+
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+                for t in range(self.seen, input_ids.shape[1]):
+                    if on_token is not None and on_token(input_ids[:, t].cpu()):
+                        return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                self.seen = input_ids.shape[1]
+                done = stop is not None and stop()
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+        gen = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([_Stream()]),
+                             disable_compile=True, **kw)
+        return gen[:, ids.shape[1]:]
+    prepare_decode(model)
+    size = cache_length(model, length or ids.shape[1] + sampling.max_new_tokens)
+    decoder = decoder_for(model, ids.shape[0], size)
+
+    def each(tokens: torch.Tensor) -> bool:
+        return bool(on_token is not None and on_token(tokens)) or bool(stop is not None and stop())
+
+    return decoder.run(ids, mask, sampling.max_new_tokens, _eos_ids(tokenizer, model), kw["pad_token_id"],
+                       sample=sampling.temperature > 0, temperature=sampling.temperature or 1.0,
+                       top_p=sampling.top_p, on_token=each if (on_token or stop) else None)
 
 
 @torch.inference_mode()
@@ -102,7 +148,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
                        batch_size: int = 8, progress: bool = False) -> list[str]:
     """Completions (decoded new tokens only) of tokenized prompts, in input order, in left-padded batches."""
     device = next(model.parameters()).device
-    kw = sampling.generate_kwargs(tokenizer)
+    pad = pad_token_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch
     out: list[str] = [""] * len(prompts)
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
@@ -112,16 +158,15 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
         batches = tqdm(batches, desc="generating")
     for idx in batches:
         width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), kw["pad_token_id"], dtype=torch.long)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):  # left padding: prompts end where generation starts
             n = len(prompts[i])
             ids[row, width - n:] = torch.tensor(prompts[i])
             mask[row, width - n:] = 1
-        fast = decode_kwargs(model, sampling, width + sampling.max_new_tokens)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw, **fast)
+        gen = generate_ids(model, tokenizer, ids.to(device), mask.to(device), sampling)
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+            out[i] = tokenizer.decode(gen[row], skip_special_tokens=True)
     return out
 
 

@@ -71,7 +71,6 @@ def test_compiled_decode_needs_cuda(model):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
     assert not inference.compiled_decode(model, Sampling(decode="auto"))
-    assert inference.decode_kwargs(model, Sampling(decode="auto"), 100) == {}
     with pytest.raises(InferenceError, match="--decode compiled needs a CUDA device"):
         inference.compiled_decode(model, Sampling(decode="compiled"))
     with pytest.raises(InferenceError, match="--decode must be one of"):

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import (OFF, InferenceError, PromptFormat, Sampling, compiled_decode, decode_kwargs,
-                                load_model, using_adapter)
+from gptqlora.inference import (OFF, InferenceError, PromptFormat, Sampling, compiled_decode, generate_ids, load_model,
+                                using_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ class Reply:
     text: str
     interrupted: bool = False  # stopped by Ctrl-C; the text so far is kept in the history
     dropped: int = 0  # oldest turns dropped from the history so the prompt fits the context
-
-
-class _StopOnEvent(StoppingCriteria):
-    """Stopping criterion (transformers calls it after each token): stop every sequence once ``event`` is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatSession:
@@ -104,11 +94,16 @@ class ChatSession:
         def work() -> None:
             try:
                 with torch.inference_mode(), using_adapter(self.model, self.active):
-                    self.model.generate(input_ids=torch.tensor([ids], device=device),
-                                        attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                                        **self.sampling.generate_kwargs(self.tokenizer),
-                                        **decode_kwargs(self.model, self.sampling, self.context_size))
+                    prompt = torch.tensor([ids], device=device)
+                    streamer.put(prompt.cpu())  # skipped (skip_prompt): the streamer's first put is the prompt
+
+                    def put(tokens: torch.Tensor) -> bool:
+                        streamer.put(tokens)
+                        return stop.is_set()
+
+                    generate_ids(self.model, self.tokenizer, prompt, torch.ones_like(prompt), self.sampling,
+                                 length=self.context_size, on_token=put)
+                streamer.end()
             except BaseException as e:  # handed to the main thread, which must not wait forever
                 errors.append(e)
                 streamer.end()

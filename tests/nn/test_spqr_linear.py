@@ -203,14 +203,11 @@ def test_decode_path_without_a_dense_weight_matches_and_compiles_in_one_graph(mo
     assert torch.equal(yc, y) and not counters["graph_break"]
 
 
-def test_decode_kwargs_builds_the_spqr_decode_plan_before_compiling(monkeypatch):
+def test_prepare_decode_builds_the_spqr_decode_plan_before_compiling():
     """Under torch.compile a plan cannot be built; a layer without one would take the training path."""
     from gptqlora import inference
 
     layer, _ = spqr_layer(kernel="triton")
-    holder = torch.nn.Sequential(layer)
-    holder.config = None
-    monkeypatch.setattr(inference, "compiled_decode", lambda model, s: True)
     assert layer._gemv is None
-    kw = inference.decode_kwargs(holder, inference.Sampling(decode="compiled"), 40)
-    assert kw["cache_implementation"] == "static" and layer._gemv is not None
+    inference.prepare_decode(torch.nn.Sequential(layer))
+    assert layer._gemv is not None
