@@ -11,16 +11,17 @@ table's key is M = 1 or M = 2..16), act-order read through the repacked copy, wi
 decode path of a model with an adapter), bf16:
 
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
-2. tile scan at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
-   BK {32, 64, 128} x the read path PLACE {3, 0, 1} (2/4/8 bit; see `tile_grid`), at M = 8 BN {64, 128, 256}
-   x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
+2. tile scan. At M = 1 (2/4/8 bit) first gemv1.py's kernel (PLACE 3) with one or two tiles per program,
+   BK {128, 256, 512} x BN {32, 64, 128, 256} x num_warps {4, 8}, SPLIT = K / BK or half that (`wave_grid`);
+   then gemv.py's kernel at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
+   BK {32, 64, 128}, at M = 8 BN {64, 128, 256} x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
 Each candidate is checked against the heuristic's output first (a wrong config is never picked), then timed
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
 timed) are measured in the same run. The kernels of stage 2 are compiled first by parallel worker processes
-(`--jobs`; Triton's disk cache): 72 compilations per bit width.
+(`--jobs`; Triton's disk cache): 60 compilations per bit width.
 
 Prints a table (default vs best us, % of copy bandwidth, x bf16) and writes JSON: {"configs": {key: config},
 "rows": [...], ...}; the "configs" part is the table format of kernels/gemv.py (`tuned_key`).
@@ -51,6 +52,8 @@ WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
+WAVE_BK = (128, 256, 512)  # gemv1.py's one-tile programs; narrow tiles: fewer rows of x per thread (offline
+WAVE_BN = (32, 64, 128, 256)  # sm_90 compiles: BN 32-64 with 4-8 warps stay under 255 registers, no spills)
 R = 8
 
 
@@ -65,14 +68,21 @@ def packed_layer(k, n, bits, device, seed):
 
 
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
-    """Stage 2's candidates. At M = 1 with whole-word codes three read paths of kernels/gemv.py are tried
-    (PLACE 3: gemv1.py's prefetching kernel, first so that a short budget still measures it; 0: per code;
-    1: in place, summed per tile). A PLACE 2 (in place, summed after the loop) won no shape in calls 7 and 10
-    and is gone."""
+    """Stage 2's candidates for kernels/gemv.py's kernel: at M = 1 codes read one by one (PLACE 0: the
+    winner of calls 7 and 10; the in-place read PLACE 1 won no shape in call 10 and PLACE 2 none in
+    calls 7 and 10)."""
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
-    places = (3, 0, 1) if m == 1 and 32 % bits == 0 else (0,)
-    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=p)
-            for p, bn, bk, w in itertools.product(places, bns, bks, warps)]
+    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=0) for bn, bk, w in itertools.product(bns, bks, warps)]
+
+
+def wave_grid(k: int, m: int, bits: int, small: bool) -> list[dict]:
+    """gemv1.py's kernel (PLACE 3, M = 1, 2/4/8 bit) with a program's whole K-range as one tile (SPLIT =
+    K / BK: every load in flight at once) or two (half the programs), tiles spanning groups."""
+    if m != 1 or 32 % bits:
+        return []
+    bks, bns, warps = ((32, 64), (32,), (4,)) if small else (WAVE_BK, WAVE_BN, (4, 8))
+    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, PLACE=3, SPLIT=max(1, -(-k // (bk * t))))
+            for bk, bn, w, t in itertools.product(bks, bns, warps, (1, 2))]
 
 
 class Timer:
@@ -104,7 +114,8 @@ def warm(bits_list, ms, small: bool, jobs: int, device) -> str:
 def warm_worker(share: str, bits_list, ms, small: bool, device) -> int:
     i, n = map(int, share.split("/"))
     k, nn = (SMALL_SHAPES if small else SHAPES)[0]
-    jobs = [(bits, m, cfg) for bits in bits_list for m in ms for cfg in tile_grid(m, bits, small)]
+    jobs = [(bits, m, cfg) for bits in bits_list for m in ms
+            for cfg in wave_grid(k, m, bits, small)[::2] + tile_grid(m, bits, small)]
     layers = {}
     for bits, m, cfg in jobs[i::n]:
         if bits not in layers:
@@ -158,7 +169,10 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
     # 1. split scan with the heuristic's tiles
     best_split = min(SPLITS, key=lambda s: measure({"SPLIT": s}) if time.time() < deadline else math.inf)
     programs = best_split * -(-n // default["BN"])
-    # 2. tiles, at the best split's program count
+    # 2. gemv1.py's one-tile programs (their own split), then gemv.py's tiles at the best split's program count
+    for cfg in wave_grid(k, m, bits, small):
+        if time.time() < deadline:
+            measure(cfg)
     for cfg in tile_grid(m, bits, small):
         if time.time() > deadline:
             break

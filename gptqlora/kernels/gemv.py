@@ -291,7 +291,8 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
     cfg = dict(cfg)
     per = 32 // bits if 32 % bits == 0 else 1
     bk = cfg["BK"]
-    if plan.sorted and plan.group < k:
+    multi = cfg.get("PLACE") == 3 and 32 % bits == 0 and plan.group % per == 0 and bk > plan.group
+    if plan.sorted and plan.group < k and not multi:  # else gemv1.py's tile over several groups
         bk = _pow2_divisor(plan.group, bk)
     if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
         bk = 0
@@ -357,11 +358,12 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
     in_place = m == 1 and sorted_rows and 32 % bits == 0  # codes read in place (PLACE 1 and 3)
-    if place == 3 and in_place and spqr_stats is None:  # gemv1.py: M = 1 with the next tile's loads in flight
+    if place == 3 and in_place and spqr_stats is None:  # gemv1.py: M = 1, tiles that may span groups
         _launch1[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, k, n, r, plan.group, float(scaling),
                        split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), HAS_PERM=plan.perm is not None,
                        HAS_LORA=has_lora, SPLIT_K=split > 1, BK=cfg["BK"], BN=cfg["BN"],
-                       BR=max(16, triton.next_power_of_2(r)), num_warps=cfg["num_warps"],
+                       BR=max(16, triton.next_power_of_2(r)), MULTI=plan.group < k and cfg["BK"] > plan.group,
+                       num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"])
         return out
     if spqr_stats is not None:

@@ -4,17 +4,20 @@
 
 `gemv.py`'s kernel (the general one: M <= 16, any g_idx, 3 bit, SpQR) and this one compute the same
 function; `gemv_triton` runs this one when its config says PLACE = 3, and `gemv_reference` is the ground
-truth of both. Why a second kernel: at M = 1 the work is bound by how many bytes of packed weights are in
-flight, and loads into registers are not pipelined by Triton's software pipeliner (it pipelines loads
-that feed shared memory). So each iteration here issues the next tile's words, scales and zeros before it
-computes on the current one (a register double buffer), and the loop body has no reduction across
-threads: partial sums stay per word row (BKW, BN) and are summed once after the loop (as is x @ Aᵀ).
+truth of both. Why a second kernel: at M = 1 the time is latency, not bytes or arithmetic (4096x4096 at
+4 bit: ~3 us of bytes at the copy rate, 11.5 us measured). Loads into registers are not pipelined by
+Triton's software pipeliner (it pipelines loads that feed shared memory), so every loop iteration of a
+program waits one DRAM round trip; the tuned configs of gemv.py's kernel ran 2-3 tiles per program. Here a
+tile may span several groups (MULTI: each packed word row reads its own group's scales and zeros, PER rows
+of one group), so a program's whole K-range can be one tile: all its loads go out at once. The loop body
+has no reduction across threads: partial sums stay per word row (BKW, BN) and are summed once at the end
+(as is x @ Aᵀ).
 
 Codes are read in place, the trick of gemv.py's `_place_value_dot` (one LOP3 + FADD + FFMA per code).
 Split-K ends as in gemv.py (split_k.py's `_store_split`).
 
-Measured (H200, bench/gemv_sweep.py): it won 2 of the 6 M = 1 7B shapes in call 7 and none in call 10,
-after gemv.py's split-K sum got faster; it stays as an option the sweep tries (PLACE 3), not a default.
+History (H200, bench/gemv_sweep.py): the first version of this file double-buffered tiles in registers
+(one group per tile); it won 2 of the 6 M = 1 7B shapes in call 7 and none in call 10.
 """
 
 from __future__ import annotations
@@ -27,45 +30,42 @@ from gptqlora.kernels.split_k import _store_split
 
 
 @triton.jit
-def _tile(qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, offs_n, mn, N, GROUP, BITS: tl.constexpr,
-          FLOAT_ZEROS: tl.constexpr, BKW: tl.constexpr):
-    """The packed words (BKW, BN) of rows [k0, k0 + BK) and their group's scales and zeros (BN,); zeros
-    (no memory read) where k0 >= k_end."""
-    PER: tl.constexpr = 32 // BITS
-    w_rows = k0 // PER + tl.arange(0, BKW)
-    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
-    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
-    g = k0 // GROUP
-    mg = mn & (offs_n * 0 + k0 < k_end)  # (BN,): a scalar condition as a mask
-    s = tl.load(scales_ptr + g * N + offs_n, mask=mg, other=0).to(tl.float32)
-    z = _zeros_at(zeros_ptr, g, offs_n, mg, N, BITS, FLOAT_ZEROS)
-    return words, s, z
+def _group_stats(scales_ptr, zeros_ptr, g, offs_n, mask, N, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr):
+    """Scales and zeros (fp32) of group(s) g at columns offs_n (any broadcastable shapes)."""
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mask, other=0).to(tl.float32)
+    return s, _zeros_at(zeros_ptr, g, offs_n, mask, N, BITS, FLOAT_ZEROS)
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
 def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr, lock_ptr,
                   K, N, R, GROUP, lora_scale, SPLIT, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr,
                   HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
-                  BN: tl.constexpr, BR: tl.constexpr):
+                  BN: tl.constexpr, BR: tl.constexpr, MULTI: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
     BKW: tl.constexpr = BK // PER
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mn = offs_n < N
-    span = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK  # rows per split, whole tiles (BK divides the group)
+    span = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK  # rows per split, whole tiles
     k_start = pid_k * span
     k_end = tl.minimum(K, k_start + span)
     offs_r = tl.arange(0, BR)
     mr = offs_r < R
     acc2 = tl.zeros((BKW, BN), tl.float32)  # s (Σ_j x q - z Σ_j x) per word row, summed after the loop
     xa2 = tl.zeros((BK, BR), tl.float32)  # x_k A[:, k] per row k, summed after the loop
-    words, s, z = _tile(qweight_ptr, scales_ptr, zeros_ptr, k_start, k_end, offs_n, mn, N, GROUP, BITS,
-                        FLOAT_ZEROS, BKW)
-    for k0 in range(k_start, k_end, BK):
-        # the next tile's loads go out first: they are in flight while this tile is computed
-        nwords, ns, nz = _tile(qweight_ptr, scales_ptr, zeros_ptr, k0 + BK, k_end, offs_n, mn, N, GROUP, BITS,
-                               FLOAT_ZEROS, BKW)
+    for k0 in range(k_start, k_end, BK):  # the tuned configs make this one iteration (BK = span)
+        w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
+        mw = w_rows < k_end // PER
+        words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw[:, None] & mn[None, :],
+                        other=0).to(tl.uint32, bitcast=True)  # (BKW, BN)
+        if MULTI:  # the tile spans groups: each word row its group's scales and zeros (PER rows, one group)
+            g = (w_rows * PER) // GROUP
+            s, z = _group_stats(scales_ptr, zeros_ptr, g[:, None], offs_n[None, :], mw[:, None] & mn[None, :], N,
+                                BITS, FLOAT_ZEROS)  # (BKW, BN)
+        else:  # the tile lies in one group
+            s, z = _group_stats(scales_ptr, zeros_ptr, k0 // GROUP, offs_n, mn, N, BITS, FLOAT_ZEROS)
+            s, z = s[None, :], z[None, :]
         p = tl.zeros((BKW, BN), tl.float32)
         xs = tl.zeros((BKW,), tl.float32)
         for h in tl.static_range(2):
@@ -78,14 +78,13 @@ def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_
                 # 2^23 + q * 2^(BITS*j), exact; x scaled by 2^-(BITS*j), exact
                 f = ((half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 p += (xv * (2.0 ** (-BITS * j)))[:, None] * f
-        acc2 += s[None, :] * (p - xs[:, None] * z[None, :])
+        acc2 += s * (p - xs[:, None] * z)
         if HAS_LORA:  # rows in x's own order (the splits partition K either way); A read contiguously
             offs_k = k0 + tl.arange(0, BK)
             mk = offs_k < k_end
             xl = tl.load(x_ptr + offs_k, mask=mk, other=0)
             at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=mk[:, None] & mr[None, :], other=0)
             xa2 += xl.to(tl.float32)[:, None] * at.to(xl.dtype).to(tl.float32)  # A in x's dtype as in training
-        words, s, z = nwords, ns, nz
     acc = tl.sum(acc2, axis=0)  # (BN,)
     if HAS_LORA:
         dt = x_ptr.dtype.element_ty

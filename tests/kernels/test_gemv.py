@@ -104,8 +104,8 @@ def test_too_many_rows():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("split", [1, 3])
 def test_place_value_paths_and_per_code_path_agree(bits, split):
-    """M = 1 reads codes in place (no shift, no conversion per code: PLACE 1, and PLACE 3, gemv1.py's kernel
-    with the next tile prefetched); the per-code path (PLACE 0) computes the same, with and without split-K."""
+    """M = 1 reads codes in place (no shift, no conversion per code: PLACE 1, and PLACE 3, gemv1.py's kernel);
+    the per-code path (PLACE 0) computes the same, with and without split-K."""
     p, x, a, b, want = case(256, 64, bits, 64, True, False, 1, torch.float32, seed=bits)
     plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
     args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
@@ -113,6 +113,23 @@ def test_place_value_paths_and_per_code_path_agree(bits, split):
     for place in (3, 1, 0):
         y = gemv_triton(x, *args, config={**base, "PLACE": place})
         assert rel_err(y, want) < 1e-6, place
+
+
+@pytest.mark.parametrize("bits,group,bk,float_zeros,act_order", [(4, 32, 128, False, True), (2, 64, 256, True, False),
+                                                                  (8, 32, 64, False, False), (4, 32, 64, True, True)])
+def test_one_token_tiles_spanning_groups(bits, group, bk, float_zeros, act_order):
+    """gemv1.py's tiles may span several groups (each packed word row reads its own group's statistics):
+    one tile per program (SPLIT = K / BK), two, and a ragged last tile (K not a multiple of BK)."""
+    for k in (512, 352):
+        p, x, a, b, want = case(k, 48, bits, group, act_order, float_zeros, 1, torch.float32, seed=bits + k)
+        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group)
+        args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
+        for split in (-(-k // bk), max(1, k // (2 * bk))):
+            cfg = {"BN": 16, "BK": bk, "SPLIT": split, "num_warps": 2, "num_stages": 1, "PLACE": 3}
+            assert legal_config({**pick_config(1, k, 48, bits, plan), **cfg}, k, bits, plan)["BK"] == bk
+            y = gemv_triton(x, *args, config=cfg)
+            assert rel_err(y, want) < 1e-6, (k, split)
+            assert not plan.locks.any()
 
 
 def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
