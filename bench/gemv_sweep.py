@@ -13,7 +13,8 @@ decode path of a model with an adapter), bf16:
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
 2. tile scan. At M = 1 (2/4/8 bit) first gemv1.py's kernel (PLACE 3) with one or two tiles per program,
    BK {128, 256, 512} x BN {32, 64, 128, 256} x num_warps {4, 8}, SPLIT = K / BK or half that (`wave_grid`);
-   then gemv.py's kernel at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
+   at M = 8 first gemv_dot.py's kernel (PLACE 4) likewise, BK {128, 256, 512} x BN {32, 64} x num_warps
+   {4, 8}; then gemv.py's kernel at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
    BK {32, 64, 128}, at M = 8 BN {64, 128, 256} x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
@@ -21,7 +22,7 @@ Each candidate is checked against the heuristic's output first (a wrong config i
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
 timed) are measured in the same run. The kernels of stage 2 are compiled first by parallel worker processes
-(`--jobs`; Triton's disk cache): 60 compilations per bit width.
+(`--jobs`; Triton's disk cache): 72 compilations per bit width.
 
 Prints a table (default vs best us, % of copy bandwidth, x bf16) and writes JSON: {"configs": {key: config},
 "rows": [...], ...}; the "configs" part is the table format of kernels/gemv.py (`tuned_key`).
@@ -76,12 +77,16 @@ def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
 
 
 def wave_grid(k: int, m: int, bits: int, small: bool) -> list[dict]:
-    """gemv1.py's kernel (PLACE 3, M = 1, 2/4/8 bit) with a program's whole K-range as one tile (SPLIT =
-    K / BK: every load in flight at once) or two (half the programs), tiles spanning groups."""
-    if m != 1 or 32 % bits:
+    """gemv1.py's kernel (PLACE 3, M = 1) or gemv_dot.py's (PLACE 4, M = 2..16), 2/4/8 bit, with a program's
+    whole K-range as one tile (SPLIT = K / BK: every load in flight at once) or two (half the programs),
+    tiles spanning groups."""
+    if 32 % bits:
         return []
-    bks, bns, warps = ((32, 64), (32,), (4,)) if small else (WAVE_BK, WAVE_BN, (4, 8))
-    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, PLACE=3, SPLIT=max(1, -(-k // (bk * t))))
+    if m == 1:
+        bks, bns, warps, place = ((32, 64), (32,), (4,), 3) if small else (WAVE_BK, WAVE_BN, (4, 8), 3)
+    else:  # gemv_dot.py (PLACE 4): no spills offline at BN 16-64 with 4-8 warps
+        bks, bns, warps, place = ((32, 64), (16,), (2,), 4) if small else (WAVE_BK, (32, 64), (4, 8), 4)
+    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, PLACE=place, SPLIT=max(1, -(-k // (bk * t))))
             for bk, bn, w, t in itertools.product(bks, bns, warps, (1, 2))]
 
 

@@ -39,6 +39,7 @@ from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.gemv1 import _gemv1_kernel
+from gptqlora.kernels.gemv_dot import _gemv_dot_kernel
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 from gptqlora.kernels.reference import dequantize
@@ -291,9 +292,11 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
     cfg = dict(cfg)
     per = 32 // bits if 32 % bits == 0 else 1
     bk = cfg["BK"]
-    multi = cfg.get("PLACE") == 3 and 32 % bits == 0 and plan.group % per == 0 and bk > plan.group
-    if plan.sorted and plan.group < k and not multi:  # else gemv1.py's tile over several groups
-        bk = _pow2_divisor(plan.group, bk)
+    words_ok = 32 % bits == 0 and plan.group % per == 0  # a packed word row lies in one group
+    if cfg.get("PLACE") == 4 and words_ok:  # gemv_dot.py: any BK of whole word rows, dots of depth >= 16
+        bk = max(bk, 16 * per)
+    elif plan.sorted and plan.group < k and not (cfg.get("PLACE") == 3 and words_ok and bk > plan.group):
+        bk = _pow2_divisor(plan.group, bk)  # one group per tile (gemv1.py's PLACE 3 may span several)
     if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
         bk = 0
     tile = bk or 64
@@ -320,6 +323,7 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
 
 _launch = FastKernel(_gemv_kernel)
 _launch1 = FastKernel(_gemv1_kernel)
+_launch_dot = FastKernel(_gemv_dot_kernel)
 
 
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -365,6 +369,14 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                        BR=max(16, triton.next_power_of_2(r)), MULTI=plan.group < k and cfg["BK"] > plan.group,
                        num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"])
+        return out
+    if place == 4 and m > 1 and sorted_rows and 32 % bits == 0 and spqr_stats is None:  # gemv_dot.py
+        _launch_dot[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
+                          float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
+                          HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1, BM=MAX_M,
+                          BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
+                          F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
         return out
     if spqr_stats is not None:
         sbits, *stats = spqr_stats

@@ -132,6 +132,28 @@ def test_one_token_tiles_spanning_groups(bits, group, bk, float_zeros, act_order
             assert not plan.locks.any()
 
 
+@pytest.mark.parametrize("bits,group,bk,float_zeros,act_order,m", [(4, 32, 128, False, True, 7), (2, 64, 256, True, False, 2),
+                                                                    (8, 32, 64, False, False, 16), (4, 128, 128, True, True, 5)])
+def test_batched_dot_kernel(bits, group, bk, float_zeros, act_order, m):
+    """gemv_dot.py (PLACE 4, M = 2..16): one dot per code place of the words, tiles within or across groups,
+    one or two tiles per program, a ragged last tile; bf16 activations (the kernel's dtype in decoding)."""
+    for k in (512, 352):
+        p, x, a, b, want = case(k, 48, bits, group, act_order, float_zeros, m, torch.float32, seed=bits + k + m)
+        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group)
+        args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
+        for split in (-(-k // bk), max(1, k // (2 * bk))):
+            cfg = {"BN": 16, "BK": bk, "SPLIT": split, "num_warps": 2, "num_stages": 1, "PLACE": 4}
+            assert legal_config({**pick_config(m, k, 48, bits, plan), **cfg}, k, bits, plan)["BK"] == bk
+            y = gemv_triton(x, *args, config=cfg)
+            assert rel_err(y, want) < 1e-5, (k, split)
+            ref = gemv_triton(x, *args, config={**cfg, "PLACE": 0})  # the general kernel: the same rounding of W
+            assert rel_err(y, ref) < 1e-5
+            assert not plan.locks.any()
+    xb = x.bfloat16()
+    yb = gemv_triton(xb, *args, config={"BN": 16, "BK": bk, "SPLIT": 2, "num_warps": 2, "num_stages": 1, "PLACE": 4})
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, want) < 2e-2
+
+
 def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
     from gptqlora.kernels import gemv
 
