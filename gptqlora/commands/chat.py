@@ -1,12 +1,12 @@
 """`gptqlora chat`: an interactive terminal chat with a run's model, streaming tokens as they are generated.
 
 Generation runs in a worker thread feeding a `TextIteratorStreamer`; the main thread prints the pieces.
-That keeps Ctrl-C in the main thread: while a reply streams, SIGINT only sets an event that a stopping
-criterion checks after every token, so an interrupted reply ends cleanly (adapter state restored) and the
+That keeps Ctrl-C in the main thread: while a reply streams, SIGINT only sets an event that the decode
+loop checks after every token, so an interrupted reply ends cleanly (adapter state restored) and the
 chat goes on. The handler must not raise: a KeyboardInterrupt landing inside the streamer's queue can
 leave its lock held, and the worker's next put would then wait forever (CI saw that hang). It is one
-worker thread for the whole session: CUDA graphs recorded by the compiled decode step belong to the
-thread that recorded them, and replaying them from another thread would be wrong.
+worker thread for the whole session: the CUDA graphs graph_decode records belong to the thread that
+recorded them, and replaying them from another thread would be wrong.
 """
 
 from __future__ import annotations
