@@ -2,7 +2,8 @@
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations spqr
-#                                                    tune decode journey scale scale-speed scale-memory quant-stream scale-tests)
+#                                                    tune decode journey scale scale-speed scale-memory
+#                                                    scale-memory-both quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -65,7 +66,7 @@ for l in open(sys.argv[1]):
 for l in open(sys.argv[1]):
     r=json.loads(l); print('cast cache', r['cast_cache'], r['tokens_per_s'], 'tok/s, step', r['step_s'], 's, peak', r['peak_gib'], 'GiB, losses', r['losses'])" "$OUT/cast_ab.jsonl" ;;
     journey)   bash bench/journey.sh > "$OUT/journey.log" 2>&1; echo "journey rc=$?"; tail -40 "$OUT/journey.log" ;;
-    scale|scale-speed|scale-memory)  # 65B: one stage per device call (each ~6-8 min on an H200)
+    scale|scale-speed|scale-memory|scale-memory-both)  # 65B: one stage per device call (each ~6-8 min on an H200)
                set_name=${stage#scale-}; [ "$set_name" = scale ] && set_name=memory-target
                python3 bench/scale.py --set "$set_name" --out "$OUT" > "$OUT/$stage.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/$stage.md"; tail -3 "$OUT/stderr.log" ;;

@@ -3,6 +3,7 @@
     python bench/scale.py                              # 65B, 2 and 4 bit, bs1x2048 and bs16x256, full checkpointing
     python bench/scale.py --set speed                  # the same with --gradient_checkpointing auto (none where it fits)
     python bench/scale.py --set memory                 # 2 bit bs1x2048: loss / offload / 8-bit Adam variants
+    python bench/scale.py --set memory-both            # 4 and 2 bit bs1x2048: offload and paged 8-bit Adam together
     python bench/scale.py --device cpu --shape tiny --set smoke --batches 1x64   # smoke test (no CUDA figures)
 
 One process per configuration (bench/train_step.py builds the packed model directly on the device: random
@@ -48,6 +49,9 @@ SETS = {
                (2, 64, ["--checkpointing", "full", "--offload"]),
                (2, 64, ["--checkpointing", "full", "--optim", "paged_adamw_8bit"]),
                (2, 64, ["--checkpointing", "full", "--no-expandable-segments"])],
+    # the two memory options together, at both widths (each alone was measured at 2 bit only)
+    "memory-both": [(4, 128, ["--checkpointing", "full", "--offload", "--optim", "paged_adamw_8bit"]),
+                    (2, 64, ["--checkpointing", "full", "--offload", "--optim", "paged_adamw_8bit"])],
     "smoke": [(2, 64, ["--checkpointing", "selective", "--offload"])],  # one quick run, to test this script
 }
 
@@ -169,7 +173,7 @@ def table(recs: list[dict]) -> str:
 def suite(a: argparse.Namespace) -> int:
     configs = [c for name in a.set for c in SETS[name]]
     batches = [tuple(map(int, b.split("x"))) for b in a.batches.split(",")] if a.batches else \
-        [(1, 2048)] if a.set == ["memory"] else BATCHES
+        [(1, 2048)] if a.set in (["memory"], ["memory-both"]) else BATCHES
     t0, recs = time.time(), []
     for bits, group, extra in configs:
         for bs, seq in batches:
