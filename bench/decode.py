@@ -120,46 +120,6 @@ def layer_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list
     return rows
 
 
-def sweep_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list, l2_bytes: int) -> list[dict]:
-    """Tile sizes, warps and split-K around pick_config's choice, per layer shape, bits and M: the best
-    against the default (to retune pick_config from)."""
-    from gptqlora.kernels.gemv import _sm_count, pick_config
-
-    h, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
-    rows = []
-    for k, n in ((h, h), (inter, h), (h, inter)):
-        for bits in bits_list:
-            packed_bytes = k * n * bits // 8 + (k // GROUP[bits]) * n * (2 + bits / 8)
-            copies = max(1, math.ceil(l2_bytes / packed_bytes))
-            layers = [packed_layer(k, n, bits, device, i) for i in range(copies)]
-            plans = [plan_gemv(p[0], p[3], bits, GROUP[bits]) for p in layers]
-            for m in ms_list:
-                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-                base = pick_config(m, k, n, bits, plans[0], _sm_count(device))
-                results = []
-                for bn in (64, 128, 256):
-                    for warps in (1, 2, 4):
-                        for split in sorted({max(1, base["SPLIT"] // 2), base["SPLIT"], min(32, base["SPLIT"] * 2)}):
-                            for place in ((3, 1, 0) if m == 1 else (0,)):
-                                cfg = {**base, "BN": bn, "num_warps": warps, "SPLIT": split, "PLACE": place}
-                                try:
-                                    t = timer.ms(lambda: [gemv_triton(x, *p, bits, pl, config=cfg)
-                                                          for p, pl in zip(layers, plans)]) / copies
-                                except Exception as e:  # e.g. out of resources: not a candidate
-                                    t = float("inf")
-                                    cfg["error"] = type(e).__name__
-                                results.append((t, cfg))
-                t_def = timer.ms(lambda: [gemv_triton(x, *p, bits, pl) for p, pl in zip(layers, plans)]) / copies
-                t_best, best = min(results, key=lambda r: r[0])
-                rows.append({"shape": f"{k}x{n}", "bits": bits, "m": m, "default_us": round(t_def * 1e3, 1),
-                             "default": base, "best_us": round(t_best * 1e3, 1), "best": best,
-                             "best_pct_copy": round(100 * packed_bytes / t_best / 1e6 / copy, 1)})
-                print(rows[-1], flush=True)
-            del layers, plans
-            gc.collect()
-    return rows
-
-
 def weight_bytes(model) -> int:
     """Bytes a decode step reads at batch 1: packed weights, scales, zeros, the dense parameters."""
     from gptqlora.nn.quant_linear import QuantLinear
@@ -334,8 +294,6 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate (default 64)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: layers, generation")
-    ap.add_argument("--sweep", action="store_true",
-                    help="only sweep the kernel's tile sizes, warps and split-K per layer shape (a few minutes)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no model after this many seconds")
     ap.add_argument("--profile", type=int, metavar="BATCH",
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
@@ -357,12 +315,6 @@ def main() -> int:
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
     if not cuda:
         sys.stderr.write("bench/decode.py: CPU smoke test (Triton's interpreter): figures mean nothing\n")
-    if a.sweep:
-        out["sweep"] = layer_sweep = sweep_rows(device, timer, a.shape, copy, bits, batches, l2)
-        if a.json:
-            Path(a.json).write_text(json.dumps(out, indent=1))
-        print(table(layer_sweep, ["shape", "bits", "m", "default_us", "best_us", "best_pct_copy", "best"]))
-        return 0
     if "layers" not in a.skip:
         out["layers"] = layer_rows(device, timer, a.shape, copy, bits, batches, l2)
         print(table(out["layers"], list(out["layers"][0])), flush=True)

@@ -11,10 +11,7 @@ table's key is M = 1 or M = 2..16), act-order read through the repacked copy, wi
 decode path of a model with an adapter), bf16:
 
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
-2. tile scan. At M = 1 (2/4/8 bit) first gemv1.py's kernel (PLACE 3) with one or two tiles per program,
-   BK {128, 256, 512} x BN {32, 64, 128, 256} x num_warps {4, 8}, SPLIT = K / BK or half that (`wave_grid`);
-   at M = 8 first gemv_dot.py's kernel (PLACE 4) likewise, BK {128, 256, 512} x BN {32, 64} x num_warps
-   {4, 8}; then gemv.py's kernel at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
+2. tile scan at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
    BK {32, 64, 128}, at M = 8 BN {64, 128, 256} x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
@@ -22,7 +19,7 @@ Each candidate is checked against the heuristic's output first (a wrong config i
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
 timed) are measured in the same run. The kernels of stage 2 are compiled first by parallel worker processes
-(`--jobs`; Triton's disk cache): 72 compilations per bit width.
+(`--jobs`; Triton's disk cache): 36 compilations per bit width.
 
 Prints a table (default vs best us, % of copy bandwidth, x bf16) and writes JSON: {"configs": {key: config},
 "rows": [...], ...}; the "configs" part is the table format of kernels/gemv.py (`tuned_key`).
@@ -53,8 +50,6 @@ WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
-WAVE_BK = (128, 256, 512)  # gemv1.py's one-tile programs; narrow tiles: fewer rows of x per thread (offline
-WAVE_BN = (32, 64, 128, 256)  # sm_90 compiles: BN 32-64 with 4-8 warps stay under 255 registers, no spills)
 R = 8
 
 
@@ -69,25 +64,9 @@ def packed_layer(k, n, bits, device, seed):
 
 
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
-    """Stage 2's candidates for kernels/gemv.py's kernel: at M = 1 codes read one by one (PLACE 0: the
-    winner of calls 7 and 10; the in-place read PLACE 1 won no shape in call 10 and PLACE 2 none in
-    calls 7 and 10)."""
+    """Stage 2's candidates."""
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
-    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, PLACE=0) for bn, bk, w in itertools.product(bns, bks, warps)]
-
-
-def wave_grid(k: int, m: int, bits: int, small: bool) -> list[dict]:
-    """gemv1.py's kernel (PLACE 3, M = 1) or gemv_dot.py's (PLACE 4, M = 2..16), 2/4/8 bit, with a program's
-    whole K-range as one tile (SPLIT = K / BK: every load in flight at once) or two (half the programs),
-    tiles spanning groups."""
-    if 32 % bits:
-        return []
-    if m == 1:
-        bks, bns, warps, place = ((32, 64), (32,), (4,), 3) if small else (WAVE_BK, WAVE_BN, (4, 8), 3)
-    else:  # gemv_dot.py (PLACE 4): no spills offline at BN 16-64 with 4-8 warps
-        bks, bns, warps, place = ((32, 64), (16,), (2,), 4) if small else (WAVE_BK, (32, 64), (4, 8), 4)
-    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, PLACE=place, SPLIT=max(1, -(-k // (bk * t))))
-            for bk, bn, w, t in itertools.product(bks, bns, warps, (1, 2))]
+    return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3) for bn, bk, w in itertools.product(bns, bks, warps)]
 
 
 class Timer:
@@ -119,8 +98,7 @@ def warm(bits_list, ms, small: bool, jobs: int, device) -> str:
 def warm_worker(share: str, bits_list, ms, small: bool, device) -> int:
     i, n = map(int, share.split("/"))
     k, nn = (SMALL_SHAPES if small else SHAPES)[0]
-    jobs = [(bits, m, cfg) for bits in bits_list for m in ms
-            for cfg in wave_grid(k, m, bits, small)[::2] + tile_grid(m, bits, small)]
+    jobs = [(bits, m, cfg) for bits in bits_list for m in ms for cfg in tile_grid(m, bits, small)]
     layers = {}
     for bits, m, cfg in jobs[i::n]:
         if bits not in layers:
@@ -174,10 +152,7 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
     # 1. split scan with the heuristic's tiles
     best_split = min(SPLITS, key=lambda s: measure({"SPLIT": s}) if time.time() < deadline else math.inf)
     programs = best_split * -(-n // default["BN"])
-    # 2. gemv1.py's one-tile programs (their own split), then gemv.py's tiles at the best split's program count
-    for cfg in wave_grid(k, m, bits, small):
-        if time.time() < deadline:
-            measure(cfg)
+    # 2. tiles, at the best split's program count
     for cfg in tile_grid(m, bits, small):
         if time.time() > deadline:
             break
@@ -251,7 +226,7 @@ def main(argv=None) -> int:
     for r in rows:
         b = r["best"]
         print("| " + " | ".join(str(r[c]) for c in cols) +
-              f" | BN {b['BN']} BK {b['BK']} SPLIT {b['SPLIT']} warps {b['num_warps']} place {b['PLACE']} |")
+              f" | BN {b['BN']} BK {b['BK']} SPLIT {b['SPLIT']} warps {b['num_warps']} |")
     print(f"{out['device']}, {out['wall_s']} s, copy {copy_gbps:.0f} GB/s; table: {len(configs)} configs"
           + (f" in {a.json}" if a.json else ""))
     return 0

@@ -38,8 +38,6 @@ import triton.language as tl
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
-from gptqlora.kernels.gemv1 import _gemv1_kernel
-from gptqlora.kernels.gemv_dot import _gemv_dot_kernel
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 from gptqlora.kernels.reference import dequantize
@@ -84,40 +82,12 @@ def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
     return tl.sum(a.to(tl.float32)[:, :, None] * b[None, :, :], axis=1)
 
 
-@triton.jit
-def _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS: tl.constexpr, BK: tl.constexpr,
-                     HAS_PERM: tl.constexpr):
-    """Σ_k x[k] q[k, n] over packed rows [k0, k0 + BK) for one row of x, with ~1 integer op per code: a code
-    is masked in place inside its 16-bit half-word and OR-ed into the mantissa of 2^23, so the float is
-    2^23 + q * 2^(BITS*j) (exact); x of that row is pre-scaled by 2^-(BITS*j) (exact), and only the 2^23 is
-    subtracted. No shift or int-to-float conversion per code. Returns (BN,) fp32."""
-    PER: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PER // 2  # codes per 16-bit half-word
-    BKW: tl.constexpr = BK // PER
-    mn = offs_n < N
-    w_rows = k0 // PER + tl.arange(0, BKW)  # (BKW,)
-    mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
-    words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0).to(tl.uint32, bitcast=True)
-    jj = tl.arange(0, HALF)
-    masks = tl.full((HALF,), (1 << BITS) - 1, tl.uint32) << (jj * BITS).to(tl.uint32)  # (HALF,)
-    place = ((127 - jj * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), exact
-    p = tl.zeros((BKW, HALF, offs_n.shape[0]), tl.float32)
-    for h in tl.static_range(2):  # low and high half-words: rows w*PER + h*HALF + j
-        rows = k0 + tl.arange(0, BKW)[:, None] * PER + h * HALF + jj[None, :]  # (BKW, HALF)
-        src = tl.load(perm_ptr + rows, mask=rows < k_end, other=0) if HAS_PERM else rows
-        xv = tl.load(x_ptr + src, mask=rows < k_end, other=0).to(tl.float32) * place[None, :]
-        half = (words >> (16 * h)) & 0xFFFF  # (BKW, BN)
-        f = ((half[:, None, :] & masks[None, :, None]) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        p += xv[:, :, None] * f  # (BKW, HALF, BN)
-    return tl.sum(tl.sum(p, axis=1), axis=0)
-
-
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, PLACE: tl.constexpr):
+                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     DOT: tl.constexpr = BM >= 16
     offs_m = tl.arange(0, BM)
@@ -144,11 +114,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
                 z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
-            if PLACE == 1:  # M = 1, whole-word codes
-                p = _place_value_dot(x_ptr, perm_ptr, qweight_ptr, k0, k_end, offs_n, N, BITS, BK, HAS_PERM)[None, :]
-            else:
-                q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
-                p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+            p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
             xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
             acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
@@ -245,7 +212,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 TUNED_ENV = "GPTQLORA_GEMV_CONFIGS"  # a JSON file of tuned configs (bench/gemv_sweep.py writes one)
 TUNED_FILE = Path(__file__).with_name("gemv_configs.json")  # the table shipped with the package, if present
-TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages", "PLACE")
+TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages")
 
 
 def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
@@ -256,7 +223,7 @@ def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
 
 @functools.cache
 def tuned_table() -> dict[str, dict]:
-    """{tuned_key: {BN, BK, SPLIT, num_warps, num_stages, PLACE} (any subset)} from $GPTQLORA_GEMV_CONFIGS,
+    """{tuned_key: {BN, BK, SPLIT, num_warps, num_stages} (any subset)} from $GPTQLORA_GEMV_CONFIGS,
     else from gemv_configs.json beside this file, else empty (the heuristic alone). Read once per process
     (`tuned_table.cache_clear()` re-reads it)."""
     path = os.environ.get(TUNED_ENV) or (TUNED_FILE if TUNED_FILE.exists() else None)
@@ -273,17 +240,17 @@ def tuned_table() -> dict[str, dict]:
 def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
     """The untuned choice, from what won the 7B-shape sweeps on an H200 (calls 7 and 10,
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
-    group in sorted mode; codes unpacked one by one (PLACE 0); split-K for ~4 programs per SM, each keeping >= 2 tiles
+    group in sorted mode; split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
     if m == 1:
         bn, bk, warps = 256, 128, (4 if bits >= 4 else 2)
         tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
-        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, PLACE=0)
+        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
     bn, bk = 128, 64
     tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
-    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=2, num_stages=3, PLACE=0)
+    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=2, num_stages=3)
 
 
 def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
@@ -292,11 +259,8 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
     cfg = dict(cfg)
     per = 32 // bits if 32 % bits == 0 else 1
     bk = cfg["BK"]
-    words_ok = 32 % bits == 0 and plan.group % per == 0  # a packed word row lies in one group
-    if cfg.get("PLACE") == 4 and words_ok:  # gemv_dot.py: any BK of whole word rows, dots of depth >= 16
-        bk = max(bk, 16 * per)
-    elif plan.sorted and plan.group < k and not (cfg.get("PLACE") == 3 and words_ok and bk > plan.group):
-        bk = _pow2_divisor(plan.group, bk)  # one group per tile (gemv1.py's PLACE 3 may span several)
+    if plan.sorted and plan.group < k:
+        bk = _pow2_divisor(plan.group, bk)
     if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
         bk = 0
     tile = bk or 64
@@ -322,8 +286,6 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
 
 
 _launch = FastKernel(_gemv_kernel)
-_launch1 = FastKernel(_gemv1_kernel)
-_launch_dot = FastKernel(_gemv_dot_kernel)
 
 
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -346,7 +308,6 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)
-    place = cfg.pop("PLACE", 0)
     sorted_rows = plan.sorted and cfg["BK"] > 0
     if cfg["BK"] == 0:
         cfg["BK"] = 64
@@ -361,23 +322,6 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
-    in_place = m == 1 and sorted_rows and 32 % bits == 0  # codes read in place (PLACE 1 and 3)
-    if place == 3 and in_place and spqr_stats is None:  # gemv1.py: M = 1, tiles that may span groups
-        _launch1[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, k, n, r, plan.group, float(scaling),
-                       split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), HAS_PERM=plan.perm is not None,
-                       HAS_LORA=has_lora, SPLIT_K=split > 1, BK=cfg["BK"], BN=cfg["BN"],
-                       BR=max(16, triton.next_power_of_2(r)), MULTI=plan.group < k and cfg["BK"] > plan.group,
-                       num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"])
-        return out
-    if place == 4 and m > 1 and sorted_rows and 32 % bits == 0 and spqr_stats is None:  # gemv_dot.py
-        _launch_dot[grid](x, qw, zeros, scales, perm, a, b, out, part, plan.locks, m, k, n, r, plan.group,
-                          float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
-                          HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1, BM=MAX_M,
-                          BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
-                          F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"])
-        return out
     if spqr_stats is not None:
         sbits, *stats = spqr_stats
         sg = n // stats[1].shape[-1]
@@ -388,7 +332,6 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
-                  PLACE=min(int(place), 1) if in_place else 0,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

@@ -1,4 +1,4 @@
-"""The end of a split-K program, shared by the decode kernels (gemv.py, gemv1.py): deterministic, one launch.
+"""The end of a split-K program of the decode kernel (gemv.py): deterministic, one launch.
 
 Each program of a column block stores its fp32 partial; the last one to finish (a counter per block, which
 it resets to 0 for the next call and the next CUDA-graph replay) sums all partials in a fixed order and

@@ -101,59 +101,6 @@ def test_too_many_rows():
         gemv_triton(torch.randn(17, 64, device=DEVICE), p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("split", [1, 3])
-def test_place_value_paths_and_per_code_path_agree(bits, split):
-    """M = 1 reads codes in place (no shift, no conversion per code: PLACE 1, and PLACE 3, gemv1.py's kernel);
-    the per-code path (PLACE 0) computes the same, with and without split-K."""
-    p, x, a, b, want = case(256, 64, bits, 64, True, False, 1, torch.float32, seed=bits)
-    plan = plan_gemv(p["qweight"], p["g_idx"], bits, 64)
-    args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
-    base = {**pick_config(1, 256, 64, bits, plan), "SPLIT": split, "BK": 32}
-    for place in (3, 1, 0):
-        y = gemv_triton(x, *args, config={**base, "PLACE": place})
-        assert rel_err(y, want) < 1e-6, place
-
-
-@pytest.mark.parametrize("bits,group,bk,float_zeros,act_order", [(4, 32, 128, False, True), (2, 64, 256, True, False),
-                                                                  (8, 32, 64, False, False), (4, 32, 64, True, True)])
-def test_one_token_tiles_spanning_groups(bits, group, bk, float_zeros, act_order):
-    """gemv1.py's tiles may span several groups (each packed word row reads its own group's statistics):
-    one tile per program (SPLIT = K / BK), two, and a ragged last tile (K not a multiple of BK)."""
-    for k in (512, 352):
-        p, x, a, b, want = case(k, 48, bits, group, act_order, float_zeros, 1, torch.float32, seed=bits + k)
-        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group)
-        args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
-        for split in (-(-k // bk), max(1, k // (2 * bk))):
-            cfg = {"BN": 16, "BK": bk, "SPLIT": split, "num_warps": 2, "num_stages": 1, "PLACE": 3}
-            assert legal_config({**pick_config(1, k, 48, bits, plan), **cfg}, k, bits, plan)["BK"] == bk
-            y = gemv_triton(x, *args, config=cfg)
-            assert rel_err(y, want) < 1e-6, (k, split)
-            assert not plan.locks.any()
-
-
-@pytest.mark.parametrize("bits,group,bk,float_zeros,act_order,m", [(4, 32, 128, False, True, 7), (2, 64, 256, True, False, 2),
-                                                                    (8, 32, 64, False, False, 16), (4, 128, 128, True, True, 5)])
-def test_batched_dot_kernel(bits, group, bk, float_zeros, act_order, m):
-    """gemv_dot.py (PLACE 4, M = 2..16): one dot per code place of the words, tiles within or across groups,
-    one or two tiles per program, a ragged last tile; bf16 activations (the kernel's dtype in decoding)."""
-    for k in (512, 352):
-        p, x, a, b, want = case(k, 48, bits, group, act_order, float_zeros, m, torch.float32, seed=bits + k + m)
-        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group)
-        args = p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0
-        for split in (-(-k // bk), max(1, k // (2 * bk))):
-            cfg = {"BN": 16, "BK": bk, "SPLIT": split, "num_warps": 2, "num_stages": 1, "PLACE": 4}
-            assert legal_config({**pick_config(m, k, 48, bits, plan), **cfg}, k, bits, plan)["BK"] == bk
-            y = gemv_triton(x, *args, config=cfg)
-            assert rel_err(y, want) < 1e-5, (k, split)
-            ref = gemv_triton(x, *args, config={**cfg, "PLACE": 0})  # the general kernel: the same rounding of W
-            assert rel_err(y, ref) < 1e-5
-            assert not plan.locks.any()
-    xb = x.bfloat16()
-    yb = gemv_triton(xb, *args, config={"BN": 16, "BK": bk, "SPLIT": 2, "num_warps": 2, "num_stages": 1, "PLACE": 4})
-    assert yb.dtype == torch.bfloat16 and rel_err(yb, want) < 2e-2
-
-
 def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
     from gptqlora.kernels import gemv
 
@@ -175,7 +122,7 @@ def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypat
 
     p, x, a, b, want = case(256, 64, 4, 64, True, False, 1, torch.float32, seed=11)
     plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
-    table = {gemv.tuned_key(4, 1, 256, 64, True): {"BN": 32, "BK": 128, "SPLIT": 2, "num_warps": 2, "PLACE": False}}
+    table = {gemv.tuned_key(4, 1, 256, 64, True): {"BN": 32, "BK": 128, "SPLIT": 2, "num_warps": 2}}
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"configs": table}))
     monkeypatch.setenv(gemv.TUNED_ENV, str(path))
@@ -183,7 +130,7 @@ def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypat
     gemv.tuned_table.cache_clear()
     try:
         cfg = pick_config(1, 256, 64, 4, plan)
-        assert (cfg["BN"], cfg["BK"], cfg["SPLIT"], cfg["num_warps"], cfg["PLACE"]) == (32, 64, 2, 2, False)
+        assert (cfg["BN"], cfg["BK"], cfg["SPLIT"], cfg["num_warps"]) == (32, 64, 2, 2)
         assert pick_config(3, 256, 64, 4, plan)["BN"] == gemv.heuristic_config(3, 256, 64, 4, plan)["BN"] == 128  # M = 3 is another key: the heuristic
         y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
         assert rel_err(y, want) < 1e-5 and not plan.locks.any()
@@ -196,13 +143,13 @@ def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypat
         gemv.tuned_table.cache_clear()
 
 
-@pytest.mark.parametrize("m,place,split", [(1, 3, 20), (1, 0, 20), (5, 0, 10)])
-def test_split_k_sums_more_partials_than_one_load_takes(m, place, split):
+@pytest.mark.parametrize("m,split", [(1, 20), (5, 10)])
+def test_split_k_sums_more_partials_than_one_load_takes(m, split):
     """The last program of a column block sums the partials CH at a time (16 at M = 1, 4 above); a split
     count past one chunk must still add every partial once, and leave the counters at zero."""
     p, x, a, b, want = case(640, 48, 4, 32, True, False, m, torch.float32, seed=split)
     plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32)
-    cfg = {**pick_config(m, 640, 48, 4, plan), "SPLIT": split, "BK": 32, "BN": 16, "PLACE": place}
+    cfg = {**pick_config(m, 640, 48, 4, plan), "SPLIT": split, "BK": 32, "BN": 16}
     y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0, config=cfg)
     assert legal_config(cfg, 640, 4, plan)["SPLIT"] == split
     assert rel_err(y, want) < 1e-5

@@ -58,8 +58,10 @@ def test_triton_dense_path_matches_torch(desc_act):
     layer, _ = spqr_layer(desc_act=desc_act, kernel="triton")
     ref, _ = spqr_layer(desc_act=desc_act, kernel="torch")
     torch.testing.assert_close(layer.dequantize(torch.float32), ref.dequantize(torch.float32), rtol=0, atol=0)
-    x = torch.randn(3, 128)
-    torch.testing.assert_close(layer(x), ref(x), rtol=1e-6, atol=1e-6)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    # 3 rows take the decode kernel, which sums K in another order than the torch path: fp32 noise of a
+    # 128-term sum (2.6e-6 seen with an unseeded x), not a wrong weight (the dequantization above is exact)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_stats_and_csr_helpers():
