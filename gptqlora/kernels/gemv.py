@@ -242,11 +242,18 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
     group in sorted mode; split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
+    straddle = 32 % bits != 0  # 3 bit: the (BK, BN) unpack of straddling words needs small tiles (offline
+    # sm_90 compile: BN 256 / BK 128 / 2 warps spills 7.8 KB per thread; the H200 ran such a 7B block 100x
+    # slower than 4 bit, session 4 call 3) - these stay under 255 registers without spills
     if m == 1:
-        bn, bk, warps = 256, 128, (4 if bits >= 4 else 2)
+        bn, bk, warps = (128, 64, 8) if straddle else (256, 128, 4 if bits >= 4 else 2)
         tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
         return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
+    if straddle:
+        tile = _pow2_divisor(plan.group, 32) if plan.sorted and plan.group < k else 32
+        split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, 32)), k // (4 * max(tile, 16))))
+        return dict(BM=MAX_M, BK=32, BN=32, SPLIT=split, num_warps=4, num_stages=3)
     bn, bk = 128, 64
     tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
