@@ -242,9 +242,11 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
     group in sorted mode; split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
-    straddle = 32 % bits != 0  # 3 bit: the (BK, BN) unpack of straddling words needs small tiles (offline
-    # sm_90 compile: BN 256 / BK 128 / 2 warps spills 7.8 KB per thread; the H200 ran such a 7B block 100x
-    # slower than 4 bit, session 4 call 3) - these stay under 255 registers without spills
+    # 3 bit with tiles over 32 rows: the (BK, BN) unpack of straddling words needs smaller tiles (offline
+    # sm_90 compile: BN 256 / BK 128 / 2 warps spills 7.8 KB per thread; H200, session 4: a GPTQ 3-bit 7B
+    # block decoded in 9.59 ms with those, 0.41 ms with these). SpQR's groups of 16 cut BK to 16, where
+    # the wide tiles do not spill and ran faster (SpQR block 0.35 ms against 0.51 with these)
+    straddle = 32 % bits != 0 and not (plan.sorted and plan.group < k and _pow2_divisor(plan.group, 64) <= 32)
     if m == 1:
         bn, bk, warps = (128, 64, 8) if straddle else (256, 128, 4 if bits >= 4 else 2)
         tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
