@@ -102,13 +102,12 @@ def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
 
 
 def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
-                 length: int | None = None, on_token: Callable[[torch.Tensor], bool] | None = None,
-                 stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                 length: int | None = None, on_token: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) for left-padded ``ids`` / ``mask`` on the model's device.
 
     Compiled decoding (``sampling.decode``, see `compiled_decode`) runs graph_decode's loop with a static
     cache of ``length`` tokens (default: prompt + max_new_tokens); eager decoding runs transformers'
-    ``generate``. ``on_token(tokens (B,) on the CPU)`` streams each step's tokens; ``stop()`` True ends early.
+    ``generate``. ``on_token(tokens (B,) on the CPU)`` streams each step's tokens; its True ends generation.
     Rows that ended early are padded with the pad token after their end-of-sequence token."""
     from gptqlora.graph_decode import decoder_for
 
@@ -121,26 +120,21 @@ def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tens
                 self.seen = ids.shape[1]
 
             def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+                done = False
                 for t in range(self.seen, input_ids.shape[1]):
-                    if on_token is not None and on_token(input_ids[:, t].cpu()):
-                        return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                    done = done or bool(on_token(input_ids[:, t].cpu()))
                 self.seen = input_ids.shape[1]
-                done = stop is not None and stop()
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-        gen = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([_Stream()]),
-                             disable_compile=True, **kw)
+        stream = {"stopping_criteria": StoppingCriteriaList([_Stream()])} if on_token is not None else {}
+        gen = model.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **stream, **kw)
         return gen[:, ids.shape[1]:]
     prepare_decode(model)
     size = cache_length(model, length or ids.shape[1] + sampling.max_new_tokens)
-    decoder = decoder_for(model, ids.shape[0], size)
-
-    def each(tokens: torch.Tensor) -> bool:
-        return bool(on_token is not None and on_token(tokens)) or bool(stop is not None and stop())
-
-    return decoder.run(ids, mask, sampling.max_new_tokens, _eos_ids(tokenizer, model), kw["pad_token_id"],
-                       sample=sampling.temperature > 0, temperature=sampling.temperature or 1.0,
-                       top_p=sampling.top_p, on_token=each if (on_token or stop) else None)
+    return decoder_for(model, ids.shape[0], size).run(
+        ids, mask, sampling.max_new_tokens, _eos_ids(tokenizer, model), kw["pad_token_id"],
+        sample=sampling.temperature > 0, temperature=sampling.temperature or 1.0, top_p=sampling.top_p,
+        on_token=on_token)
 
 
 @torch.inference_mode()
