@@ -83,6 +83,26 @@ def test_adapter_off_is_the_base_model(loaded):
     assert s.reply("hello", lambda _t: None).text == with_adapter
 
 
+def test_decode_loop_streams_what_generate_streams(loaded, monkeypatch):
+    """chat through graph_decode's loop (`--decode compiled`; on a CPU its step runs eagerly) streams the
+    replies transformers' generate gives, with the adapter and with it switched off (another graph key)."""
+    from gptqlora import inference
+
+    want = {}
+    for name in ("run1", "off"):
+        s = session(loaded)
+        s.use(name)
+        want[name] = s.reply("hello", lambda _t: None).text
+    monkeypatch.setattr(inference, "compiled_decode", lambda model, sampling: True)
+    s = session(loaded)
+    for name in ("run1", "off", "run1"):
+        s.reset()
+        s.use(name)
+        pieces = []
+        assert s.reply("hello", pieces.append).text == "".join(pieces) == want[name]
+    assert len(pieces) > 1
+
+
 def test_oldest_turns_dropped_to_fit_context(loaded):
     s = session(loaded, max_new_tokens=8, context=300)
     s.fmt = PromptFormat("template", PromptTemplate.load("alpaca_short"))  # ~80 tokens a turn
