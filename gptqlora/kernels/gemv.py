@@ -242,24 +242,22 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
     group in sorted mode; split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
+    grouped = plan.sorted and plan.group < k  # tiles are cut to divide the group
     # 3 bit with tiles over 32 rows: the (BK, BN) unpack of straddling words needs smaller tiles (offline
     # sm_90 compile: BN 256 / BK 128 / 2 warps spills 7.8 KB per thread; H200, session 4: a GPTQ 3-bit 7B
     # block decoded in 9.59 ms with those, 0.41 ms with these). SpQR's groups of 16 cut BK to 16, where
     # the wide tiles do not spill and ran faster (SpQR block 0.35 ms against 0.51 with these)
-    straddle = 32 % bits != 0 and not (plan.sorted and plan.group < k and _pow2_divisor(plan.group, 64) <= 32)
+    small3 = 32 % bits != 0 and not (grouped and _pow2_divisor(plan.group, 64) <= 32)
     if m == 1:
-        bn, bk, warps = (128, 64, 8) if straddle else (256, 128, 4 if bits >= 4 else 2)
-        tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
+        bn, bk, warps = (128, 64, 8) if small3 else (256, 128, 4 if bits >= 4 else 2)
+    else:
+        bn, bk, warps = (32, 32, 4) if small3 else (128, 64, 2)
+    tile = _pow2_divisor(plan.group, bk) if grouped else bk
+    if m == 1:
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
         return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
-    if straddle:
-        tile = _pow2_divisor(plan.group, 32) if plan.sorted and plan.group < k else 32
-        split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, 32)), k // (4 * max(tile, 16))))
-        return dict(BM=MAX_M, BK=32, BN=32, SPLIT=split, num_warps=4, num_stages=3)
-    bn, bk = 128, 64
-    tile = _pow2_divisor(plan.group, bk) if plan.sorted and plan.group < k else bk
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
-    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=2, num_stages=3)
+    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
 
 
 def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
