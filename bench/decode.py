@@ -12,8 +12,8 @@
 3. generation: tokens/s at batch 1 and 8 of a 7B-shaped LLaMA (random weights built in packed form, as
    bench/train_step.py does) with an r=8 adapter on the seven projections, through the harness
    `gptqlora chat/generate --decode compiled` use (gptqlora/graph_decode.py: static KV cache, the step
-   compiled and captured in one CUDA graph); the bf16 model (no adapter: an adapter merged into bf16 costs nothing) in the same harness; and
-   plain transformers `generate` in bf16 (dynamic cache, no compile), what a user gets without us. Decode
+   compiled and captured in one CUDA graph); the bf16 model (no adapter: an adapter merged into bf16 costs
+   nothing) in the same harness; and plain transformers `generate` in bf16 (dynamic cache, no compile), what a user gets without us. Decode
    tokens/s = batch x (new - 1) / (t(new tokens) - t(1 token)): the prefill cancels. The weight-read
    bandwidth of a step is the model's weight bytes / the batch-1 step time. At batch 1 also transformers'
    own compiled generate (static cache, compile_config with CUDA graphs), the harness before graph_decode.
@@ -133,9 +133,6 @@ def weight_bytes(model) -> int:
     return total
 
 
-HARNESSES = ("same harness", "transformers compiled", "plain transformers")
-
-
 def _generator(model, harness: str, ids: torch.Tensor, prompt: int, new: int):
     """A function generating `n` new tokens for `ids` through one harness:
     "same harness": graph_decode (what `gptqlora chat/generate --decode compiled` run: static cache, the
@@ -186,7 +183,7 @@ def decode_rate(model, batch: int, prompt: int, new: int, harness: str, timer: T
 def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12) -> list[dict]:
     """Where a decode step's time goes: one graph_decode generate of `new` tokens under torch.profiler
     (after the timed runs: graphs recorded), kernels by total device time per generated token, and the
-    wall time per token beside the GPU time (their difference: the GPU waiting on the host)."""
+    wall time per token beside it (inflated by the profiler; the timed rows give the true rate)."""
     from torch.profiler import ProfilerActivity, profile
 
     gen = torch.Generator(device=device).manual_seed(1)
