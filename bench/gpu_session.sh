@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations spqr
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations spqr gemlite
 #                                                    tune decode journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests)
-# Wheels (bitsandbytes, liger-kernel, peft) travel in .whl/ (git-ignored): pip download them here first.
+# Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
+# (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -45,6 +46,9 @@ for l in open(sys.argv[1]):
     r=json.loads(l); h=r['host']; print(r['mode'], r['tokens_per_s'], 'tok/s; launches', h['launches'], 'gpu busy', h['gpu_busy_ms'], 'ms of', h['profiled_wall_ms'], '; host enqueue', h['host_enqueue_ms'], 'ms; waits', h['waits'])" "$OUT/host.jsonl" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
+    gemlite)   # GemLite's kernels on our GPTQ layers against ours and bf16 (gemlite's wheel in .whl/)
+               python3 bench/gemlite_peer.py --json "$OUT/gemlite.json" > "$OUT/gemlite.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/gemlite.txt" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
     tune)      # decode check (~1 min), then the gemv config sweep (< 4 min): $OUT/gemv_sweep.json is the table

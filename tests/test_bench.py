@@ -82,3 +82,27 @@ def test_host_ops_smoke(tmp_path):
         assert 0 < r["bwd_ops_per_call"] < {0.05: 29.0, 0.0: 31.8}[r["dropout"]]  # before: 30.0 / 32.8
         assert r["fwd_py_calls_per_call"] > 0 and r["fwd_us_per_call"] > 0
     assert all(r["ops_per_step"] > 0 for r in rec["per_step"])
+
+
+def test_gemlite_peer_gets_the_same_weights_in_hqq_form():
+    """bench/gemlite_peer.py hands GemLite HQQ's (W_q - zeros) * scales with rows in group order: that must be
+    the GPTQ layer's W, for x permuted like the act-order copy's rows (GemLite itself needs a GPU)."""
+    import importlib.util
+
+    import torch
+
+    from gptqlora.kernels.gemv import plan_gemv
+    from gptqlora.kernels.reference import dequantize
+
+    spec = importlib.util.spec_from_file_location("gemlite_peer", ROOT / "bench" / "gemlite_peer.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    for bits, group in ((4, 128), (2, 64)):
+        p = peer.gemv_sweep.packed_layer(512, 96, bits, torch.device("cpu"), bits)
+        plan = plan_gemv(p[0], p[3], bits, group, True)
+        w_q, s, z = peer.hqq_weights(p, plan, bits, group, torch.float32)
+        assert w_q.dtype == torch.uint8 and w_q.shape == (96, 512) and s.shape == z.shape == (96, 512 // group)
+        w = (w_q.float() - z.repeat_interleave(group, 1)) * s.repeat_interleave(group, 1)  # (N, K), group order
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(bits))
+        torch.testing.assert_close(x[:, plan.perm.long()] @ w.t(), x @ dequantize(*p, bits, torch.float32),
+                                   rtol=1e-5, atol=1e-5)
