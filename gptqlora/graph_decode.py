@@ -37,6 +37,10 @@ MAX_DECODERS = 2  # (batch, cache length) pairs kept per model, each with its KV
 EOS_SLOTS = 4  # end-of-sequence ids a graph compares against (unused slots hold -1)
 
 
+class DecodeUnsupported(RuntimeError):
+    """This model or transformers version lacks what the loop relies on (`--decode eager` still works)."""
+
+
 def pick_next(logits: torch.Tensor, sample: bool, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """(B, V) logits -> (B,) next tokens: argmax, or a draw from the top-p nucleus of softmax(logits / T).
 
@@ -71,8 +75,8 @@ def _cache_lengths(cache: Any) -> list[torch.Tensor]:
     """The per-layer token counters of a StaticCache (device tensors it advances in place)."""
     counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
     if not all(isinstance(c, torch.Tensor) for c in counters):
-        raise RuntimeError("this transformers version's StaticCache keeps no tensor token counter per layer; "
-                           "use --decode eager")
+        raise DecodeUnsupported("this transformers version's StaticCache keeps no tensor token counter per "
+                                "layer, which the compiled decode loop needs; use --decode eager")
     return counters
 
 

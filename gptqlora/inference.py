@@ -109,7 +109,7 @@ def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tens
     cache of ``length`` tokens (default: prompt + max_new_tokens); eager decoding runs transformers'
     ``generate``. ``on_token(tokens (B,) on the CPU)`` streams each step's tokens; its True ends generation.
     Rows that ended early are padded with the pad token after their end-of-sequence token."""
-    from gptqlora.graph_decode import decoder_for
+    from gptqlora.graph_decode import DecodeUnsupported, decoder_for
 
     kw = sampling.generate_kwargs(tokenizer)
     if not compiled_decode(model, sampling):
@@ -131,10 +131,13 @@ def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tens
         return gen[:, ids.shape[1]:]
     prepare_decode(model)
     size = cache_length(model, length or ids.shape[1] + sampling.max_new_tokens)
-    return decoder_for(model, ids.shape[0], size).run(
-        ids, mask, sampling.max_new_tokens, _eos_ids(tokenizer, model), kw["pad_token_id"],
-        sample=sampling.temperature > 0, temperature=sampling.temperature or 1.0, top_p=sampling.top_p,
-        on_token=on_token)
+    try:
+        return decoder_for(model, ids.shape[0], size).run(
+            ids, mask, sampling.max_new_tokens, _eos_ids(tokenizer, model), kw["pad_token_id"],
+            sample=sampling.temperature > 0, temperature=sampling.temperature or 1.0, top_p=sampling.top_p,
+            on_token=on_token)
+    except DecodeUnsupported as e:
+        raise InferenceError(str(e)) from None
 
 
 @torch.inference_mode()

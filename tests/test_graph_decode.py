@@ -81,3 +81,16 @@ def test_adapter_state_tells_adapters_apart():
     with pm.disable_adapter():
         off = adapter_state(pm)
     assert on == (("default",), False, False) and off != on and adapter_state(tiny_llama(layers=1)) == ()
+
+
+def test_a_cache_without_tensor_counters_is_one_clear_error(model, monkeypatch):
+    """Another transformers version's StaticCache: `chat`/`generate` say to use --decode eager."""
+    from gptqlora import graph_decode, inference
+    from tiny import char_tokenizer
+
+    monkeypatch.setattr(graph_decode, "_cache_lengths", lambda cache: (_ for _ in ()).throw(
+        graph_decode.DecodeUnsupported("no counters; use --decode eager")))
+    monkeypatch.setattr(inference, "compiled_decode", lambda model, sampling: True)
+    ids, mask = prompts()
+    with pytest.raises(inference.InferenceError, match="use --decode eager"):
+        inference.generate_ids(model, char_tokenizer(), ids[:1], mask[:1], inference.Sampling(max_new_tokens=3))
