@@ -95,7 +95,7 @@ class ChatSession:
             try:
                 with torch.inference_mode(), using_adapter(self.model, self.active):
                     prompt = torch.tensor([ids], device=device)
-                    streamer.put(prompt.cpu())  # skipped (skip_prompt): the streamer's first put is the prompt
+                    streamer.put(torch.tensor([ids]))  # skipped (skip_prompt): the streamer's first put is the prompt
 
                     def put(tokens: torch.Tensor) -> bool:
                         streamer.put(tokens)
