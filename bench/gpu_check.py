@@ -10,7 +10,9 @@
 4. launches: the fast launch path (kernels/launch.py) on aligned and misaligned inputs in turn, against the
    torch reference (a cached kernel compiled for aligned pointers must not serve a misaligned one);
 5. training: a few GPTQ-LoRA steps of a small random LLaMA with bf16 autocast and gradient checkpointing,
-   Triton path against the reference path: the same losses within bf16 noise, finite gradients.
+   Triton path against the reference path: the same losses within bf16 noise, finite gradients;
+6. with --compile: the same steps with every decoder block compiled by inductor (train/compile.py, what
+   `finetune --compile blocks` does) against the eager Triton path, and no graph breaks.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def check_launches(device, k, n) -> list[dict]:
     return rows
 
 
-def check_training(device, hidden, autocast) -> dict:
+def check_training(device, hidden, autocast, compiled: bool = False) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import gptqlora
@@ -152,7 +154,7 @@ def check_training(device, hidden, autocast) -> dict:
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.skeleton import quantize_skeleton
 
-    def losses(backend: str, dropout: float, siblings: bool = True) -> tuple[list[float], bool]:
+    def losses(backend: str, dropout: float, siblings: bool = True, compile_: bool = False) -> tuple[list[float], bool]:
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=2,
                           num_attention_heads=8, vocab_size=1024)
@@ -172,6 +174,10 @@ def check_training(device, hidden, autocast) -> dict:
             from gptqlora.adapters.siblings import unlink_siblings
 
             unlink_siblings(pm)
+        if compile_:
+            from gptqlora.train.compile import compile_blocks
+
+            compile_blocks(pm)
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
         ids = torch.randint(0, 1024, (4, 128), device=device, generator=torch.Generator(device=device).manual_seed(2))
         out, finite = [], True
@@ -192,10 +198,21 @@ def check_training(device, hidden, autocast) -> dict:
     drop, fin_d = losses("triton", 0.05)
     diff = max(abs(a - b) / abs(b) for a, b in zip(kern, ref))
     diff_s = max(abs(a - b) / abs(b) for a, b in zip(kern, single))
-    return {"check": "training", "triton_losses": kern, "reference_losses": ref, "max_rel_diff": diff,
-            "single_layer_losses": single, "siblings_rel_diff": diff_s, "triton_dropout_losses": drop,
-            "ok": fin_k and fin_r and fin_d and fin_s and diff < 1e-2 and diff_s < 1e-2 and kern[-1] < kern[0]
-            and drop[-1] < drop[0]}
+    rec = {"check": "training", "triton_losses": kern, "reference_losses": ref, "max_rel_diff": diff,
+           "single_layer_losses": single, "siblings_rel_diff": diff_s, "triton_dropout_losses": drop,
+           "ok": fin_k and fin_r and fin_d and fin_s and diff < 1e-2 and diff_s < 1e-2 and kern[-1] < kern[0]
+           and drop[-1] < drop[0]}
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        t = time.perf_counter()
+        comp, fin_c = losses("triton", 0.0, compile_=True)
+        diff_c = max(abs(a - b) / abs(b) for a, b in zip(comp, kern))
+        breaks = sum(counters["graph_break"].values())
+        rec.update(compiled_losses=comp, compiled_rel_diff=diff_c, compiled_graph_breaks=breaks,
+                   compiled_s=round(time.perf_counter() - t, 1),
+                   ok=rec["ok"] and fin_c and diff_c < 1e-2 and breaks == 0)
+    return rec
 
 
 def main(argv: list[str]) -> int:
@@ -209,7 +226,7 @@ def main(argv: list[str]) -> int:
         return 1
     widths = ((k, 4), (k // 4, 4), (k // 2, 2))  # q, k, v of a GQA block (mixed bit widths allowed)
     rows = check_dequant(device, shapes) + check_layers(device, k, n) + check_group(device, k, widths) + \
-        check_launches(device, k, n) + [check_training(device, hidden, autocast)]
+        check_launches(device, k, n) + [check_training(device, hidden, autocast, "--compile" in argv)]
     bad = [r for r in rows if not r["ok"]]
     sys.stdout.write(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                                  "torch": torch.__version__, "failed": bad}, indent=1) + "\n")
@@ -219,7 +236,10 @@ def main(argv: list[str]) -> int:
                      f"{sum(r['ok'] for r in rows if r['check'] == 'dequant')} cases; worst layer rel err "
                      f"{layer_err:.2e}; training losses triton {train['triton_losses']} vs reference "
                      f"{train['reference_losses']} (max rel diff {train['max_rel_diff']:.1e}; siblings vs "
-                     f"layer by layer {train['siblings_rel_diff']:.1e})\n")
+                     f"layer by layer {train['siblings_rel_diff']:.1e})" + (
+                         f"; compiled {train['compiled_losses']} (rel diff {train['compiled_rel_diff']:.1e}, graph "
+                         f"breaks {train['compiled_graph_breaks']}, {train['compiled_s']} s)"
+                         if "compiled_losses" in train else "") + "\n")
     return 0 if not bad else 1
 
 

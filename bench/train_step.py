@@ -138,6 +138,8 @@ def main() -> None:
                     "(GPTQLORA_FAST_LAUNCH=0) instead of kernels/launch.py's")
     ap.add_argument("--liger", action="store_true", help="Liger's RMSNorm/SwiGLU/RoPE/fused linear+CE")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder block (any mode; "
+                    "gptqlora.train.compile, what finetune --compile blocks does); the first steps compile")
     ap.add_argument("--profile", action="store_true", help="also print the top CUDA kernels of one step")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of two steps: Python functions by own time (cProfile), "
@@ -156,6 +158,10 @@ def main() -> None:
     model = build_gptq(a.shape, a.bits, a.group, device) if a.mode == "gptq" else \
         build_dense(a.shape, a.mode == "nf4", device)
     model = wrap(model, a)
+    if a.compile:
+        from gptqlora.train.compile import compile_blocks
+
+        compile_blocks(model)
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -173,7 +179,7 @@ def main() -> None:
         return loss
 
     times, losses = [], []
-    for _ in range(a.steps + 2):
+    for _ in range(a.steps + 2):  # the first two are not counted (Triton's and inductor's compilation)
         sync()
         t = time.perf_counter()
         losses.append(step())
@@ -183,9 +189,9 @@ def main() -> None:
     label = a.mode if a.mode != "gptq" else f"gptq{a.bits}-g{a.group}"
     label += "+liger" * a.liger + ("" if a.fused or a.mode != "gptq" else "-unfused") + \
         ("-torchref" if a.kernel == "torch" else "") + "-nosiblings" * (not a.siblings) + \
-        "-slowlaunch" * a.slow_launch + ("-nockpt" if not a.checkpointing else "")
+        "-slowlaunch" * a.slow_launch + "+compile" * a.compile + ("-nockpt" if not a.checkpointing else "")
     rec = dict(shape=a.shape, mode=label, bs=a.bs, seq=a.seq, step_s=round(med, 4), tokens_per_s=round(a.bs * a.seq / med),
-               weights_gib=round(weights_gib, 2),
+               weights_gib=round(weights_gib, 2), first_steps_s=[round(v, 2) for v in times[:2]],
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
                trainable=sum(p.numel() for p in params), build_s=round(build_s, 1),
                losses=[round(float(v), 4) for v in losses], loss_finite=all(math.isfinite(float(v)) for v in losses),

@@ -1,6 +1,6 @@
 """Training-step benchmark: the peers and gptqlora in one run, one process per configuration.
 
-    python bench/train_suite.py [--set core|core-lite|best|ab|ablations|all] [--batches 16x256,1x2048] [--shape 7b] [--out DIR]
+    python bench/train_suite.py [--set core|core-lite|best|ab|ablations|compile|all] [--batches 16x256,1x2048] [--shape 7b] [--out DIR]
 
 Peers: bf16 base + PEFT LoRA (the ceiling users compare with; also with Liger, to show what Liger alone
 gives), bitsandbytes NF4 + PEFT (QLoRA). gptqlora at 2/3/4 bit with its defaults (Triton dequant, fused
@@ -31,6 +31,11 @@ AB = [["--mode", "gptq", "--bits", "4", "--group", "128", "--liger"],
       ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings"],
       ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--slow-launch"],
       ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings", "--slow-launch"]]
+# torch.compile of the decoder blocks (gptqlora.train.compile), gptqlora and the peers, against the same
+# tools uncompiled in the same run (the ratios stay against uncompiled NF4 / bf16: what users have)
+G4, G2 = ["--mode", "gptq", "--bits", "4", "--group", "128"], ["--mode", "gptq", "--bits", "2", "--group", "64"]
+COMPILE = [["--mode", "bf16"], ["--mode", "nf4"], [*G4, "--liger"], [*G4, "--liger", "--compile"], [*G4, "--compile"],
+           [*G2, "--liger"], [*G2, "--liger", "--compile"], ["--mode", "bf16", "--compile"], ["--mode", "nf4", "--compile"]]
 ABLATIONS = [["--mode", "gptq", "--bits", "4", "--group", "128"],  # no Liger
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-fused"],  # PEFT's LoRA path
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings"],  # q/k/v one by one
@@ -52,7 +57,7 @@ def run(args: list[str], timeout: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", default="core", choices=("core", "core-lite", "best", "ab", "ablations", "all"))
+    ap.add_argument("--set", default="core", choices=("core", "core-lite", "best", "ab", "ablations", "compile", "all"))
     ap.add_argument("--batches", default="16x256,1x2048", help="comma-separated BSxSEQ shapes")
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--steps", default="5")
@@ -62,7 +67,7 @@ def main() -> int:
                     help="a configuration to profile (at both batch shapes), as its arguments, e.g. '--mode bf16'")
     a = ap.parse_args()
     configs = {"core": CORE, "core-lite": CORE_LITE, "best": BEST, "ab": AB, "ablations": ABLATIONS,
-               "all": CORE + ABLATIONS}[a.set]
+               "compile": COMPILE, "all": CORE + ABLATIONS}[a.set]
     out = Path(a.out) / "train_suite.jsonl"
     t0, recs = time.time(), []
     batches = [tuple(int(v) for v in b.split("x")) for b in a.batches.split(",")]
@@ -74,7 +79,7 @@ def main() -> int:
             args = [*c, "--shape", a.shape, "--bs", str(bs), "--seq", str(seq), "--steps", a.steps]
             if " ".join(c) in a.profile:
                 args.append("--profile")
-            r = run(args, timeout=240)
+            r = run(args, timeout=420 if "--compile" in c else 240)  # inductor's first compilation
             recs.append(r)
             with out.open("a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -59,8 +59,9 @@ class SiblingGroup:
 
 
 def _version(x: torch.Tensor) -> int:
-    """In-place writes to x since it was made (inference-mode tensors keep no counter: identity only)."""
-    return 0 if x.is_inference() else x._version
+    """In-place writes to x since it was made (inference-mode tensors keep no counter: identity only; nor
+    does a compiled graph, whose tensors are written in place only where the graph says)."""
+    return 0 if torch.compiler.is_compiling() or x.is_inference() else x._version
 
 
 def link_siblings(model: nn.Module, layer_type: type | None = None) -> int:

@@ -140,6 +140,9 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     if largs.adapter_name not in ("gptqlora", "lora"):
         raise OptionError(f"--adapter_name {largs.adapter_name!r}: only 'gptqlora' (LoRA) is supported")
     check_device(targs.device, "--device")
+    if targs.compile == "blocks" and targs.offload_activations:
+        raise OptionError("--compile blocks with --offload_activations is not supported (the offload hooks "
+                          "would be traced into the compiled blocks); drop one of them")
     configure_cuda_allocator(targs.expandable_segments and targs.device != "cpu")  # before any CUDA memory
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
@@ -391,6 +394,10 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
         peft_model, mode, fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
         dtype=autocast_dtype(targs, device), optim=targs.optim, reentrant=targs.reentrant_checkpointing,
         offload=targs.offload_activations)
+    if targs.compile == "blocks":
+        from gptqlora.train.compile import compile_blocks
+
+        compile_blocks(peft_model)
     return peft_model
 
 

@@ -167,3 +167,24 @@ def dequantize_triton(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.
         _GATHER[grid](qweight, zeros, scales, g_idx, out, k, n, BITS=bits, FLOAT_ZEROS=float_zeros,
                                      BLOCK_K=bk, BLOCK_N=block_n, num_warps=num_warps)
     return out
+
+
+@torch.library.custom_op("gptqlora::dequantize", mutates_args=())
+def _dequantize_op(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                   perm: torch.Tensor | None, bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    # What torch.compile sees of the kernels: one opaque op (group 0: no plan, the gather kernel)
+    plan = DequantPlan(perm, group) if group else None
+    return dequantize_triton(qweight, zeros, scales, g_idx, bits, dtype, plan=plan)
+
+
+@_dequantize_op.register_fake
+def _(qweight, zeros, scales, g_idx, perm, bits, group, dtype):
+    return scales.new_empty((g_idx.shape[0], scales.shape[1]), dtype=dtype)
+
+
+def dequantize_op(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                  dtype: torch.dtype, plan: DequantPlan | None = None) -> torch.Tensor:
+    """dequantize_triton through the registered op, for compiled code: Dynamo does not trace into the
+    launcher (FastKernel's cache, Triton's binder) and inductor schedules the op like any other."""
+    return torch.ops.gptqlora.dequantize(qweight, zeros, scales, g_idx, None if plan is None else plan.perm, bits,
+                                        0 if plan is None else plan.group, dtype)

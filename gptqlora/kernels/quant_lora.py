@@ -43,6 +43,9 @@ class PackedBase(NamedTuple):
     def dense(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Dense W (K, N); `backend` already resolved ("triton" or "torch"), so no second resolve here."""
         if backend == "triton":
+            if torch.compiler.is_compiling():  # the Triton launch as one opaque op in the compiled graph
+                return _dequantize_op()(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
+                                        self.plan)
             return _dequantize_triton()(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
                                         plan=self.plan)
         return reference.dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype)
@@ -53,10 +56,15 @@ _DEQUANT = []
 
 def _dequantize_triton():
     if not _DEQUANT:  # imported at first use: triton is optional off the GPU
-        from gptqlora.kernels.dequant import dequantize_triton
+        from gptqlora.kernels.dequant import dequantize_op, dequantize_triton
 
-        _DEQUANT.append(dequantize_triton)
+        _DEQUANT.extend((dequantize_triton, dequantize_op))
     return _DEQUANT[0]
+
+
+def _dequantize_op():
+    _dequantize_triton()
+    return _DEQUANT[1]
 
 
 # --- the LoRA weights in the compute dtype, cast once per optimizer step -------------------------------
@@ -77,11 +85,13 @@ class LoraCast:
 
     __slots__ = ("src", "dtype", "scalings", "inference", "a", "b", "bt", "_bs", "rs", "dtypes")
 
-    def __init__(self, lora_a, lora_b, scalings, dtype: torch.dtype) -> None:
+    def __init__(self, lora_a, lora_b, scalings, dtype: torch.dtype, keep: bool = True) -> None:
+        """`keep`: record what the copies were made from, for `fresh` (not under torch.compile, whose graph
+        casts at every call and which can trace neither data pointers nor inference mode)."""
         ts = (*lora_a, *lora_b)
-        self.src = tuple((t, t._version, t.data_ptr()) for t in ts)
+        self.src = tuple((t, t._version, t.data_ptr()) for t in ts) if keep else ()
         self.dtype, self.scalings = dtype, scalings
-        self.inference = torch.is_inference_mode_enabled()  # then the copies are inference tensors
+        self.inference = torch.is_inference_mode_enabled() if keep else False  # copies are inference tensors
         self.a = lora_a[0].to(dtype).contiguous() if len(lora_a) == 1 else torch.cat(lora_a).to(dtype)
         self.b = [t.to(dtype) for t in lora_b]  # (N_i, r_i)
         self.bt = [t.t() for t in self.b]  # (r_i, N_i) views, for the forward's addmm
@@ -119,7 +129,7 @@ class CastSlot:
 
 def lora_cast(lora_a, lora_b, scalings, dtype: torch.dtype, slot: CastSlot | None) -> LoraCast:
     """The cast weights: the slot's when still fresh, else made now (and kept when there is a slot)."""
-    if slot is None or torch.compiler.is_compiling():
+    if slot is None:
         return LoraCast(lora_a, lora_b, scalings, dtype)
     c = slot.cast
     if c is None or not c.fresh(lora_a, lora_b, scalings, dtype):
@@ -143,7 +153,14 @@ class QuantLoraMatmul(torch.autograd.Function):
         shape = x.shape
         backend = resolve(backend, x.device)  # once: "triton" or "torch"; backward reuses it
         x = x.reshape(-1, shape[-1])  # (T, K)
-        cast = lora_cast(ab[:n], ab[n:], scalings, dt, slot)  # a (R, K), R = Σ r_i; b_i (N_i, r_i)
+        # Under torch.compile this body is traced into the graph: nothing outside it may be written (no
+        # cast slot, no objects on ctx but constants and the packed bases), and the dropout mask comes
+        # from torch's own dropout, which inductor generates inside its fused kernels.
+        traced = torch.compiler.is_compiling()
+        if traced:
+            cast, slot = LoraCast(ab[:n], ab[n:], scalings, dt, keep=False), None
+        else:
+            cast = lora_cast(ab[:n], ab[n:], scalings, dt, slot)  # a (R, K), R = Σ r_i; b_i (N_i, r_i)
         a = cast.a
         with _no_autocast(x.device.type, dt):
             ys = []
@@ -152,7 +169,7 @@ class QuantLoraMatmul(torch.autograd.Function):
                 ys.append(x @ w)  # (T, N_i)
                 del w
             mask = seed = None
-            if dropout > 0 and backend == "triton":  # mask from a seed, never stored
+            if dropout > 0 and backend == "triton" and not traced:  # mask from a seed, never stored
                 seed = int(torch.randint(0, 2**31 - 1, (1,)))  # CPU generator: no device sync
                 xd = x = x.contiguous()
                 xa = lora_dropout.dropout_xa(x, a, dropout, seed)  # (T, R)
@@ -162,8 +179,10 @@ class QuantLoraMatmul(torch.autograd.Function):
             xas = (xa,) if n == 1 else xa.split(cast.rs, dim=1)  # (T, r_i) views
             for y, xai, bti, s in zip(ys, xas, cast.bt, scalings):
                 y.addmm_(xai, bti, alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
-        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed, ctx.cast, ctx.slot = \
-            bases, scalings, dropout, backend, shape, seed, cast, slot
+        ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed = \
+            bases, scalings, dropout, backend, shape, seed
+        ctx.rs, ctx.dtypes = cast.rs, cast.dtypes
+        ctx.cast, ctx.slot = (None, None) if traced else (cast, slot)
         ctx.save_for_backward(xd, mask, xa, a, *cast.b)  # a, b: the cast copies (kept: no second cast)
         if len(shape) == 2:
             return tuple(ys)
@@ -177,16 +196,17 @@ class QuantLoraMatmul(torch.autograd.Function):
             ctx.slot.cast = None  # an optimizer step follows a backward: the next forward casts again
         n = len(b)
         dt = xd.dtype
-        a_dtypes, b_dtypes = cast.dtypes
+        a_dtypes, b_dtypes = ctx.dtypes
+        bs = cast.bs if cast is not None else [t * s for t, s in zip(b, ctx.scalings)]  # s_i * B_i
         dys = [g.reshape(-1, g.shape[-1]).to(dt) for g in grad_ys]  # (T, N_i)
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
         dx = None
         da, db = [None] * n, [None] * n
         with _no_autocast(xd.device.type, dt):
-            parts = [dy @ bs for dy, bs in zip(dys, cast.bs)]  # (T, r_i): gradient of xa_i
+            parts = [dy @ bsi for dy, bsi in zip(dys, bs)]  # (T, r_i): gradient of xa_i
             dxa = parts[0] if n == 1 else torch.cat(parts, dim=1)  # (T, R)
             if any(need_b):
-                xas = (xa,) if n == 1 else xa.split(cast.rs, dim=1)
+                xas = (xa,) if n == 1 else xa.split(ctx.rs, dim=1)
                 for i, (xai, dy) in enumerate(zip(xas, dys)):
                     if need_b[i]:
                         db[i] = (dy.t() @ xai).mul_(ctx.scalings[i]).to(b_dtypes[i])  # (N_i, r_i)
@@ -195,7 +215,7 @@ class QuantLoraMatmul(torch.autograd.Function):
                     da_all = lora_dropout.dropout_da(dxa, xd, ctx.dropout, ctx.seed)  # (R, K) fp32
                 else:
                     da_all = dxa.t() @ xd  # (R, K)
-                das = (da_all,) if n == 1 else da_all.split(cast.rs, dim=0)
+                das = (da_all,) if n == 1 else da_all.split(ctx.rs, dim=0)
                 da = [d.to(a_dtypes[i]) if need_a[i] else None for i, d in enumerate(das)]
             if need_x:
                 for base, dy in zip(ctx.bases, dys):

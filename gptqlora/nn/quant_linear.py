@@ -66,7 +66,10 @@ class QuantLinear(nn.Module):
 
     def kernel_plan(self):
         """The Triton kernel's row plan for this layer's g_idx (None on the torch path), computed once and
-        recomputed only when g_idx is replaced or changed in place."""
+        recomputed only when g_idx is replaced or changed in place; under torch.compile the plan built
+        before is used (`prepare_plans`)."""
+        if torch.compiler.is_compiling():
+            return self._plan
         if resolve(self.kernel, self.g_idx.device) != "triton":
             return None
         key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)

@@ -112,6 +112,10 @@ class TrainArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy: auto (on for CUDA when "
                 "liger-kernel is installed), on, off", "choices": ("auto", "on", "off")})
+    compile: str = field(default="none", metadata={
+        "help": "torch.compile: blocks (each decoder block compiled by inductor: the per-block host work and "
+                "the small elementwise kernels fused away; the first steps take a minute or more to compile), "
+                "none", "choices": ("none", "blocks")})
     reentrant_checkpointing: bool = field(default=False, metadata={
         "help": "use reentrant activation checkpointing (default: non-reentrant)"})
     precision: str = field(default="auto", metadata={

@@ -1,0 +1,56 @@
+"""`--compile blocks`: every decoder block compiled by torch.compile (inductor) for training.
+
+Why: at 1x2048 tokens a 7B training step is bound by the host, not the GPU (docs/benchmarks.md: a 271 ms
+step around 190 ms of kernels). What is left of the host work is per block: HF's module calls, PEFT's
+adapter dispatch, the sibling grouping, the LoRA weight casts, the checkpoint bookkeeping and dozens of
+small elementwise launches. A compiled block runs all of that as one generated graph with its elementwise
+work fused; our dequantizer stays one opaque op in it (kernels/dequant.py, `gptqlora::dequantize`) and
+our autograd function is traced whole (kernels/quant_lora.py: nothing it writes lives outside the graph).
+
+Activation checkpointing stays outside the compiled module (HF's GradientCheckpointingLayer wraps
+`__call__`), so a recomputation replays the compiled forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from gptqlora.nn.quant_linear import QuantLinear
+from gptqlora.train.checkpointing import decoder_blocks
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "blocks")
+
+
+def compile_blocks(model: nn.Module, dynamic: bool | None = None, backend: str = "inductor") -> int:
+    """Compile each decoder block of `model` in place (nn.Module.compile); the number compiled. `backend`:
+    torch.compile's (the tests use "aot_eager": the same tracing, no code generation).
+
+    The layers' kernel plans are built first: compiled code reads the plan a layer already has and cannot
+    build one (it needs a host sync). Blocks of one model share their compiled code where their guards
+    agree, so the recompilation limit is raised to the block count."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise ValueError("--compile blocks needs a model with decoder blocks (transformers' "
+                         "GradientCheckpointingLayer, as the LLaMA family has)")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_plan()
+    cfg = torch._dynamo.config
+    limit = max(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)), 2 * len(blocks) + 8)
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit if "accumulated" not in name else 8 * limit))
+    # transformers >= 5.2x checkpoints inside a block's forward, so the compiled graph holds the checkpoint
+    # (recomputation planned by the compiler). The one side effect in a block, the sibling group's held
+    # outputs (adapters/siblings.py), is undone by the block's end, so its replay in the recomputation can go.
+    cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for block in blocks:
+        block.compile(dynamic=dynamic, backend=backend)
+    log.info("torch.compile: %d decoder blocks (compiled at their first call)", len(blocks))
+    return len(blocks)
