@@ -39,9 +39,15 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.01) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-    """B (N, r), A (r, K) minimising ||(resid - B A) L||_F, with L Lᵀ = H + damp·mean(diag H)·I."""
+def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float = 0.01,
+                     balance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (N, r), A (r, K) minimising ||(resid - B A) L||_F, with L Lᵀ = H + damp·mean(diag H)·I.
+
+    The product B A is the fit; `balance` only changes how it is split into factors: B = U' S'^½,
+    A = S'^½ V'ᵀ from the plain SVD of B A (as the SVD init splits), instead of B = U S^½, A = S^½ Vᵀ L⁻¹
+    with S the singular values of the *whitened* residual: those carry the activations' scale, so B comes
+    out far larger than A (or smaller). Training starts from the same model either way, but not with the
+    same steps (docs/results.md: the balanced split trained better)."""
     K = H.shape[0]
     H = H.double()
     lam = damp * float(torch.diag(H).mean()) or 1e-8
@@ -50,7 +56,19 @@ def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float =
     root = S[:r].sqrt()
     B = U[:, :r] * root  # (N, r)
     A = torch.linalg.solve_triangular(L, root[:, None] * Vh[:r], upper=False, left=False)  # (r, K): M L⁻¹
+    if balance:
+        B, A = balanced_factors(B, A)
     return B.float(), A.float()
+
+
+def balanced_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product B A (N, K) of rank <= r, split as U S^½, S^½ Vᵀ from its SVD (via two thin QRs and
+    an r x r SVD, never forming B A)."""
+    Qb, Rb = torch.linalg.qr(B)  # (N, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A.t())  # (K, r), (r, r)
+    u, s, vh = torch.linalg.svd(Rb @ Ra.t())
+    root = s.sqrt()
+    return (Qb @ u) * root, root[:, None] * (Qa @ vh.t()).t()
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -83,7 +101,8 @@ def output_init(peft_model: nn.Module, weights: Any, samples: Sequence[torch.Ten
                 damp: float = 0.01, progress: bool = True) -> int:
     """Initialise every GPTQ-LoRA layer so that, on `samples`, its output under the quantized model's inputs
     matches the fp model's output of that layer (the module docstring); `weights` as for `aware_init`, and
-    every tensor of the decoder blocks must be in it (the fp blocks are rebuilt from it)."""
+    every tensor of the decoder blocks must be in it (the fp blocks are rebuilt from it). A, B are the
+    balanced split of the fit (`whitened_lowrank(balance=True)`)."""
     return _run(peft_model, weights, samples, adapter, damp, progress, "output")
 
 
@@ -230,7 +249,7 @@ def _output_group(block, fp, mods, inputs, fp_inputs, weights, prefix, adapter, 
         w = weights.get(f"{prefix}.{n}.weight").to(device, torch.float64)  # (N, K)
         target = lstsq_target(w, H[n], C.pop(n), damp)
         resid = target - m.base_layer.dequantize(torch.float32).t().double()
-        B, A = whitened_lowrank(resid, H.pop(n), m.r[adapter], damp)
+        B, A = whitened_lowrank(resid, H.pop(n), m.r[adapter], damp, balance=True)
         _set_lora(m, adapter, B, A)
     return len(mods)
 

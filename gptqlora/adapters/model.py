@@ -99,8 +99,11 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
         from gptqlora.adapters.aware import aware_init, output_init
         from gptqlora.checkpoint.io import SafetensorsSource
 
-        (aware_init if init == "aware" else output_init)(peft_model, SafetensorsSource(config.svd_source),
-                                                         calibration, adapter_name)
+        src = SafetensorsSource(config.svd_source)
+        if init == "aware":
+            aware_init(peft_model, src, calibration, adapter_name)
+        else:
+            output_init(peft_model, src, calibration, adapter_name)
     link_siblings(peft_model)
     return peft_model
 

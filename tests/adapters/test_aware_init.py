@@ -112,3 +112,17 @@ def test_output_init_needs_calibration_and_the_fp_model(tiny_dir, gptaq_2bit):
                        GPTQLoraConfig(init_method="output", svd_source=str(tiny_dir)))
     with pytest.raises(ValueError, match="svd_source"):
         GPTQLoraConfig(init_method="output")
+
+
+def test_balanced_factors_keep_the_product_and_split_it_evenly():
+    from gptqlora.adapters.aware import balanced_factors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 48, dtype=torch.float64)
+    B, A = whitened_lowrank(torch.randn(32, 48, generator=g), x.t() @ x, r=4)
+    Bb, Ab = balanced_factors(B.double(), A.double())
+    assert torch.allclose(Bb @ Ab, B.double() @ A.double(), atol=1e-5)
+    assert torch.allclose(Bb.t() @ Bb, Ab @ Ab.t(), atol=1e-5)  # both S (diagonal): the split of the SVD init
+    assert float(B.norm()) > 3 * float(A.norm())  # the whitened split: B carries the activations' scale
+    Bw, Aw = whitened_lowrank(torch.randn(32, 48, generator=g), x.t() @ x, r=4, balance=True)
+    assert torch.allclose(Bw.t() @ Bw, Aw @ Aw.t(), atol=1e-4)
