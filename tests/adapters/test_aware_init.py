@@ -82,7 +82,8 @@ def test_fp_block_rebuilds_the_fp_model_block(tiny_dir, gptaq_2bit):
 
     pm = get_peft_model(load_quantized(gptaq_2bit, device="cpu", dtype=torch.float32), GPTQLoraConfig(r=4))
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    rebuilt = fp_block(pm.get_base_model().model.layers[1], SafetensorsSource(tiny_dir), "model.layers.1", torch.float32)
+    block = pm.get_base_model().model.layers[1]
+    rebuilt = fp_block(block, SafetensorsSource(tiny_dir), "model.layers.1", torch.float32)
     assert not any(isinstance(m, GPTQLoraLinear) for m in rebuilt.modules())
     for name, t in fp.model.layers[1].state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], t), name
