@@ -64,6 +64,7 @@ ROWS: list[tuple[str, dict]] = [
     ("GPTQ-LoRA 2 bit, SVD init", {"kind": "lora", **Q2, "init": "svd"}),
     ("GPTQ-LoRA 2 bit, SVD init x4 (re-rounds the codes)", {"kind": "lora", **Q2, "init": "svd", "svd_iters": 4}),
     ("GPTQ-LoRA 2 bit, aware init", {"kind": "lora", **Q2, "init": "aware"}),
+    ("GPTQ-LoRA 2 bit, output init (fits the fp layer outputs)", {"kind": "lora", **Q2, "init": "output"}),
     ("GPTQ-LoRA 2 bit, QA-LoRA", {"kind": "lora", **Q2, "init": "default", "qalora": True}),
     ("LoRA in fp16, then GPTQ 4 bit", {"kind": "lora_then_quant", **Q4}),
     ("LoRA in fp16, then GPTQ 2 bit", {"kind": "lora_then_quant", **Q2}),
@@ -223,10 +224,11 @@ class Bench:
 
     def lora_config(self, init: str, qalora: bool = False, group_size: int = 64, svd_iters: int = 1):
         from gptqlora.adapters import GPTQLoraConfig
+        from gptqlora.adapters.config import FP_INITS
 
         a = self.args
         return GPTQLoraConfig(r=a.rank, lora_alpha=a.alpha or 2 * a.rank, lora_dropout=0.0, init_method=init,
-                              svd_source=str(self.spec.model_dir) if init in ("svd", "aware") else None,
+                              svd_source=str(self.spec.model_dir) if init in FP_INITS else None,
                               use_qalora=qalora, qalora_group_size=group_size, svd_iters=svd_iters)
 
     def teacher(self):

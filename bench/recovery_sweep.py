@@ -98,6 +98,7 @@ def build(base: str, spec, args, init: str):
     from transformers import AutoModelForCausalLM
 
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    from gptqlora.adapters.config import FP_INITS
     from gptqlora.checkpoint.checkpoint import load_quantized
 
     m = (AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32) if base == "fp"
@@ -105,7 +106,7 @@ def build(base: str, spec, args, init: str):
     if args.rank == 0:
         return m
     cfg = GPTQLoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha else 2 * args.rank, lora_dropout=0.0,
-                         init_method=init, svd_source=str(spec.model_dir) if init in ("svd", "aware") else None,
+                         init_method=init, svd_source=str(spec.model_dir) if init in FP_INITS else None,
                          use_qalora=args.qalora, qalora_group_size=args.qalora_group, svd_iters=args.svd_iters)
     return get_peft_model(m, cfg, calibration=spec.calibration)
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="fp, or a quantized checkpoint folder")
     p.add_argument("--table", help="print the markdown table of these JSON-lines files (comma-separated) and exit")
-    p.add_argument("--init", default="default", help="comma list: default, svd, aware")
+    p.add_argument("--init", default="default", help="comma list: default, svd, aware, output")
     p.add_argument("--lr", default="1e-3", help="comma list")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=0, help="LoRA alpha (0: 2 x rank)")

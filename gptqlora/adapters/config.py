@@ -15,7 +15,8 @@ from typing import Any, Optional
 from peft import LoraConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INIT_METHODS = ("default", "svd", "aware")
+INIT_METHODS = ("default", "svd", "aware", "output")
+FP_INITS = ("svd", "aware", "output")  # the inits that read the original weights (svd_source)
 LORA_DTYPES = ("float32", "bfloat16")
 OWN_FIELDS = ("lora_dtype", "init_method", "svd_iters", "svd_source")  # not LoraConfig's: kept out of its file
 SETTINGS_FILE = "gptqlora_adapter.json"  # beside adapter_config.json: OWN_FIELDS
@@ -45,9 +46,12 @@ class GPTQLoraConfig(LoraConfig):
                           "truncated SVD of the quantization residual W_fp - dequant(Q) (LoftQ-style), which "
                           "needs the original weights (`svd_source`); starts closer to the fp16 model. 'aware': the same with the "
                           "residual weighted by the calibration activations (Hessian-whitened SVD), block by "
-                          "block; needs `svd_source` and calibration samples"})
+                          "block; needs `svd_source` and calibration samples. 'output': the same whitened SVD, "
+                          "fitted to what each layer outputs in the fp model (inputs from an fp copy of each "
+                          "block) rather than to W_fp: with a GPTAQ base it corrects toward the weights the "
+                          "codes aimed at; needs `svd_source` (every block tensor) and calibration samples"})
     svd_source: Optional[str] = field(
-        default=None, metadata={"help": "directory of the fp16/bf16 model, for init_method='svd' or 'aware'"})
+        default=None, metadata={"help": "directory of the fp16/bf16 model, for init_method 'svd', 'aware' or 'output'"})
     svd_iters: int = field(
         default=1,
         metadata={"help": "alternations for init_method='svd'; more than 1 also re-rounds the base codes on "
@@ -57,7 +61,7 @@ class GPTQLoraConfig(LoraConfig):
         super().__post_init__()
         if self.init_method not in INIT_METHODS:
             raise ValueError(f"init_method must be one of {INIT_METHODS}, got {self.init_method!r}")
-        if self.init_method in ("svd", "aware") and not self.svd_source:
+        if self.init_method in FP_INITS and not self.svd_source:
             raise ValueError(f"init_method={self.init_method!r} needs svd_source: the directory of the original "
                              f"fp16 model")
         if self.lora_dtype not in LORA_DTYPES:

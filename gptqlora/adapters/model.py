@@ -79,8 +79,9 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
     Only `lora_*` parameters require grad; the packed base stays frozen. `calibration` (token ids [1, L]
     each) is what init_method='aware' weights the residual by.
     """
-    if getattr(config, "init_method", "default") == "aware" and not calibration:
-        raise ValueError("init_method='aware' needs calibration samples (token ids) to weight the residual by")
+    init = getattr(config, "init_method", "default")
+    if init in ("aware", "output") and not calibration:
+        raise ValueError(f"init_method={init!r} needs calibration samples (token ids) to weight the residual by")
     config = config if config is not None else GPTQLoraConfig()
     _check_targets(model, config)
     quant_groups = {m.group_size for m in model.modules() if FORMATS.is_packed(m) and hasattr(m, "group_size")}
@@ -90,15 +91,19 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
                     sorted(quant_groups))
     peft_model = peft.get_peft_model(model, register(config), adapter_name=adapter_name,
                                      autocast_adapter_dtype=_keep_fp32(config))
-    if getattr(config, "init_method", "default") == "svd":
+    if init == "svd":
         from gptqlora.adapters.init import svd_init
 
         svd_init(peft_model, config, adapter_name)
-    elif getattr(config, "init_method", "default") == "aware":
-        from gptqlora.adapters.aware import aware_init
+    elif init in ("aware", "output"):
+        from gptqlora.adapters.aware import aware_init, output_init
         from gptqlora.checkpoint.io import SafetensorsSource
 
-        aware_init(peft_model, SafetensorsSource(config.svd_source), calibration, adapter_name)
+        src = SafetensorsSource(config.svd_source)
+        if init == "aware":
+            aware_init(peft_model, src, calibration, adapter_name)
+        else:
+            output_init(peft_model, src, calibration, adapter_name)
     link_siblings(peft_model)
     return peft_model
 

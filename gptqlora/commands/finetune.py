@@ -147,7 +147,9 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     demo = not margs.quant_checkpoint and not margs.base_model
     if demo:
         margs.base_model = str(tiny_model_dir())
-    if largs.init_method in ("svd", "aware") and not margs.base_model:
+    from gptqlora.adapters.config import FP_INITS
+
+    if largs.init_method in FP_INITS and not margs.base_model:
         raise OptionError(f"--init_method {largs.init_method} needs --base_model (the fp16 model whose "
                           f"quantization residual it factorizes)")
     data_files = [str(p) for p in (dargs.data or default_data_files())]
@@ -354,15 +356,16 @@ def _quantize_base(args: FinetuneArgs, data_files: list[str], template, tokenize
 
 
 def _init_calibration(args: FinetuneArgs, data_files: list[str], template, tokenizer):
-    """Token windows for init_method aware: --calibration, else the training data (as quantization uses)."""
+    """Token windows for init_method aware and output: --calibration, else the training data (as quantization uses)."""
     from gptqlora.quant.api import TrainingData, calibration_samples
 
     return calibration_samples(args.quantize, tokenizer, TrainingData(data_files, template, args.data.cutoff_len))
 
 
 def _wrap(model, args: FinetuneArgs, calibration=None):
-    """The PEFT model; `calibration` (a function giving token windows) is called only for init aware."""
+    """The PEFT model; `calibration` (a function giving token windows) is called only for init aware/output."""
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
+    from gptqlora.adapters.config import FP_INITS
     from gptqlora.train import checkpointing
     from gptqlora.train.liger import apply_liger
     from gptqlora.train.loss import apply_chunked_loss
@@ -370,7 +373,7 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
 
     largs, targs, dargs = args.lora, args.train, args.data
     init = largs.init_method
-    if init in ("svd", "aware") and not args.model.base_model:
+    if init in FP_INITS and not args.model.base_model:
         raise OptionError(f"--init_method {init} needs the fp16 model's weights: pass --base_model (with "
                          f"--quant_checkpoint, the fp16 model it was quantized from)")
     log.info("LoRA init: %s", init)
@@ -382,10 +385,10 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
     config = GPTQLoraConfig(r=largs.lora_r, lora_alpha=largs.lora_alpha, lora_dropout=largs.lora_dropout,
                             target_modules=list(largs.target_modules), lora_dtype=largs.lora_dtype,
                             init_method=init, svd_iters=largs.svd_iters,
-                            svd_source=args.model.base_model if init in ("svd", "aware") else None,
+                            svd_source=args.model.base_model if init in FP_INITS else None,
                             use_qalora=largs.use_qalora, qalora_group_size=qa_group)
     peft_model = get_peft_model(model, config,
-                                calibration=calibration() if init == "aware" and calibration else None)
+                                calibration=calibration() if init in ("aware", "output") and calibration else None)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
     device = next(model.parameters()).device

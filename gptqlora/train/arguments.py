@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from gptqlora.adapters.config import LLAMA_TARGETS
+from gptqlora.adapters.config import INIT_METHODS, LLAMA_TARGETS
 
 
 @dataclass
@@ -57,9 +57,11 @@ class LoraArguments:
     init_method: str = field(default="default", metadata={
         "help": "default (B=0); svd (A, B from the SVD of the quantization residual); aware (the residual "
                 "weighted by the calibration activations, block by block: the closest start at 2 bit, but it "
-                "trained worse than B=0 in docs/results.md, so it is not the default). svd and aware need "
+                "trained worse than B=0 in docs/results.md, so it is not the default); output (the same, fitted to "
+                "the fp model's layer outputs: corrects toward what GPTAQ's codes aim at; the closest start "
+                "with a GPTAQ base, but SVD still trained best in docs/results.md). svd, aware and output need "
                 "--base_model",
-        "choices": ("default", "svd", "aware")})
+        "choices": INIT_METHODS})
     svd_iters: int = field(default=1, metadata={"min": 1, "help": "alternations for --init_method svd"})
     use_qalora: bool = field(default=False, metadata={
         "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})
