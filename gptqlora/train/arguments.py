@@ -54,14 +54,15 @@ class LoraArguments:
         "help": "adapter type; 'gptqlora' (also accepted: 'lora') trains LoRA on the quantized base"})
     lora_dtype: str = field(default="float32", metadata={
         "help": "dtype of the LoRA weights", "choices": ("float32", "bfloat16")})
-    init_method: str = field(default="default", metadata={
-        "help": "default (B=0); svd (A, B from the SVD of the quantization residual); aware (the residual "
+    init_method: str = field(default="auto", metadata={
+        "help": "auto (svd for a base of <= 3 bits when --base_model gives the fp weights, else B=0: SVD "
+                "closed the most of the 2-bit gap in docs/results.md); default (B=0); svd (A, B from the SVD of the quantization residual); aware (the residual "
                 "weighted by the calibration activations, block by block: the closest start at 2 bit, but it "
                 "trained worse than B=0 in docs/results.md, so it is not the default); output (the same, fitted to "
                 "the fp model's layer outputs: corrects toward what GPTAQ's codes aim at; the closest start "
                 "with a GPTAQ base, but SVD still trained best in docs/results.md). svd, aware and output need "
                 "--base_model",
-        "choices": INIT_METHODS})
+        "choices": ("auto", *INIT_METHODS)})
     svd_iters: int = field(default=1, metadata={"min": 1, "help": "alternations for --init_method svd"})
     use_qalora: bool = field(default=False, metadata={
         "help": "QA-LoRA: pool the input per quantization group, so the adapter merges exactly into the zeros"})

@@ -39,6 +39,7 @@ def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file,
         assert (run / f).is_file(), f
     info = json.loads((run / "run.json").read_text())
     assert info["schema"] == 2 and info["base"] == "base" and info["quant_config"]["bits"] == 2
+    assert info["result"]["lora_init"] == "svd"  # --init_method auto at 2 bit with the fp weights at hand
     assert info["args"]["LoraArguments"]["lora_r"] == 8 and info["args"]["QuantConfig"]["group_size"] == 32
     assert info["data"] == [{"source": str(data_file.resolve()), "copy": "data/train.jsonl"}]
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
@@ -230,3 +231,12 @@ def test_ctrl_c_during_an_import_is_reported_as_interrupted(monkeypatch, capsys)
     assert main(["finetune", "--max_steps", "1"]) == 130
     err = capsys.readouterr().err
     assert err == "interrupted\n"
+
+
+def test_init_method_auto_is_svd_at_low_bits_with_fp_weights():
+    from gptqlora.commands.finetune import resolve_init
+
+    assert resolve_init("auto", 2, True) == "svd" and resolve_init("auto", 3, True) == "svd"
+    assert resolve_init("auto", 4, True) == "default" and resolve_init("auto", 8, True) == "default"
+    assert resolve_init("auto", 2, False) == "default"  # no fp weights: B = 0
+    assert resolve_init("aware", 4, True) == "aware"  # an explicit choice stands

@@ -51,6 +51,7 @@ def _steps(pm, n=3):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    assert not dynamo.config.disable, "torch.compile is turned off in this process (TORCHDYNAMO_DISABLE)"
     dynamo.reset()
     yield
     dynamo.reset()
