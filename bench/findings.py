@@ -325,6 +325,20 @@ def accuracy(model, tokenizer, limit: int) -> float:
                          max_new_tokens=48, batch_size=50)["accuracy"]
 
 
+def environment() -> dict:
+    """What the numbers depend on besides the code and the flags: library versions and the CPU kernels in use.
+    GPTQ at 2-3 bit is chaotic in the last float bits (a rounding that flips in one layer changes every later
+    layer's calibration inputs): the same commit scores the man-page 2-bit row 56.07-56.36 under different
+    SIMD kernel sets, so rows reproduce to the digit only within one environment; compare runs' `env`."""
+    import platform
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
 # -- report --------------------------------------------------------------------------------------------------
 def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     """One table per model. "gap closed": 1 - gap(row) / gap(same-bit GPTQ row), both over fp16; "net of
@@ -414,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s.strip() for s in args.rows.split(";" if ";" in args.rows else ",")] if args.rows else None
     rows = ROWS if not wanted else [r for r in ROWS if r[0] == "fp16" or any(s in r[0] for s in wanted)]
     results: dict[str, list[dict]] = {}
+    env = environment()
     t0 = time.time()
     for mname in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"findings-{mname}-"))
@@ -427,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[mname].append(r)
                 print(f"[{time.time() - t0:7.0f}s] {mname}: {json.dumps(r)}", flush=True)
                 if args.out:
-                    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+                    Path(args.out).write_text(json.dumps({"args": vars(args), "env": env, "results": results},
+                                                     indent=2))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     table = markdown(results, args)

@@ -56,3 +56,10 @@ def test_gap_closed_and_net_of_the_fp16_lora_reference():
     args.loss = "kd"  # the reference trains with the cross-entropy: no net figure for distilled rows
     line = next(ln for ln in findings.markdown(results, args).splitlines() if "zero init" in ln)
     assert [c.strip() for c in line.split("|")][5] == ""
+
+
+def test_results_record_the_environment():
+    """Cross-run comparisons need it: the 2-bit GPTQ rows move with the float kernels (docs/results.md)."""
+    env = findings.environment()
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["transformers"] and env["python"]
