@@ -179,3 +179,39 @@ def dropout_mask(t: int, k: int, p: float, seed: int, device) -> torch.Tensor:
     out = torch.empty(t, k, dtype=torch.bool, device=device)
     _MASK[(cdiv(t, 16), cdiv(k, 128))](out, t, k, seed, _threshold(p), BLOCK_T=16)
     return out
+
+
+# --- the same three kernels as registered ops, for compiled code -----------------------------------------
+# Under torch.compile the seed is a CPU int64 tensor made inside the graph (a Python int drawn there would
+# be fixed into the graph at trace time); reading it is a host read, no device sync. Opaque to Dynamo, so
+# the compiled fused function keeps what the eager one keeps: x and xa, never a mask or a dropped copy of x.
+
+@torch.library.custom_op("gptqlora::dropout_xa", mutates_args=())
+def _dropout_xa_op(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return dropout_xa(x, a, p, int(seed))
+
+
+@_dropout_xa_op.register_fake
+def _(x, a, p, seed):
+    return x.new_empty((x.shape[0], a.shape[0]))
+
+
+@torch.library.custom_op("gptqlora::dropout_da", mutates_args=())
+def _dropout_da_op(dxa: torch.Tensor, x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return dropout_da(dxa, x, p, int(seed))
+
+
+@_dropout_da_op.register_fake
+def _(dxa, x, p, seed):
+    return x.new_empty((dxa.shape[1], x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptqlora::add_dropout_dx", mutates_args=("dx",))
+def _add_dropout_dx_op(dx: torch.Tensor, dxa: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> None:
+    add_dropout_dx(dx, dxa, a, p, int(seed))
+
+
+@_add_dropout_dx_op.register_fake
+def _(dx, dxa, a, p, seed):
+    return None
+

@@ -154,8 +154,8 @@ class QuantLoraMatmul(torch.autograd.Function):
         backend = resolve(backend, x.device)  # once: "triton" or "torch"; backward reuses it
         x = x.reshape(-1, shape[-1])  # (T, K)
         # Under torch.compile this body is traced into the graph: nothing outside it may be written (no
-        # cast slot, no objects on ctx but constants and the packed bases), and the dropout mask comes
-        # from torch's own dropout, which inductor generates inside its fused kernels.
+        # cast slot, no objects on ctx but constants and the packed bases), and the dropout seed is a CPU
+        # tensor drawn in the graph, the kernels called as registered ops (kernels/lora_dropout.py).
         traced = torch.compiler.is_compiling()
         if traced:
             cast, slot = LoraCast(ab[:n], ab[n:], scalings, dt, keep=False), None
@@ -169,10 +169,14 @@ class QuantLoraMatmul(torch.autograd.Function):
                 ys.append(x @ w)  # (T, N_i)
                 del w
             mask = seed = None
-            if dropout > 0 and backend == "triton" and not traced:  # mask from a seed, never stored
-                seed = int(torch.randint(0, 2**31 - 1, (1,)))  # CPU generator: no device sync
+            if dropout > 0 and backend == "triton":  # mask from a seed, never stored
                 xd = x = x.contiguous()
-                xa = lora_dropout.dropout_xa(x, a, dropout, seed)  # (T, R)
+                if traced:  # the seed is saved in the mask's place
+                    mask = seed_t = torch.randint(0, 2**31 - 1, (1,))
+                    xa = torch.ops.gptqlora.dropout_xa(x, a, dropout, seed_t)  # (T, R)
+                else:
+                    seed = int(torch.randint(0, 2**31 - 1, (1,)))  # CPU generator: no device sync
+                    xa = lora_dropout.dropout_xa(x, a, dropout, seed)  # (T, R)
             else:
                 xd, mask = torch.native_dropout(x, dropout, True) if dropout > 0 else (x, None)
                 xa = xd @ a.t()  # (T, R)
@@ -181,6 +185,7 @@ class QuantLoraMatmul(torch.autograd.Function):
                 y.addmm_(xai, bti, alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
         ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed = \
             bases, scalings, dropout, backend, shape, seed
+        ctx.seed_saved = traced and dropout > 0 and backend == "triton"  # the seed tensor is in mask's slot
         ctx.rs, ctx.dtypes = cast.rs, cast.dtypes
         ctx.cast, ctx.slot = (None, None) if traced else (cast, slot)
         ctx.save_for_backward(xd, mask, xa, a, *cast.b)  # a, b: the cast copies (kept: no second cast)
@@ -211,7 +216,9 @@ class QuantLoraMatmul(torch.autograd.Function):
                     if need_b[i]:
                         db[i] = (dy.t() @ xai).mul_(ctx.scalings[i]).to(b_dtypes[i])  # (N_i, r_i)
             if any(need_a):
-                if ctx.seed is not None:  # xd is x here; the kernel applies the mask
+                if ctx.seed_saved:
+                    da_all = torch.ops.gptqlora.dropout_da(dxa, xd, ctx.dropout, mask)  # (R, K) fp32
+                elif ctx.seed is not None:  # xd is x here; the kernel applies the mask
                     da_all = lora_dropout.dropout_da(dxa, xd, ctx.dropout, ctx.seed)  # (R, K) fp32
                 else:
                     da_all = dxa.t() @ xd  # (R, K)
@@ -222,7 +229,9 @@ class QuantLoraMatmul(torch.autograd.Function):
                     w = base.dense(dt, ctx.backend)  # (K, N_i)
                     dx = dy @ w.t() if dx is None else dx.addmm_(dy, w.t())  # (T, K)
                     del w
-                if ctx.seed is not None:
+                if ctx.seed_saved:
+                    torch.ops.gptqlora.add_dropout_dx(dx, dxa, a, ctx.dropout, mask)
+                elif ctx.seed is not None:
                     lora_dropout.add_dropout_dx(dx, dxa, a, ctx.dropout, ctx.seed)
                 elif mask is None:
                     dx.addmm_(dxa, a)

@@ -76,7 +76,10 @@ def test_two_ranks_train_the_adapter_one_rank_trains(tiny_run, data_file, tmp_pa
     a, b = adapter(tmp_path / "one"), adapter(two)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=2e-6)
+        # fp32 noise only: the all-reduce sums the ranks' gradients in another order, and Adam's normalisation
+        # lifts last-bit differences of near-zero gradients (seen: 2.1e-6 on one of 2048 entries, machine-
+        # dependent). A wrong reduction (a sum, not a mean; one rank's gradient) moves entries by ~lr = 3e-3.
+        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=2e-5)
     assert any(float((a[k]).abs().max()) > 0 for k in a if "lora_B" in k)  # trained: B starts at zero
 
     reports = [json.loads((tmp_path / f"ddp.{r}").read_text()) for r in (0, 1)]
