@@ -207,11 +207,12 @@ def check_training(device, hidden, autocast, compiled: bool = False) -> dict:
 
         t = time.perf_counter()
         comp, fin_c = losses("triton", 0.0, compile_=True)
+        comp_drop, fin_cd = losses("triton", 0.05, compile_=True)  # seeded dropout as ops, seed drawn in-graph
         diff_c = max(abs(a - b) / abs(b) for a, b in zip(comp, kern))
         breaks = sum(counters["graph_break"].values())
         rec.update(compiled_losses=comp, compiled_rel_diff=diff_c, compiled_graph_breaks=breaks,
-                   compiled_s=round(time.perf_counter() - t, 1),
-                   ok=rec["ok"] and fin_c and diff_c < 1e-2 and breaks == 0)
+                   compiled_dropout_losses=comp_drop, compiled_s=round(time.perf_counter() - t, 1),
+                   ok=rec["ok"] and fin_c and fin_cd and diff_c < 1e-2 and breaks == 0 and comp_drop[-1] < comp_drop[0])
     return rec
 
 
