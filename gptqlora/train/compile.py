@@ -41,15 +41,16 @@ def compile_blocks(model: nn.Module, dynamic: bool | None = None, backend: str =
         if isinstance(m, QuantLinear):
             m.kernel_plan()
     cfg = torch._dynamo.config
-    limit = max(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)), 2 * len(blocks) + 8)
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
+    need = 2 * len(blocks) + 8  # worst case: an entry per block, and a dynamic-shape one for each
+    for name, n in (("recompile_limit", need), ("cache_size_limit", need),  # names differ across torch versions
+                    ("accumulated_recompile_limit", 8 * need), ("accumulated_cache_size_limit", 8 * need)):
         if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), limit if "accumulated" not in name else 8 * limit))
+            setattr(cfg, name, max(getattr(cfg, name), n))
     # transformers >= 5.2x checkpoints inside a block's forward, so the compiled graph holds the checkpoint
     # (recomputation planned by the compiler). The one side effect in a block, the sibling group's held
     # outputs (adapters/siblings.py), is undone by the block's end, so its replay in the recomputation can go.
-    cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if hasattr(cfg, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # a torch without it breaks the graph there
+        cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile(dynamic=dynamic, backend=backend)
     log.info("torch.compile: %d decoder blocks (compiled at their first call)", len(blocks))
