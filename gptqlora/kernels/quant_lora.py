@@ -18,11 +18,12 @@ regenerated in backward (kernels/lora_dropout.py); on the torch path drop(x) and
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
 
-from gptqlora.kernels import lora_dropout, reference
+from gptqlora.kernels import reference
 from gptqlora.kernels.dispatch import resolve
 
 CAST_CACHE_ENV = "GPTQLORA_LORA_CAST_CACHE"  # "0": cast the LoRA weights on every call (for comparison)
@@ -43,28 +44,22 @@ class PackedBase(NamedTuple):
     def dense(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Dense W (K, N); `backend` already resolved ("triton" or "torch"), so no second resolve here."""
         if backend == "triton":
+            dequant = _triton()[0]
             if torch.compiler.is_compiling():  # the Triton launch as one opaque op in the compiled graph
-                return _dequantize_op()(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
-                                        self.plan)
-            return _dequantize_triton()(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
-                                        plan=self.plan)
+                return dequant.dequantize_op(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
+                                             self.plan)
+            return dequant.dequantize_triton(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype,
+                                             plan=self.plan)
         return reference.dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype)
 
 
-_DEQUANT = []
+@functools.cache
+def _triton():
+    """The Triton kernel modules (dequant, lora_dropout), imported at first use: triton is optional off the
+    GPU. Importing them also registers their ops (gptqlora::dequantize, dropout_xa, ...)."""
+    from gptqlora.kernels import dequant, lora_dropout
 
-
-def _dequantize_triton():
-    if not _DEQUANT:  # imported at first use: triton is optional off the GPU
-        from gptqlora.kernels.dequant import dequantize_op, dequantize_triton
-
-        _DEQUANT.extend((dequantize_triton, dequantize_op))
-    return _DEQUANT[0]
-
-
-def _dequantize_op():
-    _dequantize_triton()
-    return _DEQUANT[1]
+    return dequant, lora_dropout
 
 
 # --- the LoRA weights in the compute dtype, cast once per optimizer step -------------------------------
@@ -171,6 +166,7 @@ class QuantLoraMatmul(torch.autograd.Function):
             mask = seed = None
             if dropout > 0 and backend == "triton":  # mask from a seed, never stored
                 xd = x = x.contiguous()
+                lora_dropout = _triton()[1]
                 if traced:  # the seed is saved in the mask's place
                     mask = seed_t = torch.randint(0, 2**31 - 1, (1,))
                     xa = torch.ops.gptqlora.dropout_xa(x, a, dropout, seed_t)  # (T, R)
@@ -215,6 +211,7 @@ class QuantLoraMatmul(torch.autograd.Function):
                 for i, (xai, dy) in enumerate(zip(xas, dys)):
                     if need_b[i]:
                         db[i] = (dy.t() @ xai).mul_(ctx.scalings[i]).to(b_dtypes[i])  # (N_i, r_i)
+            lora_dropout = _triton()[1] if ctx.seed is not None or ctx.seed_saved else None
             if any(need_a):
                 if ctx.seed_saved:
                     da_all = torch.ops.gptqlora.dropout_da(dxa, xd, ctx.dropout, mask)  # (R, K) fp32

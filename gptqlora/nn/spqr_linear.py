@@ -93,7 +93,7 @@ class SpQRLinear(nn.Module):
     gemv_plan = QuantLinear.gemv_plan
 
     def small_m(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y = x @ W + bias without a dense W (kernels.spqr.spqr_small_m) when it applies: at most 16 rows,
+        """y = x @ W + bias without a dense W (kernels.spqr_triton.spqr_small_m) when it applies: at most 16 rows,
         the Triton path, no gradient wanted; else None."""
         if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and x.requires_grad):
             return None

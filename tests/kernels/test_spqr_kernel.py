@@ -11,7 +11,8 @@ import torch
 from gptqlora.formats.gptq import pack_cols, pack_rows, unpack_cols
 from gptqlora.formats.spqr import csr_from_mask, pack_stats
 from gptqlora.kernels.dequant import plan_for
-from gptqlora.kernels.spqr import SpQRTensors, spqr_small_m, spqr_stats, spqr_stats_triton, spqr_weight, unpack_along_n
+from gptqlora.kernels.spqr import SpQRTensors, spqr_stats, spqr_weight, unpack_along_n
+from gptqlora.kernels.spqr_triton import spqr_small_m, spqr_stats_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

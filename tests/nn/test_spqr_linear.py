@@ -183,7 +183,7 @@ def test_decode_path_without_a_dense_weight_matches_and_compiles_in_one_graph(mo
     kernel, CSR SpMV) as one opaque op: equal to x @ W within fp32 rounding, one graph under torch.compile."""
     from torch._dynamo.utils import counters
 
-    from gptqlora.kernels import spqr as kspqr
+    from gptqlora.kernels import spqr_triton as kspqr
 
     layer, res = spqr_layer(kernel="triton", desc_act=True)
     w = res.dequantize()  # (N, K)
