@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gptaq", type=float, default=None,
                    help="GPTAQ alpha for every quantized row (default: the quantizer's default, 1; 0 turns it off)")
     p.add_argument("--acc-limit", type=int, default=50, help="tiny model: eval records per task file (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="LoRA training windows and torch's seed")
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="which calibration windows the quantizer draws (--seed leaves them alone)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--markdown", default=None, help="markdown table")
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     for mname in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"findings-{mname}-"))
         try:
-            bench = Bench(SPECS[mname](args.nsamples), work, args)
+            bench = Bench(SPECS[mname](args.nsamples, seed=args.calib_seed), work, args)
             results[mname] = []
             for name, row in rows:
                 t = time.time()

@@ -40,6 +40,7 @@ def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file,
     info = json.loads((run / "run.json").read_text())
     assert info["schema"] == 2 and info["base"] == "base" and info["quant_config"]["bits"] == 2
     assert info["result"]["lora_init"] == "svd"  # --init_method auto at 2 bit with the fp weights at hand
+    assert info["args"]["QuantConfig"]["gptaq"] == 0.0  # the svd init's base: quantized without GPTAQ
     assert info["args"]["LoraArguments"]["lora_r"] == 8 and info["args"]["QuantConfig"]["group_size"] == 32
     assert info["data"] == [{"source": str(data_file.resolve()), "copy": "data/train.jsonl"}]
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
@@ -240,3 +241,17 @@ def test_init_method_auto_is_svd_at_low_bits_with_fp_weights():
     assert resolve_init("auto", 4, True) == "default" and resolve_init("auto", 8, True) == "default"
     assert resolve_init("auto", 2, False) == "default"  # no fp weights: B = 0
     assert resolve_init("aware", 4, True) == "aware"  # an explicit choice stands
+
+
+def test_base_quantized_without_gptaq_for_an_fp_init_unless_gptaq_given():
+    from gptqlora.commands.finetune import base_quant_config, parse_args
+
+    def gptaq(*flags):
+        return base_quant_config(parse_args(["--base_model", "m", *flags])).gptaq
+
+    assert gptaq("--bits", "2") == 0.0  # auto -> svd: plain GPTQ base
+    assert gptaq("--bits", "4", "--init_method", "aware") == 0.0 and gptaq("--bits", "4", "--init_method", "output") == 0.0
+    assert gptaq("--bits", "4") == 1.0  # auto -> B = 0: the quantizer's default stands
+    assert gptaq("--bits", "2", "--init_method", "default") == 1.0
+    assert gptaq("--bits", "2", "--gptaq", "1") == 1.0 and gptaq("--bits", "2", "--gptaq", "0.25") == 0.25  # given: kept
+    assert base_quant_config(parse_args([])).gptaq == 0.0  # the demo: 2 bit, auto -> svd
