@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptqlora.adapters.layer import GPTQLoraLinear
-from gptqlora.nn.blocks import capture_block_inputs, first_output
+from gptqlora.nn.blocks import capture_block_inputs, first_output, on_inputs
 from gptqlora.nn.registry import FORMATS
 
 log = logging.getLogger(__name__)
@@ -147,17 +147,13 @@ def _init_blocks(base_model, layers, prefix, device, weights, samples, adapter, 
         hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
                     for n, m in mods.items()}
 
-        def hook(mod, inp, out, name):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()  # (T, K)
+        def add(name, x):
+            x = x.detach().reshape(-1, x.shape[-1]).double()  # (T, K)
             hessians[name] += x.t() @ x
 
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(mod, inp, out, n)) for n, m in mods.items()]
-        try:
+        with on_inputs(mods, add):
             for h, kw in inputs:  # B = 0 still: the inputs of each layer under the quantized block
                 block(h, **kw)
-        finally:
-            for hk in hooks:
-                hk.remove()
         for n, m in mods.items():
             w = weights.get(f"{prefix}.{i}.{n}.weight").to(device, torch.float32)  # (N, K)
             resid = w - m.base_layer.dequantize(torch.float32).t()
@@ -235,16 +231,10 @@ def _output_group(block, fp, mods, inputs, fp_inputs, weights, prefix, adapter, 
         H[name] += xq.t() @ xq
         C[name] += xq.t() @ rows(seen.pop(name)).to(xq.device)
 
-    hooks = [fp.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
-             for n in mods]
-    hooks += [m.register_forward_hook(lambda mod, inp, out, n=n: on_q(n, inp[0])) for n, m in mods.items()]
-    try:
+    with on_inputs({n: fp.get_submodule(n) for n in mods}, seen.__setitem__), on_inputs(mods, on_q):
         for (h, kw), hf in zip(inputs, fp_inputs):
             fp(hf, **kw)
             block(h, **kw)
-    finally:
-        for hk in hooks:
-            hk.remove()
     for n, m in mods.items():
         w = weights.get(f"{prefix}.{n}.weight").to(device, torch.float64)  # (N, K)
         target = lstsq_target(w, H[n], C.pop(n), damp)

@@ -6,6 +6,9 @@ block 0 and then feeds each block's outputs to the next one.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Mapping
+
 import torch
 from torch import nn
 
@@ -47,3 +50,15 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList,
 def first_output(out):
     """A block's hidden states, whether it returns a tensor or a tuple."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def on_inputs(modules: Mapping[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """While inside: every forward of modules[name] calls fn(name, its first input). The hooks are removed
+    on the way out, also after an exception."""
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: fn(n, inp[0])) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
