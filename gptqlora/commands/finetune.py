@@ -194,6 +194,10 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     trainer = _trainer(peft_model, tokenizer, train_ds, val_ds, run, targs, state)
     resume = resume_path(run.checkpoints_dir, targs.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
+    if targs.compile == "blocks":  # compiled for training only: the evaluation below generates
+        from gptqlora.train.compile import uncompile_blocks
+
+        uncompile_blocks(peft_model)
     if state.is_main_process:
         run.save_adapter(peft_model)
     if targs.eval_accuracy:

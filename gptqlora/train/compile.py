@@ -55,3 +55,12 @@ def compile_blocks(model: nn.Module, dynamic: bool | None = None, backend: str =
         block.compile(dynamic=dynamic, backend=backend)
     log.info("torch.compile: %d decoder blocks (compiled at their first call)", len(blocks))
     return len(blocks)
+
+
+def uncompile_blocks(model: nn.Module) -> int:
+    """Back to eager blocks (after training: generation would recompile a training-shaped graph for every
+    cache length); the number undone."""
+    blocks = [b for b in decoder_blocks(model) if getattr(b, "_compiled_call_impl", None) is not None]
+    for block in blocks:
+        block._compiled_call_impl = None
+    return len(blocks)

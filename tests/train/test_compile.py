@@ -119,10 +119,13 @@ def test_finetune_compile_blocks(tiny_run, tmp_path, monkeypatch):
     seen = []
     real = tc.compile_blocks
     monkeypatch.setattr(tc, "compile_blocks", lambda m, **k: seen.append(real(m, backend="aot_eager", **k)) or seen[-1])
+    undone, real_undo = [], tc.uncompile_blocks
+    monkeypatch.setattr(tc, "uncompile_blocks", lambda m: undone.append(real_undo(m)) or undone[-1])
     args = ["finetune", "--quant_checkpoint", str(tiny_run / "base"), "--data", str(data), "--max_steps", "2",
             "--micro_batch_size", "4", "--batch_size", "4", "--cutoff_len", "256", "--compile", "blocks"]
     assert main([*args, "--output_dir", str(tmp_path / "run")]) == 0
     assert seen == [2]  # the tiny base's two blocks
+    assert undone == [2]  # eager again after training (the accuracy evaluation generates)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["args"]["TrainArguments"]["compile"] == "blocks"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists() or \
