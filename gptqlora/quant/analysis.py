@@ -23,6 +23,7 @@ from gptqlora.checkpoint.checkpoint import build_empty_model
 from gptqlora.checkpoint.config import QuantConfig
 from gptqlora.checkpoint.io import CheckpointError, SafetensorsSource
 from gptqlora.devices import resolve_device
+from gptqlora.nn.blocks import on_inputs
 from gptqlora.quant.driver import TensorSource, _capture_block_inputs, _first, _load_block, _load_outside_blocks
 from gptqlora.quant.gptq import GPTQ
 from gptqlora.quant.model_utils import decoder_layers
@@ -82,21 +83,15 @@ def analyze_model(model_dir: str | Path, samples: list[torch.Tensor], bits: tupl
         acts = {n: _ActStats(m.in_features, act_threshold, device) for n, m in linears.items()}
         first_ptr: dict[int, tuple[str, torch.Tensor]] = {}  # holds the tensors, so no address is reused
 
-        def hook(name):
-            def fn(mod, inp, out):
-                x = inp[0]
-                solvers[name].add_batch(x)
-                if name not in site_of:
-                    site_of[name] = first_ptr.setdefault(x.data_ptr(), (name, x))[0]
-                if activations and site_of[name] == name:
-                    acts[name].add(x)
-            return fn
+        def seen(name, x):
+            solvers[name].add_batch(x)
+            if name not in site_of:
+                site_of[name] = first_ptr.setdefault(x.data_ptr(), (name, x))[0]
+            if activations and site_of[name] == name:
+                acts[name].add(x)
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-        with torch.no_grad():
+        with torch.no_grad(), on_inputs(linears, seen):
             outs = [(_first(block(h, **kw)), kw) for h, kw in inputs]
-        for h in handles:
-            h.remove()
         for n, m in linears.items():
             full = f"{prefix}.{n}"
             H = solvers[n].H
