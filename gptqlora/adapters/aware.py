@@ -50,7 +50,7 @@ def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float =
     same steps (docs/results.md: the balanced split trained better)."""
     K = H.shape[0]
     H = H.double()
-    lam = damp * float(torch.diag(H).mean()) or 1e-8
+    lam = _damping(H, damp)
     L = torch.linalg.cholesky(H + lam * torch.eye(K, dtype=H.dtype, device=H.device))  # (K, K) lower
     U, S, Vh = torch.linalg.svd(resid.double() @ L, full_matrices=False)
     root = S[:r].sqrt()
@@ -59,6 +59,11 @@ def whitened_lowrank(resid: torch.Tensor, H: torch.Tensor, r: int, damp: float =
     if balance:
         B, A = balanced_factors(B, A)
     return B.float(), A.float()
+
+
+def _damping(H: torch.Tensor, damp: float) -> float:
+    """λ = damp·mean(diag H) (a tiny floor for an all-zero H): the one damping of the whitening and the target."""
+    return damp * float(torch.diag(H).mean()) or 1e-8
 
 
 def balanced_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +178,6 @@ def fp_block(block: nn.Module, weights: Any, prefix: str, dtype: torch.dtype) ->
     swap = [n for n, m in fp.named_modules() if isinstance(m, GPTQLoraLinear) or FORMATS.is_packed(m)]
     swap = [n for n in swap if not any(n.startswith(o + ".") for o in swap)]  # the outermost only
     for n in swap:
-        old = fp.get_submodule(n)
         w = weights.get(f"{prefix}.{n}.weight")
         key = f"{prefix}.{n}.bias"
         lin = nn.Linear(w.shape[1], w.shape[0], bias=key in weights, device=w.device, dtype=dtype)
@@ -182,7 +186,6 @@ def fp_block(block: nn.Module, weights: Any, prefix: str, dtype: torch.dtype) ->
             lin.bias.data = weights.get(key).to(dtype)
         parent, _, leaf = n.rpartition(".")
         setattr(fp.get_submodule(parent) if parent else fp, leaf, lin)
-        del old
     device = next(p.device for p in block.parameters())
     for name, t in fp.state_dict().items():
         key = f"{prefix}.{name}"
@@ -248,6 +251,6 @@ def lstsq_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float 
     """W* (N, K) minimising ||X_q W*ᵀ - X_fp wᵀ||² + λ||W* - w||², from H = X_qᵀX_q and C = X_qᵀX_fp
     (λ = damp·mean(diag H), the damping of `whitened_lowrank`): W* = w (Cᵀ + λI) (H + λI)⁻¹."""
     H, C, w = H.double(), C.double(), w.double()
-    lam = damp * float(torch.diag(H).mean()) or 1e-8
+    lam = _damping(H, damp)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return torch.linalg.solve(H + lam * eye, (C + lam * eye) @ w.t()).t()  # Hd symmetric: (Hd⁻¹ (C + λ) wᵀ)ᵀ

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from gptqlora.adapters.config import SETTINGS_FILE, GPTQLoraConfig
+from gptqlora.adapters.config import CALIBRATED_INITS, SETTINGS_FILE, GPTQLoraConfig
 from gptqlora.adapters.dispatch import register
 from gptqlora.adapters.siblings import link_siblings
 from gptqlora.nn.registry import FORMATS
@@ -80,7 +80,7 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
     each) is what init_method='aware' weights the residual by.
     """
     init = getattr(config, "init_method", "default")
-    if init in ("aware", "output") and not calibration:
+    if init in CALIBRATED_INITS and not calibration:
         raise ValueError(f"init_method={init!r} needs calibration samples (token ids) to weight the residual by")
     config = config if config is not None else GPTQLoraConfig()
     _check_targets(model, config)
@@ -95,7 +95,7 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
         from gptqlora.adapters.init import svd_init
 
         svd_init(peft_model, config, adapter_name)
-    elif init in ("aware", "output"):
+    elif init in CALIBRATED_INITS:
         from gptqlora.adapters.aware import aware_init, output_init
         from gptqlora.checkpoint.io import SafetensorsSource
 

@@ -403,7 +403,7 @@ def base_quant_config(args: FinetuneArgs):
 def _wrap(model, args: FinetuneArgs, calibration=None):
     """The PEFT model; `calibration` (a function giving token windows) is called only for init aware/output."""
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
-    from gptqlora.adapters.config import FP_INITS
+    from gptqlora.adapters.config import CALIBRATED_INITS, FP_INITS
     from gptqlora.train import checkpointing
     from gptqlora.train.liger import apply_liger
     from gptqlora.train.loss import apply_chunked_loss
@@ -427,7 +427,7 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
                             svd_source=args.model.base_model if init in FP_INITS else None,
                             use_qalora=largs.use_qalora, qalora_group_size=qa_group)
     peft_model = get_peft_model(model, config,
-                                calibration=calibration() if init in ("aware", "output") and calibration else None)
+                                calibration=calibration() if init in CALIBRATED_INITS and calibration else None)
     peft_model.lora_init = init  # recorded in run.json's result (what --init_method auto chose)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
