@@ -164,7 +164,8 @@ class QuantLoraMatmul(torch.autograd.Function):
                 ys.append(x @ w)  # (T, N_i)
                 del w
             mask = seed = None
-            if dropout > 0 and backend == "triton":  # mask from a seed, never stored
+            seeded = dropout > 0 and backend == "triton"
+            if seeded:  # mask from a seed, never stored
                 xd = x = x.contiguous()
                 lora_dropout = _triton()[1]
                 if traced:  # the seed is saved in the mask's place
@@ -181,9 +182,9 @@ class QuantLoraMatmul(torch.autograd.Function):
                 y.addmm_(xai, bti, alpha=s)  # y_i += s_i * xa_i @ B_iᵀ
         ctx.bases, ctx.scalings, ctx.dropout, ctx.backend, ctx.shape, ctx.seed = \
             bases, scalings, dropout, backend, shape, seed
-        ctx.seed_saved = traced and dropout > 0 and backend == "triton"  # the seed tensor is in mask's slot
+        ctx.seed_saved = traced and seeded  # the seed tensor is in mask's slot
         ctx.rs, ctx.dtypes = cast.rs, cast.dtypes
-        ctx.cast, ctx.slot = (None, None) if traced else (cast, slot)
+        ctx.cast, ctx.slot = None if traced else cast, slot  # slot is None when traced
         ctx.save_for_backward(xd, mask, xa, a, *cast.b)  # a, b: the cast copies (kept: no second cast)
         if len(shape) == 2:
             return tuple(ys)
