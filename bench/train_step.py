@@ -95,7 +95,7 @@ def wrap(model: nn.Module, a) -> nn.Module:
     if a.liger:
         from gptqlora.train.liger import apply_liger
 
-        apply_liger(model, "on")
+        apply_liger(model, "on", blocks=not a.compile)  # compiled blocks: Liger's loss only (train/liger.py)
     if a.mode == "gptq":
         import gptqlora
         from gptqlora.adapters import GPTQLoraConfig
@@ -187,7 +187,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     med = sorted(times[2:])[len(times[2:]) // 2]
     label = a.mode if a.mode != "gptq" else f"gptq{a.bits}-g{a.group}"
-    label += "+liger" * a.liger + ("" if a.fused or a.mode != "gptq" else "-unfused") + \
+    label += ("+liger-loss" if a.compile else "+liger") * a.liger + ("" if a.fused or a.mode != "gptq" else "-unfused") + \
         ("-torchref" if a.kernel == "torch" else "") + "-nosiblings" * (not a.siblings) + \
         "-slowlaunch" * a.slow_launch + "+compile" * a.compile + ("-nockpt" if not a.checkpointing else "")
     rec = dict(shape=a.shape, mode=label, bs=a.bs, seq=a.seq, step_s=round(med, 4), tokens_per_s=round(a.bs * a.seq / med),

@@ -194,7 +194,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     trainer = _trainer(peft_model, tokenizer, train_ds, val_ds, run, targs, state)
     resume = resume_path(run.checkpoints_dir, targs.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
-    if targs.compile == "blocks":  # compiled for training only: the evaluation below generates
+    if peft_model.compiled == "blocks":  # compiled for training only: the evaluation below generates
         from gptqlora.train.compile import uncompile_blocks
 
         uncompile_blocks(peft_model)
@@ -206,7 +206,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     summary = {"run_dir": str(run.root), "train_loss": _mean_train_loss(trainer, result, resume),
                "steps": result.global_step, "accuracy": {k: v["accuracy"] for k, v in evals.items()},
                "checkpointing": {"mode": plan.mode, "blocks_recomputed": len(plan.checkpointed), "why": plan.reason},
-               "lora_init": getattr(peft_model, "lora_init", None)}
+               "lora_init": getattr(peft_model, "lora_init", None), "compile": getattr(peft_model, "compiled", None)}
     if state.is_main_process:
         run.update(quant_config=model.gptq_config.to_dict(), result=summary)
         if evals:
@@ -405,6 +405,7 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
     from gptqlora.adapters import GPTQLoraConfig, get_peft_model
     from gptqlora.adapters.config import CALIBRATED_INITS, FP_INITS
     from gptqlora.train import checkpointing
+    from gptqlora.train.compile import compile_blocks, resolve_compile
     from gptqlora.train.liger import apply_liger
     from gptqlora.train.loss import apply_chunked_loss
     from gptqlora.train.trainer import autocast_dtype
@@ -417,7 +418,9 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
                          f"--quant_checkpoint, the fp16 model it was quantized from)")
     log.info("LoRA init: %s%s", init, " (--init_method auto)" if largs.init_method == "auto" else "")
     model.config.use_cache = False
-    fused_loss = apply_liger(model, targs.liger)  # Liger's fused linear + cross-entropy comes with it
+    device = next(model.parameters()).device
+    compiled = resolve_compile(targs.compile, device, targs.offload_activations)
+    fused_loss = apply_liger(model, targs.liger, blocks=compiled == "none")  # its fused linear + CE comes with it
     if targs.loss == "chunked" or (targs.loss == "auto" and not fused_loss):
         apply_chunked_loss(model)
     qa_group = largs.qalora_group_size or model.gptq_config.group_size
@@ -429,17 +432,15 @@ def _wrap(model, args: FinetuneArgs, calibration=None):
     peft_model = get_peft_model(model, config,
                                 calibration=calibration() if init in CALIBRATED_INITS and calibration else None)
     peft_model.lora_init = init  # recorded in run.json's result (what --init_method auto chose)
+    peft_model.compiled = compiled  # and what --compile auto chose
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("trainable LoRA parameters: %s", f"{n_train:,}")
-    device = next(model.parameters()).device
     mode = checkpointing.resolve_mode(targs.use_gradient_checkpointing, targs.gradient_checkpointing)
     peft_model.checkpointing_plan = checkpointing.setup(  # recorded in run.json's result
         peft_model, mode, fraction=targs.checkpoint_fraction, batch=targs.micro_batch_size, seq=dargs.cutoff_len,
         dtype=autocast_dtype(targs, device), optim=targs.optim, reentrant=targs.reentrant_checkpointing,
         offload=targs.offload_activations)
-    if targs.compile == "blocks":
-        from gptqlora.train.compile import compile_blocks
-
+    if compiled == "blocks":
         compile_blocks(peft_model)
     return peft_model
 

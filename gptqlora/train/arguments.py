@@ -115,10 +115,11 @@ class TrainArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy: auto (on for CUDA when "
                 "liger-kernel is installed), on, off", "choices": ("auto", "on", "off")})
-    compile: str = field(default="none", metadata={
+    compile: str = field(default="auto", metadata={
         "help": "torch.compile: blocks (each decoder block compiled by inductor: the per-block host work and "
-                "the small elementwise kernels fused away; the first steps take a minute or more to compile), "
-                "none", "choices": ("none", "blocks")})
+                "the small elementwise kernels fused away, 1.35x faster on a 7B; the first steps take half a "
+                "minute or more to compile; Liger then fuses only the loss), none, auto (blocks on CUDA "
+                "unless --offload_activations, else none)", "choices": ("auto", "none", "blocks")})
     reentrant_checkpointing: bool = field(default=False, metadata={
         "help": "use reentrant activation checkpointing (default: non-reentrant)"})
     precision: str = field(default="auto", metadata={

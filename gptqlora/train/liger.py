@@ -26,9 +26,14 @@ def liger_importable() -> bool:
     return True
 
 
-def apply_liger(model: nn.Module, mode: str = "auto") -> bool:
+def apply_liger(model: nn.Module, mode: str = "auto", blocks: bool = True) -> bool:
     """Swap in Liger's fused ops; True if applied. "auto": on a CUDA model when liger-kernel is installed
-    and supports the model type; "on": the same, but an error where it cannot; "off": nothing."""
+    and supports the model type; "on": the same, but an error where it cannot; "off": nothing.
+
+    `blocks=False`: only the fused linear + cross-entropy, not the ops inside the decoder blocks. For
+    compiled blocks (train/compile.py): inductor fuses RMSNorm, SwiGLU and RoPE itself, and Liger's kernels
+    inside a compiled block made the 7B step slower, not faster (H200, 1x2048: 4,347 tokens/s with them
+    against 7,830 without; docs/benchmarks.md)."""
     if mode not in MODES:
         raise ValueError(f"liger mode must be one of {MODES}, got {mode!r}")
     if mode == "off":
@@ -41,8 +46,10 @@ def apply_liger(model: nn.Module, mode: str = "auto") -> bool:
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model)
-    log.info("Liger kernels applied (RMSNorm, SwiGLU, RoPE, fused linear + cross-entropy)")
+    ops = dict(rope=blocks, rms_norm=blocks, swiglu=blocks, fused_linear_cross_entropy=True)
+    _apply_liger_kernel_to_instance(model=model, **ops)
+    log.info("Liger kernels applied (%s)", "RMSNorm, SwiGLU, RoPE, fused linear + cross-entropy" if blocks
+             else "fused linear + cross-entropy; the blocks are compiled")
     return True
 
 

@@ -40,6 +40,7 @@ def test_finetune_writes_complete_run_folder_and_loss_falls(tiny_dir, data_file,
     info = json.loads((run / "run.json").read_text())
     assert info["schema"] == 2 and info["base"] == "base" and info["quant_config"]["bits"] == 2
     assert info["result"]["lora_init"] == "svd"  # --init_method auto at 2 bit with the fp weights at hand
+    assert info["result"]["compile"] == "none"  # --compile auto on a CPU
     assert info["args"]["QuantConfig"]["gptaq"] == 0.0  # the svd init's base: quantized without GPTAQ
     assert info["args"]["LoraArguments"]["lora_r"] == 8 and info["args"]["QuantConfig"]["group_size"] == 32
     assert info["data"] == [{"source": str(data_file.resolve()), "copy": "data/train.jsonl"}]

@@ -127,9 +127,19 @@ def test_finetune_compile_blocks(tiny_run, tmp_path, monkeypatch):
     assert seen == [2]  # the tiny base's two blocks
     assert undone == [2]  # eager again after training (the accuracy evaluation generates)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert info["args"]["TrainArguments"]["compile"] == "blocks"
+    assert info["args"]["TrainArguments"]["compile"] == "blocks" and info["result"]["compile"] == "blocks"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists() or \
         list((tmp_path / "run").rglob("adapter_model.safetensors"))
+
+
+def test_auto_compiles_on_cuda_only():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert tc.resolve_compile("auto", cuda) == "blocks"
+    assert tc.resolve_compile("auto", cuda, offload_activations=True) == "none"  # its hooks cannot be traced
+    assert tc.resolve_compile("auto", cpu) == "none"
+    assert tc.resolve_compile("blocks", cpu) == "blocks" and tc.resolve_compile("none", cuda) == "none"
+    with pytest.raises(ValueError, match="compile mode"):
+        tc.resolve_compile("always", cuda)
 
 
 def test_compile_with_offload_is_one_clear_error(tiny_run, tmp_path, capsys):
