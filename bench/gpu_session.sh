@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile spqr gemlite
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default spqr gemlite
 #                                                    tune decode journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
@@ -9,11 +9,20 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v -i warning | tail -2
+# into a folder of its own, ahead of the image's packages (device/README.md's way: a failed install into the
+# image's site-packages once left `datasets` missing and the journey failed on its import)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 \
+  | grep -v -i warning | tail -2
+export PYTHONPATH=/tmp/site:$PYTHONPATH
 python3 - <<'PY'
-import torch, triton, transformers, peft
+import importlib, torch, triton, transformers, peft
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
       "transformers", transformers.__version__, "peft", peft.__version__)
+for name in ("datasets", "bitsandbytes", "liger_kernel"):  # the carried wheels: a missing one says so here
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "ok"))
+    except Exception as e:  # noqa: BLE001 - report and go on: the stages that need it fail with their own line
+        print(name, "NOT IMPORTABLE:", type(e).__name__, e)
 PY
 decode_check() {  # gpu_check_decode once per call; status 1 (and a line) if it failed
   if [ ! -f /tmp/decode_check_rc ]; then
@@ -52,6 +61,10 @@ for l in open(sys.argv[1]):
                python3 bench/train_suite.py --set compile --batches "${COMPILE_BATCHES:-1x2048,16x256}" --out "$OUT" \
                  --budget_s "${TRAIN_BUDGET:-400}" > "$OUT/compile.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/compile.md" ;;
+    default)   # what finetune does by default on CUDA (compiled blocks + Liger's loss) against the peers (issue 15)
+               python3 bench/train_suite.py --set default --batches "${COMPILE_BATCHES:-1x2048,16x256}" --out "$OUT" \
+                 --budget_s "${TRAIN_BUDGET:-400}" > "$OUT/default.md" 2>> "$OUT/stderr.log"
+               grep "^|" "$OUT/default.md" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
     gemlite)   # GemLite's kernels on our GPTQ layers against ours and bf16 (gemlite's wheel in .whl/)

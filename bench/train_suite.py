@@ -1,6 +1,6 @@
 """Training-step benchmark: the peers and gptqlora in one run, one process per configuration.
 
-    python bench/train_suite.py [--set core|core-lite|best|ab|ablations|compile|all] [--batches 16x256,1x2048] [--shape 7b] [--out DIR]
+    python bench/train_suite.py [--set core|core-lite|best|ab|ablations|compile|default|all] [--batches 16x256,1x2048] [--shape 7b] [--out DIR]
 
 Peers: bf16 base + PEFT LoRA (the ceiling users compare with; also with Liger, to show what Liger alone
 gives), bitsandbytes NF4 + PEFT (QLoRA). gptqlora at 2/3/4 bit with its defaults (Triton dequant, fused
@@ -37,6 +37,10 @@ G4, G2 = ["--mode", "gptq", "--bits", "4", "--group", "128"], ["--mode", "gptq",
 # in the order that matters when the suite's time budget cuts it short (a compiled 7B config: ~2 min)
 COMPILE = [["--mode", "nf4"], [*G4, "--liger"], [*G4, "--liger", "--compile"], [*G4, "--compile"], ["--mode", "bf16"],
            [*G2, "--liger"], [*G2, "--liger", "--compile"], ["--mode", "bf16", "--compile"], ["--mode", "nf4", "--compile"]]
+# what `finetune` does by default on CUDA (--compile auto: compiled blocks, Liger's fused loss only) against
+# the peers as users run them, then the peers' own best (compiled); the order matters when the budget cuts
+DEFAULT = [["--mode", "nf4"], ["--mode", "bf16"], [*G4, "--liger", "--compile"], [*G2, "--liger", "--compile"],
+           ["--mode", "nf4", "--compile"], ["--mode", "bf16", "--compile"]]
 ABLATIONS = [["--mode", "gptq", "--bits", "4", "--group", "128"],  # no Liger
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-fused"],  # PEFT's LoRA path
              ["--mode", "gptq", "--bits", "4", "--group", "128", "--liger", "--no-siblings"],  # q/k/v one by one
@@ -58,7 +62,7 @@ def run(args: list[str], timeout: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", default="core", choices=("core", "core-lite", "best", "ab", "ablations", "compile", "all"))
+    ap.add_argument("--set", default="core", choices=("core", "core-lite", "best", "ab", "ablations", "compile", "default", "all"))
     ap.add_argument("--batches", default="16x256,1x2048", help="comma-separated BSxSEQ shapes")
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--steps", default="5")
@@ -68,7 +72,7 @@ def main() -> int:
                     help="a configuration to profile (at both batch shapes), as its arguments, e.g. '--mode bf16'")
     a = ap.parse_args()
     configs = {"core": CORE, "core-lite": CORE_LITE, "best": BEST, "ab": AB, "ablations": ABLATIONS,
-               "compile": COMPILE, "all": CORE + ABLATIONS}[a.set]
+               "compile": COMPILE, "default": DEFAULT, "all": CORE + ABLATIONS}[a.set]
     out = Path(a.out) / "train_suite.jsonl"
     t0, recs = time.time(), []
     batches = [tuple(int(v) for v in b.split("x")) for b in a.batches.split(",")]
