@@ -75,7 +75,7 @@ for l in open(sys.argv[1]):
     tune)      # decode check (~1 min), then the gemv config sweep (< 4 min): $OUT/gemv_sweep.json is the table
                # to commit as gptqlora/kernels/gemv_configs.json (or to pass as GPTQLORA_GEMV_CONFIGS)
                decode_check || continue
-               python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
+               python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" ${SWEEP_ARGS:-} > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt" ;;
     decode)    # the check once per call (skipped after `tune`); this call's sweep table if there is one
                decode_check || continue
