@@ -71,7 +71,8 @@ def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
     gemv.py's."""
     if m == 1 and bits in (2, 4, 8):
         bws, bns, warps = SMALL_GRID1 if small else GRID1
-        return [dict(BW=bw, BN=bn, num_warps=w) for bw, bn, w in itertools.product(bws, bns, warps)]
+        return [dict(BW=bw, BN=bn, num_warps=w) for bw, bn, w in itertools.product(bws, bns, warps)
+                if small or 4 <= bn // (32 * w) <= 16]  # columns per thread: 16-byte loads, and no spills (offline sm_90 compile)
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
     return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3) for bn, bk, w in itertools.product(bns, bks, warps)]
 

@@ -108,11 +108,14 @@ def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_
             at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None], other=0)
             xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]  # A in x's dtype, as in training
     y = acc
-    if HAS_LORA:
+    if HAS_LORA:  # + s (x_c Aᵀ_c) Bᵀ, one rank at a time: a (BR, BN) tile of B would spill at BN 512
         dt = x_ptr.dtype.element_ty
-        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,)
-        bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
-        y += lora_scale * tl.sum(xr[:, None] * bt.to(dt).to(tl.float32), axis=0)
+        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
+        lo = tl.zeros((BN,), tl.float32)
+        for r in tl.static_range(BR):
+            b_r = tl.load(b_ptr + offs_n * R + r, mask=mn & (r < R), other=0).to(dt).to(tl.float32)  # B[:, r]
+            lo += tl.sum(tl.where(offs_r == r, xr, 0.0), axis=0) * b_r
+        y += lora_scale * lo
     offs_m = tl.arange(0, 1)
     _store_split(y[None, :], out_ptr, part_ptr, lock_ptr, pid_n, pid_k, offs_m, offs_n, mn[None, :], 1, N, SPLIT,
                  SPLIT_K, 1, BN)
@@ -177,5 +180,5 @@ def gemv1_triton(x: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bit
     _launch[grid](x, plan.qweight, zeros, scales, perm, a, b, out, part, plan.locks, k, n, r, plan.group,
                   float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1, BW=cfg["BW"],
-                  BN=cfg["BN"], BR=max(16, next_power_of_2(r)), num_warps=cfg["num_warps"], num_stages=1)
+                  BN=cfg["BN"], BR=next_power_of_2(r), num_warps=cfg["num_warps"], num_stages=1)
     return out
