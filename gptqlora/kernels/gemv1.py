@@ -113,7 +113,8 @@ def _gemv1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_
         xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
         lo = tl.zeros((BN,), tl.float32)
         for r in tl.static_range(BR):
-            b_r = tl.load(b_ptr + offs_n * R + r, mask=mn & (r < R), other=0).to(dt).to(tl.float32)  # B[:, r]
+            mb = mn & (tl.full((BN,), r, tl.int32) < R)  # BR is R rounded up to a power of two
+            b_r = tl.load(b_ptr + offs_n * R + r, mask=mb, other=0).to(dt).to(tl.float32)  # B[:, r]
             lo += tl.sum(tl.where(offs_r == r, xr, 0.0), axis=0) * b_r
         y += lora_scale * lo
     offs_m = tl.arange(0, 1)

@@ -109,3 +109,16 @@ def test_tuned_entry_with_bw_is_this_kernels(tmp_path, monkeypatch):
             assert rel_err(y, want) < 1e-5
         finally:
             gemv.tuned_table.cache_clear()
+
+
+def test_lora_rank_not_a_power_of_two():
+    """B is read one rank at a time up to R rounded up to a power of two; the ranks past R are masked."""
+    p = random_packed(256, 48, 4, 64, True, False, 5, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(1, 256, device=DEVICE, generator=g)
+    a = torch.randn(5, 256, device=DEVICE, generator=g) * 0.1
+    b = torch.randn(48, 5, device=DEVICE, generator=g) * 0.1
+    want = x.double() @ p["w64"].to(DEVICE) + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 0.5)
+    assert rel_err(y, want) < 1e-5
