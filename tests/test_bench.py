@@ -65,8 +65,10 @@ def test_gemv_sweep_smoke_writes_the_table_pick_config_reads(tmp_path, monkeypat
         k, n = map(int, row["shape"].split("x"))
         g_idx = torch.arange(k, dtype=torch.int32) // 128
         plan = gemv.plan_gemv(torch.zeros(k // 8, n, dtype=torch.int32), g_idx, 4, 128)
-        cfg = gemv.pick_config(1, k, n, 4, plan, sms=gemv._sm_count(torch.device("cpu")))
-        assert {f: cfg[f] for f in gemv.TUNABLE} == rec["configs"][row["key"]]
+        # 4 bit at M = 1 is gemv1.py's call: the table's entry is that kernel's config (it has BW)
+        cfg = gemv.pick_config1(k, n, 4, plan, sms=gemv._sm_count(torch.device("cpu")))
+        assert row["kernel"] == "gemv1" and "BW" in rec["configs"][row["key"]]
+        assert {f: cfg[f] for f in rec["configs"][row["key"]]} == rec["configs"][row["key"]]
     finally:
         monkeypatch.delenv(gemv.TUNED_ENV)
         gemv.tuned_table.cache_clear()
