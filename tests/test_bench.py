@@ -115,12 +115,13 @@ def test_gemlite_peer_gets_the_same_weights_in_hqq_form():
 def test_sass_loop_counts_fewer_instructions_per_code_for_gemv1():
     """The offline sm_90 compile of both one-token kernels: gemv1.py's loop must stay well under gemv.py's
     instructions per code (measured 3.9 against 6.4 at 4 bit, act-order, LoRA); a change that loses that is
-    caught here before any GPU time."""
+    caught here before any GPU time. Compiled code, so not under the interpreter."""
     pytest.importorskip("triton.backends.nvidia")
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import sass_loop
-    finally:
-        sys.path.pop(0)
-    rows = {(r["kernel"], r["bits"]): r["per_code"] for r in sass_loop.rows([4])}
-    assert rows[("gemv1.py", 4)] < 4.5 and rows[("gemv1.py", 4)] < 0.75 * rows[("gemv.py M = 1", 4)], rows
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_loop.py"), "--bits", "4"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_code = {row.split("|")[1].strip(): float(row.split("|")[6]) for row in r.stdout.splitlines()
+                if row.startswith("| gemv")}
+    assert per_code["gemv1.py"] < 4.5 and per_code["gemv1.py"] < 0.75 * per_code["gemv.py M = 1"], per_code
