@@ -9,7 +9,6 @@ interpreter (TRITON_INTERPRET=1), which the CPU tests use.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -21,13 +20,19 @@ MAX_M = 16  # rows up to which the small-M kernel (kernels/gemv.py) runs; the tr
 ENV = "GPTQLORA_KERNEL"
 
 
-@functools.cache
+_IMPORTABLE: list[bool] = []  # triton_importable's answer, once known (not functools.cache: torch.compile
+# traces through a cached function and warns about it in every compiled run)
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _IMPORTABLE.append(False)
+        else:
+            _IMPORTABLE.append(True)
+    return _IMPORTABLE[0]
 
 
 def resolve(backend: str, device: torch.device) -> str:

@@ -18,7 +18,6 @@ regenerated in backward (kernels/lora_dropout.py); on the torch path drop(x) and
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -53,10 +52,11 @@ class PackedBase(NamedTuple):
         return reference.dequantize(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, dtype)
 
 
-@functools.cache
 def _triton():
     """The Triton kernel modules (dequant, lora_dropout), imported at first use: triton is optional off the
-    GPU. Importing them also registers their ops (gptqlora::dequantize, dropout_xa, ...)."""
+    GPU. Importing them also registers their ops (gptqlora::dequantize, dropout_xa, ...). After the first
+    call the import is a lookup in sys.modules (no functools.cache: torch.compile warns about cached
+    functions it traces)."""
     from gptqlora.kernels import dequant, lora_dropout
 
     return dequant, lora_dropout
