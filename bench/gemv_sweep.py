@@ -41,7 +41,6 @@ import torch
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels import gemv as G
-from gptqlora.kernels import gemv1 as G1
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 SMALL_SHAPES = ((256, 128), (256, 384), (384, 128))
@@ -50,8 +49,6 @@ BN = {1: (128, 256), 16: (64, 128, 256)}  # per M bucket (call 7: BN 512 never w
 WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
-GRID1 = ((2, 4, 8), (256, 512, 1024), (1, 2, 4))  # gemv1.py (M = 1, 2/4/8 bit): BW x BN x num_warps
-SMALL_GRID1 = ((2,), (32, 64), (1,))
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 R = 8
 
@@ -67,12 +64,7 @@ def packed_layer(k, n, bits, device, seed):
 
 
 def tile_grid(m: int, bits: int, small: bool) -> list[dict]:
-    """Stage 2's candidates: gemv1.py's tiles where that kernel takes the call (M = 1 at 2/4/8 bit), else
-    gemv.py's."""
-    if m == 1 and bits in (2, 4, 8):
-        bws, bns, warps = SMALL_GRID1 if small else GRID1
-        return [dict(BW=bw, BN=bn, num_warps=w) for bw, bn, w in itertools.product(bws, bns, warps)
-                if small or 4 <= bn // (32 * w) <= 16]  # columns per thread: 16-byte loads, and no spills (offline sm_90 compile)
+    """Stage 2's candidates."""
     bns, bks, warps = SMALL_GRID if small else (BN[1 if m == 1 else 16], BK[1 if m == 1 else 16], WARPS)
     return [dict(BN=bn, BK=bk, num_warps=w, num_stages=3) for bn, bk, w in itertools.product(bns, bks, warps)]
 
@@ -134,41 +126,32 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
     a = torch.randn(R, k, device=device, generator=g, dtype=torch.bfloat16) * 0.05
     b = torch.randn(n, R, device=device, generator=g, dtype=torch.bfloat16) * 0.05
     sms = G._sm_count(device)
-    one = G1.takes(m, k, bits, plans[0], False)  # gemv1.py's call: its tiles are swept
-    old = G.pick_config(m, k, n, bits, plans[0], sms)  # gemv.py's kernel as shipped (its table), the comparison
-    default = G1.heuristic_config(k, n, bits, plans[0], sms) if one else G.heuristic_config(m, k, n, bits, plans[0], sms)
-    want = G.gemv_triton(x, *layers[0], bits, plans[0], a, b, 2.0, config=old).float()
+    default = G.heuristic_config(m, k, n, bits, plans[0], sms)
+    want = G.gemv_triton(x, *layers[0], bits, plans[0], a, b, 2.0, config=default).float()
     tried: dict[str, dict] = {}
 
     def legal(cfg):
-        if one:
-            return G1.legal_config({**default, **cfg}, k, bits, plans[0])
         return G.legal_config({**default, **cfg}, k, bits, plans[0])
 
-    def run(cfg) -> dict:
-        """cfg (legal) checked against `want`, then timed over the copies."""
+    def measure(cfg) -> float:
+        cfg = legal(cfg)
+        key = json.dumps(cfg, sort_keys=True)
+        if key in tried:
+            return tried[key]["us"]
         try:
             y = G.gemv_triton(x, *layers[0], bits, plans[0], a, b, 2.0, config=cfg).float()
             err = float((y - want).norm() / want.norm())
             us = timer.us(lambda: [G.gemv_triton(x, *p, bits, pl, a, b, 2.0, config=cfg)
                                    for p, pl in zip(layers, plans)]) / copies if err < 1e-2 else math.inf
-            return {"cfg": cfg, "us": us, "err": err}
+            tried[key] = {"cfg": cfg, "us": us, "err": err}
         except Exception as e:  # out of resources etc.: not a candidate
-            return {"cfg": cfg, "us": math.inf, "error": type(e).__name__}
-
-    def measure(cfg) -> float:
-        cfg = legal(cfg)
-        key = json.dumps(cfg, sort_keys=True)
-        if key not in tried:
-            tried[key] = run(cfg)
+            tried[key] = {"cfg": cfg, "us": math.inf, "error": type(e).__name__}
         return tried[key]["us"]
 
     t_default = measure(default)
-    t_old = run(old)["us"] if one else t_default  # gemv.py's kernel on the same call (no BW: not a candidate)
     # 1. split scan with the heuristic's tiles
     best_split = min(SPLITS, key=lambda s: measure({"SPLIT": s}) if time.time() < deadline else math.inf)
     programs = best_split * -(-n // default["BN"])
-    # (gemv1's programs are one-warp, the old ones 2-8 warps: the count is comparable only within a kernel)
     # 2. tiles, at the best split's program count
     for cfg in tile_grid(m, bits, small):
         if time.time() > deadline:
@@ -184,7 +167,6 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
     t_bf16 = timer.us(lambda: [x @ w for w in dense]) / len(dense)
     gbps = packed_bytes / best["us"] / 1e3 if math.isfinite(best["us"]) else 0.0
     row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "key": G.tuned_key(bits, m, k, n, True),
-           "kernel": "gemv1" if one else "gemv", "old_us": round(t_old, 1),
            "default_us": round(t_default, 1), "best_us": round(best["us"], 1),
            "gain": round(t_default / best["us"], 2) if best["us"] > 0 else None, "bf16_us": round(t_bf16, 1),
            "x_bf16": round(t_bf16 / best["us"], 2), "gbps": round(gbps), "pct_copy": round(100 * gbps / copy_gbps, 1),
@@ -231,24 +213,20 @@ def main(argv=None) -> int:
         left = t0 + a.budget_s - time.time()
         deadline = time.time() + left / (len(work) - i)  # an equal share of what is left, per shape
         rows.append(sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2, a.small, deadline))
-        print({c: rows[-1][c] for c in ("shape", "bits", "m", "kernel", "old_us", "default_us", "best_us", "pct_copy",
-                                        "x_bf16", "best")},
+        print({c: rows[-1][c] for c in ("shape", "bits", "m", "default_us", "best_us", "pct_copy", "x_bf16", "best")},
               flush=True)
-    configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE if f in r["best"]} for r in rows
-               if r["best_us"] and math.isfinite(r["best_us"])}
+    configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE} for r in rows if r["best_us"] and math.isfinite(r["best_us"])}
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "copy_gbps": round(copy_gbps), "warm": warm_state, "wall_s": round(time.time() - t0),
            "configs": configs, "rows": rows}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
-    cols = ["shape", "bits", "m", "kernel", "old_us", "default_us", "best_us", "gain", "bf16_us", "x_bf16", "gbps",
-            "pct_copy", "tried"]
+    cols = ["shape", "bits", "m", "default_us", "best_us", "gain", "bf16_us", "x_bf16", "gbps", "pct_copy", "tried"]
     print("| " + " | ".join(cols) + " | best |\n|" + "---|" * (len(cols) + 1))
     for r in rows:
         b = r["best"]
-        tile = f"BW {b['BW']}" if "BW" in b else f"BK {b['BK']}"
         print("| " + " | ".join(str(r[c]) for c in cols) +
-              f" | BN {b['BN']} {tile} SPLIT {b['SPLIT']} warps {b['num_warps']} |")
+              f" | BN {b['BN']} BK {b['BK']} SPLIT {b['SPLIT']} warps {b['num_warps']} |")
     print(f"{out['device']}, {out['wall_s']} s, copy {copy_gbps:.0f} GB/s; table: {len(configs)} configs"
           + (f" in {a.json}" if a.json else ""))
     return 0

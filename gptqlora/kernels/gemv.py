@@ -37,7 +37,6 @@ import triton.language as tl
 
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
-from gptqlora.kernels import gemv1
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
@@ -213,7 +212,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 TUNED_ENV = "GPTQLORA_GEMV_CONFIGS"  # a JSON file of tuned configs (bench/gemv_sweep.py writes one)
 TUNED_FILE = Path(__file__).with_name("gemv_configs.json")  # the table shipped with the package, if present
-TUNABLE = ("BN", "BK", "BW", "SPLIT", "num_warps", "num_stages")  # BW: gemv1.py's configs (M = 1)
+TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages")
 
 
 def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
@@ -293,20 +292,6 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
     return cfg
 
 
-def pick_config1(k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
-    """gemv1.py's config for a one-token call: the tuned table's entry for the shape if it is one of that
-    kernel's (it has BW), over its heuristic; cached per shape."""
-    key = ("gemv1", k, n, bits, plan.group, sms)
-    cfg = _CONFIGS.get(key)
-    if cfg is None:
-        cfg = gemv1.heuristic_config(k, n, bits, plan, sms)
-        tuned = tuned_table().get(tuned_key(bits, 1, k, n, True), {})
-        if "BW" in tuned:
-            cfg.update({f: tuned[f] for f in ("BW", "BN", "SPLIT", "num_warps")})
-        cfg = _CONFIGS[key] = gemv1.legal_config(cfg, k, bits, plan)
-    return cfg
-
-
 _launch = FastKernel(_gemv_kernel)
 
 
@@ -327,10 +312,6 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
-    if gemv1.takes(m, k, bits, plan, spqr_stats is not None) and (config is None or "BW" in config):
-        cfg = pick_config1(k, n, bits, plan, sms) if config is None else \
-            gemv1.legal_config({**gemv1.heuristic_config(k, n, bits, plan, sms), **config}, k, bits, plan)
-        return gemv1.gemv1_triton(x, zeros, scales, bits, plan, cfg, lora_a, lora_b, scaling)
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)
