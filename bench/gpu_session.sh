@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default spqr gemlite
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite
 #                                                    tune decode journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
@@ -65,6 +65,20 @@ for l in open(sys.argv[1]):
                python3 bench/train_suite.py --set default --batches "${COMPILE_BATCHES:-1x2048,16x256}" --out "$OUT" \
                  --budget_s "${TRAIN_BUDGET:-400}" > "$OUT/default.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/default.md" ;;
+    interleave)  # configs run in the order given, peers before and after ours (this host drifts between runs):
+               # INTERLEAVE="--mode nf4;--mode gptq --bits 4 --group 128 --liger --compile;--mode nf4" BATCH=16x256
+               IFS=';' read -ra configs <<< "${INTERLEAVE:---mode nf4;--mode gptq --bits 4 --group 128 --liger --compile;--mode nf4}"
+               bs=${BATCH:-16x256}
+               for c in "${configs[@]}"; do
+                 python3 bench/train_step.py $c --bs "${bs%x*}" --seq "${bs#*x}" --steps 5 2>> "$OUT/stderr.log" >> "$OUT/interleave.jsonl" \
+                   || echo "FAILED: $c"
+               done
+               python3 -c "import json,sys
+rows=[json.loads(l) for l in open(sys.argv[1])]
+nf4=[r['tokens_per_s'] for r in rows if r['mode']=='nf4']; bf=[r['tokens_per_s'] for r in rows if r['mode']=='bf16']
+for r in rows:
+    x=lambda p: f'{r[\"tokens_per_s\"]/p:.2f}x' if p else '-'
+    print(r['mode'], r['bs'], 'x', r['seq'], r['tokens_per_s'], 'tok/s, peak', r['peak_gib'], 'GiB; against NF4 runs', x(min(nf4) if nf4 else 0), '-', x(max(nf4) if nf4 else 0), '; bf16', x(max(bf) if bf else 0))" "$OUT/interleave.jsonl" ;;
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
     gemlite)   # GemLite's kernels on our GPTQ layers against ours and bf16 (gemlite's wheel in .whl/)
