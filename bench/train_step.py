@@ -182,7 +182,7 @@ def main() -> None:
     for _ in range(a.steps + 2):  # the first two are not counted (Triton's and inductor's compilation)
         sync()
         t = time.perf_counter()
-        losses.append(step())
+        losses.append(step().detach())  # detached: float() of a tensor that requires grad warns (read after timing)
         sync()
         times.append(time.perf_counter() - t)
     med = sorted(times[2:])[len(times[2:]) // 2]
