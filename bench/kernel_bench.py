@@ -1,6 +1,7 @@
 """Kernel benchmark: one quantized linear (Triton dequant + cuBLAS) against a bf16 matmul, same run.
 
     python bench/kernel_bench.py [--quick] [--json OUT.json]
+    python bench/kernel_bench.py --graph --tokens 2048     # GPU time only: every call inside a CUDA graph
 
 For each shape (K x N) and token count M, times in bf16:
   peer   x @ W (forward) and forward + dx = dy @ Wᵀ (what a frozen base costs in LoRA training);
@@ -9,12 +10,17 @@ For each shape (K x N) and token count M, times in bf16:
   dequant alone, as achieved bandwidth (packed bytes read + bf16 bytes written) against the card's copy
   bandwidth measured in the same run, for the grouped and the gather kernel, and a sweep of block sizes.
 Median of `triton.testing.do_bench`; the packed layers rotate so that repeated runs do not hit L2.
+--graph times the forward and forward + backward inside a CUDA graph (`do_bench_cudagraph`) over enough
+copies of the layer (and of the peer's bf16 W) that every call reads from HBM: the GPU's time without the
+host's launch cost, which is what a compiled training step pays (eager timing at 2048 tokens is host-bound
+for the 4096x4096 shapes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -46,6 +52,42 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def graph_ms(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def graph_rows(k: int, n: int, bits: int, tokens, device) -> list[dict]:
+    """Forward and forward + dx of ours and of the bf16 peer, each inside a CUDA graph, over `copies` layers
+    (more bytes than L2 holds), per layer."""
+    packed = k * n * bits / 8
+    copies = max(3, math.ceil(256 * 2**20 / packed))
+    layers = [packed_layer(k, n, bits, device) for _ in range(copies)]
+    plans = [plan_for(lay[3], GROUP) for lay in layers]
+    dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in range(max(3, math.ceil(256 * 2**20 / (2 * k * n))))]
+    out = []
+    for m in tokens:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        row = {"shape": f"{k}x{n}", "tokens": m, "bits": bits, "copies": copies}
+        for name, fn, count in (
+                ("bf16_fwd_ms", lambda: [x @ w for w in dense], len(dense)),
+                ("bf16_fwd_bwd_ms", lambda: [torch.autograd.grad(x @ w, x, dy) for w in dense], len(dense)),
+                ("fwd_ms", lambda: [quant_matmul(x, *lay, bits, "triton", pl) for lay, pl in zip(layers, plans)], copies),
+                ("fwd_bwd_ms", lambda: [torch.autograd.grad(quant_matmul(x, *lay, bits, "triton", pl), x, dy)
+                                        for lay, pl in zip(layers, plans)], copies)):
+            try:
+                row[name] = graph_ms(fn) / count
+            except Exception as e:  # noqa: BLE001 - reported: e.g. an op that cannot be captured
+                row[name] = None
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+        for part in ("fwd", "fwd_bwd"):
+            ours, peer = row[f"{part}_ms"], row[f"bf16_{part}_ms"]
+            row[f"{part}_ratio"] = ours / peer if ours and peer else None
+        out.append(row)
+        del x, dy
+    return out
+
+
 def copy_bandwidth(device) -> float:
     """GB/s of a device-to-device copy, counting bytes read plus written."""
     a = torch.empty(2**30, dtype=torch.uint8, device=device)
@@ -68,8 +110,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4096x11008 only, 4 and 2 bit")
     ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--graph", action="store_true", help="GPU time only: forward and fwd+bwd inside CUDA graphs")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     a = ap.parse_args()
     device = torch.device("cuda")
+    tokens = [int(t) for t in a.tokens.split(",")]
+    if a.graph:
+        shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
+        rows = [r for k, n in shapes for bits in bits_list for r in graph_rows(k, n, bits, tokens, device)]
+        out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "triton": triton.__version__, "timing": "cuda graph", "rows": rows}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+        print(f"{out['device']}  torch {out['torch']}  triton {out['triton']}  {out['date']}  (CUDA-graph timed)")
+        print("| shape | tokens | bits | bf16 fwd ms | ours fwd ms | x | bf16 fwd+bwd ms | ours fwd+bwd ms | x |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        f = lambda v, d=3: "failed" if v is None else f"{v:.{d}f}"  # noqa: E731
+        for r in rows:
+            print(f"| {r['shape']} | {r['tokens']} | {r['bits']} | {f(r['bf16_fwd_ms'])} | {f(r['fwd_ms'])} | "
+                  f"{f(r['fwd_ratio'], 2)} | {f(r['bf16_fwd_bwd_ms'])} | {f(r['fwd_bwd_ms'])} | {f(r['fwd_bwd_ratio'], 2)} |")
+        errs = {k: v for r in rows for k, v in r.items() if k.endswith("_error")}
+        if errs:
+            print("errors:", errs)
+        return 0
     shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
     copy_gbs = copy_bandwidth(device)
     rows, sweep = [], []
@@ -98,7 +162,7 @@ def main() -> int:
                     t = ms(lambda: dq(block_k=bk, block_n=bn, num_warps=nw))
                     sweep.append({"bits": bits, "block_k": bk, "block_n": bn, "num_warps": nw,
                                   "us": round(t * 1e3, 1), "GB/s": round(nbytes / t / 1e6)})
-            for m in TOKENS:
+            for m in tokens:
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
                 dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
                 w = torch.randn(k, n, device=device, dtype=torch.bfloat16)
