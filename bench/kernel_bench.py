@@ -52,6 +52,9 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+FLUSH_BYTES = 256 * 2**20  # the --graph mode's copies of a layer add up to more than this (H200 L2: 60 MB)
+
+
 def graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
@@ -59,11 +62,12 @@ def graph_ms(fn) -> float:
 def graph_rows(k: int, n: int, bits: int, tokens, device) -> list[dict]:
     """Forward and forward + dx of ours and of the bf16 peer, each inside a CUDA graph, over `copies` layers
     (more bytes than L2 holds), per layer."""
-    packed = k * n * bits / 8
-    copies = max(3, math.ceil(256 * 2**20 / packed))
+    copies = max(3, math.ceil(FLUSH_BYTES / (k * n * bits / 8)))
     layers = [packed_layer(k, n, bits, device) for _ in range(copies)]
     plans = [plan_for(lay[3], GROUP) for lay in layers]
-    dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in range(max(3, math.ceil(256 * 2**20 / (2 * k * n))))]
+    check(layers, plans, bits)  # the kernels equal the reference at this shape before their timings count
+    dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16)
+             for _ in range(max(3, math.ceil(FLUSH_BYTES / (2 * k * n))))]
     out = []
     for m in tokens:
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -115,8 +119,8 @@ def main() -> int:
     a = ap.parse_args()
     device = torch.device("cuda")
     tokens = [int(t) for t in a.tokens.split(",")]
+    shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
     if a.graph:
-        shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
         rows = [r for k, n in shapes for bits in bits_list for r in graph_rows(k, n, bits, tokens, device)]
         out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "triton": triton.__version__, "timing": "cuda graph", "rows": rows}
@@ -134,7 +138,6 @@ def main() -> int:
         if errs:
             print("errors:", errs)
         return 0
-    shapes, bits_list = (((4096, 11008),), (2, 4)) if a.quick else (SHAPES, BITS)
     copy_gbs = copy_bandwidth(device)
     rows, sweep = [], []
     for k, n in shapes:
