@@ -207,11 +207,19 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
 
 
 def build(kind: str, shape: str, device):
+    """"bf16", or "gptqB" / "gptqB-KERNEL" (KERNEL: the decode kernel, $GPTQLORA_DECODE, set for the plans
+    that prepare_decode builds when this model first decodes)."""
+    import os
+
+    from gptqlora.nn.quant_linear import DECODE_ENV
+
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
     from gptqlora.adapters import GPTQLoraConfig
 
+    kind, _, kernel = kind.partition("-")
+    os.environ[DECODE_ENV] = kernel or "triton"
     bits = int(kind.removeprefix("gptq"))
     model = build_gptq(shape, bits, GROUP[bits], device)
     if device.type == "cpu":
@@ -221,20 +229,21 @@ def build(kind: str, shape: str, device):
 
 
 def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline,
-                    profile_batch: int | None = None) -> list[dict]:
+                    profile_batch: int | None = None, kernels: tuple[str, ...] = ("triton",),
+                    old_harness: bool = True) -> list[dict]:
     """Batch by batch (batch 1 first: the headline figures come before the deadline can cut anything),
     one model at a time, each built fresh."""
     rows = []
     fast = device.type == "cuda"
     for batch in batches:
-        for kind in ["bf16"] + [f"gptq{b}" for b in bits_list]:
+        for kind in ["bf16"] + [f"gptq{b}" + ("" if k == "triton" else f"-{k}") for b in bits_list for k in kernels]:
             label = kind + ("+lora r8" if kind != "bf16" else "")
             if time.time() > deadline:
                 rows.append({"model": label, "harness": "skipped: over --budget-s", "batch": batch})
                 continue
             model = build(kind, shape, device)
             wb = weight_bytes(model)
-            harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 else []) + \
+            harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 and old_harness else []) + \
                 (["plain transformers"] if kind == "bf16" else [])
             for harness in harnesses:
                 from torch._dynamo.utils import counters
@@ -294,6 +303,11 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420, help="start no model after this many seconds")
     ap.add_argument("--profile", type=int, metavar="BATCH",
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
+    ap.add_argument("--decode-kernels", default="triton",
+                    help="comma-separated decode kernels per GPTQ model: triton (kernels/gemv.py), tinygemm "
+                         "(kernels/tinygemm.py: 2-4 bit, bf16); default triton")
+    ap.add_argument("--no-old-harness", action="store_true",
+                    help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -317,7 +331,8 @@ def main() -> int:
         print(table(out["layers"], list(out["layers"][0])), flush=True)
     if "generation" not in a.skip:
         out["generation"] = generation_rows(device, timer, a.shape, bits, batches, a.prompt, a.new, copy,
-                                            t0 + a.budget_s, a.profile)
+                                            t0 + a.budget_s, a.profile, tuple(a.decode_kernels.split(",")),
+                                            not a.no_old_harness)
     out["wall_s"] = round(time.time() - t0)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

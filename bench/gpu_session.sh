@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite
-#                                                    tune decode journey scale scale-speed scale-memory
+#                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
@@ -91,6 +91,9 @@ for r in rows:
                decode_check || continue
                python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" ${SWEEP_ARGS:-} > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt" ;;
+    tinygemm)  # issue 16: PyTorch's int4 kernel (kernels/tinygemm.py) against ours and bf16, one layer (~2 min)
+               python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
     decode)    # the check once per call (skipped after `tune`); this call's sweep table if there is one
                decode_check || continue
                [ -f "$OUT/gemv_sweep.json" ] && export GPTQLORA_GEMV_CONFIGS="$OUT/gemv_sweep.json"
