@@ -219,13 +219,18 @@ def build(kind: str, shape: str, device):
     from gptqlora.adapters import GPTQLoraConfig
 
     kind, _, kernel = kind.partition("-")
-    os.environ[DECODE_ENV] = kernel or "triton"
+    os.environ[DECODE_ENV] = "tinygemm" if kernel == "tinygemm" else "triton"
     bits = int(kind.removeprefix("gptq"))
     model = build_gptq(shape, bits, GROUP[bits], device)
     if device.type == "cpu":
         model = model.float()
-    return gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                         target_modules=TARGETS)).eval()
+    pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                       target_modules=TARGETS)).eval()
+    if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
+        from gptqlora.adapters.siblings import unlink_siblings
+
+        unlink_siblings(pm)
+    return pm
 
 
 def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline,
@@ -304,7 +309,8 @@ def main() -> int:
     ap.add_argument("--profile", type=int, metavar="BATCH",
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
     ap.add_argument("--decode-kernels", default="triton",
-                    help="comma-separated decode kernels per GPTQ model: triton (kernels/gemv.py), tinygemm "
+                    help="comma-separated decode kernels per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one "
+                         "launch each), unfused (the same, every layer its own launch), tinygemm "
                          "(kernels/tinygemm.py: 2-4 bit, bf16); default triton")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

@@ -196,11 +196,12 @@ def check_generation(device, hidden, inter) -> dict:
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
     model = quantize_skeleton(LlamaForCausalLM(cfg), 4, 128, device="cpu").to(device)
+    g_idx = {}  # siblings (q|k|v, gate|up) share their act-order map, as GPTQ gives them: one launch each
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             k, nn_ = mod.in_features, mod.out_features
             q = packed(k, nn_, 4, 128, True, False, k + nn_, device)
-            mod.qweight.copy_(q[0]); mod.qzeros.copy_(q[1]); mod.g_idx.copy_(q[3])  # noqa: E702
+            mod.qweight.copy_(q[0]); mod.qzeros.copy_(q[1]); mod.g_idx.copy_(g_idx.setdefault(k, q[3]))  # noqa: E702
             mod.scales.copy_(q[2] / (k ** 0.5 * 0.01))
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_dropout=0.0, init_lora_weights="gaussian")).eval()
     cuda = device.type == "cuda"  # CUDA: the step compiled and captured in a CUDA graph; CPU: the same loop, eager
@@ -219,6 +220,7 @@ def check_generation(device, hidden, inter) -> dict:
                               eos_token_id=2, disable_compile=True)[:, 20:]
         os.environ["GPTQLORA_KERNEL"] = "triton"
         prepare_decode(pm)
+        fused = sum(1 for m in pm.modules() if getattr(m, "_group_gemv", None))  # q|k|v, gate|up: one launch each
         dec = decoder_for(pm, batch, 64)
         with torch.inference_mode():
             got = dec.run(ids, mask, 12, [2], 0, sample=False)
@@ -232,10 +234,10 @@ def check_generation(device, hidden, inter) -> dict:
     same = all(out["kernel", b] == out["reference", b] for b in (1, 3))
     breaks = sum(counters["graph_break"].values())
     res = {"check": "generation", "reference": out["reference", 3], "kernel": out["kernel", 3], "same": same,
-           "graphed": graphed, "reused": reused, "sampled_ok": sampled_ok, "graph_breaks": breaks,
+           "graphed": graphed, "reused": reused, "sampled_ok": sampled_ok, "graph_breaks": breaks, "fused_groups": fused,
            "graph_break_reasons": {k[:300]: v for k, v in counters["graph_break"].items()},
            "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
-    res["ok"] = same and graphed and reused and sampled_ok and breaks == 0
+    res["ok"] = same and graphed and reused and sampled_ok and breaks == 0 and fused == 2
     return res
 
 
@@ -300,7 +302,7 @@ def main(argv: list[str]) -> int:
     if graph_row:
         line += f"; graphs: skips {graph_row['cudagraph_skips']} breaks {graph_row['graph_breaks']}"
     if gen_row:
-        line += (f"; generation kernel == reference: {gen_row['same']}, graphed {gen_row['graphed']}, reused "
+        line += (f"; generation kernel == reference: {gen_row['same']}, fused groups {gen_row['fused_groups']}, graphed {gen_row['graphed']}, reused "
                  f"{gen_row['reused']}, sampled {gen_row['sampled_ok']}, dynamo graphs {gen_row['unique_graphs']}, "
                  f"breaks {gen_row['graph_breaks']}")
     if skipped:

@@ -69,14 +69,15 @@ def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
     quantize_skeleton(model, bits, group, device="meta")
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    for mod in model.modules():
+    perms = {}  # one act-order row order per (parent, input width), as GPTQ gives siblings that share an input
+    for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             mod.qweight.random_(-2**31, 2**31 - 1, generator=gen)
             mod.qzeros.random_(-2**31, 2**31 - 1, generator=gen)
             k = mod.in_features
             mod.scales.fill_(1.0 / (math.sqrt(k) * 2 ** (bits - 1)))  # activations stay O(1)
             g = group if group > 0 else k
-            perm = torch.randperm(k, device=device, generator=gen)
+            perm = perms.setdefault((name.rpartition(".")[0], k), torch.randperm(k, device=device, generator=gen))
             mod.g_idx.copy_((torch.arange(k, device=device, dtype=torch.int32) // g)[perm])  # act-order
         elif isinstance(mod, (nn.Embedding, nn.Linear)):
             mod.weight.data.normal_(0, 0.02, generator=gen)

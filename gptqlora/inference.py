@@ -76,14 +76,19 @@ def compiled_decode(model: Any, sampling: Sampling) -> bool:
 
 
 def prepare_decode(model: Any) -> None:
-    """Builds the small-M kernel plans of every quantized layer: they must exist before the decode step is
-    compiled (under torch.compile a missing plan would send the step to the training kernels)."""
+    """Builds the small-M kernel plans of every quantized layer and sibling group: they must exist before the
+    decode step is compiled (under torch.compile a missing plan would send the step to the training kernels)."""
     from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.nn.sibling_gemv import group_plan
     from gptqlora.nn.spqr_linear import SpQRLinear
 
     for mod in model.modules():
         if isinstance(mod, (QuantLinear, SpQRLinear)):
             mod.gemv_plan()
+    groups = {id(g): g for mod in model.modules() if (g := getattr(mod, "siblings", None)) is not None}
+    for g in groups.values():  # q|k|v and gate|up decoded by one launch each (nn/sibling_gemv.py)
+        if all(isinstance(m.base_layer, QuantLinear) for m in g.layers):
+            group_plan([m.base_layer for m in g.layers])
 
 
 def cache_length(model: Any, length: int) -> int:

@@ -19,7 +19,8 @@ from torch import nn
 
 from gptqlora.kernels.dispatch import MAX_M
 from gptqlora.kernels.quant_lora import CAST_CACHE_ENV, CastSlot, PackedBase, quant_lora_group
-from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
+from gptqlora.nn.quant_linear import QuantLinear, compute_dtype, decode_kernel
+from gptqlora.nn.sibling_gemv import decode_group
 
 MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
               "--to fp16|gptq` (or --exact for QA-LoRA adapters)")
@@ -87,6 +88,10 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             xc = None  # x in the compute dtype, cast once, and only where a path below takes it
             if p == 0 and x.numel() <= MAX_M * x.shape[-1]:  # decoding (no gradient): one small-M kernel
                 xc = x.to(compute_dtype(x))
+                if self.siblings is not None and self.siblings.enabled:  # q|k|v, gate|up: one launch for all
+                    y = self.siblings.output(self, x, lambda layers, _: _decode_group(layers, xc, name, kwargs))
+                    if y is not None:
+                        return y
                 y = base.small_m(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
                 if y is not None:
                     return y
@@ -128,6 +133,19 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "gptqlora." + super().__repr__()
+
+
+def _decode_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
+    """All siblings' decode outputs from one small-M launch (nn/sibling_gemv.py), or None when they can't
+    share one (another adapter or dropout on one of them, scalings or ranks that differ, another decode
+    kernel chosen)."""
+    if decode_kernel() != "triton" or any(m._fused_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
+        return None
+    scalings = {m.scaling[name] for m in layers}
+    if len(scalings) != 1:
+        return None
+    return decode_group([m.base_layer for m in layers], x, [m.lora_A[name].weight for m in layers],
+                        [m.lora_B[name].weight for m in layers], scalings.pop())
 
 
 def _fused_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):

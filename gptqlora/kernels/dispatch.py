@@ -66,12 +66,14 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
          bits: int, plan: tuple, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-         scaling: float = 1.0) -> torch.Tensor:
+         scaling: float = 1.0, bounds: tuple[int, int] | None = None) -> torch.Tensor:
     """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
     kernel. `plan` = (packed weight read, perm, counters, rows sorted, group): a kernels.gemv.GemvPlan's
     fields, as QuantLinear.gemv_plan keeps them (building one imported kernels.gemv, which registered the op
-    that torch.compile and CUDA graphs see as one opaque call). No gradient."""
+    that torch.compile and CUDA graphs see as one opaque call). `bounds`: sibling projections side by side
+    (kernels.gemv.gemv_triton). No gradient."""
     read, perm, locks, rows_sorted, group = plan
+    n1, n2 = bounds if bounds is not None else (-1, -1)
     y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, read, perm, locks,
-                                lora_a, lora_b, bits, group, rows_sorted, float(scaling))
+                                lora_a, lora_b, bits, group, rows_sorted, float(scaling), n1, n2)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -84,7 +84,7 @@ def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
-                 lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, R, GROUP, lora_scale, SPLIT, SG,
+                 lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr):
@@ -101,6 +101,10 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     mr = offs_r < R
     xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
     xa2 = tl.zeros((BK if not DOT else 1, BR), tl.float32)  # M = 1: x_k A[:, k] per row k, summed last
+    # sibling projections in one launch (q|k|v, gate|up): columns [N1, N2) are the second, [N2, N) the third;
+    # a column block lies in one of them (BN divides N1 and N2) and takes that projection's rows of A
+    proj = (pid_n * BN >= N1).to(tl.int32) + (pid_n * BN >= N2).to(tl.int32)
+    a_ptr += proj * R * K
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < k_end
@@ -170,12 +174,17 @@ REPACK_CHUNK = 1024  # columns repacked at a time: transient int64 codes of K x 
 KEEP_FREE = 0.1  # an act-order copy is made only if this share of the card stays free after it
 
 
+def room_for(nbytes: int, device: torch.device) -> bool:
+    """Whether `device` can hold nbytes more and still keep KEEP_FREE of it free (always, off CUDA)."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return free - nbytes > KEEP_FREE * total
+
+
 def room_for_copy(qweight: torch.Tensor) -> bool:
     """Whether the card can hold a second copy of `qweight` and still keep KEEP_FREE of it free."""
-    if qweight.device.type != "cuda":
-        return True
-    free, total = torch.cuda.mem_get_info(qweight.device)
-    return free - qweight.numel() * 4 > KEEP_FREE * total
+    return room_for(qweight.numel() * 4, qweight.device)
 
 
 def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
@@ -298,8 +307,12 @@ _launch = FastKernel(_gemv_kernel)
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None, scaling: float = 1.0, config: dict | None = None,
-                sms: int = 132, spqr_stats: tuple | None = None) -> torch.Tensor:
+                sms: int = 132, spqr_stats: tuple | None = None, bounds: tuple[int, int] | None = None) -> torch.Tensor:
     """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
+
+    `bounds` (n1, n2): W is two or three sibling projections side by side (columns [0, n1), [n1, n2),
+    [n2, N); n2 = N for two), each with its own LoRA: `lora_a` is their A stacked, (P·r, K), and `lora_b`
+    their B stacked, (N, r). One launch for all of them.
 
     `spqr_stats` (SpQR's dense part): (stat_bits, scales_code, scales_step, scales_base, zeros_code,
     zeros_step, zeros_base), decoded in the kernel; `zeros` and `scales` are then unread.
@@ -315,6 +328,9 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)
+    n1, n2 = bounds if bounds is not None else (n, n)
+    while n1 % cfg["BN"] or n2 % cfg["BN"]:  # a column block must lie in one projection
+        cfg["BN"] //= 2
     sorted_rows = plan.sorted and cfg["BK"] > 0
     if cfg["BK"] == 0:
         cfg["BK"] = 64
@@ -323,7 +339,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     split = cfg.pop("SPLIT")
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     has_lora = lora_a is not None
-    r = lora_a.shape[0] if has_lora else 1
+    r = lora_b.shape[1] if has_lora else 1
     a = lora_a.contiguous() if has_lora else x
     b = lora_b.contiguous() if has_lora else x
     qw = plan.qweight if sorted_rows else qweight
@@ -334,7 +350,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         sg = n // stats[1].shape[-1]
     else:
         sbits, stats, sg = 1, [g_idx] * 6, 1  # unread without SPQR
-    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, *stats, m, k, n, r, plan.group,
+    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, *stats, m, k, n, n1, n2, r, plan.group,
                   float(scaling), split, sg, SPQR=spqr_stats is not None, SBITS=sbits, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
@@ -362,14 +378,17 @@ def _sm_count(device: torch.device) -> int:
 @torch.library.custom_op("gptqlora::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
              plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: torch.Tensor | None,
-             lora_b: torch.Tensor | None, bits: int, group: int, sorted_rows: bool, scaling: float) -> torch.Tensor:
+             lora_b: torch.Tensor | None, bits: int, group: int, sorted_rows: bool, scaling: float,
+             n1: int = -1, n2: int = -1) -> torch.Tensor:
     # An opaque op for torch.compile (and CUDA graphs): the split-K counters it touches end as they began.
+    # n1, n2: sibling projections' column bounds (gemv_triton's `bounds`), -1 for one layer.
     plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
     return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling,
-                       sms=_sm_count(x.device))
+                       sms=_sm_count(x.device), bounds=None if n1 < 0 else (n1, n2))
 
 
 @_gemv_op.register_fake
-def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling):
+def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling,
+      n1=-1, n2=-1):
     return x.new_empty((x.shape[0], scales.shape[1]))
 
