@@ -83,7 +83,8 @@ def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
-def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr,
+def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, a1_ptr, b1_ptr, a2_ptr,
+                 b2_ptr, out_ptr, part_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -101,10 +102,14 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     mr = offs_r < R
     xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
     xa2 = tl.zeros((BK if not DOT else 1, BR), tl.float32)  # M = 1: x_k A[:, k] per row k, summed last
-    # sibling projections in one launch (q|k|v, gate|up): columns [N1, N2) are the second, [N2, N) the third;
-    # a column block lies in one of them (BN divides N1 and N2) and takes that projection's rows of A
-    proj = (pid_n * BN >= N1).to(tl.int32) + (pid_n * BN >= N2).to(tl.int32)
-    a_ptr += proj * R * K
+    # sibling projections in one launch (q|k|v, gate|up): columns [N1, N2) are the second (LoRA a1, b1),
+    # [N2, N) the third (a2, b2); a column block lies in one of them (BN divides N1 and N2)
+    n_first = pid_n * BN
+    n_off = N1 * 0  # the projection's first column, where its B starts
+    if n_first >= N2:
+        a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
+    elif n_first >= N1:
+        a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < k_end
@@ -147,7 +152,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     if HAS_LORA and not DOT:
         xa += tl.sum(xa2, axis=0)[None, :]
     if HAS_LORA:
-        bt = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
+        bt = tl.load(b_ptr + (offs_n - n_off)[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
         dt = x_ptr.dtype.element_ty
         acc += lora_scale * _mm(xa.to(dt), bt.to(dt).to(tl.float32), DOT, F32_DOT)  # (BM, BN)
     _store_split(acc, out_ptr, part_ptr, lock_ptr, pid_n, pid_k, offs_m, offs_n, mm[:, None] & mn[None, :], M, N, SPLIT,
@@ -311,8 +316,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
 
     `bounds` (n1, n2): W is two or three sibling projections side by side (columns [0, n1), [n1, n2),
-    [n2, N); n2 = N for two), each with its own LoRA: `lora_a` is their A stacked, (P·r, K), and `lora_b`
-    their B stacked, (N, r). One launch for all of them.
+    [n2, N); n2 = N for two), each with its own LoRA: `lora_a` and `lora_b` are then lists of their A (r, K)
+    and B (N_p, r), one per projection, all of one rank and dtype. One launch for all of them.
 
     `spqr_stats` (SpQR's dense part): (stat_bits, scales_code, scales_step, scales_base, zeros_code,
     zeros_step, zeros_base), decoded in the kernel; `zeros` and `scales` are then unread.
@@ -339,9 +344,12 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     split = cfg.pop("SPLIT")
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     has_lora = lora_a is not None
-    r = lora_b.shape[1] if has_lora else 1
-    a = lora_a.contiguous() if has_lora else x
-    b = lora_b.contiguous() if has_lora else x
+    a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
+    b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
+    if len(a_s) != (1 if bounds is None else 2 + (n2 < n)) or len(b_s) != len(a_s):
+        raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for {'one layer' if bounds is None else 'bounds ' + str(bounds)}")
+    r = b_s[0].shape[1] if has_lora else 1
+    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
     qw = plan.qweight if sorted_rows else qweight
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
@@ -350,7 +358,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         sg = n // stats[1].shape[-1]
     else:
         sbits, stats, sg = 1, [g_idx] * 6, 1  # unread without SPQR
-    _launch[grid](x, qw, zeros, scales, g_idx, perm, a, b, out, part, plan.locks, *stats, m, k, n, n1, n2, r, plan.group,
+    _launch[grid](x, qw, zeros, scales, g_idx, perm, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2], b_s[2], out, part, plan.locks, *stats, m, k, n, n1, n2, r, plan.group,
                   float(scaling), split, sg, SPQR=spqr_stats is not None, SBITS=sbits, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
@@ -377,14 +385,18 @@ def _sm_count(device: torch.device) -> int:
 
 @torch.library.custom_op("gptqlora::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-             plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: torch.Tensor | None,
-             lora_b: torch.Tensor | None, bits: int, group: int, sorted_rows: bool, scaling: float,
+             plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor],
+             lora_b: list[torch.Tensor], bits: int, group: int, sorted_rows: bool, scaling: float,
              n1: int = -1, n2: int = -1) -> torch.Tensor:
     # An opaque op for torch.compile (and CUDA graphs): the split-K counters it touches end as they began.
-    # n1, n2: sibling projections' column bounds (gemv_triton's `bounds`), -1 for one layer.
+    # lora_a, lora_b: [] (no adapter), one per layer; n1, n2: sibling projections' column bounds (gemv_triton's
+    # `bounds`), -1 for one layer.
     plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
-    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling,
-                       sms=_sm_count(x.device), bounds=None if n1 < 0 else (n1, n2))
+    single = n1 < 0
+    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan,
+                       (lora_a[0] if single else list(lora_a)) if lora_a else None,
+                       (lora_b[0] if single else list(lora_b)) if lora_b else None, scaling,
+                       sms=_sm_count(x.device), bounds=None if single else (n1, n2))
 
 
 @_gemv_op.register_fake

@@ -83,7 +83,7 @@ def decode_group(bases: list[QuantLinear], x: torch.Tensor, lora_a: list[torch.T
     if torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad or b.requires_grad
                                                            for a, b in zip(lora_a, lora_b))):
         return None
-    if len({a.shape[0] for a in lora_a}) != 1:
+    if len({(a.shape[0], a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)}) != 1:  # one rank and dtype
         return None
     plan = group_plan(bases)
     if plan is None:
@@ -92,9 +92,7 @@ def decode_group(bases: list[QuantLinear], x: torch.Tensor, lora_a: list[torch.T
     leader = bases[0]
     qweight = leader.group_qweight
     read = (qweight, leader.gemv_perm, leader.group_locks, True, group)  # perm: every sibling's (checked equal)
-    a = torch.cat(lora_a)  # (P*r, K)
-    b = torch.cat(lora_b)  # (N1 + N2 [+ N3], r)
-    y = gemv(x, qweight, leader.group_zeros, leader.group_scales, leader.g_idx, leader.bits, read, a, b, scaling,
-             bounds)  # (..., N1 + N2 [+ N3])
+    y = gemv(x, qweight, leader.group_zeros, leader.group_scales, leader.g_idx, leader.bits, read, list(lora_a),
+             list(lora_b), scaling, bounds)  # (..., N1 + N2 [+ N3]); each projection's A, B read where they are
     ys = y.split(list(widths), dim=-1)
     return tuple(yi if m.bias is None else yi + m.bias.to(yi.dtype) for yi, m in zip(ys, bases))

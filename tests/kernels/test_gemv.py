@@ -164,8 +164,8 @@ def test_siblings_side_by_side_take_their_own_lora(m, widths):
     parts = [case(128, n, 4, 32, False, False, m, torch.float32, seed=20 + i) for i, n in enumerate(widths)]
     x = parts[0][1]
     cat = {f: torch.cat([p[f] for p, *_ in parts], dim=1) for f in ("qweight", "zeros", "scales")}
-    a = torch.cat([pa for _, _, pa, _, _ in parts])
-    b = torch.cat([pb for _, _, _, pb, _ in parts])
+    a = [pa for _, _, pa, _, _ in parts]
+    b = [pb for _, _, _, pb, _ in parts]
     ends = [sum(widths[:i + 1]) for i in range(len(widths))]
     bounds = (ends[0], ends[1] if len(widths) == 3 else ends[-1])
     g_idx = parts[0][0]["g_idx"]
@@ -176,6 +176,8 @@ def test_siblings_side_by_side_take_their_own_lora(m, widths):
         want = torch.cat([x.double() @ p["w64"].to(DEVICE) + 2.0 * (x.double() @ pa.double().t()) @ pb.double().t()
                           for p, _, pa, pb, _ in parts], dim=1)
         assert rel_err(y, want) < 1e-5 and not plan.locks.any()
-    wrong = gemv_triton(x, cat["qweight"], cat["zeros"], cat["scales"], g_idx, 4, plan, a[:8], b, 2.0)
+    with pytest.raises(ValueError, match="LoRA A"):
+        gemv_triton(x, cat["qweight"], cat["zeros"], cat["scales"], g_idx, 4, plan, a[:1], b[:1], 2.0, bounds=bounds)
+    wrong = gemv_triton(x, cat["qweight"], cat["zeros"], cat["scales"], g_idx, 4, plan, a[0], torch.cat(b), 2.0)
     assert rel_err(wrong, want) > 1e-3  # without bounds every column takes the first projection's A
 
