@@ -207,19 +207,13 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
 
 
 def build(kind: str, shape: str, device):
-    """"bf16", or "gptqB" / "gptqB-KERNEL" (KERNEL: the decode kernel, $GPTQLORA_DECODE, set for the plans
-    that prepare_decode builds when this model first decodes)."""
-    import os
-
-    from gptqlora.nn.quant_linear import DECODE_ENV
-
+    """"bf16", "gptqB" (B bits, with an r=8 adapter), or "gptqB-unfused" (every layer its own launch)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
     from gptqlora.adapters import GPTQLoraConfig
 
     kind, _, kernel = kind.partition("-")
-    os.environ[DECODE_ENV] = "tinygemm" if kernel == "tinygemm" else "triton"
     bits = int(kind.removeprefix("gptq"))
     model = build_gptq(shape, bits, GROUP[bits], device)
     if device.type == "cpu":
@@ -309,9 +303,9 @@ def main() -> int:
     ap.add_argument("--profile", type=int, metavar="BATCH",
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
     ap.add_argument("--decode-kernels", default="triton",
-                    help="comma-separated decode kernels per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one "
-                         "launch each), unfused (the same, every layer its own launch), tinygemm "
-                         "(kernels/tinygemm.py: 2-4 bit, bf16); default triton")
+                    help="comma-separated, per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one launch "
+                         "each), unfused (the same, every layer its own launch: the A/B); default triton "
+                         "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")
     ap.add_argument("--json", help="write all rows here")

@@ -6,9 +6,9 @@ that `pick_config` reads.
     cp $OUT/gemv_sweep.json gptqlora/kernels/gemv_configs.json               (ship it: pick_config reads it)
     TRITON_INTERPRET=1 python bench/gemv_sweep.py --small --json /tmp/s.json  (CPU smoke test; figures mean nothing)
 
-For each shape (4096->4096, 4096->11008, 11008->4096), bit width (--bits, default 2,3,4) and M (1, 8; the
-table's key is M = 1 or M = 2..16), act-order read through the repacked copy, with an r=8 LoRA fused (the
-decode path of a model with an adapter), bf16:
+For each shape (4096->4096, 4096->11008, 11008->4096, and the siblings' 4096->12288 and 4096->22016), bit
+width (--bits, default 2,3,4) and M (1, 8; the table's key is M = 1 or M = 2..16), act-order read through
+the repacked copy, with an r=8 LoRA fused (the decode path of a model with an adapter), bf16:
 
 1. split scan: the heuristic tiles with SPLIT 1..32 (a runtime argument: no compilation);
 2. tile scan at the best split's program count: at M = 1 BN {128, 256} x num_warps {2, 4, 8} x
@@ -42,7 +42,8 @@ import torch
 from gptqlora.formats.gptq import pack_cols, pack_rows
 from gptqlora.kernels import gemv as G
 
-SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+# the 7B layers, then q|k|v and gate|up side by side (nn/sibling_gemv.py: one launch each when decoding)
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016))
 SMALL_SHAPES = ((256, 128), (256, 384), (384, 128))
 GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
 BN = {1: (128, 256), 16: (64, 128, 256)}  # per M bucket (call 7: BN 512 never won at M = 1)

@@ -91,7 +91,7 @@ for r in rows:
                decode_check || continue
                python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" ${SWEEP_ARGS:-} > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt" ;;
-    tinygemm)  # issue 16: PyTorch's int4 kernel (kernels/tinygemm.py) against ours and bf16, one layer (~2 min)
+    tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
     decode)    # the check once per call (skipped after `tune`); this call's sweep table if there is one

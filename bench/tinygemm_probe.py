@@ -1,5 +1,5 @@
 """One decode-size GPTQ layer three ways, graph-timed in one run: our small-M Triton kernel (kernels/gemv.py),
-PyTorch's int4 kernel through kernels/tinygemm.py, and the bf16 `x @ W` they must beat (issue 16).
+PyTorch's int4 kernel through bench/tinygemm_peer.py, and the bf16 `x @ W` they must beat (issue 16).
 
     python bench/tinygemm_probe.py --json $OUT/tinygemm_probe.json        (H200: ~1-2 min)
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from gptqlora.kernels import gemv as G
-from gptqlora.kernels.tinygemm import plan_tinygemm, tinygemm_matmul
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemv_sweep import GROUP, Timer, packed_layer  # noqa: E402
+from tinygemm_peer import plan_tinygemm, tinygemm_matmul  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016))
 R = 8

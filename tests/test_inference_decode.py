@@ -95,3 +95,27 @@ def test_compiled_decode_needs_cuda(model):
         inference.compiled_decode(model, Sampling(decode="compiled"))
     with pytest.raises(InferenceError, match="--decode must be one of"):
         Sampling(decode="fast")
+
+
+def test_act_order_siblings_read_slices_of_their_shared_copy(model, monkeypatch):
+    """After the group plan, each act-order sibling's own decode copy is a view into the group's (no second
+    copy), and a sibling called alone through it still computes its own layer."""
+    from gptqlora.nn.sibling_gemv import group_plan
+
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    layer = next(m for m in model.modules() if isinstance(m, GPTQLoraLinear) and m.siblings is not None)
+    bases = [m.base_layer for m in layer.siblings.layers]
+    assert group_plan(bases) is not None
+    group = bases[0].group_qweight
+    x = torch.randn(2, bases[0].in_features)
+    for b in bases:
+        assert b.gemv_qweight.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()
+        assert b.gemv_qweight.stride(0) == group.shape[1] and b.gemv_qweight.shape[1] == b.out_features
+        with torch.no_grad():
+            got = b.small_m(x)
+        monkeypatch.setenv(dispatch.ENV, "torch")
+        with torch.no_grad():
+            want = b(x)
+        monkeypatch.setenv(dispatch.ENV, "triton")
+        assert float((got - want).norm() / want.norm()) < 1e-5
+

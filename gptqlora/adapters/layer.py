@@ -19,7 +19,7 @@ from torch import nn
 
 from gptqlora.kernels.dispatch import MAX_M
 from gptqlora.kernels.quant_lora import CAST_CACHE_ENV, CastSlot, PackedBase, quant_lora_group
-from gptqlora.nn.quant_linear import QuantLinear, compute_dtype, decode_kernel
+from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 from gptqlora.nn.sibling_gemv import decode_group
 
 MERGE_HINT = ("merging into packed GPTQ weights in place is not supported; use `gptqlora merge RUN_DIR "
@@ -137,9 +137,8 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
 def _decode_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
     """All siblings' decode outputs from one small-M launch (nn/sibling_gemv.py), or None when they can't
-    share one (another adapter or dropout on one of them, scalings or ranks that differ, another decode
-    kernel chosen)."""
-    if decode_kernel() != "triton" or any(m._fused_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
+    share one (another adapter or dropout on one of them, scalings or ranks that differ)."""
+    if any(m._fused_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
         return None
     scalings = {m.scaling[name] for m in layers}
     if len(scalings) != 1:

@@ -44,14 +44,15 @@ from gptqlora.kernels.reference import dequantize
 
 
 @triton.jit
-def _codes(qweight_ptr, k0, offs_n, k_end, N, BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """Codes of packed rows [k0, k0 + BK) at columns offs_n: a (BK, BN) uint32 tile, 0 beyond k_end or N."""
+def _codes(qweight_ptr, k0, offs_n, k_end, N, QW_STRIDE, BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Codes of packed rows [k0, k0 + BK) at columns offs_n: a (BK, BN) uint32 tile, 0 beyond k_end or N.
+    QW_STRIDE: words from one packed row to the next (N, or wider for a column slice of a siblings' copy)."""
     mn = offs_n < N
     if 32 % BITS == 0:  # whole words: each word holds PER consecutive rows of one column
         PER: tl.constexpr = 32 // BITS
         w_rows = k0 // PER + tl.arange(0, BK // PER)  # (BK/PER,)
         mw = (w_rows < k_end // PER)[:, None] & mn[None, :]
-        words = tl.load(qweight_ptr + w_rows[:, None] * N + offs_n[None, :], mask=mw, other=0)
+        words = tl.load(qweight_ptr + w_rows[:, None] * QW_STRIDE + offs_n[None, :], mask=mw, other=0)
         words = words.to(tl.uint32, bitcast=True)
         shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # (BK/PER, PER, BN)
@@ -60,7 +61,8 @@ def _codes(qweight_ptr, k0, offs_n, k_end, N, BITS: tl.constexpr, BK: tl.constex
         k = k0 + tl.arange(0, BK)
         bit = k * BITS
         m2 = (k < k_end)[:, None] & mn[None, :]
-        return _unpack(qweight_ptr, (bit // 32)[:, None] * N + offs_n[None, :], (bit % 32)[:, None], N, m2, BITS)
+        return _unpack(qweight_ptr, (bit // 32)[:, None] * QW_STRIDE + offs_n[None, :], (bit % 32)[:, None], QW_STRIDE,
+                       m2, BITS)
 
 
 @triton.jit
@@ -85,7 +87,7 @@ def _mm(a, b, DOT: tl.constexpr, F32_DOT: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compilation for M = 2..16 and for any split count
 def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, a_ptr, b_ptr, a1_ptr, b1_ptr, a2_ptr,
                  b2_ptr, out_ptr, part_ptr,
-                 lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, R, GROUP, lora_scale, SPLIT, SG,
+                 lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr):
@@ -123,12 +125,12 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 s = tl.load(scales_ptr + g * N + offs_n, mask=mn, other=0).to(tl.float32)  # (BN,)
                 z = _zeros_at(zeros_ptr, g, offs_n, mn, N, BITS, FLOAT_ZEROS)  # (BN,)
-            q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, QW_STRIDE, BITS, BK, BN)  # (BK, BN)
             p = _mm(xt, _as_float(q), DOT, F32_DOT)  # (BM, BN): Σ_k x q, exact products
             xs = tl.sum(xt.to(tl.float32), axis=1)  # (BM,)
             acc += s[None, :] * (p - xs[:, None] * z[None, :])
         else:  # any g_idx: each row its own group
-            q = _codes(qweight_ptr, k0, offs_n, k_end, N, BITS, BK, BN)  # (BK, BN)
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, QW_STRIDE, BITS, BK, BN)  # (BK, BN)
             g = tl.load(g_idx_ptr + offs_k, mask=mk, other=0)[:, None]  # (BK, 1)
             m2 = mk[:, None] & mn[None, :]
             if SPQR:
@@ -351,6 +353,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     r = b_s[0].shape[1] if has_lora else 1
     a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
     qw = plan.qweight if sorted_rows else qweight
+    if qw.stride(1) != 1:
+        raise ValueError("the packed weight's columns must be contiguous (a column slice of a wider copy is fine)")
     perm = plan.perm if sorted_rows and plan.perm is not None else g_idx  # unread without HAS_PERM
     grid = (triton.cdiv(n, cfg["BN"]), split)
     if spqr_stats is not None:
@@ -358,7 +362,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         sg = n // stats[1].shape[-1]
     else:
         sbits, stats, sg = 1, [g_idx] * 6, 1  # unread without SPQR
-    _launch[grid](x, qw, zeros, scales, g_idx, perm, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2], b_s[2], out, part, plan.locks, *stats, m, k, n, n1, n2, r, plan.group,
+    _launch[grid](x, qw, zeros, scales, g_idx, perm, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2], b_s[2], out, part, plan.locks, *stats, m, k, n, n1, n2, qw.stride(0), r, plan.group,
                   float(scaling), split, sg, SPQR=spqr_stats is not None, SBITS=sbits, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),

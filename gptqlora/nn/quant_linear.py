@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from gptqlora.formats.gptq import GPTQSpec, pack_cols, pack_rows, unpack_zeros
 from gptqlora.kernels.autograd import quant_matmul
 from gptqlora.kernels.dispatch import MAX_M, dequantize, gemv, resolve
-
-
-DECODE_ENV = "GPTQLORA_DECODE"  # the small-M kernel: "triton" (kernels/gemv.py, the default) or "tinygemm"
-
-
-def decode_kernel() -> str:
-    """The decode kernel $GPTQLORA_DECODE names ("triton" unless set)."""
-    choice = os.environ.get(DECODE_ENV, "triton")
-    if choice not in ("triton", "tinygemm"):
-        raise ValueError(f"{DECODE_ENV} must be 'triton' or 'tinygemm', got {choice!r}")
-    return choice
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,7 +35,6 @@ class QuantLinear(nn.Module):
         self.kernel = kernel  # dequantization backend: "auto" (Triton on CUDA), "triton" or "torch"
         self._plan = self._plan_key = None  # kernel_plan's cache
         self._gemv = self._gemv_key = None  # gemv_plan's cache
-        self._tiny = None  # the tinygemm plan's group, when decoding takes kernels/tinygemm.py
         self.spec = GPTQSpec(in_features, out_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -113,27 +99,10 @@ class QuantLinear(nn.Module):
                 self.register_buffer("gemv_perm", plan.perm, persistent=False)
                 self.register_buffer("gemv_locks", plan.locks, persistent=False)
                 self._gemv, self._gemv_key = (plan.sorted, plan.group), key
-                self._plan_tiny()
         if self._gemv is None:
             return None
         qweight = self.gemv_qweight if self.gemv_qweight is not None else self.qweight
         return (qweight, self.gemv_perm, self.gemv_locks, *self._gemv)
-
-    def _plan_tiny(self) -> None:
-        """tinygemm's copy of the weights (kernels/tinygemm.py), when $GPTQLORA_DECODE asks for it and the
-        layer fits it; non-persistent buffers like gemv_qweight."""
-        self._tiny = None
-        for name in ("tiny_packed", "tiny_scale_zeros", "tiny_perm"):
-            self.register_buffer(name, None, persistent=False)
-        if decode_kernel() != "tinygemm":
-            return
-        from gptqlora.kernels import tinygemm
-
-        if tinygemm.why_not(self.bits, self.group_size, self.in_features, self.out_features, self.float_zeros):
-            return
-        plan = tinygemm.plan_tinygemm(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size)
-        self.tiny_packed, self.tiny_scale_zeros, self.tiny_perm = plan.packed, plan.scale_zeros, plan.perm
-        self._tiny = plan.group
 
     def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scaling: float = 1.0) -> torch.Tensor | None:
@@ -145,14 +114,8 @@ class QuantLinear(nn.Module):
         plan = self.gemv_plan()
         if plan is None:
             return None
-        if self._tiny is not None and x.dtype == torch.bfloat16:
-            from gptqlora.kernels.tinygemm import tinygemm_matmul
-
-            y = tinygemm_matmul(x.reshape(-1, x.shape[-1]), self.tiny_packed, self.tiny_scale_zeros, self.tiny_perm,
-                                self._tiny, lora_a, lora_b, scaling).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = gemv(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
-                     scaling)  # (..., N)
+        y = gemv(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
+                 scaling)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property

@@ -92,9 +92,6 @@ class SpQRLinear(nn.Module):
     kernel_plan = QuantLinear.kernel_plan
     gemv_plan = QuantLinear.gemv_plan
 
-    def _plan_tiny(self) -> None:  # gemv_plan's hook: tinygemm has no place for SpQR's statistics and outliers
-        self._tiny = None
-
     def small_m(self, x: torch.Tensor) -> torch.Tensor | None:
         """y = x @ W + bias without a dense W (kernels.spqr_triton.spqr_small_m) when it applies: at most 16 rows,
         the Triton path, no gradient wanted; else None."""

@@ -1,10 +1,13 @@
-"""Decoding through PyTorch's own int4 kernel (tinygemm: `torch.ops.aten._weight_int4pack_mm`), with LoRA beside it.
+"""PyTorch's own int4 kernel (tinygemm: `torch.ops.aten._weight_int4pack_mm`) on GPTQ layers: a decode peer.
 
-Why a library kernel here: our small-M Triton kernel (kernels/gemv.py) reads 4-bit weights at 28-38% of the
-copy bandwidth and decodes a 7B at only 1.02x bf16 (docs/benchmarks.md, "Decode"); four redesigns of it did
-not get faster on the H200. tinygemm is the int4 kernel PyTorch ships for CUDA (sm80+), the one gpt-fast and
-torchao's int4 weight-only path decode with: its weights are repacked once into its tensor-core fragment
-layout, so the same kernel serves 1-16 tokens. Nothing to install.
+Why it is measured: our small-M Triton kernel (gptqlora/kernels/gemv.py) reads 4-bit weights at 28-38% of
+the copy bandwidth, and four redesigns of it did not get faster on the H200. tinygemm is the int4 kernel
+PyTorch ships for CUDA (sm80+), the one gpt-fast and torchao's int4 weight-only path decode with; nothing to
+install. If it were faster, decoding should use it ("a well-kept library where one does the job").
+It is not (bench/tinygemm_probe.py, H200, 2026-12-03, docs/benchmarks.md "Session 9"): at one token
+13.3 us against our 10.5 us for a 4-bit 4096x4096 layer without LoRA, and with the LoRA update as two
+matmuls beside it 25.1 us against our fused 11.9; a 7B decoded at 0.81x bf16 through it, 1.17x through ours.
+At 8 tokens without LoRA it is 10-15% faster than ours, with LoRA slower. So it stays a benchmark peer.
 
 Its format and how GPTQ maps onto it, per column n and group j of `group` consecutive rows:
 

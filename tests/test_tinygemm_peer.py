@@ -1,12 +1,17 @@
-"""The GPTQ -> tinygemm conversion (kernels/tinygemm.py) against float64: 2/3/4 bit, plain and act-order, every
+"""The GPTQ -> tinygemm conversion of the decode peer (bench/tinygemm_peer.py) against float64: 2/3/4 bit, plain and act-order, every
 group tinygemm takes, LoRA beside it. On the CPU this runs torch's CPU int4 kernel (same formula, another
 packing); on a GPU the CUDA one."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gptqlora.kernels.tinygemm import plan_tinygemm, tinygemm_matmul, why_not
-from packed import random_packed
+sys.path.insert(0, str(Path(__file__).parent / "kernels"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from packed import random_packed  # noqa: E402
+from tinygemm_peer import plan_tinygemm, tinygemm_matmul, why_not  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 x, W with bf16 scales and bf16 zero terms s (8 - z), one rounding of y: a few bf16 ulps
