@@ -77,7 +77,10 @@ def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
             k = mod.in_features
             mod.scales.fill_(1.0 / (math.sqrt(k) * 2 ** (bits - 1)))  # activations stay O(1)
             g = group if group > 0 else k
-            perm = perms.setdefault((name.rpartition(".")[0], k), torch.randperm(k, device=device, generator=gen))
+            key = (name.rpartition(".")[0], k)
+            if key not in perms:
+                perms[key] = torch.randperm(k, device=device, generator=gen)
+            perm = perms[key]
             mod.g_idx.copy_((torch.arange(k, device=device, dtype=torch.int32) // g)[perm])  # act-order
         elif isinstance(mod, (nn.Embedding, nn.Linear)):
             mod.weight.data.normal_(0, 0.02, generator=gen)

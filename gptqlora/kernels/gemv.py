@@ -349,7 +349,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
     b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
     if len(a_s) != (1 if bounds is None else 2 + (n2 < n)) or len(b_s) != len(a_s):
-        raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for {'one layer' if bounds is None else 'bounds ' + str(bounds)}")
+        raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for "
+                         f"{'one layer' if bounds is None else 'bounds ' + str(bounds)}")
     r = b_s[0].shape[1] if has_lora else 1
     a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
     qw = plan.qweight if sorted_rows else qweight
@@ -396,11 +397,8 @@ def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     # lora_a, lora_b: [] (no adapter), one per layer; n1, n2: sibling projections' column bounds (gemv_triton's
     # `bounds`), -1 for one layer.
     plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
-    single = n1 < 0
-    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan,
-                       (lora_a[0] if single else list(lora_a)) if lora_a else None,
-                       (lora_b[0] if single else list(lora_b)) if lora_b else None, scaling,
-                       sms=_sm_count(x.device), bounds=None if single else (n1, n2))
+    return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, list(lora_a) or None, list(lora_b) or None,
+                       scaling, sms=_sm_count(x.device), bounds=None if n1 < 0 else (n1, n2))
 
 
 @_gemv_op.register_fake

@@ -42,18 +42,17 @@ def group_plan(bases: list[QuantLinear]) -> tuple | None:
         return getattr(leader, "_group_gemv", None)
     if any(resolve(b.kernel, b.qweight.device) != "triton" for b in bases):  # the torch path: layer by layer
         return None
-    if getattr(leader, "_group_gemv_key", None) == _key(bases):
-        return leader._group_gemv
-    plan = _build(bases)
-    leader._group_gemv, leader._group_gemv_key = plan, _key(bases)
-    return plan
+    key = _key(bases)
+    if getattr(leader, "_group_gemv_key", None) != key:
+        leader._group_gemv, leader._group_gemv_key = _build(bases), key
+    return leader._group_gemv
 
 
 def _build(bases: list[QuantLinear]) -> tuple | None:
     from gptqlora.kernels.gemv import room_for
 
     leader = bases[0]
-    same = {(b.in_features, b.bits, b.group_size, b.float_zeros, type(b)) for b in bases}
+    same = {(b.in_features, b.bits, b.group_size, b.float_zeros) for b in bases}
     if len(same) != 1 or not all(type(b) is QuantLinear for b in bases) or len(bases) > 3:
         return None
     if any(b.out_features % MIN_COLUMNS for b in bases):
