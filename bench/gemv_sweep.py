@@ -46,7 +46,7 @@ from gptqlora.kernels import gemv as G
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016))
 SMALL_SHAPES = ((256, 128), (256, 384), (384, 128))
 GROUP = {2: 64, 3: 128, 4: 128, 8: 128}
-BN = {1: (128, 256), 16: (64, 128, 256)}  # per M bucket (call 7: BN 512 never won at M = 1)
+BN = {1: (32, 64, 128, 256), 16: (64, 128, 256)}  # per M bucket (call 7: BN 512 never won at M = 1; 32/64: few or no splits)
 WARPS = (2, 4, 8)
 BK = {1: (32, 64, 128), 16: (64, 128)}  # per M bucket (FMA path, tensor-core path)
 SMALL_GRID = ((32, 64), (32,), (4,))
@@ -184,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="compile workers (GPU)")
     ap.add_argument("--budget-s", type=float, default=200, help="stop trying configs after this many seconds")
     ap.add_argument("--json", help="write the table and all rows here")
+    ap.add_argument("--shapes", help="comma-separated KxN to sweep (default: all of SHAPES)")
+    ap.add_argument("--merge", help="a table (e.g. gptqlora/kernels/gemv_configs.json) whose configs this run's "
+                    "are laid over in the JSON written: keys not swept here are kept")
     ap.add_argument("--warm-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
     print(f"copy {copy_gbps:.0f} GB/s (read + write, graph-timed); compile warm-up {warm_state} in {t_warm:.0f} s",
           flush=True)
     shapes = SMALL_SHAPES if a.small else SHAPES
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     l2 = 256 * 2**20 if cuda else 0
     work = [(k, n, bits, m) for bits in bits_list for (k, n) in shapes for m in ms]
     rows = []
@@ -217,6 +222,9 @@ def main(argv=None) -> int:
         print({c: rows[-1][c] for c in ("shape", "bits", "m", "default_us", "best_us", "pct_copy", "x_bf16", "best")},
               flush=True)
     configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE} for r in rows if r["best_us"] and math.isfinite(r["best_us"])}
+    if a.merge:
+        old = json.loads(Path(a.merge).read_text())
+        configs = {**old.get("configs", old), **configs}
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "copy_gbps": round(copy_gbps), "warm": warm_state, "wall_s": round(time.time() - t0),
            "configs": configs, "rows": rows}

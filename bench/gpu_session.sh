@@ -82,7 +82,7 @@ for r in rows:
     ablations) python3 bench/train_suite.py --set ablations --out "$OUT" > "$OUT/ablations.md" 2>> "$OUT/stderr.log"
                grep "^|" "$OUT/ablations.md" ;;
     gemlite)   # GemLite's kernels on our GPTQ layers against ours and bf16 (gemlite's wheel in .whl/)
-               python3 bench/gemlite_peer.py --json "$OUT/gemlite.json" > "$OUT/gemlite.txt" 2>> "$OUT/stderr.log" \
+               timeout "${GEMLITE_TIMEOUT:-200}" python3 bench/gemlite_peer.py --json "$OUT/gemlite.json" > "$OUT/gemlite.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/gemlite.txt" ;;
     spqr)      python3 bench/spqr.py --json "$OUT/spqr.json" > "$OUT/spqr.md" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; cat "$OUT/spqr.md" ;;
