@@ -128,11 +128,13 @@ def table(path: str) -> str:
         if r.get("windows_from", "train") != "train":
             continue
         q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0), None)
-        closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}" if r["base"] != "fp" and q and r["rank"] else "")
-                  for k in ("val_nll", "test_nll")}
+        closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}"
+                      if r["base"] != "fp" and q and r["rank"] and None not in (r[k], q[k], fp[k]) else "")
+                  for k in ("val_nll", "test_nll")}  # a --no-test row has no test NLL
+        test = "" if r["test_nll"] is None else f"{r['test_nll']:.4f}"
         out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | "
                    f"{'kd' if r['distill'] else 'ce'} | {_init(r)} | {r['rank'] or ''} | "
-                   f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {r['test_nll']:.4f} | "
+                   f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {test} | "
                    f"{closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
     return "\n".join(out) + "\n"
 

@@ -106,3 +106,19 @@ def test_gemlite_peer_gets_the_same_weights_in_hqq_form():
         x = torch.randn(3, 512, generator=torch.Generator().manual_seed(bits))
         torch.testing.assert_close(x[:, plan.perm.long()] @ w.t(), x @ dequantize(*p, bits, torch.float32),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_recovery_sweep_table_takes_rows_without_a_test_score(tmp_path):
+    """--no-test rows (validation-only choices) print with empty test cells instead of crashing the table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_sweep", ROOT / "bench" / "recovery_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = dict(distill=True, init="default", lr=3e-3, loss_last10=2.3, untrained_last10=2.4, test_nll=None)
+    rows = [dict(base, base="fp", rank=0, val_nll=3.50), dict(base, base="/tmp/q2", rank=0, val_nll=3.60),
+            dict(base, base="/tmp/q2", rank=16, init="svd", val_nll=3.52)]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = mod.table(str(path)).strip().splitlines()[-1]
+    assert "| 80.0% |  |  |" in last, last
