@@ -84,19 +84,25 @@ def test_host_ops_smoke(tmp_path):
     assert all(r["ops_per_step"] > 0 for r in rec["per_step"])
 
 
+def _bench_module(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_gemlite_peer_gets_the_same_weights_in_hqq_form():
     """bench/gemlite_peer.py hands GemLite HQQ's (W_q - zeros) * scales with rows in group order: that must be
     the GPTQ layer's W, for x permuted like the act-order copy's rows (GemLite itself needs a GPU)."""
-    import importlib.util
-
     import torch
 
     from gptqlora.kernels.gemv import plan_gemv
     from gptqlora.kernels.reference import dequantize
 
-    spec = importlib.util.spec_from_file_location("gemlite_peer", ROOT / "bench" / "gemlite_peer.py")
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = _bench_module("gemlite_peer")
     for bits, group in ((4, 128), (2, 64)):
         p = peer.gemv_sweep.packed_layer(512, 96, bits, torch.device("cpu"), bits)
         plan = plan_gemv(p[0], p[3], bits, group, True)
@@ -110,11 +116,7 @@ def test_gemlite_peer_gets_the_same_weights_in_hqq_form():
 
 def test_recovery_sweep_table_takes_rows_without_a_test_score(tmp_path):
     """--no-test rows (validation-only choices) print with empty test cells instead of crashing the table."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recovery_sweep", ROOT / "bench" / "recovery_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("recovery_sweep")
     base = dict(distill=True, init="default", lr=3e-3, loss_last10=2.3, untrained_last10=2.4, test_nll=None)
     rows = [dict(base, base="fp", rank=0, val_nll=3.50), dict(base, base="/tmp/q2", rank=0, val_nll=3.60),
             dict(base, base="/tmp/q2", rank=16, init="svd", val_nll=3.52)]
