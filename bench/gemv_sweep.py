@@ -223,8 +223,7 @@ def main(argv=None) -> int:
               flush=True)
     configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE} for r in rows if r["best_us"] and math.isfinite(r["best_us"])}
     if a.merge:
-        old = json.loads(Path(a.merge).read_text())
-        configs = {**old.get("configs", old), **configs}
+        configs = {**G.load_table(a.merge), **configs}
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "copy_gbps": round(copy_gbps), "warm": warm_state, "wall_s": round(time.time() - t0),
            "configs": configs, "rows": rows}

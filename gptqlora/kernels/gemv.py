@@ -243,10 +243,13 @@ def tuned_table() -> dict[str, dict]:
     else from gemv_configs.json beside this file, else empty (the heuristic alone). Read once per process
     (`tuned_table.cache_clear()` re-reads it)."""
     path = os.environ.get(TUNED_ENV) or (TUNED_FILE if TUNED_FILE.exists() else None)
-    if not path:
-        return {}
+    return load_table(path) if path else {}
+
+
+def load_table(path: str | Path) -> dict[str, dict]:
+    """{tuned_key: config} of a table file: the sweep's whole output, or just its "configs" part."""
     table = json.loads(Path(path).read_text())
-    table = table.get("configs", table)  # the sweep's whole output, or just its table
+    table = table.get("configs", table)
     bad = {key: {f for f in cfg if f not in TUNABLE} for key, cfg in table.items()}
     if any(bad.values()):
         raise ValueError(f"{path}: unknown gemv config fields {bad}; allowed: {TUNABLE}")
