@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logs and JSON under $OUT (at most
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
-#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite
+#   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
@@ -94,6 +94,17 @@ for r in rows:
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
+    m8probe)   # issue 16: two other designs for the M = 2..16 decode kernel against today's (bench/gemv_m8_probe.py, ~4 min)
+               python3 bench/gemv_m8_probe.py --json "$OUT/m8_probe.json" --budget-s "${PROBE_BUDGET:-240}" > "$OUT/m8_probe.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep -v "^{" "$OUT/m8_probe.txt"
+               python3 -c "import json,sys
+for r in json.load(open(sys.argv[1]))['rows']: print(r['shape'], r['bits'], r['m'], r['kind'], r['best_us'], 'us', r['x_today'], 'x today', r['x_bf16'], 'x bf16', r['best'], r['failed'], 'failed', (r['first_error'] or '')[:80])" "$OUT/m8_probe.json" ;;
+    copies)    # issue 15: where the training step's device copies come from (gptq2 compiled + Liger, 16x256)
+               python3 bench/train_step.py --mode gptq --bits 2 --group 64 --liger --compile --bs 16 --seq 256 --steps 3 \
+                 --copy-sources > "$OUT/copies.json" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"
+               python3 -c "import json,sys
+r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(r['mode'], r['tokens_per_s'], 'tok/s')
+for c in r['copy_sources']: print(c['count'], c['gpu_ms'], 'ms', c['op'], c['kind'], c['shapes'][:90], '|', c['frames'][:300])" "$OUT/copies.json" ;;
     decode)    # the check once per call (skipped after `tune`); this call's sweep table if there is one
                decode_check || continue
                [ -f "$OUT/gemv_sweep.json" ] && export GPTQLORA_GEMV_CONFIGS="$OUT/gemv_sweep.json"

@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of two steps: Python functions by own time (cProfile), "
                          "kernel launches per step, and GPU-busy time against wall time")
+    ap.add_argument("--copy-sources", action="store_true",
+                    help="also profile one step and list where its device-to-device copies come from (the op "
+                         "that launched them, its input shapes and the Python frames outside torch)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     a = ap.parse_args()
     if a.slow_launch:
@@ -215,7 +218,33 @@ def main() -> None:
                                    for k in dir(m) if isinstance(getattr(m, k), dequant.FastKernel)}
     if a.host_profile:
         rec["host"] = host_profile(step, sync, cuda)
+    if a.copy_sources:
+        rec["copy_sources"] = copy_sources(step, sync, cuda)
     print(json.dumps(rec))
+
+
+def copy_sources(step, sync, cuda: bool, top: int = 20) -> list[dict]:
+    """The memory copies one step launches, grouped by the innermost op that launched them, its input shapes
+    and the first Python frames outside torch's own package: count and GPU time per group, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=acts, record_shapes=True, with_stack=True) as prof:
+        step()
+        sync()
+    groups: dict[tuple, list] = {}
+    for e in prof.events():
+        copies = [k for k in e.kernels if "memcpy" in k.name.lower() or "memset" in k.name.lower()]
+        if not copies or any(k.name.lower().startswith("mem") for c in e.cpu_children for k in c.kernels):
+            continue  # none, or launched by a child op (counted there)
+        frames = [f for f in (e.stack or []) if "site-packages/torch/" not in f and "/torch/" not in f[:60]][:5]
+        key = (e.name, copies[0].name, str(e.input_shapes)[:160], " <- ".join(frames))
+        g = groups.setdefault(key, [0, 0.0])
+        g[0] += len(copies)
+        g[1] += sum(k.duration for k in copies)
+    rows = [dict(op=k[0], kind=k[1], shapes=k[2], frames=k[3], count=v[0], gpu_ms=round(v[1] / 1e3, 3))
+            for k, v in groups.items()]
+    return sorted(rows, key=lambda r: -r["gpu_ms"])[:top]
 
 
 def host_profile(step, sync, cuda: bool) -> dict:

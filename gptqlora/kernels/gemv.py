@@ -103,7 +103,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
     offs_r = tl.arange(0, BR)
     mr = offs_r < R
     xa = tl.zeros((BM, BR), tl.float32)  # x_c @ A_cᵀ of this K-range
-    xa2 = tl.zeros((BK if not DOT else 1, BR), tl.float32)  # M = 1: x_k A[:, k] per row k, summed last
+    ROW: tl.constexpr = BM == 1  # one token: the LoRA's x_k A[:, k] kept per row k, summed after the loop
+    xa2 = tl.zeros((BK if ROW else 1, BR), tl.float32)
     # sibling projections in one launch (q|k|v, gate|up): columns [N1, N2) are the second (LoRA a1, b1),
     # [N2, N) the third (a2, b2); a column block lies in one of them (BN divides N1 and N2)
     n_first = pid_n * BN
@@ -147,11 +148,11 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
             else:
                 xl = xt
             at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=mk[:, None] & mr[None, :], other=0)
-            if DOT:
-                xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
-            else:  # M = 1: no reduction across threads inside the loop
+            if ROW:  # M = 1: no reduction across threads inside the loop
                 xa2 += tl.reshape(xl, (BK,)).to(tl.float32)[:, None] * at.to(xt.dtype).to(tl.float32)
-    if HAS_LORA and not DOT:
+            else:
+                xa += _mm(xl, at.to(xt.dtype).to(tl.float32), DOT, F32_DOT)  # (BM, BR); A in x's dtype as in training
+    if HAS_LORA and ROW:
         xa += tl.sum(xa2, axis=0)[None, :]
     if HAS_LORA:
         bt = tl.load(b_ptr + (offs_n - n_off)[None, :] * R + offs_r[:, None], mask=mr[:, None] & mn[None, :], other=0)
