@@ -147,3 +147,26 @@ def test_compile_with_offload_is_one_clear_error(tiny_run, tmp_path, capsys):
                "--compile", "blocks", "--offload_activations"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--compile blocks with --offload_activations" in err[0]
+
+
+def test_compiled_block_adds_the_lora_products_in_place():
+    """Traced, `c.addmm_(a, b)` becomes an out-of-place addmm, which copies c first: a device copy of every
+    layer's output (forward) and input gradient (backward) per call. The graphs hold the in-place custom op
+    (kernels/quant_lora.py, `addmm_`) instead, and no addmm."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def grab(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    pm = _ckpt(_peft(dropout=0.1))
+    tc.compile_blocks(pm, backend=aot_autograd(fw_compiler=grab, bw_compiler=grab))
+    _steps(pm, n=1)
+    calls = [f"{n.target} {n.args[0] if n.args else ''}" for g in graphs for n in g.graph.nodes
+             if n.op == "call_function"]
+    assert len(graphs) >= 2  # a forward and a backward
+    assert not [c for c in calls if "aten.addmm" in c]
+    assert len([c for c in calls if "gptqlora.addmm_" in c]) >= 7  # per layer in forward, more in backward
