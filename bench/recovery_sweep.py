@@ -13,11 +13,17 @@ score of docs/results.md) is scored only at the end of a run, never used to choo
 Each run appends one JSON line: settings, the per-step training loss, the training loss of the *untrained*
 model on the same batches (so a rising curve can be told from harder late batches), validation NLL every
 --eval-every steps, and the final validation and test NLL.
+
+`--windows-from generated` keeps the token budget but trains on text *sampled from the fp teacher* (data-free
+distillation, as in LLM-QAT, Liu et al. 2023): each window is the first --gen-prefix tokens of the train
+window it replaces, continued by the teacher at temperature 1. The question it tests: does distilling on the
+teacher's own distribution transfer to held-out pages better than distilling on train.txt?
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -35,6 +41,35 @@ def windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def sample(model, prefix: torch.Tensor, seqlen: int, g: torch.Generator) -> torch.Tensor:
+    """Continue each row of `prefix` to `seqlen` tokens by multinomial sampling at temperature 1 (KV cache)."""
+    seq, past, nxt = [prefix], None, prefix
+    for _ in range(seqlen - prefix.shape[1]):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1, generator=g)
+        seq.append(nxt)
+    return torch.cat(seq, 1)
+
+
+def generated(teacher, x: torch.Tensor, prefix: int, seed: int, model_dir: Path, eos: int, batch: int = 64,
+              cache_dir: Path = Path("/tmp/gptqlora-gen")) -> torch.Tensor:
+    """x's windows with all but their first `prefix` tokens resampled from the teacher (prefix 0: each starts
+    from EOS, the page separator the model was trained with; it never saw BOS). Cached under /tmp."""
+    key = hashlib.sha256((model_dir / "model.safetensors").read_bytes() + x[:, :prefix].numpy().tobytes()
+                         + f"{x.shape} {prefix} {seed}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"gen-{x.shape[0]}x{x.shape[1]}-p{prefix}-s{seed}-{key}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    g = torch.Generator().manual_seed(seed)
+    starts = x[:, :prefix] if prefix else torch.full((x.shape[0], 1), eos)
+    out = torch.cat([sample(teacher, starts[i:i + batch], x.shape[1], g) for i in range(0, len(x), batch)])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache)
+    return out
 
 
 @torch.no_grad()
@@ -125,15 +160,16 @@ def table(path: str) -> str:
     out = ["| base | loss | init | rank | lr | val NLL | val gap closed | test NLL | test gap closed | train loss, last 10 "
            "batches (untrained) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        if r.get("windows_from", "train") != "train":
+        if r.get("windows_from", "train") == "all":  # trained on the validation tail
             continue
         q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0), None)
         closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}"
                       if r["base"] != "fp" and q and r["rank"] and None not in (r[k], q[k], fp[k]) else "")
                   for k in ("val_nll", "test_nll")}  # a --no-test row has no test NLL
         test = "" if r["test_nll"] is None else f"{r['test_nll']:.4f}"
-        out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | "
-                   f"{'kd' if r['distill'] else 'ce'} | {_init(r)} | {r['rank'] or ''} | "
+        loss = ("kd" if r["distill"] else "ce") + (", gen" if r.get("windows_from") == "generated" else "")
+        out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | {loss} | {_init(r)} | "
+                   f"{r['rank'] or ''} | "
                    f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {test} | "
                    f"{closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
     return "\n".join(out) + "\n"
@@ -157,9 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("--clip", type=float, default=None, help="gradient-norm clipping")
     p.add_argument("--distill", action="store_true", help="loss: KL to the fp model's next-token distribution")
     p.add_argument("--val-frac", type=float, default=VAL_FRAC)
-    p.add_argument("--windows-from", default="train", choices=("train", "all"),
-                   help="draw the fine-tuning windows from the training part (default) or from all of train.txt, "
-                        "validation tail included (what bench/findings.py did before the split)")
+    p.add_argument("--windows-from", default="train", choices=("train", "all", "generated"),
+                   help="draw the fine-tuning windows from the training part (default), from all of train.txt, "
+                        "validation tail included (what bench/findings.py did before the split), or sample them "
+                        "from the fp teacher, started from training-part prefixes (data-free distillation)")
+    p.add_argument("--gen-prefix", type=int, default=16,
+                   help="--windows-from generated: tokens of real text each sample starts from (0: EOS only)")
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--no-test", action="store_true", help="skip the test.txt score")
     p.add_argument("--seed", type=int, default=0)
@@ -178,10 +217,16 @@ def main(argv=None) -> int:
     spec = manpage_spec(64)
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
     train_ids, val_ids = train_text_split(spec, tok, args.val_frac)
-    x = windows(train_ids if args.windows_from == "train" else torch.cat([train_ids, val_ids]),
+    x = windows(torch.cat([train_ids, val_ids]) if args.windows_from == "all" else train_ids,
                 args.steps * args.batch, spec.seqlen, args.seed)
-    teacher = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval() if args.distill \
-        else None
+    teacher = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval() \
+        if args.distill or args.windows_from == "generated" else None
+    t_gen = time.time()
+    if args.windows_from == "generated":  # same windows' prefixes, the rest sampled from the teacher
+        x = generated(teacher, x, args.gen_prefix, args.seed, Path(spec.model_dir), tok.eos_token_id)
+    t_gen = round(time.time() - t_gen, 1)  # 0 when read from the cache
+    if not args.distill:
+        teacher = None
     for init in args.init.split(","):
         for lr in (float(v) for v in args.lr.split(",")):
             torch.manual_seed(args.seed)
@@ -195,7 +240,9 @@ def main(argv=None) -> int:
             row = {"tag": args.tag, "base": args.base, "init": init, "lr": lr, "rank": args.rank, "svd_iters": args.svd_iters,
                    "alpha": args.alpha or 2 * args.rank, "qalora": args.qalora, "steps": args.steps,
                    "batch": args.batch, "warmup": args.warmup, "schedule": args.schedule, "clip": args.clip,
-                   "distill": args.distill, "windows_from": args.windows_from, "val_tokens": int(val_ids.numel()),
+                   "distill": args.distill, "windows_from": args.windows_from,
+                   "gen_prefix": args.gen_prefix if args.windows_from == "generated" else None, "gen_seconds": t_gen,
+                   "seed": args.seed, "val_tokens": int(val_ids.numel()),
                    "train_tokens": int(train_ids.numel()), "val_nll_init": val0, "val_curve": r["val_curve"],
                    "val_nll": nll(model, val_ids, spec.seqlen),
                    "test_nll": None if args.no_test else spec.score(model)["nll"],

@@ -124,3 +124,33 @@ def test_recovery_sweep_table_takes_rows_without_a_test_score(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     last = mod.table(str(path)).strip().splitlines()[-1]
     assert "| 80.0% |  |  |" in last, last
+
+
+def test_recovery_sweep_generated_windows_keep_prefixes_match_uncached_sampling_and_cache(tmp_path):
+    """--windows-from generated: each window keeps its real prefix, the continuation is what sampling without
+    the KV cache gives for the same generator, the seed fixes it, and a second call reads the cache."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mod = _bench_module("recovery_sweep")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    x = torch.randint(0, 32, (5, 12))
+    gen = mod.generated(model, x, 4, 7, tmp_path / "m", eos=2, batch=2, cache_dir=tmp_path / "c")
+    assert gen.shape == x.shape and torch.equal(gen[:, :4], x[:, :4]) and not torch.equal(gen, x)
+    g, rows = torch.Generator().manual_seed(7), []
+    with torch.no_grad():
+        for i in range(0, 5, 2):
+            seq = x[i:i + 2, :4]
+            while seq.shape[1] < 12:  # full forward every step, no cache
+                p = torch.softmax(model(input_ids=seq).logits[:, -1].float(), -1)
+                seq = torch.cat([seq, torch.multinomial(p, 1, generator=g)], 1)
+            rows.append(seq)
+    assert torch.equal(gen, torch.cat(rows))
+    assert len(list((tmp_path / "c").iterdir())) == 1
+    assert torch.equal(mod.generated(None, x, 4, 7, tmp_path / "m", eos=2, cache_dir=tmp_path / "c"), gen)  # cached
+    other = mod.generated(model, x, 0, 7, tmp_path / "m", eos=2, cache_dir=tmp_path / "c")  # EOS start
+    assert (other[:, 0] == 2).all() and len(list((tmp_path / "c").iterdir())) == 2
