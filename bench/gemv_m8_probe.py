@@ -147,12 +147,10 @@ def probe_shape(k, n, bits, ms, timer, l2_bytes, small, deadline, device) -> lis
         want = G.gemv_reference(x, *layers[0], bits, a, b, 2.0).float()
         sms = G._sm_count(device)
 
-        def run(kind, cfg, layer, plan):
-            if kind == "today":
-                return G.gemv_triton(x, *layer, bits, plan, a, b, 2.0, config=cfg)
-            if kind == "fma":
-                return G.gemv_triton(x, *layer, bits, plan, a, b, 2.0, config=cfg)
-            return swap_gemv(x, *layer, bits, plan, a, b, 2.0, cfg)
+        def run(kind, cfg, layer, plan):  # "today" and "fma" are the package kernel, "fma" with BM = 8
+            if kind == "swap":
+                return swap_gemv(x, *layer, bits, plan, a, b, 2.0, cfg)
+            return G.gemv_triton(x, *layer, bits, plan, a, b, 2.0, config=cfg)
 
         def measure(kind, cfg) -> dict:
             try:

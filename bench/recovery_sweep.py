@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).parent))
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from quality_models import VAL_FRAC, manpage_spec, train_text_split  # noqa: E402
 
@@ -61,14 +62,14 @@ def generated(teacher, x: torch.Tensor, prefix: int, seed: int, model_dir: Path,
     from EOS, the page separator the model was trained with; it never saw BOS). Cached under /tmp."""
     key = hashlib.sha256((model_dir / "model.safetensors").read_bytes() + x[:, :prefix].numpy().tobytes()
                          + f"{x.shape} {prefix} {seed}".encode()).hexdigest()[:16]
-    cache = cache_dir / f"gen-{x.shape[0]}x{x.shape[1]}-p{prefix}-s{seed}-{key}.pt"
+    cache = cache_dir / f"gen-{x.shape[0]}x{x.shape[1]}-p{prefix}-s{seed}-{key}.safetensors"
     if cache.is_file():
-        return torch.load(cache)
+        return load_file(cache)["ids"]
     g = torch.Generator().manual_seed(seed)
     starts = x[:, :prefix] if prefix else torch.full((x.shape[0], 1), eos)
     out = torch.cat([sample(teacher, starts[i:i + batch], x.shape[1], g) for i in range(0, len(x), batch)])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cache)
+    save_file({"ids": out.contiguous()}, cache)
     return out
 
 
