@@ -232,12 +232,15 @@ def copy_sources(step, sync, cuda: bool, top: int = 20) -> list[dict]:
     with profile(activities=acts, record_shapes=True, with_stack=True) as prof:
         step()
         sync()
+    def is_copy(k) -> bool:
+        return k.name.lower().startswith(("memcpy", "memset"))
+
     groups: dict[tuple, list] = {}
     for e in prof.events():
-        copies = [k for k in e.kernels if "memcpy" in k.name.lower() or "memset" in k.name.lower()]
-        if not copies or any(k.name.lower().startswith("mem") for c in e.cpu_children for k in c.kernels):
+        copies = [k for k in e.kernels if is_copy(k)]
+        if not copies or any(is_copy(k) for c in e.cpu_children for k in c.kernels):
             continue  # none, or launched by a child op (counted there)
-        frames = [f for f in (e.stack or []) if "site-packages/torch/" not in f and "/torch/" not in f[:60]][:5]
+        frames = [f for f in (e.stack or []) if "/torch/" not in f][:5]
         key = (e.name, copies[0].name, str(e.input_shapes)[:160], " <- ".join(frames))
         g = groups.setdefault(key, [0, 0.0])
         g[0] += len(copies)
