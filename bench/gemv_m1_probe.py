@@ -1,4 +1,4 @@
-"""Probe: a K-major one-token decode kernel, and where today's kernel spends its time (issue 16).
+"""Probe: two other one-token decode kernels, and where today's kernel spends its time (issue 16).
 
 Today's M = 1 kernel (kernels/gemv.py) reads GPTQ's own layout, qweight (K/8, N): a program takes a K-range of
 BN columns, and split-K programs meet through fp32 partials, a counter and the last program's sum. A 4-bit
@@ -14,8 +14,17 @@ BN columns, and split-K programs meet through fp32 partials, a counter and the l
    (`perm`), or x given permuted (`xperm`); `full` times x[perm] and u = x @ Aᵀ as separate ops in the same
    graph, what a model would run.
 
-    python bench/gemv_kmajor_probe.py --json $OUT/kmajor.json          (GPU: ~3 min; --budget-s caps it)
-    TRITON_INTERPRET=1 python bench/gemv_kmajor_probe.py --small         (CPU: correctness only)
+3. "inplace": GPTQ's own layout (or the act-order copy), with the codes masked in place inside a float's
+   mantissa (one LOP3 and one FFMA per code: session 8's gemv1 trick), accumulated per (word row, column)
+   without reshaping the codes or reducing across threads inside the loop, and many warps per program.
+   Session 12's ncu run of today's kernel (4096x4096, 4 bit): 8.2 instructions per code, 1.9 warps per
+   scheduler (12% occupancy, 127 registers), 0.40 instructions issued per cycle, the SMs busy 73% of the
+   kernel: it is bound by issue at too few warps, and by its split-K tail. Session 8's gemv1 had the
+   instruction count (3.9 per code) but one-warp-wide rows and 64-way split-K (a 128 KB tail per column
+   block). Here SPLIT may be 1 (no partials at all) with up to 16 warps per program.
+
+    python bench/gemv_m1_probe.py --json $OUT/m1.json [--kinds today,inplace]   (GPU; --budget-s caps it)
+    TRITON_INTERPRET=1 python bench/gemv_m1_probe.py --small                     (CPU: correctness only)
 
 Every candidate is checked against gemv_reference (fp32) first; timing as bench/gemv_sweep.py (CUDA graph, enough
 layer copies that every call reads HBM), act-order layers (today's kernel through its repacked copy), bf16.
@@ -43,6 +52,7 @@ from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
 from gptqlora.kernels import gemv as G  # noqa: E402
 from gptqlora.kernels.dequant import _zeros_at  # noqa: E402
 from gptqlora.kernels.gemv import _as_float  # noqa: E402
+from gptqlora.kernels.split_k import _store_split  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096))
 SMALL = ((256, 128), (512, 96))
@@ -97,6 +107,140 @@ def _kmajor_kernel(x_ptr, wt_ptr, zeros_ptr, scales_ptr, perm_ptr, u_ptr, b_ptr,
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mn)
 
 
+@triton.jit
+def _code_at(words, J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
+    """The code q at place J of each uint32 word as the exact float m + q, m = 2^(23 - O) (session 8's gemv1):
+    the word shifted by SH brings the code to bit offset O in [23 - BITS - WIN, 23 - BITS] (runs of
+    WIN // BITS + 1 places share one shift), where one AND keeps it inside the mantissa of m. The caller
+    subtracts Σ m x once per tile. m <= 2^(BITS + WIN) bounds the cancellation: with 16-bit x, BITS + WIN = 12
+    costs up to ~12 of fp32's 24 bits, under the rounding of a 16-bit y."""
+    RUN: tl.constexpr = WIN // BITS + 1
+    SH: tl.constexpr = 23 - BITS - ((J // RUN) * RUN + RUN - 1) * BITS
+    O: tl.constexpr = J * BITS + SH
+    if SH > 0:
+        src = words << SH
+    elif SH < 0:
+        src = words >> -SH
+    else:
+        src = words
+    return ((src | 0x7F800000) & ((((1 << BITS) - 1) << O) | ((150 - O) << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic(J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
+    """m = 2^(23 - O) of place J (see `_code_at`)."""
+    RUN: tl.constexpr = WIN // BITS + 1
+    O: tl.constexpr = BITS * (J - (J // RUN) * RUN - RUN + 1) + 23 - BITS
+    return 2.0 ** (23 - O)
+
+
+@triton.jit(do_not_specialize=["SPLIT"])
+def _inplace_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr, lock_ptr,
+                    K, N, R, GROUP, lora_scale, SPLIT, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr,
+                    HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr,
+                    BW: tl.constexpr, NREP: tl.constexpr, BR: tl.constexpr):
+    """y = x @ W (+ s (x Aᵀ) Bᵀ) at M = 1 for rows in group order: a program takes BN = NREP * 128 columns and
+    a K-range of whole tiles of BW word rows; each thread accumulates its own (word row, column) cells, summed
+    once at the end. The tile is (NREP, BW, 128), so that Triton puts a warp's 32 threads x 4 columns along
+    the last axis, the warps along BW, and NREP column blocks in every thread: each x value a thread loads
+    serves 4 * NREP columns. ONE_GROUP: a tile lies in one group (its statistics once per tile), else each
+    word row its own."""
+    PER: tl.constexpr = 32 // BITS
+    WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
+    BN: tl.constexpr = NREP * 128
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n2 = pid_n * BN + tl.arange(0, NREP)[:, None] * 128 + tl.arange(0, 128)[None, :]  # (NREP, 128)
+    mn2 = offs_n2 < N
+    kw = K // PER
+    span = tl.cdiv(tl.cdiv(kw, SPLIT), BW) * BW  # word rows per split, whole tiles
+    w_start = pid_k * span
+    w_end = tl.minimum(kw, w_start + span)
+    offs_w = tl.arange(0, BW)
+    acc = tl.zeros((NREP, BW, 128), tl.float32)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < R
+    offs_k = tl.arange(0, BW * PER)
+    xa = tl.zeros((BR, BW * PER), tl.float32)  # LoRA: x_k A[:, k], summed after the loop
+    for w0 in range(w_start, w_end, BW):
+        rows_w = w0 + offs_w  # (BW,) word rows
+        mw = rows_w < w_end
+        m3 = mn2[:, None, :] & mw[None, :, None]
+        words = tl.load(qweight_ptr + rows_w[None, :, None] * N + offs_n2[:, None, :], mask=m3, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # (NREP, BW, 128)
+        p = tl.zeros((NREP, BW, 128), tl.float32)  # Σ_j (m_j + q_j) x_j per word
+        xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
+        xm = tl.zeros((BW,), tl.float32)  # Σ_j m_j x_j
+        for j in tl.static_range(PER):
+            k = rows_w * PER + j
+            src = tl.load(perm_ptr + k, mask=mw, other=0) if HAS_PERM else k
+            xj = tl.load(x_ptr + src, mask=mw, other=0).to(tl.float32)  # (BW,)
+            p += _code_at(words, j, BITS, WIN) * xj[None, :, None]
+            xs += xj
+            xm += _magic(j, BITS, WIN) * xj
+        if ONE_GROUP:
+            g = (w0 * PER) // GROUP
+            s = tl.load(scales_ptr + g * N + offs_n2, mask=mn2, other=0).to(tl.float32)  # (NREP, 128)
+            z = _zeros_at(zeros_ptr, g, offs_n2, mn2, N, BITS, FLOAT_ZEROS)
+            acc += s[:, None, :] * (p - xm[None, :, None] - xs[None, :, None] * z[:, None, :])
+        else:
+            g3 = ((rows_w * PER) // GROUP)[None, :, None]  # (1, BW, 1)
+            s = tl.load(scales_ptr + g3 * N + offs_n2[:, None, :], mask=m3, other=0).to(tl.float32)
+            z = _zeros_at(zeros_ptr, g3, offs_n2[:, None, :], m3, N, BITS, FLOAT_ZEROS)
+            acc += s * (p - xm[None, :, None] - xs[None, :, None] * z)
+        if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K
+            kk = w0 * PER + offs_k
+            mk = kk < w_end * PER
+            xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
+            at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None] & mk[None, :], other=0)
+            xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]
+    y = tl.sum(acc, axis=1)  # (NREP, 128)
+    if HAS_LORA:
+        dt = x_ptr.dtype.element_ty
+        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,)
+        m3b = mr[None, :, None] & mn2[:, None, :]
+        bt = tl.load(b_ptr + offs_n2[:, None, :] * R + offs_r[None, :, None], mask=m3b, other=0)  # (NREP, BR, 128)
+        y += lora_scale * tl.sum(bt.to(dt).to(tl.float32) * xr[None, :, None], axis=1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    _store_split(tl.reshape(y, (1, BN)), out_ptr, part_ptr, lock_ptr, pid_n, pid_k, tl.arange(0, 1), offs_n,
+                 (offs_n < N)[None, :], 1, N, SPLIT, SPLIT_K, 1, BN)
+
+
+def inplace_gemv(x, zeros, scales, plan, bits, cfg, a=None, b=None, scaling=1.0):
+    """x (1, K) -> (1, N) through `plan` (rows in group order: the layer's own or its act-order copy)."""
+    k = x.shape[1]
+    n = plan.qweight.shape[1]
+    per = 32 // bits
+    kw = k // per
+    bw = cfg["BW"]
+    split = max(1, min(cfg["SPLIT"], kw // bw))
+    split = triton.cdiv(kw, triton.cdiv(triton.cdiv(kw, split), bw) * bw)  # no split without rows
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    r = a.shape[0] if a is not None else 1
+    grid = (triton.cdiv(n, 128 * cfg["NREP"]), split)
+    _inplace_kernel[grid](x, plan.qweight, zeros, scales, plan.perm if plan.perm is not None else plan.locks,
+                          a if a is not None else x, b if b is not None else x, out, part, plan.locks, k, n, r,
+                          plan.group, float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
+                          HAS_PERM=plan.perm is not None, HAS_LORA=a is not None, SPLIT_K=split > 1,
+                          ONE_GROUP=bw * per <= plan.group, BW=bw, NREP=cfg["NREP"], BR=max(2, triton.next_power_of_2(r)),
+                          num_warps=cfg["num_warps"])
+    return out
+
+
+def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool) -> list[dict]:
+    """NREP x word rows per tile x warps (warps <= BW: one warp per word row at least), each at a split for
+    ~1, 2 or 4 programs per SM."""
+    if small:
+        return [dict(NREP=1, BW=4, num_warps=4, SPLIT=3), dict(NREP=2, BW=8, num_warps=2, SPLIT=1)]
+    out = []
+    for nrep, bw, w in itertools.product((1, 2, 4), (4, 8, 16), (4, 8)):
+        if w > bw or nrep * bw // w > 8:  # at most 8 word rows x column blocks per thread (registers)
+            continue
+        for per_sm in (1, 2, 4):
+            out.append(dict(NREP=nrep, BW=bw, num_warps=w, SPLIT=max(1, round(per_sm * sms / -(-n // (128 * nrep))))))
+    return out
+
+
 def kmajor_copy(plan: G.GemvPlan) -> torch.Tensor:
     """wt (N, K/PER): the plan's packed rows (group order) transposed, one column's words contiguous."""
     return plan.qweight.t().contiguous()
@@ -137,7 +281,7 @@ def _small_layer(k, n, bits, gs, device):
     return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
 
 
-def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device) -> list[dict]:
+def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("kmajor", "inplace")) -> list[dict]:
     gs = 32 if small else GROUP[bits]
     packed_bytes = k * n * bits / 8 + (k // gs) * n * (2 + bits / 8) + 4 * k + 2 * R * (k + n)
     copies = 1 if small else max(1, math.ceil(l2_bytes / packed_bytes))
@@ -173,10 +317,14 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device) -> list[di
         if kind == "kmajor-full":  # + u = x @ Aᵀ outside, added in the kernel
             u = (x @ a.t()).float()
             return kmajor_gemv(x[:, perm], wt, layer[1], layer[2], None, bits, gs, cfg, u, b, 2.0)
+        if kind == "inplace":
+            return inplace_gemv(x, layer[1], layer[2], plan, bits, cfg, a, b, 2.0)
+        if kind == "inplace-nolora":
+            return inplace_gemv(x, layer[1], layer[2], plan, bits, cfg)
         raise ValueError(kind)
 
     def measure(kind, cfg) -> dict:
-        want = want_lora if kind in ("today", "kmajor-full") else want_base
+        want = want_lora if kind in ("today", "kmajor-full", "inplace") else want_base
         try:
             y = run(kind, cfg, 0).float()
             err = float((y - want).norm() / want.norm())
@@ -189,13 +337,18 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device) -> list[di
 
     tried = [measure("today", today_cfg), measure("today-nolora", today_cfg),
              measure("today-noperm-nolora", today_cfg)]
-    for cfg in kmajor_grid(bits, small):
-        if time.time() > deadline:
-            break
-        tried.append(measure("kmajor-xperm", cfg))
-    best_km = min((t for t in tried if t["kind"] == "kmajor-xperm"), key=lambda t: t["us"], default=None)
-    if best_km is not None and math.isfinite(best_km["us"]):
-        tried += [measure("kmajor-perm", best_km["cfg"]), measure("kmajor-full", best_km["cfg"])]
+    for design, grid, extra in (("kmajor", kmajor_grid(bits, small), ("kmajor-perm", "kmajor-full")),
+                                ("inplace", inplace_grid(bits, k, n, sms, small), ("inplace-nolora",))):
+        if design not in kinds:
+            continue
+        first = "kmajor-xperm" if design == "kmajor" else "inplace"
+        for cfg in grid:
+            if time.time() > deadline:
+                break
+            tried.append(measure(first, cfg))
+        best = min((t for t in tried if t["kind"] == first), key=lambda t: t["us"], default=None)
+        if best is not None and math.isfinite(best["us"]):
+            tried += [measure(kind, best["cfg"]) for kind in extra]
     dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16)
              for _ in range(1 if small else max(1, math.ceil(l2_bytes / (2 * k * n))))]
     t_bf16 = timer.us(lambda: [x @ w for w in dense]) / len(dense)
@@ -205,19 +358,20 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device) -> list[di
         mine = [t for t in tried if t["kind"] == kind]
         best = min(mine, key=lambda t: t["us"])
         errs = [t.get("error") for t in mine if t.get("error")]
+        wrong = [t for t in mine if "err" in t and not t["err"] < 2e-2]
         gbps = packed_bytes / best["us"] / 1e3 if math.isfinite(best["us"]) and best["us"] > 0 else 0.0
         rows.append({"shape": f"{k}x{n}", "bits": bits, "kind": kind, "us": round(best["us"], 2),
                      "x_today": round(today_us / best["us"], 2) if best["us"] > 0 else None,
                      "x_bf16": round(t_bf16 / best["us"], 2) if best["us"] > 0 else None,
                      "bf16_us": round(t_bf16, 2), "gbps": round(gbps), "err": best.get("err"),
-                     "cfg": best["cfg"], "tried": len(mine), "failed": len(errs),
+                     "cfg": best["cfg"], "tried": len(mine), "failed": len(errs), "wrong": len(wrong),
                      "first_error": errs[0] if errs else None})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def ncu_run(path: str, device) -> int:
-    """For `ncu`: today's kernel and the best K-major config of `path` at 4096x4096 and 4096x22016, 4 bit,
+    """For `ncu`: today's kernel and the best K-major and in-place configs of `path` at 4096x4096 and 4096x22016, 4 bit,
     each launched twice (the first compiles)."""
     rows = json.loads(Path(path).read_text())["rows"]
     for k, n in ((4096, 4096), (4096, 22016)):
@@ -233,6 +387,10 @@ def ncu_run(path: str, device) -> int:
             wt = kmajor_copy(plan)
             for _ in range(2):
                 kmajor_gemv(x, wt, layer[1], layer[2], None, 4, 128, best[0]["cfg"])
+        best = [r for r in rows if r["shape"] == f"{k}x{n}" and r["bits"] == 4 and r["kind"] == "inplace"]
+        if best and math.isfinite(best[0]["us"]):
+            for _ in range(2):
+                inplace_gemv(x, layer[1], layer[2], plan, 4, best[0]["cfg"], a, b, 2.0)
     torch.cuda.synchronize()
     return 0
 
@@ -244,6 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="CPU interpreter shapes (correctness only)")
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--ncu-run", metavar="JSON", help="launch the kernels once for ncu (see ncu_run)")
+    ap.add_argument("--kinds", default="kmajor,inplace", help="designs beside today's: kmajor, inplace")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.ncu_run:
@@ -254,9 +413,9 @@ def main(argv=None) -> int:
     rows = []
     for bits in [int(v) for v in args.bits.split(",")]:
         for k, n in SMALL if args.small else SHAPES:
-            rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device)
-    bad = [r for r in rows if not math.isfinite(r["us"])]
-    print(f"{len(rows)} rows, {len(bad)} with no correct candidate")
+            rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device, args.kinds.split(","))
+    bad = [r for r in rows if not math.isfinite(r["us"]) or r["wrong"]]
+    print(f"{len(rows)} rows, {len(bad)} with no correct candidate or a wrong one")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                                "rows": rows}, indent=1))
