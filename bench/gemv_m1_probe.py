@@ -14,9 +14,10 @@ BN columns, and split-K programs meet through fp32 partials, a counter and the l
    (`perm`), or x given permuted (`xperm`); `full` times x[perm] and u = x @ Aᵀ as separate ops in the same
    graph, what a model would run.
 
-3. "inplace": GPTQ's own layout (or the act-order copy), with the codes masked in place inside a float's
-   mantissa (one LOP3 and one FFMA per code: session 8's gemv1 trick), accumulated per (word row, column)
-   without reshaping the codes or reducing across threads inside the loop, and many warps per program.
+3. "inplace": kernels/gemv_m1.py, GPTQ's own layout (or the act-order copy), with the codes masked in place
+   inside a float's mantissa (one LOP3 and one FFMA per code: session 8's gemv1 trick), accumulated per
+   (word row, column) without reshaping the codes or reducing across threads inside the loop, many warps
+   per program. "today" is gemv.py's split-K kernel (GPTQLORA_GEMV_M1=split's path).
    Session 12's ncu run of today's kernel (4096x4096, 4 bit): 8.2 instructions per code, 1.9 warps per
    scheduler (12% occupancy, 127 registers), 0.40 instructions issued per cycle, the SMs busy 73% of the
    kernel: it is bound by issue at too few warps, and by its split-K tail. Session 8's gemv1 had the
@@ -50,9 +51,9 @@ sys.path.append(str(Path(__file__).parent))
 from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
 
 from gptqlora.kernels import gemv as G  # noqa: E402
+from gptqlora.kernels import gemv_m1  # noqa: E402
 from gptqlora.kernels.dequant import _zeros_at  # noqa: E402
 from gptqlora.kernels.gemv import _as_float  # noqa: E402
-from gptqlora.kernels.split_k import _store_split  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096))
 SMALL = ((256, 128), (512, 96))
@@ -107,124 +108,11 @@ def _kmajor_kernel(x_ptr, wt_ptr, zeros_ptr, scales_ptr, perm_ptr, u_ptr, b_ptr,
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-@triton.jit
-def _code_at(words, J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
-    """The code q at place J of each uint32 word as the exact float m + q, m = 2^(23 - O) (session 8's gemv1):
-    the word shifted by SH brings the code to bit offset O in [23 - BITS - WIN, 23 - BITS] (runs of
-    WIN // BITS + 1 places share one shift), where one AND keeps it inside the mantissa of m. The caller
-    subtracts Σ m x once per tile. m <= 2^(BITS + WIN) bounds the cancellation: with 16-bit x, BITS + WIN = 12
-    costs up to ~12 of fp32's 24 bits, under the rounding of a 16-bit y."""
-    RUN: tl.constexpr = WIN // BITS + 1
-    SH: tl.constexpr = 23 - BITS - ((J // RUN) * RUN + RUN - 1) * BITS
-    O: tl.constexpr = J * BITS + SH
-    if SH > 0:
-        src = words << SH
-    elif SH < 0:
-        src = words >> -SH
-    else:
-        src = words
-    return ((src | 0x7F800000) & ((((1 << BITS) - 1) << O) | ((150 - O) << 23))).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _magic(J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
-    """m = 2^(23 - O) of place J (see `_code_at`)."""
-    RUN: tl.constexpr = WIN // BITS + 1
-    O: tl.constexpr = BITS * (J - (J // RUN) * RUN - RUN + 1) + 23 - BITS
-    return 2.0 ** (23 - O)
-
-
-@triton.jit(do_not_specialize=["SPLIT"])
-def _inplace_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, out_ptr, part_ptr, lock_ptr,
-                    K, N, R, GROUP, lora_scale, SPLIT, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr,
-                    HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr,
-                    BW: tl.constexpr, NREP: tl.constexpr, BR: tl.constexpr):
-    """y = x @ W (+ s (x Aᵀ) Bᵀ) at M = 1 for rows in group order: a program takes BN = NREP * 128 columns and
-    a K-range of whole tiles of BW word rows; each thread accumulates its own (word row, column) cells, summed
-    once at the end. The tile is (NREP, BW, 128), so that Triton puts a warp's 32 threads x 4 columns along
-    the last axis, the warps along BW, and NREP column blocks in every thread: each x value a thread loads
-    serves 4 * NREP columns. ONE_GROUP: a tile lies in one group (its statistics once per tile), else each
-    word row its own."""
-    PER: tl.constexpr = 32 // BITS
-    WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
-    BN: tl.constexpr = NREP * 128
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n2 = pid_n * BN + tl.arange(0, NREP)[:, None] * 128 + tl.arange(0, 128)[None, :]  # (NREP, 128)
-    mn2 = offs_n2 < N
-    kw = K // PER
-    span = tl.cdiv(tl.cdiv(kw, SPLIT), BW) * BW  # word rows per split, whole tiles
-    w_start = pid_k * span
-    w_end = tl.minimum(kw, w_start + span)
-    offs_w = tl.arange(0, BW)
-    acc = tl.zeros((NREP, BW, 128), tl.float32)
-    offs_r = tl.arange(0, BR)
-    mr = offs_r < R
-    offs_k = tl.arange(0, BW * PER)
-    xa = tl.zeros((BR, BW * PER), tl.float32)  # LoRA: x_k A[:, k], summed after the loop
-    for w0 in range(w_start, w_end, BW):
-        rows_w = w0 + offs_w  # (BW,) word rows
-        mw = rows_w < w_end
-        m3 = mn2[:, None, :] & mw[None, :, None]
-        words = tl.load(qweight_ptr + rows_w[None, :, None] * N + offs_n2[:, None, :], mask=m3, other=0)
-        words = words.to(tl.uint32, bitcast=True)  # (NREP, BW, 128)
-        p = tl.zeros((NREP, BW, 128), tl.float32)  # Σ_j (m_j + q_j) x_j per word
-        xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
-        xm = tl.zeros((BW,), tl.float32)  # Σ_j m_j x_j
-        for j in tl.static_range(PER):
-            k = rows_w * PER + j
-            src = tl.load(perm_ptr + k, mask=mw, other=0) if HAS_PERM else k
-            xj = tl.load(x_ptr + src, mask=mw, other=0).to(tl.float32)  # (BW,)
-            p += _code_at(words, j, BITS, WIN) * xj[None, :, None]
-            xs += xj
-            xm += _magic(j, BITS, WIN) * xj
-        if ONE_GROUP:
-            g = (w0 * PER) // GROUP
-            s = tl.load(scales_ptr + g * N + offs_n2, mask=mn2, other=0).to(tl.float32)  # (NREP, 128)
-            z = _zeros_at(zeros_ptr, g, offs_n2, mn2, N, BITS, FLOAT_ZEROS)
-            acc += s[:, None, :] * (p - xm[None, :, None] - xs[None, :, None] * z[:, None, :])
-        else:
-            g3 = ((rows_w * PER) // GROUP)[None, :, None]  # (1, BW, 1)
-            s = tl.load(scales_ptr + g3 * N + offs_n2[:, None, :], mask=m3, other=0).to(tl.float32)
-            z = _zeros_at(zeros_ptr, g3, offs_n2[:, None, :], m3, N, BITS, FLOAT_ZEROS)
-            acc += s * (p - xm[None, :, None] - xs[None, :, None] * z)
-        if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K
-            kk = w0 * PER + offs_k
-            mk = kk < w_end * PER
-            xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
-            at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None] & mk[None, :], other=0)
-            xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]
-    y = tl.sum(acc, axis=1)  # (NREP, 128)
-    if HAS_LORA:
-        dt = x_ptr.dtype.element_ty
-        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,)
-        m3b = mr[None, :, None] & mn2[:, None, :]
-        bt = tl.load(b_ptr + offs_n2[:, None, :] * R + offs_r[None, :, None], mask=m3b, other=0)  # (NREP, BR, 128)
-        y += lora_scale * tl.sum(bt.to(dt).to(tl.float32) * xr[None, :, None], axis=1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    _store_split(tl.reshape(y, (1, BN)), out_ptr, part_ptr, lock_ptr, pid_n, pid_k, tl.arange(0, 1), offs_n,
-                 (offs_n < N)[None, :], 1, N, SPLIT, SPLIT_K, 1, BN)
-
-
 def inplace_gemv(x, zeros, scales, plan, bits, cfg, a=None, b=None, scaling=1.0):
-    """x (1, K) -> (1, N) through `plan` (rows in group order: the layer's own or its act-order copy)."""
-    k = x.shape[1]
-    n = plan.qweight.shape[1]
-    per = 32 // bits
-    kw = k // per
-    bw = cfg["BW"]
-    split = max(1, min(cfg["SPLIT"], kw // bw))
-    split = triton.cdiv(kw, triton.cdiv(triton.cdiv(kw, split), bw) * bw)  # no split without rows
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    r = a.shape[0] if a is not None else 1
-    grid = (triton.cdiv(n, 128 * cfg["NREP"]), split)
-    _inplace_kernel[grid](x, plan.qweight, zeros, scales, plan.perm if plan.perm is not None else plan.locks,
-                          a if a is not None else x, b if b is not None else x, out, part, plan.locks, k, n, r,
-                          plan.group, float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
-                          HAS_PERM=plan.perm is not None, HAS_LORA=a is not None, SPLIT_K=split > 1,
-                          ONE_GROUP=bw * per <= plan.group, BW=bw, NREP=cfg["NREP"], BR=max(2, triton.next_power_of_2(r)),
-                          num_warps=cfg["num_warps"])
-    return out
+    """x (1, K) -> (1, N): the package's one-token kernel (kernels/gemv_m1.py) at config `cfg`."""
+    k, n = x.shape[1], plan.qweight.shape[1]
+    return gemv_m1.gemv_m1(x, plan.qweight, zeros, scales, bits, plan, gemv_m1.legal_config(cfg, k, n, bits, None),
+                           None if a is None else [a], None if b is None else [b], scaling)
 
 
 def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool) -> list[dict]:
@@ -304,12 +192,12 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("km
 
     def run(kind, cfg, i):
         layer, plan, wt, perm = layers[i], plans[i], wts[i], perms[i]
-        if kind == "today":
-            return G.gemv_triton(x, *layer, bits, plan, a, b, 2.0)
+        if kind == "today":  # config given: gemv.py's kernel, never gemv_m1
+            return G.gemv_triton(x, *layer, bits, plan, a, b, 2.0, config=today_cfg)
         if kind == "today-nolora":
-            return G.gemv_triton(x, *layer, bits, plan)
+            return G.gemv_triton(x, *layer, bits, plan, config=today_cfg)
         if kind == "today-noperm-nolora":
-            return G.gemv_triton(x[:, perm], *layer, bits, noperm(plan))
+            return G.gemv_triton(x[:, perm], *layer, bits, noperm(plan), config=today_cfg)
         if kind == "kmajor-perm":
             return kmajor_gemv(x, wt, layer[1], layer[2], plan.perm, bits, gs, cfg)
         if kind == "kmajor-xperm":  # x permuted outside (timed as a separate op)
@@ -382,7 +270,7 @@ def ncu_run(path: str, device) -> int:
         a = torch.randn(R, k, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, R, device=device, dtype=torch.bfloat16)
         for _ in range(2):
-            G.gemv_triton(x, *layer, 4, plan, a, b, 2.0)
+            G.gemv_triton(x, *layer, 4, plan, a, b, 2.0, config=G.pick_config(1, k, n, 4, plan))
         if best and math.isfinite(best[0]["us"]):
             wt = kmajor_copy(plan)
             for _ in range(2):
@@ -403,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--ncu-run", metavar="JSON", help="launch the kernels once for ncu (see ncu_run)")
     ap.add_argument("--kinds", default="kmajor,inplace", help="designs beside today's: kmajor, inplace")
+    ap.add_argument("--table", help="write the shipped gemv table plus the best in-place configs ('m1,...' keys): "
+                                    "GPTQLORA_GEMV_CONFIGS=PATH makes decoding use them")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.ncu_run:
@@ -416,6 +306,13 @@ def main(argv=None) -> int:
             rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device, args.kinds.split(","))
     bad = [r for r in rows if not math.isfinite(r["us"]) or r["wrong"]]
     print(f"{len(rows)} rows, {len(bad)} with no correct candidate or a wrong one")
+    if args.table:
+        table = G.load_table(G.TUNED_FILE) if G.TUNED_FILE.exists() else {}
+        for r in rows:
+            if r["kind"] == "inplace" and math.isfinite(r["us"]):
+                k, n = map(int, r["shape"].split("x"))
+                table[gemv_m1.tuned_key(r["bits"], k, n)] = {f: r["cfg"][f] for f in gemv_m1.TUNABLE}
+        Path(args.table).write_text(json.dumps({"configs": table}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                                "rows": rows}, indent=1))

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
+from gptqlora.kernels import gemv_m1
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
@@ -251,9 +252,10 @@ def load_table(path: str | Path) -> dict[str, dict]:
     """{tuned_key: config} of a table file: the sweep's whole output, or just its "configs" part."""
     table = json.loads(Path(path).read_text())
     table = table.get("configs", table)
-    bad = {key: {f for f in cfg if f not in TUNABLE} for key, cfg in table.items()}
+    bad = {key: {f for f in cfg if f not in (gemv_m1.TUNABLE if key.startswith("m1,") else TUNABLE)}
+           for key, cfg in table.items()}
     if any(bad.values()):
-        raise ValueError(f"{path}: unknown gemv config fields {bad}; allowed: {TUNABLE}")
+        raise ValueError(f"{path}: unknown gemv config fields {bad}; allowed: {TUNABLE} (m1 keys: {gemv_m1.TUNABLE})")
     return table
 
 
@@ -313,6 +315,18 @@ def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 13
 
 
 _launch = FastKernel(_gemv_kernel)
+_M1_CONFIGS: dict = {}  # (k, n, bits, group, sms, bounds) -> gemv_m1 config: no host work per call
+
+
+def pick_m1_config(k: int, n: int, bits: int, group: int, sms: int, bounds: tuple[int, int] | None) -> dict:
+    """gemv_m1's config for one call: the tuned table's "m1,..." entry over its heuristic, made legal; cached."""
+    key = (k, n, bits, group, sms, bounds)
+    cfg = _M1_CONFIGS.get(key)
+    if cfg is None:
+        cfg = gemv_m1.heuristic_config(k, n, bits, group, sms)
+        cfg.update(tuned_table().get(gemv_m1.tuned_key(bits, k, n), {}))
+        cfg = _M1_CONFIGS[key] = gemv_m1.legal_config(cfg, k, n, bits, bounds)
+    return cfg
 
 
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -336,6 +350,13 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
+    if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None):  # one token: its own kernel
+        lora = None if lora_a is None else list(lora_a) if isinstance(lora_a, (list, tuple)) else [lora_a]
+        lorb = None if lora_b is None else list(lora_b) if isinstance(lora_b, (list, tuple)) else [lora_b]
+        if lora is not None and len(lora) != (1 if bounds is None else 2 + (bounds[1] < n)):
+            raise ValueError(f"{len(lora)} LoRA A for {'one layer' if bounds is None else 'bounds ' + str(bounds)}")
+        return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
+                               lora, lorb, scaling, bounds)
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)

@@ -1,0 +1,228 @@
+"""One-token (M = 1) GPTQ matvec with the LoRA update fused in, for 2/4/8-bit rows in group order:
+
+    y = x @ dequant(W) + s * (x @ Aᵀ) @ Bᵀ        x (1, K), W (K, N) packed, A (r, K), B (N, r), y (1, N)
+
+Why a kernel of its own beside gemv.py's general one: an Nsight Compute run of that kernel at 4096x4096,
+4 bit (session 12, docs/benchmarks.md) found it bound by instruction issue at too few warps: ~8 instructions
+per code (a shift and a mask per code, the codes reshaped from (words, places, columns) to (rows, columns)
+through shared memory, a reduction over the rows of every tile), 127 registers, so ~2 warps per scheduler
+issuing 0.4 instructions a cycle. Here:
+
+- a code costs one LOP3 and one FFMA: it is masked in place inside the mantissa of a float m = 2^(23 - O)
+  whose exponent makes the code's lowest bit the unit (`_code_at`; runs of places share one shift of the
+  word), and Σ m x is subtracted once per tile (session 8's trick, kernels/gemv1.py in the history);
+- each thread accumulates its own (word row, column) cells and the rows are summed once at the end: no
+  reshape and no reduction across threads inside the loop;
+- the tile is (NREP, BW, 128): Triton puts a warp's 32 threads x 4 columns (16-byte loads) along the last
+  axis and the warps along the word rows, so every thread holds NREP column blocks and each x value it
+  loads (through `perm` for an act-order copy) serves 4 * NREP columns;
+- split-K as gemv.py (split_k.py: fp32 partials, the last program of a column block sums them in a fixed
+  order), and SPLIT 1 needs none.
+
+Sibling projections (q|k|v, gate|up) side by side: `bounds` as in gemv.py, each column block reading its
+own projection's A and B. 3-bit words (codes straddle words), groups no whole tile divides, the per-row
+gather layout, SpQR and M > 1 stay with gemv.py. `GPTQLORA_GEMV_M1=split` sends M = 1 there too (the A/B).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gptqlora.kernels.dequant import _zeros_at
+from gptqlora.kernels.launch import FastKernel
+from gptqlora.kernels.split_k import _store_split
+
+ENV = "GPTQLORA_GEMV_M1"  # "split": one-token calls take gemv.py's split-K kernel instead
+TUNABLE = ("NREP", "BW", "SPLIT", "num_warps")
+COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
+
+
+@triton.jit
+def _code_at(words, J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
+    """The code q at place J of each uint32 word as the exact float m + q, m = 2^(23 - O): the word shifted
+    by SH brings the code to bit offset O in [23 - BITS - WIN, 23 - BITS] (runs of WIN // BITS + 1 places
+    share one shift), where one AND keeps it inside the mantissa of m (the exponent bits are OR-ed in once
+    per shifted word). m <= 2^(BITS + WIN) bounds what the caller's subtraction of Σ m x loses: with 16-bit x,
+    BITS + WIN = 12 costs up to ~12 of fp32's 24 bits, under the rounding of a 16-bit y; fp32 x takes WIN 0."""
+    RUN: tl.constexpr = WIN // BITS + 1
+    SH: tl.constexpr = 23 - BITS - ((J // RUN) * RUN + RUN - 1) * BITS  # the run's top place to 23 - BITS
+    O: tl.constexpr = J * BITS + SH
+    if SH > 0:
+        src = words << SH
+    elif SH < 0:
+        src = words >> -SH
+    else:
+        src = words
+    return ((src | 0x7F800000) & ((((1 << BITS) - 1) << O) | ((150 - O) << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic(J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
+    """m = 2^(23 - O) of place J (see `_code_at`)."""
+    RUN: tl.constexpr = WIN // BITS + 1
+    O: tl.constexpr = BITS * (J - (J // RUN) * RUN - RUN + 1) + 23 - BITS  # = J * BITS + SH of _code_at
+    return 2.0 ** (23 - O)
+
+
+@triton.jit(do_not_specialize=["SPLIT"])
+def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+                    out_ptr, part_ptr, lock_ptr, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT,
+                    BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr,
+                    SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr, NREP: tl.constexpr,
+                    COLS: tl.constexpr, BR: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
+    WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
+    BN: tl.constexpr = NREP * COLS
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n2 = pid_n * BN + tl.arange(0, NREP)[:, None] * COLS + tl.arange(0, COLS)[None, :]  # (NREP, COLS)
+    mn2 = offs_n2 < N
+    kw = K // PER
+    span = tl.cdiv(tl.cdiv(kw, SPLIT), BW) * BW  # word rows per split, whole tiles
+    w_start = pid_k * span
+    w_end = tl.minimum(kw, w_start + span)
+    offs_w = tl.arange(0, BW)
+    acc = tl.zeros((NREP, BW, COLS), tl.float32)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < R
+    offs_k = tl.arange(0, BW * PER)
+    xa = tl.zeros((BR, BW * PER), tl.float32)  # LoRA: x_k A[:, k], summed after the loop
+    # siblings side by side: columns [N1, N2) are the second projection (a1, b1), [N2, N) the third
+    n_first = pid_n * BN
+    n_off = N1 * 0
+    if n_first >= N2:
+        a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
+    elif n_first >= N1:
+        a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
+    for w0 in range(w_start, w_end, BW):
+        rows_w = w0 + offs_w  # (BW,) word rows
+        mw = rows_w < w_end
+        m3 = mn2[:, None, :] & mw[None, :, None]
+        words = tl.load(qweight_ptr + rows_w[None, :, None] * QW_STRIDE + offs_n2[:, None, :], mask=m3, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # (NREP, BW, COLS)
+        p = tl.zeros((NREP, BW, COLS), tl.float32)  # Σ_j (m_j + q_j) x_j per word
+        xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
+        xm = tl.zeros((BW,), tl.float32)  # Σ_j m_j x_j
+        for j in tl.static_range(PER):  # one LOP3 and one FFMA per code
+            k = rows_w * PER + j
+            src = tl.load(perm_ptr + k, mask=mw, other=0) if HAS_PERM else k  # x column of row k
+            xj = tl.load(x_ptr + src, mask=mw, other=0).to(tl.float32)  # (BW,)
+            p += _code_at(words, j, BITS, WIN) * xj[None, :, None]
+            xs += xj
+            xm += _magic(j, BITS, WIN) * xj
+        if ONE_GROUP:  # the tile lies in one group: its statistics once
+            g = (w0 * PER) // GROUP
+            s = tl.load(scales_ptr + g * N + offs_n2, mask=mn2, other=0).to(tl.float32)  # (NREP, COLS)
+            z = _zeros_at(zeros_ptr, g, offs_n2, mn2, N, BITS, FLOAT_ZEROS)
+            acc += s[:, None, :] * (p - xm[None, :, None] - xs[None, :, None] * z[:, None, :])
+        else:  # each word row its own group's
+            g3 = ((rows_w * PER) // GROUP)[None, :, None]  # (1, BW, 1)
+            s = tl.load(scales_ptr + g3 * N + offs_n2[:, None, :], mask=m3, other=0).to(tl.float32)
+            z = _zeros_at(zeros_ptr, g3, offs_n2[:, None, :], m3, N, BITS, FLOAT_ZEROS)
+            acc += s * (p - xm[None, :, None] - xs[None, :, None] * z)
+        if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K, A read contiguously
+            kk = w0 * PER + offs_k
+            mk = kk < w_end * PER
+            xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
+            at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None] & mk[None, :], other=0)
+            xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]  # A in x's dtype, as in training
+    y = tl.sum(acc, axis=1)  # (NREP, COLS)
+    if HAS_LORA:  # + s (x_c A_cᵀ) B_nᵀ
+        dt = x_ptr.dtype.element_ty
+        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
+        mb = mr[None, :, None] & mn2[:, None, :]
+        bt = tl.load(b_ptr + (offs_n2 - n_off)[:, None, :] * R + offs_r[None, :, None], mask=mb, other=0)
+        y += lora_scale * tl.sum(bt.to(dt).to(tl.float32) * xr[None, :, None], axis=1)  # (NREP, COLS)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    _store_split(tl.reshape(y, (1, BN)), out_ptr, part_ptr, lock_ptr, pid_n, pid_k, tl.arange(0, 1), offs_n,
+                 (offs_n < N)[None, :], 1, N, SPLIT, SPLIT_K, 1, BN)
+
+
+_launch = FastKernel(_gemv_m1_kernel)
+
+
+def tile_rows(bits: int, group: int, k: int, bw: int) -> int:
+    """Word rows per tile: bw cut to a power of two whose rows divide K and, where a tile is to lie in one
+    group, the group (0: no whole-word tile fits; gemv.py takes the layer)."""
+    per = 32 // bits
+    while bw and (k % (bw * per)):
+        bw //= 2
+    return bw
+
+
+def takes(m: int, k: int, bits: int, plan, spqr: bool) -> bool:
+    """Whether this kernel serves the call: one token, 2/4/8 bit, rows in group order (the layer's own or its
+    act-order copy), K and the group multiples of a word's rows (a word in one group), and not sent to
+    gemv.py by GPTQLORA_GEMV_M1=split."""
+    per = 32 // bits if 32 % bits == 0 else 0
+    return (m == 1 and not spqr and per > 0 and plan.sorted and k % per == 0 and plan.group % per == 0
+            and os.environ.get(ENV, "inplace") != "split")
+
+
+def tuned_key(bits: int, k: int, n: int) -> str:
+    """This kernel's key in the tuned table (kernels/gemv_configs.json or $GPTQLORA_GEMV_CONFIGS)."""
+    return f"m1,{bits},{k},{n}"
+
+
+def heuristic_config(k: int, n: int, bits: int, group: int, sms: int = 132) -> dict:
+    """Untuned: two column blocks per thread, a tile of one group's rows where that is 4-8 word rows, 8 warps
+    (4 at 2 bit, whose tiles are 4 rows), and split-K for ~2 programs per SM."""
+    per = 32 // bits
+    bw = max(4, min(8, group // per)) if group > 0 else 8
+    nrep = 2
+    warps = min(8, bw)
+    split = max(1, round(2 * sms / triton.cdiv(n, COLS * nrep)))
+    return dict(NREP=nrep, BW=bw, SPLIT=split, num_warps=warps)
+
+
+def legal_config(cfg: dict, k: int, n: int, bits: int, bounds: tuple[int, int] | None) -> dict:
+    """cfg made valid for the call: BW a power of two of word rows dividing K, no more warps than word rows,
+    a column block (NREP * COLS, COLS 128 or less) inside one sibling projection, SPLIT leaving every split
+    rows."""
+    cfg = dict(cfg)
+    cfg["BW"] = bw = max(1, tile_rows(bits, 0, k, cfg["BW"]))
+    cfg["num_warps"] = max(1, min(cfg["num_warps"], bw))
+    n1, n2 = bounds if bounds is not None else (n, n)
+    cfg["COLS"] = COLS
+    while cfg["NREP"] > 1 and (n1 % (cfg["COLS"] * cfg["NREP"]) or n2 % (cfg["COLS"] * cfg["NREP"])):
+        cfg["NREP"] //= 2
+    while cfg["COLS"] > 8 and (n1 % cfg["COLS"] or n2 % cfg["COLS"]):  # a column block inside one projection
+        cfg["COLS"] //= 2
+    kw = k // (32 // bits)
+    split = max(1, min(cfg["SPLIT"], kw // bw))
+    cfg["SPLIT"] = triton.cdiv(kw, triton.cdiv(triton.cdiv(kw, split), bw) * bw)  # no split without rows
+    return cfg
+
+
+def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, plan,
+            cfg: dict, lora_a: list[torch.Tensor] | None = None, lora_b: list[torch.Tensor] | None = None,
+            scaling: float = 1.0, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+    """x (1, K) -> (1, N) in x's dtype through `plan` (gemv.GemvPlan with rows in group order: `plan.qweight`
+    is read, with a row stride that may exceed N for a column slice of a siblings' copy); `cfg` a legal
+    config; lora_a, lora_b one (A, B) per projection (three at most, `bounds` as gemv.gemv_triton's)."""
+    k = x.shape[1]
+    n = qweight.shape[1]
+    qw = plan.qweight
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    split = cfg["SPLIT"]
+    part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    has_lora = bool(lora_a)
+    a_s = [t.contiguous() for t in lora_a] if has_lora else [x]
+    b_s = [t.contiguous() for t in lora_b] if has_lora else [x]
+    r = b_s[0].shape[1] if has_lora else 1
+    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
+    n1, n2 = bounds if bounds is not None else (n, n)
+    per = 32 // bits
+    cols = cfg.get("COLS", COLS)
+    grid = (triton.cdiv(n, cols * cfg["NREP"]), split)
+    _launch[grid](x, qw, zeros, scales, plan.perm if plan.perm is not None else plan.locks, a_s[0], b_s[0], a_s[1],
+                  b_s[1], a_s[2], b_s[2], out, part, plan.locks, k, n, n1, n2, qw.stride(0), r, plan.group,
+                  float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
+                  HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
+                  ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
+                  COLS=cols, BR=max(2, triton.next_power_of_2(r)), num_warps=cfg["num_warps"])
+    return out
