@@ -350,7 +350,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
-    if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None):  # one token: its own kernel
+    if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None) and \
+            (bounds is None or not (bounds[0] % 16 or bounds[1] % 16)):  # one token: its own kernel
         lora = None if lora_a is None else list(lora_a) if isinstance(lora_a, (list, tuple)) else [lora_a]
         lorb = None if lora_b is None else list(lora_b) if isinstance(lora_b, (list, tuple)) else [lora_b]
         if lora is not None and len(lora) != (1 if bounds is None else 2 + (bounds[1] < n)):

@@ -185,12 +185,13 @@ def legal_config(cfg: dict, k: int, n: int, bits: int, bounds: tuple[int, int] |
     cfg = dict(cfg)
     cfg["BW"] = bw = max(1, tile_rows(bits, 0, k, cfg["BW"]))
     cfg["num_warps"] = max(1, min(cfg["num_warps"], bw))
-    n1, n2 = bounds if bounds is not None else (n, n)
     cfg["COLS"] = COLS
-    while cfg["NREP"] > 1 and (n1 % (cfg["COLS"] * cfg["NREP"]) or n2 % (cfg["COLS"] * cfg["NREP"])):
-        cfg["NREP"] //= 2
-    while cfg["COLS"] > 8 and (n1 % cfg["COLS"] or n2 % cfg["COLS"]):  # a column block inside one projection
-        cfg["COLS"] //= 2
+    if bounds is not None:  # a column block inside one projection; >= 16 columns (split-K: a counter per 16)
+        n1, n2 = bounds
+        while cfg["NREP"] > 1 and (n1 % (cfg["COLS"] * cfg["NREP"]) or n2 % (cfg["COLS"] * cfg["NREP"])):
+            cfg["NREP"] //= 2
+        while cfg["COLS"] > 16 and (n1 % cfg["COLS"] or n2 % cfg["COLS"]):
+            cfg["COLS"] //= 2
     kw = k // (32 // bits)
     split = max(1, min(cfg["SPLIT"], kw // bw))
     cfg["SPLIT"] = triton.cdiv(kw, triton.cdiv(triton.cdiv(kw, split), bw) * bw)  # no split without rows

@@ -1,0 +1,130 @@
+"""The one-token decode kernel (kernels/gemv_m1.py) against float64 and against gemv.py's split-K kernel:
+2/4/8 bit, plain and act-order (repacked) rows, packed and float zeros, fp32/fp16/bf16, with and without LoRA,
+tiles inside one group and across groups, split-K on and off, N not a multiple of the column block, sibling
+bounds narrower than a column block; the offsets' cancellation at its worst; and which calls it takes."""
+
+import pytest
+import torch
+
+from gptqlora.formats.gptq import pack_cols, pack_rows
+from gptqlora.kernels import gemv_m1
+from gptqlora.kernels.gemv import gemv_reference, gemv_triton, pick_config, plan_gemv
+from gptqlora.kernels.reference import dequantize
+from packed import random_packed
+from test_gemv import DEVICE, TOL, case, rel_err
+
+CONFIGS = (None,  # the heuristic: tiles inside a group, split-K
+           {"NREP": 1, "BW": 8, "SPLIT": 1, "num_warps": 2},  # one program per column block over all of K
+           {"NREP": 2, "BW": 16, "SPLIT": 3, "num_warps": 4})  # tiles across groups (16 word rows)
+
+
+def run(x, p, bits, plan, a, b, cfg, bounds=None):
+    """gemv_triton's one-token path, or gemv_m1 at config `cfg` (made legal)."""
+    if cfg is None:
+        return gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0, bounds=bounds)
+    k, n = x.shape[1], p["qweight"].shape[1]
+    lora = None if a is None else a if isinstance(a, list) else [a]
+    lorb = None if b is None else b if isinstance(b, list) else [b]
+    return gemv_m1.gemv_m1(x, p["qweight"], p["zeros"], p["scales"], bits, plan,
+                           gemv_m1.legal_config(cfg, k, n, bits, bounds), lora, lorb, 2.0, bounds)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("layout", [(False, False), (True, False), (True, True)], ids=["plain", "act-order", "float-zeros"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_matches_float64_and_the_split_k_kernel(bits, layout, dtype):
+    group = {2: 32, 4: 64, 8: -1}[bits]
+    lora = layout != (True, True)
+    p, x, a, b, want = case(256, 208, bits, group, *layout, 1, dtype, seed=bits + 7 * layout[0], lora=lora)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, group, True)
+    assert gemv_m1.takes(1, 256, bits, plan, False)
+    for cfg in CONFIGS:  # N = 208: a partial column block
+        y = run(x, p, bits, plan, a, b, cfg)
+        assert y.dtype == dtype and y.shape == (1, 208)
+        assert rel_err(y, want) < TOL[dtype], cfg
+        assert not plan.locks.any()  # the split-K counters are back at zero
+    other = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0,
+                        config=pick_config(1, 256, 208, bits, plan))  # a config given: gemv.py's kernel
+    assert rel_err(y, other.double()) < TOL[dtype]
+    assert rel_err(y, gemv_reference(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, a, b, 2.0).double()) \
+        < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_exact_enough_where_the_offsets_cancel_most(bits):
+    """The kernel sums (m + q) x and subtracts Σ m x once per tile. The cancellation is largest for small codes
+    and x of one sign; y must still be close to float64: 1e-6 with fp32 x (no shift window), and at 16-bit
+    x within one rounding of y (a whole bf16 step: the interpreter truncates to bf16 where a GPU rounds)."""
+    k, n = 1024, 32
+    codes = torch.ones(k, n, dtype=torch.int32)
+    codes[::7] = 2**bits - 1
+    zeros = torch.zeros(k // 128, n, dtype=torch.int32)
+    scales = torch.full((k // 128, n), 0.01).half()
+    g_idx = torch.arange(k, dtype=torch.int32) // 128
+    p = {"qweight": pack_rows(codes, bits).to(DEVICE), "zeros": pack_cols(zeros, bits).to(DEVICE),
+         "scales": scales.to(DEVICE), "g_idx": g_idx.to(DEVICE)}
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, 128)
+    w = dequantize(p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, torch.float64)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2**-11), (torch.bfloat16, 2**-7)):
+        x = (torch.rand(1, k, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(bits)) * 4 + 1).to(dtype)
+        want = x.double() @ w
+        for cfg in CONFIGS:
+            y = run(x, p, bits, plan, None, None, cfg).double()
+            assert float(((y - want).abs() / want.abs()).max()) < tol, (dtype, cfg)
+
+
+@pytest.mark.parametrize("widths", [(64, 32, 32), (256, 128, 128), (384, 160)], ids=["narrow", "q|k|v", "gate|up"])
+def test_siblings_take_their_own_lora(widths):
+    """Projections side by side (`bounds`): each column block uses its own projection's A and B, also where a
+    projection is narrower than a column block (the block shrinks) and with a row stride wider than N (an
+    act-order layer's decode copy as a column slice of the siblings' copy)."""
+    parts = [case(128, n, 4, 32, False, False, 1, torch.float32, seed=40 + i) for i, n in enumerate(widths)]
+    x = parts[0][1]
+    cat = {f: torch.cat([q[f] for q, *_ in parts], dim=1) for f in ("qweight", "zeros", "scales")}
+    cat["g_idx"] = parts[0][0]["g_idx"]
+    a = [pa for _, _, pa, _, _ in parts]
+    b = [pb for _, _, _, pb, _ in parts]
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+    bounds = (ends[0], ends[1] if len(widths) == 3 else ends[-1])
+    plan = plan_gemv(cat["qweight"], cat["g_idx"], 4, 32)
+    want = torch.cat([x.double() @ q["w64"].to(DEVICE) + 2.0 * (x.double() @ pa.double().t()) @ pb.double().t()
+                      for q, _, pa, pb, _ in parts], dim=1)
+    for cfg in CONFIGS:
+        y = run(x, cat, 4, plan, a, b, cfg, bounds)
+        assert rel_err(y, want) < 1e-5 and not plan.locks.any(), cfg
+    # the second projection alone, read as a column slice of the side-by-side weight (row stride > N)
+    n0, n1 = ends[0], ends[1]
+    sl = {"qweight": cat["qweight"][:, n0:n1], "zeros": parts[1][0]["zeros"], "scales": parts[1][0]["scales"],
+          "g_idx": cat["g_idx"]}
+    plan1 = plan_gemv(sl["qweight"], sl["g_idx"], 4, 32)
+    assert plan1.qweight.stride(0) > plan1.qweight.shape[1]
+    y1 = run(x, sl, 4, plan1, a[1], b[1], None)
+    assert rel_err(y1, want[:, n0:n1]) < 1e-5
+
+
+def test_takes_one_token_whole_words_and_sorted_rows_only(monkeypatch):
+    p = random_packed(256, 64, 4, 64, True, False, 0, DEVICE)
+    sorted_plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64, True)
+    gather_plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64, False)
+    assert gemv_m1.takes(1, 256, 4, sorted_plan, False)
+    assert not gemv_m1.takes(2, 256, 4, sorted_plan, False)  # M > 1: gemv.py's tensor-core path
+    assert not gemv_m1.takes(1, 256, 4, gather_plan, False)  # act-order without the repacked copy
+    assert not gemv_m1.takes(1, 256, 4, sorted_plan, True)  # SpQR's dense part
+    p3 = random_packed(256, 64, 3, 64, False, False, 0, DEVICE)
+    assert not gemv_m1.takes(1, 256, 3, plan_gemv(p3["qweight"], p3["g_idx"], 3, 64), False)  # words straddle
+    odd = random_packed(240, 64, 2, 40, False, False, 0, DEVICE)  # 40-row groups: a 16-row word spans two
+    assert not gemv_m1.takes(1, 240, 2, plan_gemv(odd["qweight"], odd["g_idx"], 2, 40), False)
+    monkeypatch.setenv(gemv_m1.ENV, "split")
+    assert not gemv_m1.takes(1, 256, 4, sorted_plan, False)
+
+
+@pytest.mark.parametrize("k, n, group", [(160, 32, 32), (288, 48, 96), (192, 40, -1)])
+def test_odd_groups_and_legal_configs(k, n, group):
+    """Groups of 96 rows (tiles of 32 rows across them), one group per channel, K not a power of two; any
+    config is made legal (BW dividing K's word rows, warps <= BW, no split without rows)."""
+    p, x, a, b, want = case(k, n, 4, group, True, False, 1, torch.float32, seed=k + n)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, group, True)
+    for cfg in ({"NREP": 4, "BW": 64, "SPLIT": 99, "num_warps": 16}, {"NREP": 1, "BW": 2, "SPLIT": 2, "num_warps": 8}):
+        legal = gemv_m1.legal_config(cfg, k, n, 4, None)
+        assert (k // 8) % legal["BW"] == 0 and legal["num_warps"] <= legal["BW"] and legal["SPLIT"] <= k // 8
+        assert rel_err(run(x, p, 4, plan, a, b, cfg), want) < 1e-5
