@@ -116,16 +116,17 @@ def inplace_gemv(x, zeros, scales, plan, bits, cfg, a=None, b=None, scaling=1.0)
 
 
 def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool) -> list[dict]:
-    """NREP x word rows per tile x warps (warps <= BW: one warp per word row at least), each at a split for
-    ~1, 2 or 4 programs per SM."""
+    """NREP x word rows per tile x warps (warps <= BW) x the next tile's words prefetched or not, each at a
+    split for ~2 or 4 programs per SM (session 12 call 2: 4 x 4 x 4 won at 4 bit, 2 x 8 x 4 at 2 bit)."""
     if small:
-        return [dict(NREP=1, BW=4, num_warps=4, SPLIT=3), dict(NREP=2, BW=8, num_warps=2, SPLIT=1)]
+        return [dict(NREP=1, BW=4, num_warps=4, SPLIT=3, PREFETCH=1), dict(NREP=2, BW=8, num_warps=2, SPLIT=1, PREFETCH=0)]
     out = []
-    for nrep, bw, w in itertools.product((1, 2, 4), (4, 8, 16), (4, 8)):
-        if w > bw or nrep * bw // w > 8:  # at most 8 word rows x column blocks per thread (registers)
+    for nrep, bw, w, pre in itertools.product((2, 4), (4, 8), (4, 8), (0, 1)):
+        if w > bw:
             continue
-        for per_sm in (1, 2, 4):
-            out.append(dict(NREP=nrep, BW=bw, num_warps=w, SPLIT=max(1, round(per_sm * sms / -(-n // (128 * nrep))))))
+        for per_sm in (2, 4):
+            out.append(dict(NREP=nrep, BW=bw, num_warps=w, PREFETCH=pre,
+                            SPLIT=max(1, round(per_sm * sms / -(-n // (128 * nrep))))))
     return out
 
 

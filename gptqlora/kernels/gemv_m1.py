@@ -37,7 +37,7 @@ from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 
 ENV = "GPTQLORA_GEMV_M1"  # "split": one-token calls take gemv.py's split-K kernel instead
-TUNABLE = ("NREP", "BW", "SPLIT", "num_warps")
+TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
 
 
@@ -73,7 +73,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
                     out_ptr, part_ptr, lock_ptr, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT,
                     BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr,
                     SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr, NREP: tl.constexpr,
-                    COLS: tl.constexpr, BR: tl.constexpr):
+                    COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
     WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
     BN: tl.constexpr = NREP * COLS
@@ -97,11 +97,21 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
         a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
     elif n_first >= N1:
         a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
+    if PREFETCH:  # the first tile's words here, each next tile's before the current one is computed
+        mw0 = (w_start + offs_w) < w_end
+        nxt = tl.load(qweight_ptr + (w_start + offs_w)[None, :, None] * QW_STRIDE + offs_n2[:, None, :],
+                      mask=mn2[:, None, :] & mw0[None, :, None], other=0)
     for w0 in range(w_start, w_end, BW):
         rows_w = w0 + offs_w  # (BW,) word rows
         mw = rows_w < w_end
         m3 = mn2[:, None, :] & mw[None, :, None]
-        words = tl.load(qweight_ptr + rows_w[None, :, None] * QW_STRIDE + offs_n2[:, None, :], mask=m3, other=0)
+        if PREFETCH:
+            words = nxt
+            mwn = (rows_w + BW) < w_end
+            nxt = tl.load(qweight_ptr + (rows_w + BW)[None, :, None] * QW_STRIDE + offs_n2[:, None, :],
+                          mask=mn2[:, None, :] & mwn[None, :, None], other=0)
+        else:
+            words = tl.load(qweight_ptr + rows_w[None, :, None] * QW_STRIDE + offs_n2[:, None, :], mask=m3, other=0)
         words = words.to(tl.uint32, bitcast=True)  # (NREP, BW, COLS)
         p = tl.zeros((NREP, BW, COLS), tl.float32)  # Σ_j (m_j + q_j) x_j per word
         xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
@@ -225,5 +235,6 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
                   float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
-                  COLS=cols, BR=max(2, triton.next_power_of_2(r)), num_warps=cfg["num_warps"])
+                  COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
+                  num_warps=cfg["num_warps"])
     return out
