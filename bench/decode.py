@@ -38,7 +38,7 @@ import torch
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-M1_ENV = "GPTQLORA_GEMV_M1"  # = kernels/gemv_m1.ENV: "split" sends one-token calls to gemv.py's kernel
+M1_ENV = "GPTQLORA_GEMV_M1"  # = kernels/gemv_m1.ENV: "inplace" sends one-token calls to kernels/gemv_m1.py
 
 
 def _bench_module(name: str):
@@ -211,7 +211,7 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
 
 def build(kind: str, shape: str, device):
     """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch) or
-    "gptqB-split" (built alike; generation_rows sends its one-token calls to gemv.py's split-K kernel)."""
+    "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
@@ -224,7 +224,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "split"):
+    if kernel not in ("", "unfused", "inplace"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -250,9 +250,9 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
             wb = weight_bytes(model)
             harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 and old_harness else []) + \
                 (["plain transformers"] if kind == "bf16" else [])
-            split_m1 = kind.endswith("-split")  # one-token calls through gemv.py's split-K kernel (the A/B)
-            if split_m1:
-                os.environ[M1_ENV] = "split"
+            inplace_m1 = kind.endswith("-inplace")  # one-token calls through kernels/gemv_m1.py (the A/B)
+            if inplace_m1:
+                os.environ[M1_ENV] = "inplace"
             for harness in harnesses:
                 from torch._dynamo.utils import counters
 
@@ -279,7 +279,7 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                         rows[-1]["profile"] = [{"kernel": f"profile failed: {type(e).__name__}: {e}"[:200]}]
                     for r in rows[-1]["profile"]:
                         print("   ", r, flush=True)
-            if split_m1:
+            if inplace_m1:
                 os.environ.pop(M1_ENV, None)
             del model
             gc.collect()
@@ -315,8 +315,8 @@ def main() -> int:
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
     ap.add_argument("--decode-kernels", default="triton",
                     help="comma-separated, per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one launch "
-                         "each), unfused (the same, every layer its own launch: the A/B), split (one-token calls through gemv.py's "
-                         "split-K kernel instead of kernels/gemv_m1.py: the A/B); default triton "
+                         "each), unfused (the same, every layer its own launch: the A/B), inplace (one-token calls through "
+                         "kernels/gemv_m1.py, opt-in: the A/B); default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

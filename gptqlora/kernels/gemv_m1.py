@@ -21,7 +21,13 @@ issuing 0.4 instructions a cycle. Here:
 
 Sibling projections (q|k|v, gate|up) side by side: `bounds` as in gemv.py, each column block reading its
 own projection's A and B. 3-bit words (codes straddle words), groups no whole tile divides, the per-row
-gather layout, SpQR and M > 1 stay with gemv.py. `GPTQLORA_GEMV_M1=split` sends M = 1 there too (the A/B).
+gather layout, SpQR and M > 1 stay with gemv.py.
+
+Opt-in (`GPTQLORA_GEMV_M1=inplace`), not the default: on an H100 (session 12, bench/gemv_m1_probe.py, the
+same graph-timed harness as gemv.py's sweep, r = 8 LoRA, act-order) it ran at 0.96-0.99x gemv.py's speed
+per 7B layer at 4 bit and 1.05-1.15x at 2 bit, and a 7B decoded at 4 bit at 219.0 tokens/s against 222.5
+through gemv.py in the same call: no gain a user would see. Both kernels land at ~1.4 TB/s on the
+large layers whatever their instruction count; docs/benchmarks.md has the numbers and what is left.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from gptqlora.kernels.dequant import _zeros_at
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 
-ENV = "GPTQLORA_GEMV_M1"  # "split": one-token calls take gemv.py's split-K kernel instead
+ENV = "GPTQLORA_GEMV_M1"  # "inplace": one-token calls take this kernel (default "split": gemv.py's)
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
 
@@ -164,12 +170,12 @@ def tile_rows(bits: int, group: int, k: int, bw: int) -> int:
 
 
 def takes(m: int, k: int, bits: int, plan, spqr: bool) -> bool:
-    """Whether this kernel serves the call: one token, 2/4/8 bit, rows in group order (the layer's own or its
-    act-order copy), K and the group multiples of a word's rows (a word in one group), and not sent to
-    gemv.py by GPTQLORA_GEMV_M1=split."""
+    """Whether this kernel serves the call: GPTQLORA_GEMV_M1=inplace, one token, 2/4/8 bit, rows in group
+    order (the layer's own or its act-order copy), K and the group multiples of a word's rows (a word in
+    one group)."""
     per = 32 // bits if 32 % bits == 0 else 0
     return (m == 1 and not spqr and per > 0 and plan.sorted and k % per == 0 and plan.group % per == 0
-            and os.environ.get(ENV, "inplace") != "split")
+            and os.environ.get(ENV, "split") == "inplace")
 
 
 def tuned_key(bits: int, k: int, n: int) -> str:

@@ -13,6 +13,12 @@ from gptqlora.kernels.reference import dequantize
 from packed import random_packed
 from test_gemv import DEVICE, TOL, case, rel_err
 
+
+@pytest.fixture(autouse=True)
+def inplace(monkeypatch):
+    """The kernel is opt-in: gemv_triton routes one-token calls to it under GPTQLORA_GEMV_M1=inplace."""
+    monkeypatch.setenv(gemv_m1.ENV, "inplace")
+
 CONFIGS = (None,  # the heuristic: tiles inside a group, split-K
            {"NREP": 1, "BW": 4, "SPLIT": 5, "num_warps": 4, "PREFETCH": 1},  # the next tile prefetched
            {"NREP": 1, "BW": 8, "SPLIT": 1, "num_warps": 2},  # one program per column block over all of K
@@ -116,6 +122,8 @@ def test_takes_one_token_whole_words_and_sorted_rows_only(monkeypatch):
     odd = random_packed(240, 64, 2, 40, False, False, 0, DEVICE)  # 40-row groups: a 16-row word spans two
     assert not gemv_m1.takes(1, 240, 2, plan_gemv(odd["qweight"], odd["g_idx"], 2, 40), False)
     monkeypatch.setenv(gemv_m1.ENV, "split")
+    assert not gemv_m1.takes(1, 256, 4, sorted_plan, False)
+    monkeypatch.delenv(gemv_m1.ENV)  # the default: gemv.py's kernel
     assert not gemv_m1.takes(1, 256, 4, sorted_plan, False)
 
 
