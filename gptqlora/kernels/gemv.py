@@ -19,7 +19,8 @@ unpacks them in registers and accumulates in fp32. Design (bench/notes_decode.md
   of a column block sums them in a fixed order (split_k.py). One launch per layer and deterministic.
 
 2/4/8-bit codes are unpacked from whole words (one load per 32-bit word); 3-bit codes, which straddle words,
-through dequant's `_unpack`. `gemv_reference` beside it is the torch ground truth.
+through dequant's `_unpack`. `gemv_reference` beside it is the torch ground truth. With GPTQLORA_GEMV_M1=inplace
+one-token calls of 2/4/8-bit rows in group order go to gemv_m1.py instead (opt-in: no faster at 4 bit).
 """
 
 from __future__ import annotations

@@ -137,3 +137,32 @@ def test_odd_groups_and_legal_configs(k, n, group):
         legal = gemv_m1.legal_config(cfg, k, n, 4, None)
         assert (k // 8) % legal["BW"] == 0 and legal["num_warps"] <= legal["BW"] and legal["SPLIT"] <= k // 8
         assert rel_err(run(x, p, 4, plan, a, b, cfg), want) < 1e-5
+
+
+def test_tuned_table_entries_for_this_kernel(tmp_path, monkeypatch):
+    """An "m1,..." entry of the tuned table (bench/gemv_m1_probe.py --table writes them) sets this kernel's
+    config for its shape, made legal; a field this kernel does not have is refused with the allowed ones."""
+    import json
+
+    from gptqlora.kernels import gemv
+
+    p, x, a, b, want = case(256, 64, 4, 64, True, False, 1, torch.float32, seed=12)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"configs": {gemv_m1.tuned_key(4, 256, 64): {
+        "NREP": 1, "BW": 64, "SPLIT": 2, "num_warps": 8, "PREFETCH": 1}}}))
+    monkeypatch.setenv(gemv.TUNED_ENV, str(path))
+    monkeypatch.setattr(gemv, "_M1_CONFIGS", {})
+    gemv.tuned_table.cache_clear()
+    try:
+        cfg = gemv.pick_m1_config(256, 64, 4, plan.group, 4, None)
+        assert (cfg["NREP"], cfg["BW"], cfg["SPLIT"], cfg["num_warps"], cfg["PREFETCH"]) == (1, 32, 1, 8, 1)
+        y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
+        assert rel_err(y, want) < 1e-5 and not plan.locks.any()
+        path.write_text(json.dumps({"configs": {gemv_m1.tuned_key(4, 256, 64): {"BN": 32}}}))
+        gemv.tuned_table.cache_clear()
+        with pytest.raises(ValueError, match="m1 keys"):
+            gemv.tuned_table()
+    finally:
+        monkeypatch.delenv(gemv.TUNED_ENV)
+        gemv.tuned_table.cache_clear()
