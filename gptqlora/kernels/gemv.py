@@ -351,14 +351,9 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
-    if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None) and \
-            (bounds is None or not (bounds[0] % 16 or bounds[1] % 16)):  # one token: its own kernel
-        lora = None if lora_a is None else list(lora_a) if isinstance(lora_a, (list, tuple)) else [lora_a]
-        lorb = None if lora_b is None else list(lora_b) if isinstance(lora_b, (list, tuple)) else [lora_b]
-        if lora is not None and len(lora) != (1 if bounds is None else 2 + (bounds[1] < n)):
-            raise ValueError(f"{len(lora)} LoRA A for {'one layer' if bounds is None else 'bounds ' + str(bounds)}")
+    if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
-                               lora, lorb, scaling, bounds)
+                               lora_a, lora_b, scaling, bounds)
     cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
     cfg = dict(cfg)
@@ -372,14 +367,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = cfg.pop("SPLIT")
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    has_lora = lora_a is not None
-    a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
-    b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
-    if len(a_s) != (1 if bounds is None else 2 + (n2 < n)) or len(b_s) != len(a_s):
-        raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for "
-                         f"{'one layer' if bounds is None else 'bounds ' + str(bounds)}")
-    r = b_s[0].shape[1] if has_lora else 1
-    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
+    a_s, b_s, r, has_lora = gemv_m1.lora_slots(lora_a, lora_b, x, bounds, n)
     qw = plan.qweight if sorted_rows else qweight
     if qw.stride(1) != 1:
         raise ValueError("the packed weight's columns must be contiguous (a column slice of a wider copy is fine)")

@@ -160,22 +160,36 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
 _launch = FastKernel(_gemv_m1_kernel)
 
 
-def tile_rows(bits: int, group: int, k: int, bw: int) -> int:
-    """Word rows per tile: bw cut to a power of two whose rows divide K and, where a tile is to lie in one
-    group, the group (0: no whole-word tile fits; gemv.py takes the layer)."""
+def tile_rows(bits: int, k: int, bw: int) -> int:
+    """Word rows per tile: bw cut to a power of two whose rows divide K (0: none does)."""
     per = 32 // bits
     while bw and (k % (bw * per)):
         bw //= 2
     return bw
 
 
-def takes(m: int, k: int, bits: int, plan, spqr: bool) -> bool:
+def takes(m: int, k: int, bits: int, plan, spqr: bool, bounds: tuple[int, int] | None = None) -> bool:
     """Whether this kernel serves the call: GPTQLORA_GEMV_M1=inplace, one token, 2/4/8 bit, rows in group
     order (the layer's own or its act-order copy), K and the group multiples of a word's rows (a word in
-    one group)."""
+    one group), siblings' column bounds multiples of 16 (a column block of >= 16 inside one projection)."""
     per = 32 // bits if 32 % bits == 0 else 0
     return (m == 1 and not spqr and per > 0 and plan.sorted and k % per == 0 and plan.group % per == 0
+            and (bounds is None or not (bounds[0] % 16 or bounds[1] % 16))
             and os.environ.get(ENV, "split") == "inplace")
+
+
+def lora_slots(lora_a, lora_b, x: torch.Tensor, bounds: tuple[int, int] | None, n: int):
+    """The three (A, B) pointer pairs the decode kernels take (this one and gemv.py's): one tensor or a list
+    of one per projection (as many as `bounds` make: 1, 2 or 3), contiguous, padded with the last (unread);
+    x stands in when there is no adapter. Returns (a_s, b_s, rank, has_lora)."""
+    has_lora = lora_a is not None and (not isinstance(lora_a, (list, tuple)) or len(lora_a) > 0)
+    a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
+    b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
+    if len(a_s) != (1 if bounds is None else 2 + (bounds[1] < n)) or len(b_s) != len(a_s):
+        raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for "
+                         f"{'one layer' if bounds is None else 'bounds ' + str(bounds)}")
+    r = b_s[0].shape[1] if has_lora else 1
+    return a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s)), r, has_lora
 
 
 def tuned_key(bits: int, k: int, n: int) -> str:
@@ -199,7 +213,7 @@ def legal_config(cfg: dict, k: int, n: int, bits: int, bounds: tuple[int, int] |
     a column block (NREP * COLS, COLS 128 or less) inside one sibling projection, SPLIT leaving every split
     rows."""
     cfg = dict(cfg)
-    cfg["BW"] = bw = max(1, tile_rows(bits, 0, k, cfg["BW"]))
+    cfg["BW"] = bw = max(1, tile_rows(bits, k, cfg["BW"]))
     cfg["num_warps"] = max(1, min(cfg["num_warps"], bw))
     cfg["COLS"] = COLS
     if bounds is not None:  # a column block inside one projection; >= 16 columns (split-K: a counter per 16)
@@ -215,11 +229,12 @@ def legal_config(cfg: dict, k: int, n: int, bits: int, bounds: tuple[int, int] |
 
 
 def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, plan,
-            cfg: dict, lora_a: list[torch.Tensor] | None = None, lora_b: list[torch.Tensor] | None = None,
+            cfg: dict, lora_a: torch.Tensor | list[torch.Tensor] | None = None,
+            lora_b: torch.Tensor | list[torch.Tensor] | None = None,
             scaling: float = 1.0, bounds: tuple[int, int] | None = None) -> torch.Tensor:
     """x (1, K) -> (1, N) in x's dtype through `plan` (gemv.GemvPlan with rows in group order: `plan.qweight`
     is read, with a row stride that may exceed N for a column slice of a siblings' copy); `cfg` a legal
-    config; lora_a, lora_b one (A, B) per projection (three at most, `bounds` as gemv.gemv_triton's)."""
+    config; lora_a, lora_b as gemv.gemv_triton's (one layer's, or one per projection of `bounds`)."""
     k = x.shape[1]
     n = qweight.shape[1]
     qw = plan.qweight
@@ -227,11 +242,7 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     split = cfg["SPLIT"]
     part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    has_lora = bool(lora_a)
-    a_s = [t.contiguous() for t in lora_a] if has_lora else [x]
-    b_s = [t.contiguous() for t in lora_b] if has_lora else [x]
-    r = b_s[0].shape[1] if has_lora else 1
-    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))  # unread beyond the last
+    a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
     n1, n2 = bounds if bounds is not None else (n, n)
     per = 32 // bits
     cols = cfg.get("COLS", COLS)
