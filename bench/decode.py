@@ -211,7 +211,8 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
 
 def build(kind: str, shape: str, device):
     """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch) or
-    "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py)."""
+    "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py), "gptqB-alt"
+    (built alike; generation_rows has its kernels read the --alt-table configs)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
@@ -224,7 +225,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace"):
+    if kernel not in ("", "unfused", "inplace", "alt"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -233,9 +234,23 @@ def build(kind: str, shape: str, device):
     return pm
 
 
+def _use_table(path: str | None) -> None:
+    """Make the decode kernels read their configs from `path` (None: back to the shipped table), dropping
+    the configs already picked (they are cached per shape)."""
+    from gptqlora.kernels import gemv
+
+    if path is None:
+        os.environ.pop(gemv.TUNED_ENV, None)
+    else:
+        os.environ[gemv.TUNED_ENV] = path
+    gemv.tuned_table.cache_clear()
+    gemv._CONFIGS.clear()
+    gemv._M1_CONFIGS.clear()
+
+
 def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline,
                     profile_batch: int | None = None, kernels: tuple[str, ...] = ("triton",),
-                    old_harness: bool = True) -> list[dict]:
+                    old_harness: bool = True, alt_table: str | None = None) -> list[dict]:
     """Batch by batch (batch 1 first: the headline figures come before the deadline can cut anything),
     one model at a time, each built fresh."""
     rows = []
@@ -253,6 +268,9 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
             inplace_m1 = kind.endswith("-inplace")  # one-token calls through kernels/gemv_m1.py (the A/B)
             if inplace_m1:
                 os.environ[M1_ENV] = "inplace"
+            alt = kind.endswith("-alt")  # the kernels' configs from --alt-table (the A/B of a tuned table)
+            if alt:
+                _use_table(alt_table)
             for harness in harnesses:
                 from torch._dynamo.utils import counters
 
@@ -281,6 +299,8 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                         print("   ", r, flush=True)
             if inplace_m1:
                 os.environ.pop(M1_ENV, None)
+            if alt:
+                _use_table(None)
             del model
             gc.collect()
             if device.type == "cuda":
@@ -316,12 +336,15 @@ def main() -> int:
     ap.add_argument("--decode-kernels", default="triton",
                     help="comma-separated, per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one launch "
                          "each), unfused (the same, every layer its own launch: the A/B), inplace (one-token calls through "
-                         "kernels/gemv_m1.py, opt-in: the A/B); default triton "
+                         "kernels/gemv_m1.py, opt-in: the A/B), alt (triton with the configs of --alt-table); default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")
+    ap.add_argument("--alt-table", help="a gemv config table (bench/gemv_sweep.py's JSON) for --decode-kernels alt")
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args()
+    if "alt" in a.decode_kernels.split(",") and not a.alt_table:
+        ap.error("--decode-kernels alt needs --alt-table")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("bench/decode.py: no CUDA device; use --device cpu --shape micro for the smoke test\n")
@@ -344,7 +367,7 @@ def main() -> int:
     if "generation" not in a.skip:
         out["generation"] = generation_rows(device, timer, a.shape, bits, batches, a.prompt, a.new, copy,
                                             t0 + a.budget_s, a.profile, tuple(a.decode_kernels.split(",")),
-                                            not a.no_old_harness)
+                                            not a.no_old_harness, a.alt_table)
     out["wall_s"] = round(time.time() - t0)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -15,6 +15,13 @@ the repacked copy, with an r=8 LoRA fused (the decode path of a model with an ad
    BK {32, 64, 128}, at M = 8 BN {64, 128, 256} x num_warps {2, 4, 8} x BK {64, 128}; num_stages 3;
 3. split rescan around the best tiles (x0.5, x1, x2).
 
+`--stages 1,2,3,4` runs another scan instead (issue 16, session 13): from today's choice for the shape
+(`pick_config`: the shipped table over the heuristic) it tries the loop's loads staged through shared memory
+(`loop_stages`: Triton's pipeliner issues cp.async for the next tiles while one is computed, which it does for
+a loop without a dot only when asked) x SPLIT {x1, x0.5, x0.25} (fewer, longer programs: more tiles for the
+pipeline to overlap) x BK {today's, half}. The row then also holds the best time per stage count, and
+"default_us" is today's choice.
+
 Each candidate is checked against the heuristic's output first (a wrong config is never picked), then timed
 inside a CUDA graph (triton.testing.do_bench_cudagraph) over enough copies of the layer that every call reads
 from HBM, not L2. The bf16 `x @ W` of the same shape and a device copy's bandwidth (read + write, also graph
@@ -85,27 +92,45 @@ class Timer:
         return (time.perf_counter() - t) * 1e6
 
 
-def warm(bits_list, ms, small: bool, jobs: int, device) -> str:
-    """Compile stage 2's kernels in worker processes (Triton's disk cache), `jobs` at a time."""
+def warm(bits_list, ms, small: bool, jobs: int, device, stages: str | None = None) -> str:
+    """Compile stage 2's kernels (or the stage scan's) in worker processes (Triton's disk cache), `jobs` at a time."""
     if device.type != "cuda" or jobs <= 1:
         return "serial"
-    argv = ["--bits", ",".join(map(str, bits_list))] + (["--small"] if small else [])
+    argv = ["--bits", ",".join(map(str, bits_list)), "--ms", ",".join(map(str, ms))] + (["--small"] if small else []) \
+        + (["--stages", stages] if stages else [])
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--warm-worker", f"{i}/{jobs}", *argv],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(jobs)]
     errs = [p.communicate()[1].strip().splitlines()[-1:] for p in procs if p.wait()]
     return "ok" if not errs else f"{len(errs)} of {jobs} workers failed: {errs[0]}"
 
 
-def warm_worker(share: str, bits_list, ms, small: bool, device) -> int:
+def stage_grid(m: int, k: int, n: int, bits: int, plan, sms: int, stages: list[int]) -> list[dict]:
+    """`--stages`' candidates for one shape: today's choice with its loads staged, fewer splits, half BK."""
+    base = G.pick_config(m, k, n, bits, plan, sms)
+    bks = sorted({base["BK"], max(16, base["BK"] // 2)}, reverse=True)
+    return [{**base, "loop_stages": st, "SPLIT": max(1, round(base["SPLIT"] * f)), "BK": bk}
+            for st, f, bk in itertools.product(stages, (1.0, 0.5, 0.25), bks)]
+
+
+def warm_worker(share: str, bits_list, ms, small: bool, device, stages: list[int] | None = None) -> int:
     i, n = map(int, share.split("/"))
-    k, nn = (SMALL_SHAPES if small else SHAPES)[0]
-    jobs = [(bits, m, cfg) for bits in bits_list for m in ms for cfg in tile_grid(m, bits, small)]
-    layers = {}
-    for bits, m, cfg in jobs[i::n]:
-        if bits not in layers:
+    shapes = SMALL_SHAPES if small else SHAPES
+    k, nn = shapes[0]
+    if stages:  # the stage scan's candidates differ per shape (today's choice is per shape)
+        jobs = [(bits, m, cfg, kk, n_) for bits in bits_list for m in ms for kk, n_ in shapes
+                for cfg in stage_grid(m, kk, n_, bits, _plan_of(kk, n_, bits, device), G._sm_count(device), stages)]
+    else:
+        jobs = [(bits, m, cfg, k, nn) for bits in bits_list for m in ms for cfg in tile_grid(m, bits, small)]
+    seen, layers = set(), {}
+    for bits, m, cfg, k, nn in jobs[i::n]:
+        key = json.dumps([bits, m, {f: v for f, v in cfg.items() if f != "SPLIT"}], sort_keys=True)
+        if key in seen:  # one compilation per constexpr set: SPLIT is a runtime argument
+            continue
+        seen.add(key)
+        if (bits, k, nn) not in layers:
             p = packed_layer(k, nn, bits, device, 0)
-            layers[bits] = p, G.plan_gemv(p[0], p[3], bits, GROUP[bits], True)
-        p, plan = layers[bits]
+            layers[bits, k, nn] = p, G.plan_gemv(p[0], p[3], bits, GROUP[bits], True)
+        p, plan = layers[bits, k, nn]
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         a = torch.randn(R, k, device=device, dtype=torch.bfloat16)
         b = torch.randn(nn, R, device=device, dtype=torch.bfloat16)
@@ -116,7 +141,13 @@ def warm_worker(share: str, bits_list, ms, small: bool, device) -> int:
     return 0
 
 
-def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadline) -> dict:
+def _plan_of(k: int, n: int, bits: int, device):
+    """A plan of the layer shape (for pick_config, which reads only its group and row order)."""
+    qw = torch.empty(k * bits // 32, n, dtype=torch.int32, device=device)
+    return G.GemvPlan(qw, None, True, GROUP[bits], torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadline, stages=None) -> dict:
     gs = GROUP[bits]
     packed_bytes = k * n * bits / 8 + (k // gs) * n * (2 + bits / 8) + 4 * k + 2 * R * (k + n)
     copies = max(1, math.ceil(l2_bytes / packed_bytes))
@@ -149,21 +180,33 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
             tried[key] = {"cfg": cfg, "us": math.inf, "error": type(e).__name__}
         return tried[key]["us"]
 
-    t_default = measure(default)
-    # 1. split scan with the heuristic's tiles
-    best_split = min(SPLITS, key=lambda s: measure({"SPLIT": s}) if time.time() < deadline else math.inf)
-    programs = best_split * -(-n // default["BN"])
-    # 2. tiles, at the best split's program count
-    for cfg in tile_grid(m, bits, small):
-        if time.time() > deadline:
-            break
-        measure({**cfg, "SPLIT": max(1, round(programs / -(-n // cfg["BN"])))})
+    if stages:  # the stage scan: from today's choice
+        today = G.pick_config(m, k, n, bits, plans[0], sms)
+        t_default = measure(today)
+        for cfg in stage_grid(m, k, n, bits, plans[0], sms, stages):
+            if time.time() > deadline:
+                break
+            measure(cfg)
+    else:
+        t_default = measure(default)
+        # 1. split scan with the heuristic's tiles
+        best_split = min(SPLITS, key=lambda s: measure({"SPLIT": s}) if time.time() < deadline else math.inf)
+        programs = best_split * -(-n // default["BN"])
+        # 2. tiles, at the best split's program count
+        for cfg in tile_grid(m, bits, small):
+            if time.time() > deadline:
+                break
+            measure({**cfg, "SPLIT": max(1, round(programs / -(-n // cfg["BN"])))})
+        best = min(tried.values(), key=lambda r: r["us"])
+        # 3. split around the best tiles
+        for f in (0.5, 2.0):
+            if time.time() < deadline:
+                measure({**best["cfg"], "SPLIT": max(1, round(best["cfg"]["SPLIT"] * f))})
     best = min(tried.values(), key=lambda r: r["us"])
-    # 3. split around the best tiles
-    for f in (0.5, 2.0):
-        if time.time() < deadline:
-            measure({**best["cfg"], "SPLIT": max(1, round(best["cfg"]["SPLIT"] * f))})
-    best = min(tried.values(), key=lambda r: r["us"])
+    by_stages = {}
+    for r in tried.values():
+        st = r["cfg"].get("loop_stages", 1)
+        by_stages[st] = min(by_stages.get(st, math.inf), r["us"])
     dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in range(max(1, math.ceil(l2_bytes / (2 * k * n))))]
     t_bf16 = timer.us(lambda: [x @ w for w in dense]) / len(dense)
     gbps = packed_bytes / best["us"] / 1e3 if math.isfinite(best["us"]) else 0.0
@@ -171,7 +214,8 @@ def sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2_bytes, small, deadli
            "default_us": round(t_default, 1), "best_us": round(best["us"], 1),
            "gain": round(t_default / best["us"], 2) if best["us"] > 0 else None, "bf16_us": round(t_bf16, 1),
            "x_bf16": round(t_bf16 / best["us"], 2), "gbps": round(gbps), "pct_copy": round(100 * gbps / copy_gbps, 1),
-           "tried": len(tried), "default": default, "best": best["cfg"]}
+           "tried": len(tried), "default": today if stages else default, "best": best["cfg"],
+           "best_us_by_loop_stages": {st: round(us, 1) for st, us in sorted(by_stages.items()) if math.isfinite(us)}}
     del layers, plans, dense
     return row
 
@@ -187,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated KxN to sweep (default: all of SHAPES)")
     ap.add_argument("--merge", help="a table (e.g. gptqlora/kernels/gemv_configs.json) whose configs this run's "
                     "are laid over in the JSON written: keys not swept here are kept")
+    ap.add_argument("--stages", help="comma-separated loop stage counts (e.g. 1,2,3,4): scan staged loads from today's "
+                    "choice per shape instead of the tile sweep (see above)")
     ap.add_argument("--warm-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -196,8 +242,9 @@ def main(argv=None) -> int:
     if not cuda and (not a.small or os.environ.get("TRITON_INTERPRET") != "1"):
         sys.stderr.write("no CUDA device: use --small under TRITON_INTERPRET=1 for the smoke test\n")
         return 2
+    stages = [int(v) for v in a.stages.split(",")] if a.stages else None
     if a.warm_worker:
-        return warm_worker(a.warm_worker, bits_list, ms, a.small, device)
+        return warm_worker(a.warm_worker, bits_list, ms, a.small, device, stages)
     t0 = time.time()
     timer = Timer(cuda)
     nbytes = 2**30 if cuda else 2**20
@@ -205,7 +252,7 @@ def main(argv=None) -> int:
     dst = torch.empty_like(src)
     copy_gbps = 2 * nbytes / timer.us(lambda: dst.copy_(src)) / 1e3
     del src, dst
-    warm_state = warm(bits_list, ms, a.small, a.jobs, device)
+    warm_state = warm(bits_list, ms, a.small, a.jobs, device, a.stages)
     t_warm = time.time() - t0
     print(f"copy {copy_gbps:.0f} GB/s (read + write, graph-timed); compile warm-up {warm_state} in {t_warm:.0f} s",
           flush=True)
@@ -218,10 +265,11 @@ def main(argv=None) -> int:
     for i, (k, n, bits, m) in enumerate(work):
         left = t0 + a.budget_s - time.time()
         deadline = time.time() + left / (len(work) - i)  # an equal share of what is left, per shape
-        rows.append(sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2, a.small, deadline))
-        print({c: rows[-1][c] for c in ("shape", "bits", "m", "default_us", "best_us", "pct_copy", "x_bf16", "best")},
+        rows.append(sweep_shape(k, n, bits, m, device, timer, copy_gbps, l2, a.small, deadline, stages))
+        print({c: rows[-1][c] for c in ("shape", "bits", "m", "default_us", "best_us", "pct_copy", "x_bf16", "best",
+                                        "best_us_by_loop_stages")},
               flush=True)
-    configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE} for r in rows if r["best_us"] and math.isfinite(r["best_us"])}
+    configs = {r["key"]: {f: r["best"][f] for f in G.TUNABLE if f in r["best"]} for r in rows if r["best_us"] and math.isfinite(r["best_us"])}
     if a.merge:
         configs = {**G.load_table(a.merge), **configs}
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
@@ -234,7 +282,7 @@ def main(argv=None) -> int:
     for r in rows:
         b = r["best"]
         print("| " + " | ".join(str(r[c]) for c in cols) +
-              f" | BN {b['BN']} BK {b['BK']} SPLIT {b['SPLIT']} warps {b['num_warps']} |")
+              f" | BN {b['BN']} BK {b['BK']} SPLIT {b['SPLIT']} warps {b['num_warps']} stages {b.get('loop_stages', 1)} |")
     print(f"{out['device']}, {out['wall_s']} s, copy {copy_gbps:.0f} GB/s; table: {len(configs)} configs"
           + (f" in {a.json}" if a.json else ""))
     return 0

@@ -3,7 +3,7 @@
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
-#                                                    scale-memory-both quant-stream scale-tests)
+#                                                    scale-memory-both quant-stream scale-tests stages)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -91,6 +91,15 @@ for r in rows:
                decode_check || continue
                python3 bench/gemv_sweep.py --json "$OUT/gemv_sweep.json" --budget-s "${SWEEP_BUDGET:-200}" ${SWEEP_ARGS:-} > "$OUT/gemv_sweep.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/gemv_sweep.txt" ;;
+    stages)    # issue 16, session 13: the decode loop's loads staged (loop_stages, cp.async) from today's configs
+               # (gemv_sweep.py --stages, ~4 min), then the 7B decode with that table against today's (~3.5 min)
+               python3 bench/gemv_sweep.py --stages "${STAGES:-1,2,3,4}" --bits "${STAGE_BITS:-4,2}" --ms "${STAGE_MS:-1,8}" \
+                 --json "$OUT/stages.json" --budget-s "${SWEEP_BUDGET:-240}" > "$OUT/stages.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/stages.txt" | cut -c1-160
+               mkdir -p runs && cp "$OUT/stages.json" runs/stages.json  # kept on a warm machine for the next call
+               python3 bench/decode.py --skip layers --bits "${STAGE_BITS:-4,2}" --batches "${DECODE_BATCHES:-1}" --decode-kernels triton,alt \
+                 --alt-table "$OUT/stages.json" --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_stages.json" \
+                 > "$OUT/decode_stages.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -9 "$OUT/decode_stages.txt" ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

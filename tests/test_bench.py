@@ -41,6 +41,22 @@ def test_quant_stream_smoke_and_its_memory_cap(tmp_path):
     assert r.returncode == 3 and "passed --max_rss_gib 0.05" in r.stderr
 
 
+def test_gemv_sweep_stage_scan_starts_from_todays_choice(tmp_path):
+    """--stages: every row times today's config (pick_config) and its staged variants, and says per stage
+    count what was best; the configs written carry loop_stages for pick_config."""
+    out = tmp_path / "stages.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gemv_sweep.py"), "--small", "--bits", "4", "--ms", "1",
+                        "--stages", "1,3", "--budget-s", "60", "--shapes", "256x128", "--json", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["default"].get("loop_stages", 1) == 1 and row["tried"] >= 4
+    assert set(row["best_us_by_loop_stages"]) == {"1", "3"}
+    assert min(row["best_us_by_loop_stages"].values()) == row["best_us"]
+    assert "loop_stages" in json.loads(out.read_text())["configs"][row["key"]]
+
+
 def test_gemv_sweep_smoke_writes_the_table_pick_config_reads(tmp_path, monkeypatch):
     out = tmp_path / "sweep.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}

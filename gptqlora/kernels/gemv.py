@@ -92,7 +92,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr):
+                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, LOOP_STAGES: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     DOT: tl.constexpr = BM >= 16
     offs_m = tl.arange(0, BM)
@@ -115,7 +115,10 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
     elif n_first >= N1:
         a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
-    for k0 in range(k_start, k_end, BK):
+    # LOOP_STAGES > 1: Triton's pipeliner copies the next tiles' words asynchronously into shared memory
+    # (cp.async) while this one is computed; it stages loads of a loop without a dot only when asked here
+    # (the kernel's num_stages does not reach such loops: no LDGSTS in their SASS at any num_stages)
+    for k0 in tl.range(k_start, k_end, BK, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < k_end
         src = tl.load(perm_ptr + offs_k, mask=mk, other=0) if HAS_PERM else offs_k  # x column of each row
@@ -231,7 +234,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 TUNED_ENV = "GPTQLORA_GEMV_CONFIGS"  # a JSON file of tuned configs (bench/gemv_sweep.py writes one)
 TUNED_FILE = Path(__file__).with_name("gemv_configs.json")  # the table shipped with the package, if present
-TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages")
+TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages", "loop_stages")
 
 
 def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
@@ -278,9 +281,9 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
     tile = _pow2_divisor(plan.group, bk) if grouped else bk
     if m == 1:
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
-        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
+        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=1)
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
-    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3)
+    return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=1)
 
 
 def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
@@ -382,7 +385,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   float(scaling), split, sg, SPQR=spqr_stats is not None, SBITS=sbits, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(), SORTED=sorted_rows,
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
-                  F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+                  F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", LOOP_STAGES=cfg.get("loop_stages", 1),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

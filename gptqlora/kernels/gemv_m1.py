@@ -43,7 +43,7 @@ from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 
 ENV = "GPTQLORA_GEMV_M1"  # "inplace": one-token calls take this kernel (default "split": gemv.py's)
-TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH")
+TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
 
 
@@ -79,7 +79,8 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
                     out_ptr, part_ptr, lock_ptr, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT,
                     BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr,
                     SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr, NREP: tl.constexpr,
-                    COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr):
+                    COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr,
+                    LOOP_STAGES: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
     WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
     BN: tl.constexpr = NREP * COLS
@@ -107,7 +108,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
         mw0 = (w_start + offs_w) < w_end
         nxt = tl.load(qweight_ptr + (w_start + offs_w)[None, :, None] * QW_STRIDE + offs_n2[:, None, :],
                       mask=mn2[:, None, :] & mw0[None, :, None], other=0)
-    for w0 in range(w_start, w_end, BW):
+    for w0 in tl.range(w_start, w_end, BW, num_stages=LOOP_STAGES):  # > 1: cp.async stages (gemv.py's loop)
         rows_w = w0 + offs_w  # (BW,) word rows
         mw = rows_w < w_end
         m3 = mn2[:, None, :] & mw[None, :, None]
@@ -253,5 +254,5 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
                   COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                  num_warps=cfg["num_warps"])
+                  LOOP_STAGES=cfg.get("loop_stages", 1), num_warps=cfg["num_warps"])
     return out

@@ -61,6 +61,22 @@ def test_split_k_sums_all_partials_and_resets_its_counters(bits, m):
         assert not plan.locks.any()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 9])
+def test_loop_stages_change_no_result(bits, m):
+    """loop_stages > 1 only stages the loop's loads (cp.async on a GPU): the same sums in the same order, so
+    the same output as one stage, with split-K, a last tile cut short (K = 352 rows in tiles of 64) and both
+    row layouts (group order, and the per-row gather of an act-order layer without its copy)."""
+    p, x, a, b, want = case(352, 96, bits, 32, True, False, m, torch.float32, seed=bits + m)
+    for repack in (True, False):
+        plan = plan_gemv(p["qweight"], p["g_idx"], bits, 32, repack)
+        cfg = {**pick_config(m, 352, 96, bits, plan), "SPLIT": 2, "BN": 64, "BK": 64}
+        ys = [gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0,
+                          config={**cfg, "loop_stages": st}) for st in (1, 3)]
+        assert torch.equal(ys[0], ys[1]), repack
+        assert rel_err(ys[1], want) < 1e-5 and not plan.locks.any()
+
+
 @pytest.mark.parametrize("k, n, group", [(160, 32, 64), (96, 224, -1), (288, 64, 96)])
 def test_odd_shapes(k, n, group):
     """A last group shorter than the others, one group per channel, a group no power-of-two tile divides
