@@ -94,7 +94,7 @@ for r in rows:
     stages)    # issue 16, session 13: the decode loop's loads staged (loop_stages, cp.async) from today's configs
                # (gemv_sweep.py --stages, ~4 min), then the 7B decode with that table against today's (~3.5 min)
                python3 bench/gemv_sweep.py --stages "${STAGES:-1,2,3,4}" --bits "${STAGE_BITS:-4,2}" --ms "${STAGE_MS:-1,8}" \
-                 --json "$OUT/stages.json" --budget-s "${SWEEP_BUDGET:-240}" > "$OUT/stages.txt" 2>> "$OUT/stderr.log" \
+                 --merge gptqlora/kernels/gemv_configs.json --json "$OUT/stages.json" --budget-s "${SWEEP_BUDGET:-240}" > "$OUT/stages.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|\|^copy\|configs" "$OUT/stages.txt" | cut -c1-160
                mkdir -p runs && cp "$OUT/stages.json" runs/stages.json  # kept on a warm machine for the next call
                python3 bench/decode.py --skip layers --bits "${STAGE_BITS:-4,2}" --batches "${DECODE_BATCHES:-1}" --decode-kernels triton,alt \
