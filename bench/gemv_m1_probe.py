@@ -115,11 +115,14 @@ def inplace_gemv(x, zeros, scales, plan, bits, cfg, a=None, b=None, scaling=1.0)
                            None if a is None else [a], None if b is None else [b], scaling)
 
 
-def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool) -> list[dict]:
+def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool, stages: tuple[int, ...] = (1,)) -> list[dict]:
     """NREP x word rows per tile x warps (warps <= BW) x the next tile's words prefetched or not, each at a
-    split for ~2 or 4 programs per SM (session 12 call 2: 4 x 4 x 4 won at 4 bit, 2 x 8 x 4 at 2 bit)."""
+    split for ~2 or 4 programs per SM (session 12 call 2: 4 x 4 x 4 won at 4 bit, 2 x 8 x 4 at 2 bit).
+    `stages` beyond 1: the same without the register prefetch but with the loop's loads staged through
+    shared memory (gemv_m1's loop_stages), also at ~1 program per SM (longer loops for the pipeline)."""
     if small:
-        return [dict(NREP=1, BW=4, num_warps=4, SPLIT=3, PREFETCH=1), dict(NREP=2, BW=8, num_warps=2, SPLIT=1, PREFETCH=0)]
+        return [dict(NREP=1, BW=4, num_warps=4, SPLIT=3, PREFETCH=1), dict(NREP=2, BW=8, num_warps=2, SPLIT=1, PREFETCH=0)] + \
+            [dict(NREP=1, BW=4, num_warps=4, SPLIT=2, PREFETCH=0, loop_stages=st) for st in stages if st > 1]
     out = []
     for nrep, bw, w, pre in itertools.product((2, 4), (4, 8), (4, 8), (0, 1)):
         if w > bw:
@@ -127,6 +130,10 @@ def inplace_grid(bits: int, k: int, n: int, sms: int, small: bool) -> list[dict]
         for per_sm in (2, 4):
             out.append(dict(NREP=nrep, BW=bw, num_warps=w, PREFETCH=pre,
                             SPLIT=max(1, round(per_sm * sms / -(-n // (128 * nrep))))))
+        for st in (st for st in stages if st > 1 and not pre):
+            for per_sm in (1, 2):
+                out.append(dict(NREP=nrep, BW=bw, num_warps=w, PREFETCH=0, loop_stages=st,
+                                SPLIT=max(1, round(per_sm * sms / -(-n // (128 * nrep))))))
     return out
 
 
@@ -170,7 +177,8 @@ def _small_layer(k, n, bits, gs, device):
     return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
 
 
-def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("kmajor", "inplace")) -> list[dict]:
+def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("kmajor", "inplace"),
+                stages: tuple[int, ...] = (1,)) -> list[dict]:
     gs = 32 if small else GROUP[bits]
     packed_bytes = k * n * bits / 8 + (k // gs) * n * (2 + bits / 8) + 4 * k + 2 * R * (k + n)
     copies = 1 if small else max(1, math.ceil(l2_bytes / packed_bytes))
@@ -227,7 +235,7 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("km
     tried = [measure("today", today_cfg), measure("today-nolora", today_cfg),
              measure("today-noperm-nolora", today_cfg)]
     for design, grid, extra in (("kmajor", kmajor_grid(bits, small), ("kmajor-perm", "kmajor-full")),
-                                ("inplace", inplace_grid(bits, k, n, sms, small), ("inplace-nolora",))):
+                                ("inplace", inplace_grid(bits, k, n, sms, small, stages), ("inplace-nolora",))):
         if design not in kinds:
             continue
         first = "kmajor-xperm" if design == "kmajor" else "inplace"
@@ -292,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--ncu-run", metavar="JSON", help="launch the kernels once for ncu (see ncu_run)")
     ap.add_argument("--kinds", default="kmajor,inplace", help="designs beside today's: kmajor, inplace")
+    ap.add_argument("--loop-stages", default="1", help="comma-separated: in-place configs with the loop's loads "
+                    "staged (gemv_m1's loop_stages) beside the register-prefetch ones, e.g. 1,3")
     ap.add_argument("--table", help="write the shipped gemv table plus the best in-place configs ('m1,...' keys): "
                                     "GPTQLORA_GEMV_CONFIGS=PATH makes decoding use them")
     args = ap.parse_args(argv)
@@ -304,7 +314,8 @@ def main(argv=None) -> int:
     rows = []
     for bits in [int(v) for v in args.bits.split(",")]:
         for k, n in SMALL if args.small else SHAPES:
-            rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device, args.kinds.split(","))
+            rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device, args.kinds.split(","),
+                                tuple(int(v) for v in args.loop_stages.split(",")))
     bad = [r for r in rows if not math.isfinite(r["us"]) or r["wrong"]]
     print(f"{len(rows)} rows, {len(bad)} with no correct candidate or a wrong one")
     if args.table:
@@ -312,7 +323,7 @@ def main(argv=None) -> int:
         for r in rows:
             if r["kind"] == "inplace" and math.isfinite(r["us"]):
                 k, n = map(int, r["shape"].split("x"))
-                table[gemv_m1.tuned_key(r["bits"], k, n)] = {f: r["cfg"][f] for f in gemv_m1.TUNABLE}
+                table[gemv_m1.tuned_key(r["bits"], k, n)] = {f: r["cfg"][f] for f in gemv_m1.TUNABLE if f in r["cfg"]}
         Path(args.table).write_text(json.dumps({"configs": table}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
