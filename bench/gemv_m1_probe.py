@@ -268,8 +268,8 @@ def probe_shape(k, n, bits, timer, l2_bytes, small, deadline, device, kinds=("km
 
 
 def ncu_run(path: str, device) -> int:
-    """For `ncu`: today's kernel and the best K-major and in-place configs of `path` at 4096x4096 and 4096x22016, 4 bit,
-    each launched twice (the first compiles)."""
+    """For `ncu`: today's kernel (also with its loop's loads staged, loop_stages 2) and the best K-major and
+    in-place configs of `path` at 4096x4096 and 4096x22016, 4 bit, each launched twice (the first compiles)."""
     rows = json.loads(Path(path).read_text())["rows"]
     for k, n in ((4096, 4096), (4096, 22016)):
         best = [r for r in rows if r["shape"] == f"{k}x{n}" and r["bits"] == 4 and r["kind"] == "kmajor-xperm"]
@@ -278,8 +278,10 @@ def ncu_run(path: str, device) -> int:
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         a = torch.randn(R, k, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, R, device=device, dtype=torch.bfloat16)
-        for _ in range(2):
-            G.gemv_triton(x, *layer, 4, plan, a, b, 2.0, config=G.pick_config(1, k, n, 4, plan))
+        today = G.pick_config(1, k, n, 4, plan)
+        for cfg in (today, {**today, "loop_stages": 2}):
+            for _ in range(2):
+                G.gemv_triton(x, *layer, 4, plan, a, b, 2.0, config=cfg)
         if best and math.isfinite(best[0]["us"]):
             wt = kmajor_copy(plan)
             for _ in range(2):
