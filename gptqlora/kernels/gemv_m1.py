@@ -13,9 +13,12 @@ issuing 0.4 instructions a cycle. Here:
   word), and Σ m x is subtracted once per tile (session 8's trick, kernels/gemv1.py in the history);
 - each thread accumulates its own (word row, column) cells and the rows are summed once at the end: no
   reshape and no reduction across threads inside the loop;
-- the tile is (NREP, BW, 128): Triton puts a warp's 32 threads x 4 columns (16-byte loads) along the last
-  axis and the warps along the word rows, so every thread holds NREP column blocks and each x value it
-  loads (through `perm` for an act-order copy) serves 4 * NREP columns;
+- the tile is (BW, NREP, 128): Triton puts a warp's 32 threads x 4 columns (16-byte loads) along the last
+  axis and the warps along the first (its layout orders the two strided axes by index), so every thread
+  holds one word row of NREP column blocks and each x value it loads (through `perm` for an act-order
+  copy) serves 4 * NREP columns. Session 13 found the tile had been (NREP, BW, 128) with the warps on NREP:
+  each thread then held all BW word rows of one block and loaded every x value BW times (offline sm_90
+  SASS at NREP 4, BW 4, 4 warps: 838 instructions per loop iteration for 128 codes a thread, 625 now);
 - split-K as gemv.py (split_k.py: fp32 partials, the last program of a column block sums them in a fixed
   order), and SPLIT 1 needs none.
 
@@ -92,7 +95,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
     w_start = pid_k * span
     w_end = tl.minimum(kw, w_start + span)
     offs_w = tl.arange(0, BW)
-    acc = tl.zeros((NREP, BW, COLS), tl.float32)
+    acc = tl.zeros((BW, NREP, COLS), tl.float32)
     offs_r = tl.arange(0, BR)
     mr = offs_r < R
     offs_k = tl.arange(0, BW * PER)
@@ -106,47 +109,47 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
         a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
     if PREFETCH:  # the first tile's words here, each next tile's before the current one is computed
         mw0 = (w_start + offs_w) < w_end
-        nxt = tl.load(qweight_ptr + (w_start + offs_w)[None, :, None] * QW_STRIDE + offs_n2[:, None, :],
-                      mask=mn2[:, None, :] & mw0[None, :, None], other=0)
+        nxt = tl.load(qweight_ptr + (w_start + offs_w)[:, None, None] * QW_STRIDE + offs_n2[None, :, :],
+                      mask=mn2[None, :, :] & mw0[:, None, None], other=0)
     for w0 in tl.range(w_start, w_end, BW, num_stages=LOOP_STAGES):  # > 1: cp.async stages (gemv.py's loop)
         rows_w = w0 + offs_w  # (BW,) word rows
         mw = rows_w < w_end
-        m3 = mn2[:, None, :] & mw[None, :, None]
+        m3 = mw[:, None, None] & mn2[None, :, :]
         if PREFETCH:
             words = nxt
             mwn = (rows_w + BW) < w_end
-            nxt = tl.load(qweight_ptr + (rows_w + BW)[None, :, None] * QW_STRIDE + offs_n2[:, None, :],
-                          mask=mn2[:, None, :] & mwn[None, :, None], other=0)
+            nxt = tl.load(qweight_ptr + (rows_w + BW)[:, None, None] * QW_STRIDE + offs_n2[None, :, :],
+                          mask=mwn[:, None, None] & mn2[None, :, :], other=0)
         else:
-            words = tl.load(qweight_ptr + rows_w[None, :, None] * QW_STRIDE + offs_n2[:, None, :], mask=m3, other=0)
-        words = words.to(tl.uint32, bitcast=True)  # (NREP, BW, COLS)
-        p = tl.zeros((NREP, BW, COLS), tl.float32)  # Σ_j (m_j + q_j) x_j per word
+            words = tl.load(qweight_ptr + rows_w[:, None, None] * QW_STRIDE + offs_n2[None, :, :], mask=m3, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # (BW, NREP, COLS)
+        p = tl.zeros((BW, NREP, COLS), tl.float32)  # Σ_j (m_j + q_j) x_j per word
         xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
         xm = tl.zeros((BW,), tl.float32)  # Σ_j m_j x_j
         for j in tl.static_range(PER):  # one LOP3 and one FFMA per code
             k = rows_w * PER + j
             src = tl.load(perm_ptr + k, mask=mw, other=0) if HAS_PERM else k  # x column of row k
             xj = tl.load(x_ptr + src, mask=mw, other=0).to(tl.float32)  # (BW,)
-            p += _code_at(words, j, BITS, WIN) * xj[None, :, None]
+            p += _code_at(words, j, BITS, WIN) * xj[:, None, None]
             xs += xj
             xm += _magic(j, BITS, WIN) * xj
         if ONE_GROUP:  # the tile lies in one group: its statistics once
             g = (w0 * PER) // GROUP
             s = tl.load(scales_ptr + g * N + offs_n2, mask=mn2, other=0).to(tl.float32)  # (NREP, COLS)
             z = _zeros_at(zeros_ptr, g, offs_n2, mn2, N, BITS, FLOAT_ZEROS)
-            acc += s[:, None, :] * (p - xm[None, :, None] - xs[None, :, None] * z[:, None, :])
+            acc += s[None, :, :] * (p - xm[:, None, None] - xs[:, None, None] * z[None, :, :])
         else:  # each word row its own group's
-            g3 = ((rows_w * PER) // GROUP)[None, :, None]  # (1, BW, 1)
-            s = tl.load(scales_ptr + g3 * N + offs_n2[:, None, :], mask=m3, other=0).to(tl.float32)
-            z = _zeros_at(zeros_ptr, g3, offs_n2[:, None, :], m3, N, BITS, FLOAT_ZEROS)
-            acc += s * (p - xm[None, :, None] - xs[None, :, None] * z)
+            g3 = ((rows_w * PER) // GROUP)[:, None, None]  # (BW, 1, 1)
+            s = tl.load(scales_ptr + g3 * N + offs_n2[None, :, :], mask=m3, other=0).to(tl.float32)
+            z = _zeros_at(zeros_ptr, g3, offs_n2[None, :, :], m3, N, BITS, FLOAT_ZEROS)
+            acc += s * (p - xm[:, None, None] - xs[:, None, None] * z)
         if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K, A read contiguously
             kk = w0 * PER + offs_k
             mk = kk < w_end * PER
             xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
             at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None] & mk[None, :], other=0)
             xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]  # A in x's dtype, as in training
-    y = tl.sum(acc, axis=1)  # (NREP, COLS)
+    y = tl.sum(acc, axis=0)  # (NREP, COLS)
     if HAS_LORA:  # + s (x_c A_cᵀ) B_nᵀ
         dt = x_ptr.dtype.element_ty
         xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
