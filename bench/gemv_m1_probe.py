@@ -301,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="CPU interpreter shapes (correctness only)")
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--ncu-run", metavar="JSON", help="launch the kernels once for ncu (see ncu_run)")
+    ap.add_argument("--shapes", help="comma-separated KxN (default: all of SHAPES)")
     ap.add_argument("--kinds", default="kmajor,inplace", help="designs beside today's: kmajor, inplace")
     ap.add_argument("--loop-stages", default="1", help="comma-separated: in-place configs with the loop's loads "
                     "staged (gemv_m1's loop_stages) beside the register-prefetch ones, e.g. 1,3")
@@ -315,7 +316,9 @@ def main(argv=None) -> int:
     deadline = time.time() + args.budget_s
     rows = []
     for bits in [int(v) for v in args.bits.split(",")]:
-        for k, n in SMALL if args.small else SHAPES:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else \
+            SMALL if args.small else SHAPES
+        for k, n in shapes:
             rows += probe_shape(k, n, bits, timer, 2 * l2, args.small, deadline, device, args.kinds.split(","),
                                 tuple(int(v) for v in args.loop_stages.split(",")))
     bad = [r for r in rows if not math.isfinite(r["us"]) or r["wrong"]]
