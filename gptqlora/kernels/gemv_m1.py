@@ -29,7 +29,8 @@ gather layout, SpQR and M > 1 stay with gemv.py.
 Opt-in (`GPTQLORA_GEMV_M1=inplace`), not the default: on an H100 (session 12, bench/gemv_m1_probe.py, the
 same graph-timed harness as gemv.py's sweep, r = 8 LoRA, act-order) it ran at 0.96-0.99x gemv.py's speed
 per 7B layer at 4 bit and 1.05-1.15x at 2 bit, and a 7B decoded at 4 bit at 219.0 tokens/s against 222.5
-through gemv.py in the same call: no gain a user would see. Both kernels land at ~1.4 TB/s on the
+through gemv.py in the same call: no gain a user would see. With its warps on the word rows (session 13)
+it measured 1.18-1.26x gemv.py at 2 bit and 0.92-1.08x at 4 bit per layer; the whole-model A/B is pending. Both kernels land at ~1.4 TB/s on the
 large layers whatever their instruction count; docs/benchmarks.md has the numbers and what is left.
 """
 
