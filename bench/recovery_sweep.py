@@ -5,6 +5,12 @@ Hyperparameters are chosen on a validation split carved from the *end* of train.
 tokens, never trained on); the fine-tuning windows come from the rest of train.txt; test.txt (the held-out
 score of docs/results.md) is scored only at the end of a run, never used to choose.
 
+`--val-from heldout` validates on val_heldout.txt instead: held-out classic section-1 pages that test.txt
+does not reach (`scripts/train_text_llama.py --write-val-heldout`), pages like test.txt's, where the
+train.txt tail is mostly gcloud pages like the fine-tuning text. The fine-tuning windows are unchanged (the
+same first 1 - --val-frac of train.txt), so a run differs from its train-tail twin only in what is measured
+as validation; the row also records the train-tail NLL (`tail_val_nll`).
+
     PYTHONPATH=$PWD python bench/recovery_sweep.py --base /tmp/q2 --lr 1e-3,3e-4,1e-4 --out sweep.jsonl
     PYTHONPATH=$PWD python bench/recovery_sweep.py --base fp --lr 1e-4 --out sweep.jsonl   # fp16 reference
 
@@ -36,6 +42,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from quality_models import VAL_FRAC, manpage_spec, train_text_split  # noqa: E402
+
+VAL_HELDOUT = "val_heldout.txt"  # in the model folder: --val-from heldout
 
 
 def windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -153,26 +161,31 @@ def _init(r: dict) -> str:
     return r["init"] + (f" x{r['svd_iters']}" if r.get("svd_iters", 1) > 1 else "")
 
 
+def _val_from(r: dict) -> str:
+    return r.get("val_from", "train-tail")  # rows from before --val-from
+
+
 def table(path: str) -> str:
     """Markdown of a sweep's JSON lines: gap closed on validation and test against the untrained 2-bit
-    row (rank 0) and the untrained fp row of the same file."""
+    row (rank 0) and the untrained fp row of the same file with the same validation text (--val-from)."""
     rows = [json.loads(line) for p in path.split(",") for line in Path(p).read_text().splitlines() if line.strip()]
-    fp = next(r for r in rows if r["base"] == "fp" and r["rank"] == 0)
-    out = ["| base | loss | init | rank | lr | val NLL | val gap closed | test NLL | test gap closed | train loss, last 10 "
-           "batches (untrained) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| base | loss | init | rank | lr | val | val NLL | val gap closed | test NLL | test gap closed | "
+           "train loss, last 10 batches (untrained) |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("windows_from", "train") == "all":  # trained on the validation tail
             continue
-        q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0), None)
+        fp = next((b for b in rows if b["base"] == "fp" and b["rank"] == 0 and _val_from(b) == _val_from(r)), None)
+        q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0 and _val_from(b) == _val_from(r)),
+                 None)
         closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}"
-                      if r["base"] != "fp" and q and r["rank"] and None not in (r[k], q[k], fp[k]) else "")
+                      if r["base"] != "fp" and fp and q and r["rank"] and None not in (r[k], q[k], fp[k]) else "")
                   for k in ("val_nll", "test_nll")}  # a --no-test row has no test NLL
         test = "" if r["test_nll"] is None else f"{r['test_nll']:.4f}"
         loss = ("kd" if r["distill"] else "ce") + (", gen" if r.get("windows_from") == "generated" else "")
         out.append(f"| {'fp16' if r['base'] == 'fp' else Path(r['base']).name} | {loss} | {_init(r)} | "
                    f"{r['rank'] or ''} | "
-                   f"{r['lr'] if r['rank'] else ''} | {r['val_nll']:.4f} | {closed['val_nll']} | {test} | "
-                   f"{closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
+                   f"{r['lr'] if r['rank'] else ''} | {_val_from(r)} | {r['val_nll']:.4f} | {closed['val_nll']} | "
+                   f"{test} | {closed['test_nll']} | {r['loss_last10']:.3f} ({r['untrained_last10']:.3f}) |")
     return "\n".join(out) + "\n"
 
 
@@ -193,7 +206,12 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     p.add_argument("--clip", type=float, default=None, help="gradient-norm clipping")
     p.add_argument("--distill", action="store_true", help="loss: KL to the fp model's next-token distribution")
-    p.add_argument("--val-frac", type=float, default=VAL_FRAC)
+    p.add_argument("--val-frac", type=float, default=VAL_FRAC,
+                   help="the end of train.txt kept out of the fine-tuning windows (the validation text by default)")
+    p.add_argument("--val-from", default="train-tail", choices=("train-tail", "heldout"),
+                   help="validation text: the last --val-frac of train.txt (default), or the model folder's "
+                        f"{VAL_HELDOUT} (held-out classic pages past test.txt's cut); the fine-tuning windows "
+                        "are the same either way")
     p.add_argument("--windows-from", default="train", choices=("train", "all", "generated"),
                    help="draw the fine-tuning windows from the training part (default), from all of train.txt, "
                         "validation tail included (what bench/findings.py did before the split), or sample them "
@@ -215,10 +233,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gptqlora.eval.perplexity import text_ids
+
     spec = manpage_spec(64)
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
-    train_ids, val_ids = train_text_split(spec, tok, args.val_frac)
-    x = windows(torch.cat([train_ids, val_ids]) if args.windows_from == "all" else train_ids,
+    train_ids, tail_ids = train_text_split(spec, tok, args.val_frac)
+    val_ids = tail_ids if args.val_from == "train-tail" else text_ids(tok, (spec.model_dir / VAL_HELDOUT).read_text())
+    x = windows(torch.cat([train_ids, tail_ids]) if args.windows_from == "all" else train_ids,
                 args.steps * args.batch, spec.seqlen, args.seed)
     teacher = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval() \
         if args.distill or args.windows_from == "generated" else None
@@ -243,9 +264,10 @@ def main(argv=None) -> int:
                    "batch": args.batch, "warmup": args.warmup, "schedule": args.schedule, "clip": args.clip,
                    "distill": args.distill, "windows_from": args.windows_from,
                    "gen_prefix": args.gen_prefix if args.windows_from == "generated" else None, "gen_seconds": t_gen,
-                   "seed": args.seed, "val_tokens": int(val_ids.numel()),
+                   "seed": args.seed, "val_from": args.val_from, "val_tokens": int(val_ids.numel()),
                    "train_tokens": int(train_ids.numel()), "val_nll_init": val0, "val_curve": r["val_curve"],
                    "val_nll": nll(model, val_ids, spec.seqlen),
+                   "tail_val_nll": nll(model, tail_ids, spec.seqlen) if args.val_from != "train-tail" else None,
                    "test_nll": None if args.no_test else spec.score(model)["nll"],
                    "loss_first": r["losses"][0], "untrained_first": ref[0],
                    "loss_first10": sum(r["losses"][:10]) / 10, "loss_last10": sum(r["losses"][-10:]) / 10,

@@ -13,6 +13,12 @@ held-out perplexity that means something. This script builds one on CPU in about
    training text, the calibration and fine-tuning text of the findings) and a README with the numbers.
 
     python scripts/train_text_llama.py --out bench/assets/manpage-llama --minutes 14
+
+`--write-val-heldout` trains nothing: it writes `val_heldout.txt` next to an existing test.txt, a validation
+text of held-out pages that test.txt does not reach (see `val_heldout_text`), for choosing LoRA settings on
+pages like test.txt's without looking at test.txt (bench/recovery_sweep.py --val-from heldout):
+
+    python scripts/train_text_llama.py --out bench/assets/manpage-llama --write-val-heldout
 """
 
 from __future__ import annotations
@@ -85,6 +91,24 @@ def held_out(name: str, percent: int) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < percent
 
 
+def val_heldout_text(pages: dict[str, str], percent: int, test_chars: int, page_chars: int,
+                     total_chars: int) -> tuple[list[str], str]:
+    """(page names, text) of a validation split disjoint from both train and test: the held-out pages (in
+    main()'s order) that start after test.txt's cut (the page straddling the cut is dropped), kept only if
+    they are classic section-1 pages like test.txt's (no gcloud_* pages: most of the held-out pages past the
+    cut are gcloud's) and not a copy of a training page under another name (vi = vim, zcat = gzip, ...);
+    each page's first `page_chars` characters (so no one page dominates), joined by blank lines, capped at
+    `total_chars`."""
+    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
+    names, pos = [], 0
+    for n in (n for n in pages if held_out(n, percent)):
+        start, pos = pos, pos + len(pages[n]) + 2  # "\n\n".join(...) offsets
+        if (start >= test_chars and n.startswith("man1/") and not n.startswith("man1/gcloud")
+                and pages[n] not in train_texts):
+            names.append(n)
+    return names, "\n\n".join(pages[n][:page_chars] for n in names)[:total_chars]
+
+
 def build_tokenizer(texts: list[str], vocab: int, max_len: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -130,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-chars", type=int, default=400_000, help="training text written to train.txt")
     p.add_argument("--page-limit", type=int, default=None, help="read at most this many pages (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-val-heldout", action="store_true",
+                   help="only write --out/val_heldout.txt (held-out pages past test.txt's cut; trains nothing)")
+    p.add_argument("--val-page-chars", type=int, default=10_000, help="val_heldout.txt: characters kept per page")
+    p.add_argument("--val-chars", type=int, default=150_000, help="val_heldout.txt: at most this many characters")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -139,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     pages = read_pages(Path(args.man_root), args.page_limit)
+    if args.write_val_heldout:
+        return write_val_heldout(pages, out, args)
     train_names = [n for n in pages if not held_out(n, args.heldout_percent)]
     test_names = [n for n in pages if held_out(n, args.heldout_percent)]
     log.info("%d pages (%d held out), %.1f MB of text", len(pages), len(test_names),
@@ -203,10 +233,27 @@ to text) by `scripts/train_text_llama.py`, for the quality findings in `docs/res
 - held-out perplexity (test.txt, {test_ids.numel():,} tokens, windows of {args.seqlen}): {ppl:.2f} in fp32
 - `test.txt`: held-out pages (perplexity); `train.txt`: a slice of the training pages (calibration and
   fine-tuning text). The text is from the pages' own packages (free-software documentation).
+- `val_heldout.txt` (only after `--write-val-heldout`): held-out pages past test.txt's cut, the validation
+  text of `bench/recovery_sweep.py --val-from heldout`.
 
 Rebuild: `python {' '.join(['scripts/train_text_llama.py'] + [f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if v is not None and k in ('out', 'minutes', 'threads', 'seed')])}`
 (the pages present on a machine differ, so a rebuild gives a similar, not the same, model).
 """)
+    return 0
+
+
+def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
+    test_names = [n for n in pages if held_out(n, args.heldout_percent)]
+    test_text = "\n\n".join(pages[n] for n in test_names)[:args.test_chars]
+    if (out / "test.txt").read_text() != test_text:  # other pages here: the cut, hence disjointness, moved
+        log.error("%s/test.txt is not what this machine's pages give; not writing val_heldout.txt", out)
+        return 1
+    names, text = val_heldout_text(pages, args.heldout_percent, args.test_chars, args.val_page_chars, args.val_chars)
+    if any(pages[n][:500] in test_text for n in names):  # a copy of a test page under another name
+        log.error("a val_heldout page's start is in test.txt; not writing val_heldout.txt")
+        return 1
+    (out / "val_heldout.txt").write_text(text)
+    log.info("val_heldout.txt: %d pages, %d characters: %s", len(names), len(text), " ".join(names))
     return 0
 
 

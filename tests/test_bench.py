@@ -142,6 +142,47 @@ def test_recovery_sweep_table_takes_rows_without_a_test_score(tmp_path):
     assert "| 80.0% |  |  |" in last, last
 
 
+def test_recovery_sweep_table_scores_each_validation_text_against_its_own_references(tmp_path):
+    """--val-from heldout rows close their gap against the fp and untrained rows measured on the same text,
+    not the train-tail ones of the same file (whose validation NLL is on other pages)."""
+    mod = _bench_module("recovery_sweep")
+    base = dict(distill=True, init="svd", lr=3e-3, loss_last10=2.3, untrained_last10=2.4, test_nll=None)
+    rows = [dict(base, base="fp", rank=0, val_nll=3.50), dict(base, base="/tmp/q2", rank=0, val_nll=3.60),
+            dict(base, base="fp", rank=0, val_nll=3.00, val_from="heldout"),
+            dict(base, base="/tmp/q2", rank=0, val_nll=3.20, val_from="heldout"),
+            dict(base, base="/tmp/q2", rank=16, val_nll=3.52),
+            dict(base, base="/tmp/q2", rank=16, val_nll=3.05, val_from="heldout")]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tail, heldout = mod.table(str(path)).strip().splitlines()[-2:]
+    assert "| train-tail | 3.5200 | 80.0% |" in tail and "| heldout | 3.0500 | 75.0% |" in heldout, (tail, heldout)
+
+
+def test_val_heldout_pages_are_held_out_past_the_test_cut_and_not_training_copies():
+    """scripts/train_text_llama.py --write-val-heldout: val_heldout.txt takes the held-out section-1 pages that
+    start after test.txt's cut (the straddling page dropped), skips gcloud pages and copies of training pages,
+    and caps each page and the whole."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_text_llama", ROOT / "scripts" / "train_text_llama.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = [f"man1/p{i}.1.gz" for i in range(200)]
+    held = [n for n in names if mod.held_out(n, 50)]
+    train = [n for n in names if not mod.held_out(n, 50)]
+    pages = {n: f"{n} text " * 10 for n in names}  # 10 x (len(n) + 6) characters
+    pages[held[6]] = pages[train[0]]  # a copy of a training page under another name
+    pages["man1/gcloud_x.1.gz"] = "gcloud " * 20
+    pages["man5/conf.5.gz"] = "conf " * 30
+    held = [n for n in pages if mod.held_out(n, 50)]  # main()'s order
+    assert "man1/gcloud_x.1.gz" in held and "man5/conf.5.gz" in held  # (the hash puts both in; else rename)
+    cut = len(pages[held[0]]) + 2 + len(pages[held[1]]) + 2 + 5  # 5 characters into the third page
+    got, text = mod.val_heldout_text(pages, 50, cut, 40, 10_000)
+    assert got == [n for n in held[3:] if n != held[6] and n.startswith("man1/p")]
+    assert text == "\n\n".join(pages[n][:40] for n in got)
+    assert mod.val_heldout_text(pages, 50, cut, 40, 100)[1] == text[:100]
+
+
 def test_recovery_sweep_generated_windows_keep_prefixes_match_uncached_sampling_and_cache(tmp_path):
     """--windows-from generated: each window keeps its real prefix, the continuation is what sampling without
     the KV cache gives for the same generator, the seed fixes it, and a second call reads the cache."""
