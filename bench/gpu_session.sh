@@ -3,7 +3,7 @@
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
-#                                                    scale-memory-both quant-stream scale-tests stages)
+#                                                    scale-memory-both quant-stream scale-tests stages inplace-ab)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -100,6 +100,15 @@ for r in rows:
                python3 bench/decode.py --skip layers --bits "${STAGE_BITS:-4,2}" --batches "${DECODE_BATCHES:-1}" --decode-kernels triton,alt \
                  --alt-table "$OUT/stages.json" --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_stages.json" \
                  > "$OUT/decode_stages.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -9 "$OUT/decode_stages.txt" ;;
+    inplace-ab)  # issue 16, after session 13's reorder of gemv_m1's tile: its configs tuned (~2.5 min), then the 7B
+               # one-token A/B against gemv.py at 2 and 4 bit (~3.5 min); the check first, with it as the one-token path
+               GPTQLORA_GEMV_M1=inplace DECODE_CHECK_BUDGET=90 decode_check || continue
+               python3 bench/gemv_m1_probe.py --kinds inplace --bits "${AB_BITS:-2,4}" --json "$OUT/m1.json" --table "$OUT/m1_table.json" \
+                 --budget-s "${PROBE_BUDGET:-150}" > "$OUT/m1.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"
+               grep '"kind": "inplace"' "$OUT/m1.txt" | cut -c1-150
+               GPTQLORA_GEMV_CONFIGS="$OUT/m1_table.json" python3 bench/decode.py --skip layers --bits "${AB_BITS:-2,4}" --batches 1 \
+                 --decode-kernels triton,inplace --no-old-harness --budget-s "${DECODE_BUDGET:-150}" --json "$OUT/decode_inplace.json" \
+                 > "$OUT/decode_inplace.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_inplace.txt" ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
