@@ -23,7 +23,8 @@ CONFIGS = (None,  # the heuristic: tiles inside a group, split-K
            {"NREP": 1, "BW": 4, "SPLIT": 5, "num_warps": 4, "PREFETCH": 1},  # the next tile prefetched
            {"NREP": 1, "BW": 8, "SPLIT": 1, "num_warps": 2},  # one program per column block over all of K
            {"NREP": 2, "BW": 16, "SPLIT": 3, "num_warps": 4},  # tiles across groups (16 word rows)
-           {"NREP": 1, "BW": 4, "SPLIT": 2, "num_warps": 4, "loop_stages": 3})  # the loop's loads staged (cp.async)
+           {"NREP": 1, "BW": 4, "SPLIT": 2, "num_warps": 4, "loop_stages": 3},  # the loop's loads staged (cp.async)
+           {"NREP": 8, "BW": 4, "SPLIT": 1, "num_warps": 4})  # 8 column blocks a thread, past N (masked)
 
 
 def run(x, p, bits, plan, a, b, cfg, bounds=None):
