@@ -24,6 +24,10 @@ model on the same batches (so a rising curve can be told from harder late batche
 distillation, as in LLM-QAT, Liu et al. 2023): each window is the first --gen-prefix tokens of the train
 window it replaces, continued by the teacher at temperature 1. The question it tests: does distilling on the
 teacher's own distribution transfer to held-out pages better than distilling on train.txt?
+
+`--extra-test FILE` also scores FILE's text at the end of a run, as test.txt is scored (non-overlapping
+windows of the spec's seqlen), into the row's `extra_test_nll` (`extra_test`: the path); e.g. test_nocopy.txt,
+test.txt without its pages that are copies of training pages (`scripts/train_text_llama.py --write-test-nocopy`).
 """
 
 from __future__ import annotations
@@ -220,6 +224,8 @@ def main(argv=None) -> int:
                    help="--windows-from generated: tokens of real text each sample starts from (0: EOS only)")
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--no-test", action="store_true", help="skip the test.txt score")
+    p.add_argument("--extra-test", metavar="FILE",
+                   help="also score this text at the end, as test.txt (row keys extra_test, extra_test_nll)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="")
@@ -233,12 +239,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptqlora.eval.perplexity import text_ids
+    from gptqlora.eval.perplexity import perplexity, text_ids
 
     spec = manpage_spec(64)
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
     train_ids, tail_ids = train_text_split(spec, tok, args.val_frac)
     val_ids = tail_ids if args.val_from == "train-tail" else text_ids(tok, (spec.model_dir / VAL_HELDOUT).read_text())
+    extra_ids = text_ids(tok, Path(args.extra_test).read_text()) if args.extra_test else None
     x = windows(torch.cat([train_ids, tail_ids]) if args.windows_from == "all" else train_ids,
                 args.steps * args.batch, spec.seqlen, args.seed)
     teacher = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32).eval() \
@@ -269,6 +276,9 @@ def main(argv=None) -> int:
                    "val_nll": nll(model, val_ids, spec.seqlen),
                    "tail_val_nll": nll(model, tail_ids, spec.seqlen) if args.val_from != "train-tail" else None,
                    "test_nll": None if args.no_test else spec.score(model)["nll"],
+                   "extra_test": args.extra_test,  # scored as test.txt is (spec.score)
+                   "extra_test_nll": perplexity(model, extra_ids, spec.seqlen, batch_size=8)["nll"]
+                   if args.extra_test else None,
                    "loss_first": r["losses"][0], "untrained_first": ref[0],
                    "loss_first10": sum(r["losses"][:10]) / 10, "loss_last10": sum(r["losses"][-10:]) / 10,
                    "untrained_first10": sum(ref[:10]) / 10, "untrained_last10": sum(ref[-10:]) / 10,

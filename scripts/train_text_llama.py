@@ -19,6 +19,11 @@ text of held-out pages that test.txt does not reach (see `val_heldout_text`), fo
 pages like test.txt's without looking at test.txt (bench/recovery_sweep.py --val-from heldout):
 
     python scripts/train_text_llama.py --out bench/assets/manpage-llama --write-val-heldout
+
+`--write-test-nocopy` likewise writes `test_nocopy.txt`: test.txt without its pages that are copies of
+training pages under another name (see `nocopy_text`), the score of held-out text the model never saw:
+
+    python scripts/train_text_llama.py --out bench/assets/manpage-llama --write-test-nocopy
 """
 
 from __future__ import annotations
@@ -109,6 +114,24 @@ def val_heldout_text(pages: dict[str, str], percent: int, test_chars: int, page_
     return names, "\n\n".join(pages[n][:page_chars] for n in names)[:total_chars]
 
 
+def nocopy_text(pages: dict[str, str], percent: int, test_chars: int) -> tuple[list[str], list[str], str]:
+    """(kept page names, dropped page names, text): the held-out pages (in main()'s order) that test.txt's
+    `test_chars` reach, less those whose full text equals a training page's (as.1 = x86_64-linux-gnu-as.1,
+    ...), each cut where test.txt cuts it, joined by blank lines."""
+    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
+    kept, dropped, parts, pos = [], [], [], 0
+    for n in (n for n in pages if held_out(n, percent)):
+        start, pos = pos, pos + len(pages[n]) + 2  # "\n\n".join(...) offsets
+        if start >= test_chars:
+            break
+        if pages[n] in train_texts:
+            dropped.append(n)
+        else:
+            kept.append(n)
+            parts.append(pages[n][:test_chars - start])
+    return kept, dropped, "\n\n".join(parts)
+
+
 def build_tokenizer(texts: list[str], vocab: int, max_len: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-val-heldout", action="store_true",
                    help="only write --out/val_heldout.txt (held-out pages past test.txt's cut; trains nothing)")
+    p.add_argument("--write-test-nocopy", action="store_true",
+                   help="only write --out/test_nocopy.txt (test.txt less copies of training pages; trains nothing)")
     p.add_argument("--val-page-chars", type=int, default=10_000, help="val_heldout.txt: characters kept per page")
     p.add_argument("--val-chars", type=int, default=150_000, help="val_heldout.txt: at most this many characters")
     args = p.parse_args(argv)
@@ -169,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     pages = read_pages(Path(args.man_root), args.page_limit)
     if args.write_val_heldout:
         return write_val_heldout(pages, out, args)
+    if args.write_test_nocopy:
+        return write_test_nocopy(pages, out, args)
     train_names = [n for n in pages if not held_out(n, args.heldout_percent)]
     test_names = [n for n in pages if held_out(n, args.heldout_percent)]
     log.info("%d pages (%d held out), %.1f MB of text", len(pages), len(test_names),
@@ -254,6 +281,18 @@ def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
         return 1
     (out / "val_heldout.txt").write_text(text)
     log.info("val_heldout.txt: %d pages, %d characters: %s", len(names), len(text), " ".join(names))
+    return 0
+
+
+def write_test_nocopy(pages: dict[str, str], out: Path, args) -> int:
+    test_names = [n for n in pages if held_out(n, args.heldout_percent)]
+    if (out / "test.txt").read_text() != "\n\n".join(pages[n] for n in test_names)[:args.test_chars]:
+        log.error("%s/test.txt is not what this machine's pages give; not writing test_nocopy.txt", out)
+        return 1
+    kept, dropped, text = nocopy_text(pages, args.heldout_percent, args.test_chars)
+    (out / "test_nocopy.txt").write_text(text)
+    log.info("test_nocopy.txt: %d pages, %d characters; dropped %d copies of training pages: %s", len(kept),
+             len(text), len(dropped), " ".join(dropped))
     return 0
 
 

@@ -183,6 +183,30 @@ def test_val_heldout_pages_are_held_out_past_the_test_cut_and_not_training_copie
     assert mod.val_heldout_text(pages, 50, cut, 40, 100)[1] == text[:100]
 
 
+def test_test_nocopy_keeps_test_pages_that_are_not_training_copies_cut_as_test_txt():
+    """scripts/train_text_llama.py --write-test-nocopy: test_nocopy.txt is test.txt's held-out pages, in order,
+    less those whose full text equals a training page's, the last one cut where test.txt cuts it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_text_llama", ROOT / "scripts" / "train_text_llama.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = [f"man1/p{i}.1.gz" for i in range(200)]
+    held = [n for n in names if mod.held_out(n, 50)]
+    train = [n for n in names if not mod.held_out(n, 50)]
+    pages = {n: f"{n} text " * 10 for n in names}
+    pages[held[1]] = pages[train[0]]  # a copy of a training page under another name
+    pages[held[2]] = pages[train[1]][:-1]  # not a full copy: kept
+    test_chars = sum(len(pages[n]) + 2 for n in held[:4]) + 7  # 7 characters into the fifth page
+    test = "\n\n".join(pages[n] for n in held)[:test_chars]
+    kept, dropped, text = mod.nocopy_text(pages, 50, test_chars)
+    assert kept == [held[0], held[2], held[3], held[4]] and dropped == [held[1]]
+    assert text == "\n\n".join([pages[held[0]], pages[held[2]], pages[held[3]], pages[held[4]][:7]])
+    assert test.endswith(pages[held[4]][:7]) and all(part in test for part in text.split("\n\n"))
+    kept, dropped, _ = mod.nocopy_text(pages, 50, test_chars - 7)  # the cut at the fifth page's start
+    assert kept == [held[0], held[2], held[3]]
+
+
 def test_recovery_sweep_generated_windows_keep_prefixes_match_uncached_sampling_and_cache(tmp_path):
     """--windows-from generated: each window keeps its real prefix, the continuation is what sampling without
     the KV cache gives for the same generator, the seed fixes it, and a second call reads the cache."""
