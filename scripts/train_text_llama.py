@@ -96,6 +96,22 @@ def held_out(name: str, percent: int) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < percent
 
 
+def test_text(pages: dict[str, str], percent: int, test_chars: int) -> str:
+    """test.txt: the held-out pages in order, joined by blank lines, cut at `test_chars`."""
+    return "\n\n".join(pages[n] for n in pages if held_out(n, percent))[:test_chars]
+
+
+def _held_out_starts(pages: dict[str, str], percent: int):
+    """(name, start) of each held-out page in order, start its offset in test_text's join before the cut;
+    and the set of the training pages' texts (to tell a held-out page that copies one under another name)."""
+    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
+    starts, pos = [], 0
+    for n in (n for n in pages if held_out(n, percent)):
+        starts.append((n, pos))
+        pos += len(pages[n]) + 2
+    return starts, train_texts
+
+
 def val_heldout_text(pages: dict[str, str], percent: int, test_chars: int, page_chars: int,
                      total_chars: int) -> tuple[list[str], str]:
     """(page names, text) of a validation split disjoint from both train and test: the held-out pages (in
@@ -104,13 +120,9 @@ def val_heldout_text(pages: dict[str, str], percent: int, test_chars: int, page_
     cut are gcloud's) and not a copy of a training page under another name (vi = vim, zcat = gzip, ...);
     each page's first `page_chars` characters (so no one page dominates), joined by blank lines, capped at
     `total_chars`."""
-    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
-    names, pos = [], 0
-    for n in (n for n in pages if held_out(n, percent)):
-        start, pos = pos, pos + len(pages[n]) + 2  # "\n\n".join(...) offsets
-        if (start >= test_chars and n.startswith("man1/") and not n.startswith("man1/gcloud")
-                and pages[n] not in train_texts):
-            names.append(n)
+    starts, train_texts = _held_out_starts(pages, percent)
+    names = [n for n, start in starts if start >= test_chars and n.startswith("man1/")
+             and not n.startswith("man1/gcloud") and pages[n] not in train_texts]
     return names, "\n\n".join(pages[n][:page_chars] for n in names)[:total_chars]
 
 
@@ -118,18 +130,11 @@ def nocopy_text(pages: dict[str, str], percent: int, test_chars: int) -> tuple[l
     """(kept page names, dropped page names, text): the held-out pages (in main()'s order) that test.txt's
     `test_chars` reach, less those whose full text equals a training page's (as.1 = x86_64-linux-gnu-as.1,
     ...), each cut where test.txt cuts it, joined by blank lines."""
-    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
-    kept, dropped, parts, pos = [], [], [], 0
-    for n in (n for n in pages if held_out(n, percent)):
-        start, pos = pos, pos + len(pages[n]) + 2  # "\n\n".join(...) offsets
-        if start >= test_chars:
-            break
-        if pages[n] in train_texts:
-            dropped.append(n)
-        else:
-            kept.append(n)
-            parts.append(pages[n][:test_chars - start])
-    return kept, dropped, "\n\n".join(parts)
+    starts, train_texts = _held_out_starts(pages, percent)
+    reached = [(n, start) for n, start in starts if start < test_chars]
+    kept = [(n, start) for n, start in reached if pages[n] not in train_texts]
+    dropped = [n for n, start in reached if pages[n] in train_texts]
+    return [n for n, _ in kept], dropped, "\n\n".join(pages[n][:test_chars - start] for n, start in kept)
 
 
 def build_tokenizer(texts: list[str], vocab: int, max_len: int) -> PreTrainedTokenizerFast:
@@ -202,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
              sum(map(len, pages.values())) / 1e6)
     tokenizer = build_tokenizer([pages[n] for n in train_names], args.vocab, 2048)
     train_ids = encode(tokenizer, [pages[n] for n in train_names])
-    test_text = "\n\n".join(pages[n] for n in test_names)[:args.test_chars]
-    (out / "test.txt").write_text(test_text)
+    test = test_text(pages, args.heldout_percent, args.test_chars)
+    (out / "test.txt").write_text(test)
     shuffled = train_names[:]
     random.Random(args.seed).shuffle(shuffled)
     (out / "train.txt").write_text("\n\n".join(pages[n] for n in shuffled)[:args.train_chars])
-    test_ids = tokenizer(test_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    test_ids = tokenizer(test, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     log.info("train %d tokens, test %d tokens", train_ids.numel(), test_ids.numel())
 
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -269,14 +274,22 @@ Rebuild: `python {' '.join(['scripts/train_text_llama.py'] + [f'--{k.replace("_"
     return 0
 
 
+def _checked_test_text(pages: dict[str, str], out: Path, args, writing: str) -> str | None:
+    """test.txt's text as this machine's pages give it, or None (and a line) where out/test.txt differs: other
+    pages here moved the cut, so what lies past it or inside it is not what the shipped files assume."""
+    text = test_text(pages, args.heldout_percent, args.test_chars)
+    if (out / "test.txt").read_text() != text:
+        log.error("%s/test.txt is not what this machine's pages give; not writing %s", out, writing)
+        return None
+    return text
+
+
 def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
-    test_names = [n for n in pages if held_out(n, args.heldout_percent)]
-    test_text = "\n\n".join(pages[n] for n in test_names)[:args.test_chars]
-    if (out / "test.txt").read_text() != test_text:  # other pages here: the cut, hence disjointness, moved
-        log.error("%s/test.txt is not what this machine's pages give; not writing val_heldout.txt", out)
+    test = _checked_test_text(pages, out, args, "val_heldout.txt")
+    if test is None:
         return 1
     names, text = val_heldout_text(pages, args.heldout_percent, args.test_chars, args.val_page_chars, args.val_chars)
-    if any(pages[n][:500] in test_text for n in names):  # a copy of a test page under another name
+    if any(pages[n][:500] in test for n in names):  # a copy of a test page under another name
         log.error("a val_heldout page's start is in test.txt; not writing val_heldout.txt")
         return 1
     (out / "val_heldout.txt").write_text(text)
@@ -285,9 +298,7 @@ def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
 
 
 def write_test_nocopy(pages: dict[str, str], out: Path, args) -> int:
-    test_names = [n for n in pages if held_out(n, args.heldout_percent)]
-    if (out / "test.txt").read_text() != "\n\n".join(pages[n] for n in test_names)[:args.test_chars]:
-        log.error("%s/test.txt is not what this machine's pages give; not writing test_nocopy.txt", out)
+    if _checked_test_text(pages, out, args, "test_nocopy.txt") is None:
         return 1
     kept, dropped, text = nocopy_text(pages, args.heldout_percent, args.test_chars)
     (out / "test_nocopy.txt").write_text(text)

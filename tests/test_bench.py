@@ -100,11 +100,11 @@ def test_host_ops_smoke(tmp_path):
     assert all(r["ops_per_step"] > 0 for r in rec["per_step"])
 
 
-def _bench_module(name: str):
-    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+def _bench_module(name: str, folder: str = "bench"):
+    """<folder>/<name>.py as a module (bench/ and scripts/ are scripts, not packages)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -162,11 +162,7 @@ def test_val_heldout_pages_are_held_out_past_the_test_cut_and_not_training_copie
     """scripts/train_text_llama.py --write-val-heldout: val_heldout.txt takes the held-out section-1 pages that
     start after test.txt's cut (the straddling page dropped), skips gcloud pages and copies of training pages,
     and caps each page and the whole."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_text_llama", ROOT / "scripts" / "train_text_llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("train_text_llama", "scripts")
     names = [f"man1/p{i}.1.gz" for i in range(200)]
     held = [n for n in names if mod.held_out(n, 50)]
     train = [n for n in names if not mod.held_out(n, 50)]
@@ -186,11 +182,7 @@ def test_val_heldout_pages_are_held_out_past_the_test_cut_and_not_training_copie
 def test_test_nocopy_keeps_test_pages_that_are_not_training_copies_cut_as_test_txt():
     """scripts/train_text_llama.py --write-test-nocopy: test_nocopy.txt is test.txt's held-out pages, in order,
     less those whose full text equals a training page's, the last one cut where test.txt cuts it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_text_llama", ROOT / "scripts" / "train_text_llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("train_text_llama", "scripts")
     names = [f"man1/p{i}.1.gz" for i in range(200)]
     held = [n for n in names if mod.held_out(n, 50)]
     train = [n for n in names if not mod.held_out(n, 50)]
