@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -38,9 +39,6 @@ import torch
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-M1_ENV = "GPTQLORA_GEMV_M1"  # = kernels/gemv_m1.ENV: "inplace" sends one-token calls to kernels/gemv_m1.py
-
-
 def _bench_module(name: str):
     spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -54,6 +52,7 @@ SHAPES, TARGETS, build_dense, build_gptq = train_step.SHAPES, train_step.TARGETS
 gemv_sweep = _bench_module("gemv_sweep")  # its random packed layers and group sizes, not a copy of them
 GROUP, packed_layer = gemv_sweep.GROUP, gemv_sweep.packed_layer
 
+from gptqlora.kernels import gemv, gemv_m1  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
 
 
@@ -234,18 +233,29 @@ def build(kind: str, shape: str, device):
     return pm
 
 
-def _use_table(path: str | None) -> None:
-    """Make the decode kernels read their configs from `path` (None: back to the shipped table), dropping
-    the configs already picked (they are cached per shape)."""
-    from gptqlora.kernels import gemv
+@contextlib.contextmanager
+def _decode_kernels(kind: str, alt_table: str | None):
+    """While a model of `kind` decodes: "-inplace" sends its one-token calls to kernels/gemv_m1.py
+    (GPTQLORA_GEMV_M1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    the configs picked so far (cached per shape) are dropped on the way in and out. Other kinds: nothing."""
+    env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else \
+        {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {}
 
-    if path is None:
-        os.environ.pop(gemv.TUNED_ENV, None)
-    else:
-        os.environ[gemv.TUNED_ENV] = path
-    gemv.tuned_table.cache_clear()
-    gemv._CONFIGS.clear()
-    gemv._M1_CONFIGS.clear()
+    def fresh():
+        gemv.tuned_table.cache_clear()
+        gemv._CONFIGS.clear()
+        gemv._M1_CONFIGS.clear()
+
+    os.environ.update(env)
+    if env:
+        fresh()
+    try:
+        yield
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        if env:
+            fresh()
 
 
 def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy, deadline,
@@ -265,42 +275,33 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
             wb = weight_bytes(model)
             harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 and old_harness else []) + \
                 (["plain transformers"] if kind == "bf16" else [])
-            inplace_m1 = kind.endswith("-inplace")  # one-token calls through kernels/gemv_m1.py (the A/B)
-            if inplace_m1:
-                os.environ[M1_ENV] = "inplace"
-            alt = kind.endswith("-alt")  # the kernels' configs from --alt-table (the A/B of a tuned table)
-            if alt:
-                _use_table(alt_table)
-            for harness in harnesses:
-                from torch._dynamo.utils import counters
+            with _decode_kernels(kind, alt_table):  # the A/Bs' kernel choice, for this model only
+                for harness in harnesses:
+                    from torch._dynamo.utils import counters
 
-                torch._dynamo.reset()  # each model compiles afresh: no recompile limit carried over
-                counters.clear()
-                tps = decode_rate(model, batch, prompt, new, harness, timer, device)
-                compiled = {"graph_breaks": sum(counters["graph_break"].values()),
-                            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
-                            "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
-                if harness == "same harness":  # whether graph_decode captured its step (else it ran uncaptured)
-                    compiled["cuda_graph"] = any(d.use_graph and bool(d.graphs)
-                                                 for d in model.__dict__.get("_gptqlora_decoders", {}).values())
-                step_gbps = wb * tps / batch / 1e9
-                ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
-                rows.append({"model": label, "harness": harness, "batch": batch,
-                             "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
-                             "step_weight_gbps": round(step_gbps) if ok else None,
-                             "pct_copy": round(100 * step_gbps / copy, 1) if ok else None, **compiled})
-                print(rows[-1], flush=True)
-                if harness == "same harness" and batch == profile_batch and fast:
-                    try:  # a diagnosis: its failure must not cost the rows after it
-                        rows[-1]["profile"] = step_profile(model, batch, prompt, 16, device)
-                    except Exception as e:
-                        rows[-1]["profile"] = [{"kernel": f"profile failed: {type(e).__name__}: {e}"[:200]}]
-                    for r in rows[-1]["profile"]:
-                        print("   ", r, flush=True)
-            if inplace_m1:
-                os.environ.pop(M1_ENV, None)
-            if alt:
-                _use_table(None)
+                    torch._dynamo.reset()  # each model compiles afresh: no recompile limit carried over
+                    counters.clear()
+                    tps = decode_rate(model, batch, prompt, new, harness, timer, device)
+                    compiled = {"graph_breaks": sum(counters["graph_break"].values()),
+                                "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
+                                "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
+                    if harness == "same harness":  # whether graph_decode captured its step (else it ran uncaptured)
+                        compiled["cuda_graph"] = any(d.use_graph and bool(d.graphs)
+                                                     for d in model.__dict__.get("_gptqlora_decoders", {}).values())
+                    step_gbps = wb * tps / batch / 1e9
+                    ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
+                    rows.append({"model": label, "harness": harness, "batch": batch,
+                                 "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
+                                 "step_weight_gbps": round(step_gbps) if ok else None,
+                                 "pct_copy": round(100 * step_gbps / copy, 1) if ok else None, **compiled})
+                    print(rows[-1], flush=True)
+                    if harness == "same harness" and batch == profile_batch and fast:
+                        try:  # a diagnosis: its failure must not cost the rows after it
+                            rows[-1]["profile"] = step_profile(model, batch, prompt, 16, device)
+                        except Exception as e:
+                            rows[-1]["profile"] = [{"kernel": f"profile failed: {type(e).__name__}: {e}"[:200]}]
+                        for r in rows[-1]["profile"]:
+                            print("   ", r, flush=True)
             del model
             gc.collect()
             if device.type == "cuda":
