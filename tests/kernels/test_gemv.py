@@ -1,9 +1,13 @@
 """The small-M decode kernel against float64 and the torch reference: every bit width, group size, act-order
 (repacked and gathered), packed and float zeros, fp32/fp16/bf16, odd shapes, split-K, fused LoRA."""
 
+import contextlib
+import json
+
 import pytest
 import torch
 
+from gptqlora.kernels import gemv
 from gptqlora.kernels.gemv import gemv_reference, gemv_triton, legal_config, pick_config, plan_gemv
 from packed import random_packed
 
@@ -118,8 +122,6 @@ def test_too_many_rows():
 
 
 def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
-    from gptqlora.kernels import gemv
-
     p, x, a, b, want = case(128, 64, 4, 32, True, False, 1, torch.float32, seed=4)
     monkeypatch.setattr(gemv, "room_for_copy", lambda qweight: False)
     with pytest.warns(UserWarning, match="too little GPU memory"):
@@ -129,22 +131,30 @@ def test_no_room_for_the_act_order_copy_falls_back_to_the_gather(monkeypatch):
     assert rel_err(y, want) < 1e-5
 
 
+@contextlib.contextmanager
+def tuned_table_file(monkeypatch, path, configs: dict):
+    """Inside the block the kernels read their tuned table from `path` (GPTQLORA_GEMV_CONFIGS), written with
+    `configs`, and pick every config afresh; after it, the shipped table again."""
+    path.write_text(json.dumps({"configs": configs}))
+    monkeypatch.setenv(gemv.TUNED_ENV, str(path))
+    monkeypatch.setattr(gemv, "_CONFIGS", {})
+    monkeypatch.setattr(gemv, "_M1_CONFIGS", {})
+    gemv.tuned_table.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(gemv.TUNED_ENV)
+        gemv.tuned_table.cache_clear()
+
+
 def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypatch):
     """A sweep's table (GPTQLORA_GEMV_CONFIGS) replaces the heuristic for its shapes only; a BK that does not
     divide the group is cut to one that does, and the results are unchanged."""
-    import json
-
-    from gptqlora.kernels import gemv
-
     p, x, a, b, want = case(256, 64, 4, 64, True, False, 1, torch.float32, seed=11)
     plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
-    table = {gemv.tuned_key(4, 1, 256, 64, True): {"BN": 32, "BK": 128, "SPLIT": 2, "num_warps": 2}}
     path = tmp_path / "configs.json"
-    path.write_text(json.dumps({"configs": table}))
-    monkeypatch.setenv(gemv.TUNED_ENV, str(path))
-    monkeypatch.setattr(gemv, "_CONFIGS", {})
-    gemv.tuned_table.cache_clear()
-    try:
+    with tuned_table_file(monkeypatch, path, {gemv.tuned_key(4, 1, 256, 64, True): {"BN": 32, "BK": 128, "SPLIT": 2,
+                                                                                      "num_warps": 2}}):
         cfg = pick_config(1, 256, 64, 4, plan)
         assert (cfg["BN"], cfg["BK"], cfg["SPLIT"], cfg["num_warps"]) == (32, 64, 2, 2)
         assert pick_config(3, 256, 64, 4, plan)["BN"] == gemv.heuristic_config(3, 256, 64, 4, plan)["BN"] == 128  # M = 3 is another key: the heuristic
@@ -154,9 +164,6 @@ def test_tuned_table_overrides_the_heuristic_and_stays_legal(tmp_path, monkeypat
         gemv.tuned_table.cache_clear()
         with pytest.raises(ValueError, match="unknown gemv config fields"):
             gemv.tuned_table()
-    finally:
-        monkeypatch.delenv(gemv.TUNED_ENV)
-        gemv.tuned_table.cache_clear()
 
 
 @pytest.mark.parametrize("m,split", [(1, 20), (5, 10)])

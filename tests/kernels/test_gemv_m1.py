@@ -3,15 +3,17 @@
 tiles inside one group and across groups, split-K on and off, N not a multiple of the column block, sibling
 bounds narrower than a column block; the offsets' cancellation at its worst; and which calls it takes."""
 
+import json
+
 import pytest
 import torch
 
 from gptqlora.formats.gptq import pack_cols, pack_rows
-from gptqlora.kernels import gemv_m1
+from gptqlora.kernels import gemv, gemv_m1
 from gptqlora.kernels.gemv import gemv_reference, gemv_triton, pick_config, plan_gemv
 from gptqlora.kernels.reference import dequantize
 from packed import random_packed
-from test_gemv import DEVICE, TOL, case, rel_err
+from test_gemv import DEVICE, TOL, case, rel_err, tuned_table_file
 
 
 @pytest.fixture(autouse=True)
@@ -144,19 +146,11 @@ def test_odd_groups_and_legal_configs(k, n, group):
 def test_tuned_table_entries_for_this_kernel(tmp_path, monkeypatch):
     """An "m1,..." entry of the tuned table (bench/gemv_m1_probe.py --table writes them) sets this kernel's
     config for its shape, made legal; a field this kernel does not have is refused with the allowed ones."""
-    import json
-
-    from gptqlora.kernels import gemv
-
     p, x, a, b, want = case(256, 64, 4, 64, True, False, 1, torch.float32, seed=12)
     plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64)
     path = tmp_path / "configs.json"
-    path.write_text(json.dumps({"configs": {gemv_m1.tuned_key(4, 256, 64): {
-        "NREP": 1, "BW": 64, "SPLIT": 2, "num_warps": 8, "PREFETCH": 1}}}))
-    monkeypatch.setenv(gemv.TUNED_ENV, str(path))
-    monkeypatch.setattr(gemv, "_M1_CONFIGS", {})
-    gemv.tuned_table.cache_clear()
-    try:
+    with tuned_table_file(monkeypatch, path, {gemv_m1.tuned_key(4, 256, 64): {
+            "NREP": 1, "BW": 64, "SPLIT": 2, "num_warps": 8, "PREFETCH": 1}}):
         cfg = gemv.pick_m1_config(256, 64, 4, plan.group, 4, None)
         assert (cfg["NREP"], cfg["BW"], cfg["SPLIT"], cfg["num_warps"], cfg["PREFETCH"]) == (1, 32, 1, 8, 1)
         y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 2.0)
@@ -165,6 +159,3 @@ def test_tuned_table_entries_for_this_kernel(tmp_path, monkeypatch):
         gemv.tuned_table.cache_clear()
         with pytest.raises(ValueError, match="m1 keys"):
             gemv.tuned_table()
-    finally:
-        monkeypatch.delenv(gemv.TUNED_ENV)
-        gemv.tuned_table.cache_clear()
