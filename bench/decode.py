@@ -2,6 +2,7 @@
 
     python bench/gpu_check_decode.py && python bench/decode.py [--json OUT.json]     (H200: < 8 minutes)
     TRITON_INTERPRET=1 python bench/decode.py --device cpu --shape micro              (smoke test)
+    python bench/decode.py --skip layers --bits 3,spqr3 --batches 1 --no-old-harness   (SpQR against GPTQ, bf16)
 
 1. copy: a device-to-device copy's bandwidth (bytes read + written), the ceiling for the figures below;
 2. layers: one linear of each 7B shape (q/k/v/o 4096x4096, gate/up 4096x11008, down 11008x4096) at
@@ -17,6 +18,9 @@
    tokens/s = batch x (new - 1) / (t(new tokens) - t(1 token)): the prefill cancels. The weight-read
    bandwidth of a step is the model's weight bytes / the batch-1 step time. At batch 1 also transformers'
    own compiled generate (static cache, compile_config with CUDA graphs), the harness before graph_decode.
+   `--bits spqr3` adds a SpQR model (issue 17: 3-bit codes in groups of 16, 3-bit statistics in groups of 16,
+   1% fp16 outliers, bench/spqr.py's layer) with the same adapter; its one-token calls take the small-M kernel
+   in SpQR mode plus a CSR SpMV per projection, the LoRA beside them (not fused). Rows carry avg_bits.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SHAPES, TARGETS, build_dense, build_gptq = train_step.SHAPES, train_step.TARGETS
     train_step.build_gptq
 gemv_sweep = _bench_module("gemv_sweep")  # its random packed layers and group sizes, not a copy of them
 GROUP, packed_layer = gemv_sweep.GROUP, gemv_sweep.packed_layer
+spqr_layer = _bench_module("spqr").spqr_layer  # bench/spqr.py's SpQR layer (g16, 3-bit stats g16, 1% outliers)
 
 from gptqlora.kernels import gemv, gemv_m1  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
@@ -123,16 +128,37 @@ def layer_rows(device, timer: Timer, shape: str, copy: float, bits_list, ms_list
 
 
 def weight_bytes(model) -> int:
-    """Bytes a decode step reads at batch 1: packed weights, scales, zeros, the dense parameters."""
+    """Bytes a decode step reads at batch 1: packed weights, scales, zeros (SpQR: all its tensors), the dense
+    parameters."""
+    from gptqlora.formats.spqr import SPQR_TENSORS
     from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.nn.spqr_linear import SpQRLinear
 
     total = 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             total += sum(t.numel() * t.element_size() for t in (mod.qweight, mod.qzeros, mod.scales))
+        elif isinstance(mod, SpQRLinear):  # g_idx counts for the act-order copy's perm (int32 [K]) read instead
+            total += sum(getattr(mod, name).numel() * getattr(mod, name).element_size() for name in SPQR_TENSORS)
     # the embedding is not read per token (one row); lm_head, norms and the LoRA weights are
     total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     return total
+
+
+def average_bits(model) -> float:
+    """Storage bits per weight of the quantized projections (GPTQ: codes + fp16 scale and packed zero per
+    group; SpQR: its layers' own count), over all of them; 16 for a model without any."""
+    from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.nn.spqr_linear import SpQRLinear
+
+    bits = weights = 0
+    for mod in model.modules():
+        if isinstance(mod, (QuantLinear, SpQRLinear)):
+            n = mod.in_features * mod.out_features
+            group = mod.group_size if mod.group_size != -1 else mod.in_features
+            bits += n * (mod.average_bits if isinstance(mod, SpQRLinear) else mod.bits + (16 + mod.bits) / group)
+            weights += n
+    return bits / weights if weights else 16.0
 
 
 def _generator(model, harness: str, ids: torch.Tensor, prompt: int, new: int):
@@ -208,18 +234,53 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
                                        "wall_us_per_token": round(wall * 1e6 / new, 1)}]
 
 
+def build_spqr(shape: str, bits: int, device):
+    """A LLaMA of `shape` whose seven projections are SpQR layers (bench/spqr.py's `spqr_layer`: group 16,
+    3-bit statistics in groups of 16, 1% outliers), built as train_step.build_gptq builds GPTQ ones: the
+    model on the meta device, then each projection made on `device` (no dense copy of the model ever)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = train_step.config(shape)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    projections = [(name, mod.in_features, mod.out_features) for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
+    for name, _, _ in projections:  # placeholders: to_empty allocates nothing for them
+        model.set_submodule(name, torch.nn.Identity())
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Embedding, torch.nn.Linear)):
+            mod.weight.data.normal_(0, 0.02, generator=gen)
+        elif "RMSNorm" in type(mod).__name__:
+            mod.weight.data.fill_(1.0)
+    with torch.device(device):  # to_empty left its inv_freq buffer uninitialised
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    for name, k, n in projections:  # scale as build_gptq's (activations stay O(1)); seed: one per block, so
+        block = int(name.split(".layers.")[1].split(".")[0])  # siblings share their act-order, as GPTQ's do
+        model.set_submodule(name, spqr_layer(k, n, bits, device=device, scale=1.0 / (math.sqrt(k) * 2 ** (bits - 1)),
+                                             seed=block))
+    return model
+
+
 def build(kind: str, shape: str, device):
     """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch) or
     "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py), "gptqB-alt"
-    (built alike; generation_rows has its kernels read the --alt-table configs)."""
+    (built alike; generation_rows has its kernels read the --alt-table configs); "spqrB" (SpQR, B-bit codes,
+    with the r=8 adapter: `build_spqr`)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
     from gptqlora.adapters import GPTQLoraConfig
 
     kind, _, kernel = kind.partition("-")
-    bits = int(kind.removeprefix("gptq"))
-    model = build_gptq(shape, bits, GROUP[bits], device)
+    if kind.startswith("spqr"):
+        model = build_spqr(shape, int(kind.removeprefix("spqr")), device)
+    else:
+        bits = int(kind.removeprefix("gptq"))
+        model = build_gptq(shape, bits, GROUP[bits], device)
     if device.type == "cpu":
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -266,13 +327,15 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
     rows = []
     fast = device.type == "cuda"
     for batch in batches:
-        for kind in ["bf16"] + [f"gptq{b}" + ("" if k == "triton" else f"-{k}") for b in bits_list for k in kernels]:
+        kinds = [[b] if isinstance(b, str) else [f"gptq{b}" + ("" if k == "triton" else f"-{k}") for k in kernels]
+                 for b in bits_list]  # SpQR ("spqr3"): its one decode path, --decode-kernels are GPTQ's
+        for kind in ["bf16"] + [kind for ks in kinds for kind in ks]:
             label = kind + ("+lora r8" if kind != "bf16" else "")
             if time.time() > deadline:
                 rows.append({"model": label, "harness": "skipped: over --budget-s", "batch": batch})
                 continue
             model = build(kind, shape, device)
-            wb = weight_bytes(model)
+            wb, avg_bits = weight_bytes(model), round(average_bits(model), 3)
             harnesses = ["same harness"] + (["transformers compiled"] if fast and batch == 1 and old_harness else []) + \
                 (["plain transformers"] if kind == "bf16" else [])
             with _decode_kernels(kind, alt_table):  # the A/Bs' kernel choice, for this model only
@@ -290,7 +353,7 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                                                      for d in model.__dict__.get("_gptqlora_decoders", {}).values())
                     step_gbps = wb * tps / batch / 1e9
                     ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
-                    rows.append({"model": label, "harness": harness, "batch": batch,
+                    rows.append({"model": label, "avg_bits": avg_bits, "harness": harness, "batch": batch,
                                  "tokens_per_s": round(tps, 1) if ok else None, "weight_gb": round(wb / 1e9, 2),
                                  "step_weight_gbps": round(step_gbps) if ok else None,
                                  "pct_copy": round(100 * step_gbps / copy, 1) if ok else None, **compiled})
@@ -326,7 +389,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
-    ap.add_argument("--bits", default="2,3,4", help="comma-separated bit widths (default 2,3,4)")
+    ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
+                    "of B-bit codes (generation only; e.g. 3,spqr3; default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate (default 64)")
@@ -352,7 +416,9 @@ def main() -> int:
         return 2
     t0 = time.time()
     timer = Timer(device)
-    bits = [int(b) for b in a.bits.split(",")]
+    bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
+    if any(isinstance(b, str) and not b.removeprefix("spqr").isdigit() for b in bits):
+        ap.error(f"--bits {a.bits}: each entry a bit width or spqrB (e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)
@@ -362,8 +428,9 @@ def main() -> int:
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)", flush=True)
     if not cuda:
         sys.stderr.write("bench/decode.py: CPU smoke test (Triton's interpreter): figures mean nothing\n")
-    if "layers" not in a.skip:
-        out["layers"] = layer_rows(device, timer, a.shape, copy, bits, batches, l2)
+    gptq_bits = [b for b in bits if isinstance(b, int)]  # SpQR layers alone: bench/spqr.py
+    if "layers" not in a.skip and gptq_bits:
+        out["layers"] = layer_rows(device, timer, a.shape, copy, gptq_bits, batches, l2)
         print(table(out["layers"], list(out["layers"][0])), flush=True)
     if "generation" not in a.skip:
         out["generation"] = generation_rows(device, timer, a.shape, bits, batches, a.prompt, a.new, copy,
@@ -375,7 +442,7 @@ def main() -> int:
     print(f"\n{out['device']}, torch {out['torch']}, {out['date']}, {a.shape} shape, copy {copy:.0f} GB/s, "
           f"{out['wall_s']} s")
     if "generation" in out:
-        print(table(out["generation"], ["model", "harness", "batch", "tokens_per_s", "x_bf16_same_harness",
+        print(table(out["generation"], ["model", "avg_bits", "harness", "batch", "tokens_per_s", "x_bf16_same_harness",
                                         "x_plain_transformers", "step_weight_gbps", "pct_copy", "cuda_graph",
                                         "unique_graphs", "graph_breaks", "cudagraph_skips"]))
     return 0

@@ -3,7 +3,8 @@
 # 8 files come back from a device call: every stage's stderr goes to one stderr.log).
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
-#                                                    scale-memory-both quant-stream scale-tests stages inplace-ab)
+#                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
+#                                                    spqr-decode)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -109,6 +110,11 @@ for r in rows:
                GPTQLORA_GEMV_CONFIGS="$OUT/m1_table.json" python3 bench/decode.py --skip layers --bits "${AB_BITS:-2,4}" --batches 1 \
                  --decode-kernels triton,inplace --no-old-harness --budget-s "${DECODE_BUDGET:-150}" --json "$OUT/decode_inplace.json" \
                  > "$OUT/decode_inplace.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_inplace.txt" ;;
+    spqr-decode)  # issue 17: a 7B-shaped SpQR model (3-bit g16, 3-bit stats g16, 1% outliers) + r=8 LoRA at batch 1
+               # against GPTQ 3-bit and bf16 in graph_decode's harness (target >= 1.3x bf16 tokens/s); no model starts after the budget
+               python3 bench/decode.py --skip layers --bits 3,spqr3 --batches 1 --no-old-harness --budget-s "${DECODE_BUDGET:-200}" \
+                 --json "$OUT/decode_spqr.json" > "$OUT/decode_spqr.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"
+               tail -8 "$OUT/decode_spqr.txt" ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

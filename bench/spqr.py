@@ -45,24 +45,34 @@ def gptq_layer(k: int, n: int, bits: int, group: int, device) -> nn.Module:
 
 
 def spqr_layer(k: int, n: int, bits: int = 3, group: int = 16, stat_bits: int = 3, stat_group: int = 16,
-               outliers: float = 0.01, device="cpu") -> nn.Module:
+               outliers: float = 0.01, device="cpu", scale: float | None = None, seed: int = 0) -> nn.Module:
+    """A SpQR layer with random codes. `scale` (for a whole model, bench/decode.py): the scales decode to
+    about it, the zeros to about the codes' middle and the outliers to a few dense weights' size, so that
+    activations stay O(1) through many layers; None: the layer-alone statistics below. `seed`: other contents."""
     from gptqlora.formats.gptq import pack_cols, pack_rows
     from gptqlora.formats.spqr import SpQRSpec, csr_from_mask
     from gptqlora.nn.spqr_linear import SpQRLinear
 
-    g = torch.Generator(device=device).manual_seed(k * n + 7)
+    g = torch.Generator(device=device).manual_seed(k * n + 7 + seed)
     gcount, s = k // group, n // stat_group
     codes = torch.randint(0, 2**bits, (k, n), device=device, generator=g)
     mask = torch.rand(n, k, device=device, generator=g) < outliers
-    vals = torch.randn(n, k, device=device, generator=g) * 0.05
+    vals = torch.randn(n, k, device=device, generator=g) * (0.05 if scale is None else 2**bits * scale)
     v, c, r = csr_from_mask(mask, vals)
     rnd = lambda *shape: torch.rand(*shape, device=device, generator=g)  # noqa: E731
+    if scale is None:
+        s_step, s_base, z_step, z_base = rnd(gcount, s) * 1e-4, rnd(gcount, s) * 1e-3 + 1e-3, rnd(gcount, s) * 0.5, \
+            rnd(gcount, s) * 2
+    else:  # scale in [0.5, 1.6] x `scale`; zero = middle code -/+ 0.5 .. 1.5
+        top = 2**stat_bits - 1
+        s_step, s_base = rnd(gcount, s) * scale / top, (0.5 + 0.1 * rnd(gcount, s)) * scale
+        z_step, z_base = rnd(gcount, s) * 2 / top, torch.full((gcount, s), (2**bits - 1) / 2 - 0.5, device=device)
     buffers = {"qweight": pack_rows(codes, bits), "g_idx": (torch.arange(k, device=device, dtype=torch.int32) // group)[
                    torch.randperm(k, device=device, generator=g)],
                "scales_code": pack_cols(torch.randint(0, 2**stat_bits, (gcount, n), device=device, generator=g), stat_bits),
-               "scales_step": (rnd(gcount, s) * 1e-4).half(), "scales_base": (rnd(gcount, s) * 1e-3 + 1e-3).half(),
+               "scales_step": s_step.half(), "scales_base": s_base.half(),
                "zeros_code": pack_cols(torch.randint(0, 2**stat_bits, (gcount, n), device=device, generator=g), stat_bits),
-               "zeros_step": (rnd(gcount, s) * 0.5).half(), "zeros_base": (rnd(gcount, s) * 2).half(),
+               "zeros_step": z_step.half(), "zeros_base": z_base.half(),
                "outlier_values": v, "outlier_cols": c, "outlier_rows": r}
     return SpQRLinear(SpQRSpec(k, n, bits, group, stat_bits, stat_group), buffers)
 

@@ -57,7 +57,9 @@ def build_dense(shape: str, nf4: bool, device) -> nn.Module:
     return model
 
 
-def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
+def build_gptq(shape: str, bits: int, group: int, device, act_order: bool = True) -> nn.Module:
+    """A `shape` LLaMA with every projection a QuantLinear of random codes; act-order (a random g_idx row
+    order shared by the projections that share an input, as GPTQ gives them) unless `act_order` is False."""
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.skeleton import quantize_skeleton
 
@@ -80,7 +82,7 @@ def build_gptq(shape: str, bits: int, group: int, device) -> nn.Module:
             key = (name.rpartition(".")[0], k)
             if key not in perms:
                 perms[key] = torch.randperm(k, device=device, generator=gen)
-            perm = perms[key]
+            perm = perms[key] if act_order else torch.arange(k, device=device)
             mod.g_idx.copy_((torch.arange(k, device=device, dtype=torch.int32) // g)[perm])  # act-order
         elif isinstance(mod, (nn.Embedding, nn.Linear)):
             mod.weight.data.normal_(0, 0.02, generator=gen)

@@ -100,6 +100,39 @@ def test_host_ops_smoke(tmp_path):
     assert all(r["ops_per_step"] > 0 for r in rec["per_step"])
 
 
+def test_decode_smoke_with_a_spqr_model(tmp_path):
+    """bench/decode.py --bits spqr3 (issue 17): a micro SpQR model with the r=8 adapter decodes greedily through
+    graph_decode's loop beside bf16 (on CPU the torch path: the Triton one runs minutes in the interpreter)."""
+    out = tmp_path / "decode.json"
+    _run([str(ROOT / "bench" / "decode.py"), "--device", "cpu", "--shape", "micro", "--bits", "spqr3", "--batches", "1",
+          "--skip", "layers", "--prompt", "4", "--new", "3", "--json", str(out)], tmp_path)
+    rows = {(r["model"], r["harness"]): r for r in json.loads(out.read_text())["generation"]}
+    assert set(rows) == {("bf16", "same harness"), ("bf16", "plain transformers"), ("spqr3+lora r8", "same harness")}
+    spqr = rows["spqr3+lora r8", "same harness"]
+    assert 3.6 < spqr["avg_bits"] < 4.1 and rows["bf16", "same harness"]["avg_bits"] == 16.0
+    assert spqr["weight_gb"] > 0 and spqr["graph_breaks"] == 0
+
+
+def test_decode_spqr_model_is_adapted_and_its_bytes_counted():
+    """build("spqr3") puts a SpQRLinear under each of the seven projections' GPTQLoraLinear, and weight_bytes
+    counts every SpQR tensor (with the dense parameters but the embedding)."""
+    import torch
+
+    from gptqlora.adapters.layer import GPTQLoraLinear
+    from gptqlora.formats.spqr import SPQR_TENSORS
+    from gptqlora.nn.spqr_linear import SpQRLinear
+
+    mod = _bench_module("decode")
+    model = mod.build("spqr3", "micro", torch.device("cpu"))
+    layers = [m.base_layer for m in model.modules() if isinstance(m, GPTQLoraLinear)]
+    assert len(layers) == 7 * 2 and all(isinstance(m, SpQRLinear) and m.bits == 3 and m.group_size == 16
+                                         and m.stat_bits == 3 and m.stat_group_size == 16 for m in layers)
+    assert all(0.005 < m.outlier_fraction < 0.015 for m in layers)
+    packed = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m in layers for n in SPQR_TENSORS)
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    assert mod.weight_bytes(model) == packed + dense
+    assert abs(mod.average_bits(model) - sum(m.average_bits for m in layers) / len(layers)) < 0.1
+
 def _bench_module(name: str, folder: str = "bench"):
     """<folder>/<name>.py as a module (bench/ and scripts/ are scripts, not packages)."""
     import importlib.util
