@@ -268,8 +268,10 @@ def build_spqr(shape: str, bits: int, device):
 def build(kind: str, shape: str, device):
     """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch) or
     "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py), "gptqB-alt"
-    (built alike; generation_rows has its kernels read the --alt-table configs); "spqrB" (SpQR, B-bit codes,
-    with the r=8 adapter: `build_spqr`)."""
+    (built alike; generation_rows has its kernels read the --alt-table configs); "gptqB-noact" (no act-order:
+    g_idx in row order, so the kernel reads x without `perm`: what the permuted read of x costs in a whole
+    model); "spqrB" (SpQR, B-bit codes, with the r=8
+    adapter: `build_spqr`)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
@@ -280,12 +282,12 @@ def build(kind: str, shape: str, device):
         model = build_spqr(shape, int(kind.removeprefix("spqr")), device)
     else:
         bits = int(kind.removeprefix("gptq"))
-        model = build_gptq(shape, bits, GROUP[bits], device)
+        model = build_gptq(shape, bits, GROUP[bits], device, act_order=kernel != "noact")
     if device.type == "cpu":
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "alt"):
+    if kernel not in ("", "unfused", "inplace", "alt", "noact"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -401,7 +403,8 @@ def main() -> int:
     ap.add_argument("--decode-kernels", default="triton",
                     help="comma-separated, per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one launch "
                          "each), unfused (the same, every layer its own launch: the A/B), inplace (one-token calls through "
-                         "kernels/gemv_m1.py, opt-in: the A/B), alt (triton with the configs of --alt-table); default triton "
+                         "kernels/gemv_m1.py, opt-in: the A/B), alt (triton with the configs of --alt-table), noact (triton on a "
+                         "model without act-order: what x's permuted read costs); default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

@@ -57,15 +57,30 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             return QALoraLinearVariant()
         return None
 
-    def _fused_adapter(self, kwargs: dict) -> str | None:
-        """The one active plain-LoRA adapter when the fused base+LoRA function can compute this layer."""
+    def _plain_adapter(self, kwargs: dict) -> str | None:
+        """The one active plain-LoRA adapter (no variant, dropout or none), if that is all this call uses."""
         if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
             return None
         active = [n for n in self.active_adapters if n in self.lora_A]
-        if len(active) != 1 or active[0] in self.lora_variant or not isinstance(self.base_layer, QuantLinear):
+        if len(active) != 1 or active[0] in self.lora_variant:
             return None
         drop = self.lora_dropout[active[0]]
         return active[0] if isinstance(drop, (nn.Dropout, nn.Identity)) else None
+
+    def _fused_adapter(self, kwargs: dict) -> str | None:
+        """The one active plain-LoRA adapter when the fused base+LoRA function can compute this layer."""
+        return self._plain_adapter(kwargs) if isinstance(self.base_layer, QuantLinear) else None
+
+    def _small_m_other(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """Decoding on another packed base with a decode kernel that takes the adapter (SpQR's `small_m`): one
+        launch for base and LoRA, as for QuantLinear; None where it does not apply."""
+        small_m = getattr(self.base_layer, "small_m", None)
+        if small_m is None or x.numel() > MAX_M * x.shape[-1]:
+            return None
+        name = self._plain_adapter(kwargs)
+        if name is None or self._dropout_p(name):
+            return None
+        return small_m(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def _fused_parts(self, name: str, p: float | None = None) -> tuple[PackedBase, torch.Tensor, torch.Tensor,
                                                                         float, float]:
@@ -105,6 +120,9 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
                 (y,) = quant_lora_group(x.to(compute_dtype(x)) if xc is None else xc, [packed], [a], [b], [s], p,
                                         base.kernel, cast_slot=_slot(self._cast_one))
             return y if base.bias is None else y + base.bias.to(y.dtype)
+        y = self._small_m_other(x, kwargs)
+        if y is not None:
+            return y
         result = self.base_layer(x)  # (..., N) in the compute dtype
         if self.disable_adapters:
             return result

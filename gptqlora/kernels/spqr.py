@@ -75,14 +75,17 @@ def _stat_group(t: SpQRTensors) -> int:
     return t.qweight.shape[1] // t.scales_step.shape[-1]
 
 
-def spqr_small_m_op(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, plan: tuple) -> torch.Tensor:
+def spqr_small_m_op(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, plan: tuple,
+                    lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                    scaling: float = 1.0) -> torch.Tensor:
     """spqr_triton.spqr_small_m as one op (torch.ops.gptqlora.spqr_small_m); `plan` as QuantLinear.gemv_plan
-    gives it."""
+    gives it; `lora_a`/`lora_b` (r, K) / (N, r): an adapter fused into the same launch."""
     from gptqlora.kernels import spqr_triton  # noqa: F401  (registers the op)
 
     read, perm, locks, rows_sorted, group = plan
+    a, b = ([lora_a], [lora_b]) if lora_a is not None else ([], [])
     return torch.ops.gptqlora.spqr_small_m(x, list(t.as_tuple()), bits, stat_bits, read, perm, locks, rows_sorted,
-                                           group)
+                                           group, a, b, float(scaling))
 
 
 def spqr_weight(t: SpQRTensors, bits: int, stat_bits: int, dtype: torch.dtype | None = None,

@@ -141,15 +141,19 @@ def spqr_weight_triton(t: SpQRTensors, bits: int, stat_bits: int, dtype: torch.d
     return add_outliers_triton(w, t)
 
 
-def spqr_small_m(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, gemv_plan) -> torch.Tensor:
-    """x (M <= 16, K) @ W -> (M, N) in x's dtype without a dense W: the small-M GPTQ kernel on the codes,
-    decoding the statistics per tile, then the CSR SpMV of the outliers added."""
+def spqr_small_m(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, gemv_plan,
+                 lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                 scaling: float = 1.0) -> torch.Tensor:
+    """x (M <= 16, K) @ W [+ scaling * (x @ Aᵀ) @ Bᵀ] -> (M, N) in x's dtype without a dense W: the small-M
+    GPTQ kernel on the codes, decoding the statistics per tile (and the LoRA fused in, as for GPTQ layers),
+    then the CSR SpMV of the outliers added."""
     from gptqlora.kernels.gemv import _sm_count, gemv_triton
 
     m, k = x.shape
     stats = (stat_bits, t.scales_code, t.scales_step, t.scales_base, t.zeros_code, t.zeros_step, t.zeros_base)
+    lora = ([lora_a], [lora_b]) if lora_a is not None else (None, None)
     y = gemv_triton(x, t.qweight, t.zeros_step, t.scales_step, t.g_idx, bits, gemv_plan,  # zeros, scales: unread
-                    sms=_sm_count(x.device), spqr_stats=stats)
+                    *lora, scaling, sms=_sm_count(x.device), spqr_stats=stats)
     if t.outlier_values.shape[0]:
         n = y.shape[1]
         _CSR_SPMV[(n,)](x.contiguous(), y, t.outlier_values, t.outlier_cols, t.outlier_rows, m, k, n,
@@ -159,13 +163,16 @@ def spqr_small_m(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, gem
 
 @torch.library.custom_op("gptqlora::spqr_small_m", mutates_args=())
 def _spqr_small_m(x: torch.Tensor, tensors: list[torch.Tensor], bits: int, stat_bits: int, plan_qweight: torch.Tensor,
-                  perm: torch.Tensor | None, locks: torch.Tensor, sorted_rows: bool, group: int) -> torch.Tensor:
-    # opaque to torch.compile and CUDA graphs, as gptqlora::gemv (its split-K counters end as they began)
+                  perm: torch.Tensor | None, locks: torch.Tensor, sorted_rows: bool, group: int,
+                  lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scaling: float) -> torch.Tensor:
+    # opaque to torch.compile and CUDA graphs, as gptqlora::gemv (its split-K counters end as they began);
+    # lora_a, lora_b: [] (no adapter) or the one adapter's A and B
     from gptqlora.kernels.gemv import GemvPlan
 
-    return spqr_small_m(x, SpQRTensors(*tensors), bits, stat_bits, GemvPlan(plan_qweight, perm, sorted_rows, group, locks))
+    return spqr_small_m(x, SpQRTensors(*tensors), bits, stat_bits, GemvPlan(plan_qweight, perm, sorted_rows, group, locks),
+                        lora_a[0] if lora_a else None, lora_b[0] if lora_b else None, scaling)
 
 
 @_spqr_small_m.register_fake
-def _(x, tensors, bits, stat_bits, plan_qweight, perm, locks, sorted_rows, group):
+def _(x, tensors, bits, stat_bits, plan_qweight, perm, locks, sorted_rows, group, lora_a, lora_b, scaling):
     return x.new_empty((x.shape[0], tensors[0].shape[1]))

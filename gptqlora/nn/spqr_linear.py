@@ -92,15 +92,18 @@ class SpQRLinear(nn.Module):
     kernel_plan = QuantLinear.kernel_plan
     gemv_plan = QuantLinear.gemv_plan
 
-    def small_m(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y = x @ W + bias without a dense W (kernels.spqr_triton.spqr_small_m) when it applies: at most 16 rows,
-        the Triton path, no gradient wanted; else None."""
-        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and x.requires_grad):
+    def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                scaling: float = 1.0) -> torch.Tensor | None:
+        """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] without a dense W (kernels.spqr_triton.spqr_small_m)
+        when it applies: at most 16 rows, the Triton path, no gradient wanted; else None. As QuantLinear.small_m."""
+        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and (
+                x.requires_grad or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad)))):
             return None
         plan = self.gemv_plan()
         if plan is None:
             return None
-        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), self.tensors(), self.bits, self.stat_bits, plan)
+        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), self.tensors(), self.bits, self.stat_bits, plan, lora_a, lora_b,
+                            scaling)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -105,6 +105,26 @@ def test_small_m_path_matches_the_dense_weight(m, dtype, bits, repack):
     assert float((y0.double() - want).norm() / want.norm()) > 10 * err  # the outliers are really added
 
 
+@pytest.mark.parametrize("m, repack", [(1, True), (5, True), (3, False)], ids=["m1", "m5", "m3-gather"])
+def test_small_m_path_fuses_the_lora_update(m, repack):
+    """An adapter in the same launch: x @ W + s * (x @ Aᵀ) @ Bᵀ (the chat/generate decode step of a SpQR base)."""
+    from gptqlora.kernels.gemv import plan_gemv
+
+    t = random_spqr(k=256, n=96, seed=10 + m)
+    g = torch.Generator(device=DEVICE).manual_seed(m)
+    x = torch.randn(m, 256, device=DEVICE, generator=g)
+    a = torch.randn(8, 256, device=DEVICE, generator=g) * 0.1  # (r, K)
+    b = torch.randn(96, 8, device=DEVICE, generator=g) * 0.1  # (N, r)
+    plan = plan_gemv(t.qweight, t.g_idx, 3, 16, repack)
+    w = spqr_weight(t, 3, 3, torch.float64 if DEVICE == "cpu" else torch.float32, "torch").double()
+    want = x.double() @ w + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    y = spqr_small_m(x, t, 3, 3, plan, a, b, 0.5)
+    err = float((y.double() - want).norm() / want.norm())
+    assert err < 1e-5, err
+    lora = 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    assert float((spqr_small_m(x, t, 3, 3, plan).double() - want).norm()) > 100 * err * float(lora.norm())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_unpack_along_n_matches_unpack_cols(bits):
     codes = torch.randint(0, 2**bits, (7, 96))

@@ -205,6 +205,32 @@ def test_decode_path_without_a_dense_weight_matches_and_compiles_in_one_graph(mo
     assert torch.equal(yc, y) and not counters["graph_break"]
 
 
+def test_adapter_on_spqr_decodes_in_one_launch_equal_to_the_unfused_path(monkeypatch):
+    """Decoding a SpQR base with an adapter: the LoRA goes into the SpQR decode launch (no separate lora_A /
+    lora_B matmuls), with the same output as the layer-then-adapter path."""
+    from gptqlora.kernels import spqr_triton as kspqr
+
+    layer, _ = spqr_layer(kernel="triton")
+    model = torch.nn.Sequential(layer, torch.nn.LayerNorm(64))  # a parameter: PEFT reads the device from one
+    pm = get_peft_model(model, GPTQLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0"],
+                                              task_type=None)).eval()
+    wrapped = pm.base_model.model[0]
+    torch.nn.init.normal_(wrapped.lora_B["default"].weight, std=0.1)  # B = 0 would hide a dropped update
+    calls = []
+    real = kspqr.spqr_small_m
+    monkeypatch.setattr(kspqr, "spqr_small_m", lambda *a, **k: calls.append(a[5] is not None) or real(*a, **k))
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        y = wrapped(x)
+    assert calls == [True]  # one launch, the adapter in it
+    xg = x.clone().requires_grad_()
+    want = wrapped(xg)  # the autograd path: base, then lora_B(lora_A(x)) * scaling
+    assert len(calls) == 1
+    torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
+    lora_only = wrapped.lora_B["default"](wrapped.lora_A["default"](x)) * wrapped.scaling["default"]
+    assert float(lora_only.norm()) > 0.01 * float(want.norm())  # the update is not negligible
+
+
 def test_prepare_decode_builds_the_spqr_decode_plan_before_compiling():
     """Under torch.compile a plan cannot be built; a layer without one would take the training path."""
     from gptqlora import inference
