@@ -18,6 +18,8 @@ Prints a JSON record (failures, skipped sections, seconds per section), then one
    tokens the eager torch reference path gives through transformers' generate; the step compiles with no
    graph break, is captured (greedy and sampled: one graph each), and a second call replaying the graph
    from a new prefill gives the same tokens.
+4. spqr: SpQR's decode launch (the small-M kernel decoding 3-bit statistics, the CSR SpMV), with and without
+   the fused adapter, at the three shapes against float64.
 
 Why this is fast (the first version did not finish in 150 s): every distinct specialization of the kernel is
 a Triton compilation (~1-2 s each). M and the split count are runtime arguments of the kernel now, the case
@@ -181,6 +183,38 @@ def check_graphs(device, k, n) -> dict:
             "ok": bool(ok) and skips == 0 and breaks == 0}
 
 
+def check_spqr(device, shapes) -> list[dict]:
+    """SpQR's decode launch (3-bit g16 codes, 3-bit statistics, 1% outliers, act-order through the repacked
+    copy) at each shape, M = 1 and 8, with the r=16 adapter fused in and without, against x @ W in float64
+    (W: the torch reference's dense weight, outliers added) plus the LoRA update."""
+    import importlib.util
+
+    from gptqlora.kernels.spqr import spqr_weight
+    from gptqlora.kernels.spqr_triton import spqr_small_m
+
+    spec = importlib.util.spec_from_file_location("bench_spqr", os.path.join(os.path.dirname(__file__), "spqr.py"))
+    bench_spqr = importlib.util.module_from_spec(spec)  # by its path: a module named `spqr` could be another
+    spec.loader.exec_module(bench_spqr)
+    rows = []
+    for k, n in shapes:
+        layer = bench_spqr.spqr_layer(k, n, device=device)  # random codes, statistics and outliers
+        t = layer.tensors()
+        w = spqr_weight(t, 3, 3, torch.float32, "torch").double()  # (K, N)
+        g = torch.Generator(device=device).manual_seed(k + n)
+        a = torch.randn(R, k, device=device, generator=g).to(torch.bfloat16) * 0.05
+        b = torch.randn(n, R, device=device, generator=g).to(torch.bfloat16) * 0.05
+        x16 = torch.randn(8, k, device=device, generator=g).to(torch.bfloat16)
+        plan = plan_gemv(t.qweight, t.g_idx, 3, 16)  # act-order: the repacked copy, read through perm
+        for m, lora in ((1, True), (8, True), (1, False)):
+            x = x16[:m]
+            want = x.double() @ w + (2.0 * (x.double() @ a.double().t()) @ b.double().t() if lora else 0)
+            got = spqr_small_m(x, t, 3, 3, plan, a if lora else None, b if lora else None, 2.0)
+            err = rel(got, want)
+            rows.append({"check": "spqr", "shape": f"{k}x{n}", "m": m, "lora": lora, "rel_err": err,
+                         "ok": bool(torch.isfinite(got).all()) and err < 2e-2 and not plan.locks.any()})
+    return rows
+
+
 def check_generation(device, hidden, inter) -> dict:
     from torch._dynamo.utils import counters
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -245,7 +279,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="interpreter-sized shapes (CPU, TRITON_INTERPRET=1)")
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the old name of --small
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: kernel, graphs, generation")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: kernel, graphs, generation, spqr")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="worker processes compiling the kernels first (GPU; 1: none)")
     ap.add_argument("--budget-s", type=float, default=120, help="start no section after this many seconds")
@@ -276,7 +310,8 @@ def main(argv: list[str]) -> int:
     seconds["warm"] = round(time.time() - t0, 1)
     sections = [("kernel", lambda: [r for c in all_cases for r in run_case(c, device)]),
                 ("graphs", lambda: [check_graphs(device, *shapes[0])]),
-                ("generation", lambda: [check_generation(device, *gen)])]
+                ("generation", lambda: [check_generation(device, *gen)]),
+                ("spqr", lambda: check_spqr(device, shapes))]
     for name, fn in sections:
         if name in a.skip.split(","):
             continue

@@ -45,3 +45,16 @@ def test_a_wrong_result_fails_and_a_right_one_passes(check, monkeypatch, layout)
     monkeypatch.setattr(check, "gemv_triton",  # every second call 0.8% off: within tolerance, but not equal
                         lambda x, *a, **k: calls.append(0) or real(x, *a, **k) * (1 + 2**-7 * (len(calls) % 2)))
     assert not any(r["ok"] for r in check.run_case(case, torch.device("cpu")))  # two calls differ: not deterministic
+
+
+def test_spqr_section_fails_a_dropped_adapter(check, monkeypatch):
+    """The SpQR decode rows pass on the real launch and fail where the fused LoRA update is lost."""
+    from gptqlora.kernels import spqr_triton
+
+    rows = check.check_spqr(torch.device("cpu"), [(256, 128)])
+    assert len(rows) == 3 and all(r["ok"] for r in rows)
+    real = spqr_triton.spqr_small_m
+    monkeypatch.setattr(spqr_triton, "spqr_small_m", lambda x, t, bits, sb, plan, a=None, b=None, s=1.0:
+                        real(x, t, bits, sb, plan))
+    rows = check.check_spqr(torch.device("cpu"), [(256, 128)])
+    assert [r["ok"] for r in rows] == [False, False, True]  # the two adapter rows, not the plain one
