@@ -59,7 +59,22 @@ def _codes(qweight_ptr, k0, offs_n, k_end, N, QW_STRIDE, BITS: tl.constexpr, BK:
         shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # (BK/PER, PER, BN)
         return tl.reshape(q, (BK, BN))  # row w * PER + j
-    else:  # 3 bit: 32 rows fill 3 words, two of the codes straddle
+    elif BK % 32 == 0:  # 3 bit, whole 32-row blocks: 3 words each, loaded once (not per code)
+        # rows 0..20 of a block lie in the 64 bits w0|w1 (row j at bit 3j), rows 21..31 in w1|w2 (at bit 3j - 32):
+        # every code inside one 64-bit pair, so one shift of the pair gives it, straddling or not
+        blk = k0 // 32 + tl.arange(0, BK // 32)  # (BK/32,)
+        mw = (blk * 32 < k_end)[:, None] & mn[None, :]
+        at = qweight_ptr + (blk * 3)[:, None] * QW_STRIDE + offs_n[None, :]  # (BK/32, BN): each block's w0
+        w0 = tl.load(at, mask=mw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w1 = tl.load(at + QW_STRIDE, mask=mw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w2 = tl.load(at + 2 * QW_STRIDE, mask=mw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        j = tl.arange(0, 32)
+        first = (j < 21)[None, :, None]
+        shift = tl.where(j < 21, 3 * j, 3 * j - 32).to(tl.uint64)[None, :, None]
+        pair = tl.where(first, (w0 | (w1 << 32))[:, None, :], (w1 | (w2 << 32))[:, None, :])  # (BK/32, 32, BN)
+        q = ((pair >> shift) & 7).to(tl.uint32)
+        return tl.reshape(q, (BK, BN))  # row b * 32 + j
+    else:  # 3 bit, tiles under 32 rows: 32 rows fill 3 words, two of the codes straddle
         k = k0 + tl.arange(0, BK)
         bit = k * BITS
         m2 = (k < k_end)[:, None] & mn[None, :]
@@ -92,7 +107,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
                  lock_ptr, sc_ptr, ss_ptr, sb_ptr, zc_ptr, zs_ptr, zb_ptr, M, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT, SG,
                  SPQR: tl.constexpr, SBITS: tl.constexpr, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, SORTED: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                 BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr, LOOP_STAGES: tl.constexpr,
+                 SUB: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     DOT: tl.constexpr = BM >= 16
     offs_m = tl.arange(0, BM)
@@ -123,7 +139,22 @@ def _gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
         mk = offs_k < k_end
         src = tl.load(perm_ptr + offs_k, mask=mk, other=0) if HAS_PERM else offs_k  # x column of each row
         xt = tl.load(x_ptr + offs_m[:, None] * K + src[None, :], mask=mm[:, None] & mk[None, :], other=0)  # (BM, BK)
-        if SORTED:  # one group per tile: scales and zeros once, the zero factored out
+        if SORTED and SUB < BK:  # one token, a tile over BK / SUB whole groups of SUB rows (small groups such
+            # as SpQR's 16, which would otherwise cut the tile to 16 rows): per group as below, then summed
+            gs = k0 // GROUP + tl.arange(0, BK // SUB)  # (T,) the tile's groups
+            m2 = (gs * SUB < k_end)[:, None] & mn[None, :]
+            if SPQR:
+                s = _stat_at(sc_ptr, ss_ptr, sb_ptr, gs[:, None], offs_n[None, :], m2, N, SG, SBITS).to(tl.float16).to(tl.float32)
+                z = _stat_at(zc_ptr, zs_ptr, zb_ptr, gs[:, None], offs_n[None, :], m2, N, SG, SBITS)
+            else:
+                s = tl.load(scales_ptr + gs[:, None] * N + offs_n[None, :], mask=m2, other=0).to(tl.float32)  # (T, BN)
+                z = _zeros_at(zeros_ptr, gs[:, None], offs_n[None, :], m2, N, BITS, FLOAT_ZEROS)  # (T, BN)
+            q = _codes(qweight_ptr, k0, offs_n, k_end, N, QW_STRIDE, BITS, BK, BN)  # (BK, BN)
+            x3 = tl.reshape(xt.to(tl.float32), (BK // SUB, SUB))  # BM == 1
+            p = tl.sum(x3[:, :, None] * tl.reshape(_as_float(q), (BK // SUB, SUB, BN)), axis=1)  # (T, BN): Σ_k x q
+            xs = tl.sum(x3, axis=1)  # (T,)
+            acc += tl.sum(s * (p - xs[:, None] * z), axis=0)[None, :]
+        elif SORTED:  # one group per tile: scales and zeros once, the zero factored out
             g = k0 // GROUP
             if SPQR:  # SpQR: the statistics decoded from their codes here, once per tile
                 s = _stat_at(sc_ptr, ss_ptr, sb_ptr, g, offs_n, mn, N, SG, SBITS).to(tl.float16).to(tl.float32)
@@ -234,13 +265,14 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 TUNED_ENV = "GPTQLORA_GEMV_CONFIGS"  # a JSON file of tuned configs (bench/gemv_sweep.py writes one)
 TUNED_FILE = Path(__file__).with_name("gemv_configs.json")  # the table shipped with the package, if present
-TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages", "loop_stages")
+TUNABLE = ("BN", "BK", "SPLIT", "num_warps", "num_stages", "loop_stages", "span")
 
 
-def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool) -> str:
+def tuned_key(bits: int, m: int, k: int, n: int, sorted_rows: bool, spqr: bool = False) -> str:
     """The table's key: bit width, M bucket (1: FMA path, 16: tensor-core path for M = 2..16), K, N, and
-    whether rows are read in group order ("sorted") or gathered."""
-    return f"{bits},{1 if m == 1 else MAX_M},{k},{n},{'sorted' if sorted_rows else 'gather'}"
+    whether rows are read in group order ("sorted") or gathered; ",spqr" for SpQR's dense part (its
+    statistics decoded per tile make it another kernel)."""
+    return f"{bits},{1 if m == 1 else MAX_M},{k},{n},{'sorted' if sorted_rows else 'gather'}" + (",spqr" if spqr else "")
 
 
 @functools.cache
@@ -263,29 +295,38 @@ def load_table(path: str | Path) -> dict[str, dict]:
     return table
 
 
-def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
+def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132, spqr: bool = False) -> dict:
     """The untuned choice, from what won the 7B-shape sweeps on an H200 (calls 7 and 10,
     docs/benchmarks.md): BM 1 (FMA) or 16 (tensor cores); BK a power of two of whole words that divides the
     group in sorted mode; split-K for ~4 programs per SM, each keeping >= 2 tiles
     at M = 1 (the time is latency: many short programs in one wave beat a few long ones)."""
     grouped = plan.sorted and plan.group < k  # tiles are cut to divide the group
-    # 3 bit with tiles over 32 rows: the (BK, BN) unpack of straddling words needs smaller tiles (offline
-    # sm_90 compile: BN 256 / BK 128 / 2 warps spills 7.8 KB per thread; H200, session 4: a GPTQ 3-bit 7B
-    # block decoded in 9.59 ms with those, 0.41 ms with these). SpQR's groups of 16 cut BK to 16, where
-    # the wide tiles do not spill and ran faster (SpQR block 0.35 ms against 0.51 with these)
-    small3 = 32 % bits != 0 and not (grouped and _pow2_divisor(plan.group, 64) <= 32)
-    if m == 1:
-        bn, bk, warps = (128, 64, 8) if small3 else (256, 128, 4 if bits >= 4 else 2)
+    # 3 bit: tiles of whole 32-row blocks unpack from three words loaded once (`_codes`): the 4-bit tiles at
+    # M = 1 (offline sm_90: 168 registers, no spill). Before, every code loaded its own word(s), and BN 256 /
+    # BK 128 spilled 7.8 KB per thread (H200, session 4: a GPTQ 3-bit 7B block in 9.59 ms). At M > 1 the
+    # small tiles of that time (no spill); the wide ones spill 48 B. Neither 3-bit choice measured yet.
+    three = 32 % bits != 0
+    if m == 1:  # SpQR: BN 128 (its statistics' decoding spills 56 B per thread at 256 over 8 groups of 16)
+        bn, bk, warps = (128 if spqr else 256, 128, 4 if bits >= 3 else 2)
     else:
-        bn, bk, warps = (32, 32, 4) if small3 else (128, 64, 2)
-    tile = _pow2_divisor(plan.group, bk) if grouped else bk
+        bn, bk, warps = (32, 32, 4) if three else (128, 64, 2)
+    # one-token tiles span groups of <= 32 rows (SpQR's 16; GPTQ g32) rather than being cut to them
+    span = int(m == 1 and grouped and spans_groups(1, bk, plan.group, 32 // bits if not three else 1) and plan.group <= 32)
+    tile = bk if span else _pow2_divisor(plan.group, bk) if grouped else bk
     if m == 1:
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
         # loop_stages 2 at 2 bit: it won every 7B shape's scan there (H100, session 13: 1.02-1.04x per layer),
         # 2 of 5 at 4 bit (kept in the table, not here); never measured at 3 or 8 bit
-        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=2 if bits == 2 else 1)
+        return dict(BM=1, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=2 if bits == 2 else 1,
+                    span=span)
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
     return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=1)
+
+
+def spans_groups(bm: int, bk: int, group: int, per: int) -> bool:
+    """Whether a one-token tile of `bk` rows may span several whole groups (the kernel's SUB path): groups of a
+    power of two of at least 16 rows (and whole words) that divide the tile."""
+    return bm == 1 and 16 <= group < bk and group & (group - 1) == 0 and group % per == 0
 
 
 def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
@@ -293,8 +334,8 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
     group no whole-word tile divides), SPLIT no larger than leaves every split some rows."""
     cfg = dict(cfg)
     per = 32 // bits if 32 % bits == 0 else 1
-    bk = cfg["BK"]
-    if plan.sorted and plan.group < k:
+    bk = cfg["BK"]  # `span`: a one-token tile may span whole small groups (spans_groups) instead of being cut
+    if plan.sorted and plan.group < k and not (cfg.get("span") and spans_groups(cfg["BM"], bk, plan.group, per)):
         bk = _pow2_divisor(plan.group, bk)
     if bk < max(per, 16):  # a group too odd for whole-word tiles: the gather path takes any rows
         bk = 0
@@ -308,14 +349,14 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
 _CONFIGS: dict = {}  # (m bucket, k, n, bits, sorted, group, sms) -> config: no host work per call
 
 
-def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132) -> dict:
+def pick_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int = 132, spqr: bool = False) -> dict:
     """Tile sizes, warps and split-K for one call: the tuned table's entry for this shape where it has one
     (`tuned_table`), over the heuristic; cached per shape."""
-    key = (1 if m == 1 else MAX_M, k, n, bits, plan.sorted, plan.group, sms)
+    key = (1 if m == 1 else MAX_M, k, n, bits, plan.sorted, plan.group, sms, spqr)
     cfg = _CONFIGS.get(key)
     if cfg is None:
-        cfg = heuristic_config(m, k, n, bits, plan, sms)
-        cfg.update(tuned_table().get(tuned_key(bits, m, k, n, plan.sorted), {}))
+        cfg = heuristic_config(m, k, n, bits, plan, sms, spqr)
+        cfg.update(tuned_table().get(tuned_key(bits, m, k, n, plan.sorted, spqr), {}))
         cfg = _CONFIGS[key] = legal_config(cfg, k, bits, plan)
     return cfg
 
@@ -359,8 +400,9 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
                                lora_a, lora_b, scaling, bounds)
-    cfg = pick_config(m, k, n, bits, plan, sms) if config is None else \
-        legal_config({**heuristic_config(m, k, n, bits, plan, sms), **config}, k, bits, plan)
+    spqr = spqr_stats is not None
+    cfg = pick_config(m, k, n, bits, plan, sms, spqr) if config is None else \
+        legal_config({**heuristic_config(m, k, n, bits, plan, sms, spqr), **config}, k, bits, plan)
     cfg = dict(cfg)
     n1, n2 = bounds if bounds is not None else (n, n)
     while n1 % cfg["BN"] or n2 % cfg["BN"]:  # a column block must lie in one projection
@@ -388,7 +430,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   HAS_PERM=sorted_rows and plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], BR=max(16, triton.next_power_of_2(r)),
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", LOOP_STAGES=cfg.get("loop_stages", 1),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  SUB=plan.group if sorted_rows and plan.group < cfg["BK"] else cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

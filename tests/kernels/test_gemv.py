@@ -81,6 +81,44 @@ def test_loop_stages_change_no_result(bits, m):
         assert rel_err(ys[1], want) < 1e-5 and not plan.locks.any()
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_three_bit_whole_block_tiles(m):
+    """3 bit in tiles of whole 32-row blocks (three words loaded once, each code shifted out of a 64-bit
+    pair) against the straddling per-code path of 16-row tiles and float64: tiles of 32, 64 and 128 rows,
+    K = 352 (the last tile's fourth block beyond K), split-K, both row layouts."""
+    p, x, a, b, want = case(352, 96, 3, 32, True, False, m, torch.float32, seed=30 + m)
+    for repack in (True, False):
+        plan = plan_gemv(p["qweight"], p["g_idx"], 3, 32, repack)
+        base = {**pick_config(m, 352, 96, 3, plan), "SPLIT": 2, "BN": 32}
+        ys = {bk: gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 3, plan, a, b, 2.0,
+                              config={**base, "BK": bk}) for bk in ((16, 32) if repack else (16, 32, 64, 128))}
+        for bk, y in ys.items():
+            assert rel_err(y, want) < 1e-5, (repack, bk)
+        assert not plan.locks.any()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_one_token_tiles_spanning_small_groups(bits):
+    """`span`: a one-token tile of 64 or 128 rows over whole groups of 16 or 32 (statistics per group, sums
+    per group, then added) against the tiles cut to one group, and float64; split-K, K = 352 (a last tile
+    that runs past K), the per-row gather unchanged; at M > 1 `span` is ignored (BK cut to the group)."""
+    for group in (16, 32):
+        if group % (32 // bits if 32 % bits == 0 else 1):
+            continue  # 8 bit packs 4 rows a word: every group here is whole words; kept for the pattern
+        p, x, a, b, want = case(352, 96, bits, group, True, False, 1, torch.float32, seed=bits * group)
+        plan = plan_gemv(p["qweight"], p["g_idx"], bits, group)
+        base = {**pick_config(1, 352, 96, bits, plan), "SPLIT": 2, "BN": 32}
+        for bk in (64, 128):
+            cfg = legal_config({**base, "BK": bk, "span": 1}, 352, bits, plan)
+            assert cfg["BK"] == bk
+            y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], bits, plan, a, b, 2.0,
+                            config={**base, "BK": bk, "span": 1})
+            assert rel_err(y, want) < 1e-5, (group, bk)
+        assert legal_config({**base, "BK": 64, "span": 0}, 352, bits, plan)["BK"] == group
+        assert legal_config({**base, "BM": 16, "BK": 64, "span": 1}, 352, bits, plan)["BK"] == group
+        assert not plan.locks.any()
+
+
 @pytest.mark.parametrize("k, n, group", [(160, 32, 64), (96, 224, -1), (288, 64, 96)])
 def test_odd_shapes(k, n, group):
     """A last group shorter than the others, one group per channel, a group no power-of-two tile divides
