@@ -113,7 +113,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig
         _load_outside_blocks(model, src, layers_name, device, work_dtype, writer, dtype)
         inputs = _capture_block_inputs(model, layers, samples)
         # asymmetric calibration (GPTAQ) also follows the fp model: its block inputs, and an fp copy of each block
-        asym = method == "gptq" and qcfg.gptaq > 0
+        asym = method in ("gptq", "spqr") and qcfg.gptaq > 0
         fp_inputs = [h for h, _ in inputs] if asym else None
         bar = tqdm(range(len(layers)), desc="quantizing blocks", unit="block", disable=not progress)
         for i in bar:
@@ -236,7 +236,8 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
                         fp_out.append(out)
         for hk in hooks:
             hk.remove()
-        extra = {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq} if method == "gptq" else {}
+        extra = {"gptq": {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq},
+                 "spqr": {"gptaq": qcfg.gptaq}}.get(method, {})  # SpQR's pass shares GPTQ's asymmetric target
         for n, (lin, cfg) in todo.items():
             t = time.time()
             res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],

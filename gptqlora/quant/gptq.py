@@ -90,10 +90,7 @@ class GPTQ:
         H[dead, dead] = 1
         W[:, dead] = 0
         if gptaq and D is not None:
-            eye = torch.eye(H.shape[0], device=H.device)
-            Hd = H + damp * torch.mean(torch.diag(H)) * eye
-            W = W + gptaq * torch.linalg.solve(Hd, (W @ D).t()).t()  # W + alpha W D Hd^-1 (Hd symmetric)
-            W[:, dead] = 0
+            W = asymmetric_target(W, H, D, gptaq, damp, dead)
         kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
                   damp=damp, block_size=block_size, min_zero=min_zero, group_aware=group_aware)
         if not (mse and mse_select):
@@ -182,6 +179,17 @@ class GPTQ:
             g_idx=g_idx.to(torch.int32),
             error=float(losses.sum()),
         )
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float, damp: float,
+                      dead: torch.Tensor) -> torch.Tensor:
+    """GPTAQ's least-squares target W' = W (I + alpha D H^-1) (damped H) for W [N, K]: quantizing W' with H
+    then aims at alpha * W x_fp + (1 - alpha) * W x (see `GPTQ.quantize`)."""
+    eye = torch.eye(H.shape[0], device=H.device)
+    Hd = H + damp * torch.mean(torch.diag(H)) * eye
+    W = W + alpha * torch.linalg.solve(Hd, (W @ D).t()).t()  # W + alpha W D Hd^-1 (Hd symmetric)
+    W[:, dead] = 0
+    return W
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
