@@ -266,8 +266,9 @@ def build_spqr(shape: str, bits: int, device):
 
 
 def build(kind: str, shape: str, device):
-    """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch) or
-    "gptqB-inplace" (built alike; generation_rows sends its one-token calls to kernels/gemv_m1.py), "gptqB-alt"
+    """"bf16", "gptqB" (B bits, with an r=8 adapter), "gptqB-unfused" (every layer its own launch),
+    "gptqB-inplace" / "gptqB-split" (built alike; generation_rows sends every one-token call it can to
+    kernels/gemv_m1.py / none, to gemv.py's split-K kernel: the A/B of the one-token default), "gptqB-alt"
     (built alike; generation_rows has its kernels read the --alt-table configs); "gptqB-noact" (no act-order:
     g_idx in row order, so the kernel reads x without `perm`: what the permuted read of x costs in a whole
     model); "spqrB" (SpQR, B-bit codes, with the r=8
@@ -287,7 +288,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "alt", "noact"):
+    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -298,10 +299,10 @@ def build(kind: str, shape: str, device):
 
 @contextlib.contextmanager
 def _decode_kernels(kind: str, alt_table: str | None):
-    """While a model of `kind` decodes: "-inplace" sends its one-token calls to kernels/gemv_m1.py
-    (GPTQLORA_GEMV_M1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    """While a model of `kind` decodes: "-inplace" / "-split" send its one-token calls to kernels/gemv_m1.py /
+    gemv.py (GPTQLORA_GEMV_M1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. Other kinds: nothing."""
-    env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else \
+    env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
         {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {}
 
     def fresh():
@@ -402,8 +403,9 @@ def main() -> int:
                     help="also profile one generate at this batch size per model (kernels by GPU time per token)")
     ap.add_argument("--decode-kernels", default="triton",
                     help="comma-separated, per GPTQ model: triton (kernels/gemv.py, q|k|v and gate|up one launch "
-                         "each), unfused (the same, every layer its own launch: the A/B), inplace (one-token calls through "
-                         "kernels/gemv_m1.py, opt-in: the A/B), alt (triton with the configs of --alt-table), noact (triton on a "
+                         "each; one-token 2/4-bit calls through kernels/gemv_m1.py), unfused (the same, every layer its own launch: "
+                         "the A/B), inplace (every one-token call gemv_m1.py serves, 8 bit too), split (none: gemv.py's "
+                         "split-K kernel, the default before session 14), alt (triton with the configs of --alt-table), noact (triton on a "
                          "model without act-order: what x's permuted read costs); default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",

@@ -18,9 +18,10 @@ unpacks them in registers and accumulates in fp32. Design (bench/notes_decode.md
 - Split-K fills the card when N / BN programs are too few: each program stores an fp32 partial and the last
   of a column block sums them in a fixed order (split_k.py). One launch per layer and deterministic.
 
-2/4/8-bit codes are unpacked from whole words (one load per 32-bit word); 3-bit codes, which straddle words,
-through dequant's `_unpack`. `gemv_reference` beside it is the torch ground truth. With GPTQLORA_GEMV_M1=inplace
-one-token calls of 2/4/8-bit rows in group order go to gemv_m1.py instead (opt-in: no faster at 4 bit).
+2/4/8-bit codes are unpacked from whole words (one load per 32-bit word); 3-bit codes of whole 32-row blocks
+from their three words (each code shifted out of a 64-bit pair), of shorter tiles through dequant's
+`_unpack`. `gemv_reference` beside it is the torch ground truth. One-token calls of 2/4-bit rows in group
+order go to gemv_m1.py (measured faster in a whole 7B; GPTQLORA_GEMV_M1=split keeps them here).
 """
 
 from __future__ import annotations

@@ -26,12 +26,14 @@ Sibling projections (q|k|v, gate|up) side by side: `bounds` as in gemv.py, each 
 own projection's A and B. 3-bit words (codes straddle words), groups no whole tile divides, the per-row
 gather layout, SpQR and M > 1 stay with gemv.py.
 
-Opt-in (`GPTQLORA_GEMV_M1=inplace`), not the default: on an H100 (session 12, bench/gemv_m1_probe.py, the
-same graph-timed harness as gemv.py's sweep, r = 8 LoRA, act-order) it ran at 0.96-0.99x gemv.py's speed
-per 7B layer at 4 bit and 1.05-1.15x at 2 bit, and a 7B decoded at 4 bit at 219.0 tokens/s against 222.5
-through gemv.py in the same call: no gain a user would see. With its warps on the word rows (session 13)
-it measured 1.18-1.26x gemv.py at 2 bit and 0.92-1.08x at 4 bit per layer; the whole-model A/B is pending. Both kernels land at ~1.4 TB/s on the
-large layers whatever their instruction count; docs/benchmarks.md has the numbers and what is left.
+The one-token default at 2 and 4 bit since session 14 (`GPTQLORA_GEMV_M1`: unset = that default, "split" =
+gemv.py's kernel for every call, "inplace" = this kernel at 8 bit too, never measured there). History: on an
+H100 (session 12, bench/gemv_m1_probe.py, the same graph-timed harness as gemv.py's sweep, r = 8 LoRA,
+act-order) it ran at 0.96-0.99x gemv.py's speed per 7B layer at 4 bit and 1.05-1.15x at 2 bit, and a 7B
+decoded at 4 bit at 219.0 tokens/s against 222.5 through gemv.py in the same call. With its warps on the
+word rows (session 13) and the tuned entries of gemv_configs.json ("m1,..." keys; session 14, H100): per
+layer 1.15-1.26x gemv.py at 2 bit and 0.92-1.10x at 4 bit; the 7B at batch 1, same call, 278.5 against 271.0
+tokens/s at 2 bit and 282.2 against 238.6 at 4 bit (bf16 164.0). docs/benchmarks.md has the numbers.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from gptqlora.kernels.dequant import _zeros_at
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 
-ENV = "GPTQLORA_GEMV_M1"  # "inplace": one-token calls take this kernel (default "split": gemv.py's)
+ENV = "GPTQLORA_GEMV_M1"  # unset: one-token 2/4-bit calls take this kernel; "split": gemv.py's; "inplace": 8 bit too
+DEFAULT_BITS = (2, 4)  # where the 7B A/B measured it ahead (session 14); 8 bit unmeasured
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
 
@@ -174,13 +177,15 @@ def tile_rows(bits: int, k: int, bw: int) -> int:
 
 
 def takes(m: int, k: int, bits: int, plan, spqr: bool, bounds: tuple[int, int] | None = None) -> bool:
-    """Whether this kernel serves the call: GPTQLORA_GEMV_M1=inplace, one token, 2/4/8 bit, rows in group
-    order (the layer's own or its act-order copy), K and the group multiples of a word's rows (a word in
-    one group), siblings' column bounds multiples of 16 (a column block of >= 16 inside one projection)."""
+    """Whether this kernel serves the call: one token, 2/4 bit (8 too under GPTQLORA_GEMV_M1=inplace; none
+    under "split"), rows in group order (the layer's own or its act-order copy), K and the group multiples of
+    a word's rows (a word in one group), siblings' column bounds multiples of 16 (a column block of >= 16
+    inside one projection)."""
     per = 32 // bits if 32 % bits == 0 else 0
-    return (m == 1 and not spqr and per > 0 and plan.sorted and k % per == 0 and plan.group % per == 0
-            and (bounds is None or not (bounds[0] % 16 or bounds[1] % 16))
-            and os.environ.get(ENV, "split") == "inplace")
+    mode = os.environ.get(ENV, "")
+    wanted = bits in DEFAULT_BITS if mode == "" else mode == "inplace"
+    return (wanted and m == 1 and not spqr and per > 0 and plan.sorted and k % per == 0 and plan.group % per == 0
+            and (bounds is None or not (bounds[0] % 16 or bounds[1] % 16)))
 
 
 def lora_slots(lora_a, lora_b, x: torch.Tensor, bounds: tuple[int, int] | None, n: int):
