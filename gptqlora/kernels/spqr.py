@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptqlora.formats.spqr import csr_rows, decode_scales, decode_stats
+from gptqlora.formats.spqr import SPQR_TENSORS, csr_rows, decode_scales, decode_stats
 from gptqlora.kernels.dispatch import dequantize, resolve
 
 
@@ -60,7 +60,9 @@ class SpQRTensors:
     outlier_rows: torch.Tensor
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.__dict__.values())
+        # by name, not self.__dict__: torch 2.11's dynamo breaks the graph on an instance's __dict__ (the GPU
+        # machine's torch; a SpQR decode step broke into 43 graphs there, session 14)
+        return tuple(getattr(self, name) for name in SPQR_TENSORS)
 
 
 def spqr_stats(t: SpQRTensors, stat_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +77,22 @@ def _stat_group(t: SpQRTensors) -> int:
     return t.qweight.shape[1] // t.scales_step.shape[-1]
 
 
-def spqr_small_m_op(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, plan: tuple,
+def register_small_m() -> None:
+    """Registers torch.ops.gptqlora.spqr_small_m (importing kernels/spqr_triton.py, which needs triton)."""
+    from gptqlora.kernels import spqr_triton  # noqa: F401
+
+
+def spqr_small_m_op(x: torch.Tensor, tensors: list[torch.Tensor], bits: int, stat_bits: int, plan: tuple,
                     lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                     scaling: float = 1.0) -> torch.Tensor:
-    """spqr_triton.spqr_small_m as one op (torch.ops.gptqlora.spqr_small_m); `plan` as QuantLinear.gemv_plan
-    gives it; `lora_a`/`lora_b` (r, K) / (N, r): an adapter fused into the same launch."""
-    from gptqlora.kernels import spqr_triton  # noqa: F401  (registers the op)
-
+    """spqr_triton.spqr_small_m as one op (torch.ops.gptqlora.spqr_small_m); `tensors` the layer's SpQR tensors
+    in SPQR_TENSORS order (a list, not a SpQRTensors: this runs inside the compiled decode step); `plan` as
+    QuantLinear.gemv_plan gives it; `lora_a`/`lora_b` (r, K) / (N, r): an adapter fused into the same launch.
+    The op is registered by importing kernels.spqr_triton (`register_small_m`), done where the plan is made:
+    not here, since an import inside the compiled step is one more thing torch.compile must trace."""
     read, perm, locks, rows_sorted, group = plan
     a, b = ([lora_a], [lora_b]) if lora_a is not None else ([], [])
-    return torch.ops.gptqlora.spqr_small_m(x, list(t.as_tuple()), bits, stat_bits, read, perm, locks, rows_sorted,
+    return torch.ops.gptqlora.spqr_small_m(x, list(tensors), bits, stat_bits, read, perm, locks, rows_sorted,
                                            group, a, b, float(scaling))
 
 

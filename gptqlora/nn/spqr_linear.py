@@ -12,7 +12,7 @@ from torch import nn
 from gptqlora.formats.gptq import pack_rows
 from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
 from gptqlora.kernels.dispatch import MAX_M
-from gptqlora.kernels.spqr import SpQRTensors, spqr_matmul, spqr_small_m_op, spqr_weight
+from gptqlora.kernels.spqr import SpQRTensors, register_small_m, spqr_matmul, spqr_small_m_op, spqr_weight
 from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
 
 
@@ -90,7 +90,14 @@ class SpQRLinear(nn.Module):
     # the Triton kernels' row plans for g_idx (dequant) and for the decode kernel, cached as QuantLinear
     # caches them (same attributes)
     kernel_plan = QuantLinear.kernel_plan
-    gemv_plan = QuantLinear.gemv_plan
+
+    def gemv_plan(self) -> tuple | None:
+        """QuantLinear.gemv_plan's plan for the codes; where there is one (the Triton path), the SpQR decode op
+        is registered too, before any compiled step calls it."""
+        plan = QuantLinear.gemv_plan(self)
+        if plan is not None and not torch.compiler.is_compiling():
+            register_small_m()
+        return plan
 
     def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scaling: float = 1.0) -> torch.Tensor | None:
@@ -102,8 +109,8 @@ class SpQRLinear(nn.Module):
         plan = self.gemv_plan()
         if plan is None:
             return None
-        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), self.tensors(), self.bits, self.stat_bits, plan, lora_a, lora_b,
-                            scaling)
+        tensors = [getattr(self, name) for name in SPQR_TENSORS]
+        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), tensors, self.bits, self.stat_bits, plan, lora_a, lora_b, scaling)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
