@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode)
+#                                                    spqr-decode default-ab)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -115,6 +115,11 @@ for r in rows:
                python3 bench/decode.py --skip layers --bits 3,spqr3 --batches 1 --no-old-harness --budget-s "${DECODE_BUDGET:-200}" \
                  --json "$OUT/decode_spqr.json" > "$OUT/decode_spqr.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"
                tail -8 "$OUT/decode_spqr.txt" ;;
+    default-ab)  # issue 16, session 14: the shipped one-token default (gemv_m1 at 2/4 bit) against gemv.py's kernel
+               # (GPTQLORA_GEMV_M1=split) in the 7B, with SpQR beside them (~3 min)
+               python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3}" --batches 1 --decode-kernels triton,split \
+                 --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_default.json" \
+                 > "$OUT/decode_default.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_default.txt" ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
