@@ -58,6 +58,9 @@ class QuantConfig:
         "help": "asymmetric calibration (GPTAQ) strength alpha in [0, 1]: each linear's target is the fp "
                 "model's output on fp inputs (1, the default) instead of its own fp weights on the quantized "
                 "model's inputs (0: plain GPTQ); costs an fp copy of one block and of the block inputs"})
+    refit_scales: bool = field(default=False, metadata={
+        "help": "after GPTQ, refit each group's scales to the chosen codes by least squares on the calibration "
+                "output error (codes, zeros and the format unchanged; one extra pass like W H per linear)"})
     act_group_aware: bool = field(default=True, metadata={
         "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
                 "their largest Hessian diagonal, g_idx kept trivial so every loader reads it "
@@ -92,13 +95,13 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
         d = asdict(self)
-        for k in ("mse", "mse_select", "gptaq", "act_group_aware"):
+        for k in ("mse", "mse_select", "gptaq", "act_group_aware", "refit_scales"):
             d.pop(k)  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
         # GAR applies only without act-order (and GPTQModel refuses a config that says both)
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
                      "act_group_aware": self.act_group_aware and not self.desc_act,
-                     "mse_select": self.mse_select,
+                     "mse_select": self.mse_select, "refit_scales": self.refit_scales,
                      # GPTQModel reads meta's "gptaq" as its GPTAQConfig: a dict or None, not a number
                      "gptaq": {"alpha": self.gptaq} if self.gptaq else None, **self.meta}
         if self.dynamic is None:
