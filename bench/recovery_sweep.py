@@ -25,6 +25,10 @@ distillation, as in LLM-QAT, Liu et al. 2023): each window is the first --gen-pr
 window it replaces, continued by the teacher at temperature 1. The question it tests: does distilling on the
 teacher's own distribution transfer to held-out pages better than distilling on train.txt?
 
+`--model DIR` runs the protocol on another man-page model folder (default bench/assets/manpage-llama; e.g.
+bench/assets/manpage-llama-v2, built with `scripts/train_text_llama.py --split content`): its train.txt,
+test.txt and val_heldout.txt, and its weights as the fp base and teacher. Each row records it (`model`).
+
 `--extra-test FILE` also scores FILE's text at the end of a run, as test.txt is scored (non-overlapping
 windows of the spec's seqlen), into the row's `extra_test_nll` (`extra_test`: the path); e.g. test_nocopy.txt,
 test.txt without its pages that are copies of training pages (`scripts/train_text_llama.py --write-test-nocopy`).
@@ -45,7 +49,7 @@ sys.path.append(str(Path(__file__).parent))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from quality_models import VAL_FRAC, manpage_spec, train_text_split  # noqa: E402
+from quality_models import MANPAGE_DIR, VAL_FRAC, manpage_spec, train_text_split  # noqa: E402
 
 VAL_HELDOUT = "val_heldout.txt"  # in the model folder: --val-from heldout
 
@@ -171,16 +175,17 @@ def _val_from(r: dict) -> str:
 
 def table(path: str) -> str:
     """Markdown of a sweep's JSON lines: gap closed on validation and test against the untrained 2-bit
-    row (rank 0) and the untrained fp row of the same file with the same validation text (--val-from)."""
+    row (rank 0) and the untrained fp row of the same file with the same validation text (--val-from) and
+    model folder (--model)."""
     rows = [json.loads(line) for p in path.split(",") for line in Path(p).read_text().splitlines() if line.strip()]
     out = ["| base | loss | init | rank | lr | val | val NLL | val gap closed | test NLL | test gap closed | "
            "train loss, last 10 batches (untrained) |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("windows_from", "train") == "all":  # trained on the validation tail
             continue
-        fp = next((b for b in rows if b["base"] == "fp" and b["rank"] == 0 and _val_from(b) == _val_from(r)), None)
-        q = next((b for b in rows if b["base"] == r["base"] and b["rank"] == 0 and _val_from(b) == _val_from(r)),
-                 None)
+        same = [b for b in rows if b["rank"] == 0 and _val_from(b) == _val_from(r) and b.get("model") == r.get("model")]
+        fp = next((b for b in same if b["base"] == "fp"), None)
+        q = next((b for b in same if b["base"] == r["base"]), None)
         closed = {k: (f"{1 - (r[k] - fp[k]) / (q[k] - fp[k]):.1%}"
                       if r["base"] != "fp" and fp and q and r["rank"] and None not in (r[k], q[k], fp[k]) else "")
                   for k in ("val_nll", "test_nll")}  # a --no-test row has no test NLL
@@ -196,6 +201,8 @@ def table(path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="fp, or a quantized checkpoint folder")
+    p.add_argument("--model", default=str(MANPAGE_DIR),
+                   help="the man-page model folder (fp base, teacher, train.txt, test.txt, val_heldout.txt)")
     p.add_argument("--table", help="print the markdown table of these JSON-lines files (comma-separated) and exit")
     p.add_argument("--init", default="default", help="comma list: default, svd, aware, output")
     p.add_argument("--lr", default="1e-3", help="comma list")
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
 
     from gptqlora.eval.perplexity import perplexity, text_ids
 
-    spec = manpage_spec(64)
+    spec = manpage_spec(64, model_dir=Path(args.model))
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
     train_ids, tail_ids = train_text_split(spec, tok, args.val_frac)
     val_ids = tail_ids if args.val_from == "train-tail" else text_ids(tok, (spec.model_dir / VAL_HELDOUT).read_text())
@@ -266,7 +273,8 @@ def main(argv=None) -> int:
             r = train(model, x, args.steps, args.batch, lr, args.schedule, args.warmup, teacher,
                       lambda m: nll(m, val_ids, spec.seqlen), args.eval_every, args.clip) if args.rank else \
                 {"losses": ref, "val_curve": []}
-            row = {"tag": args.tag, "base": args.base, "init": init, "lr": lr, "rank": args.rank, "svd_iters": args.svd_iters,
+            row = {"tag": args.tag, "model": args.model, "base": args.base, "init": init, "lr": lr,
+                   "rank": args.rank, "svd_iters": args.svd_iters,
                    "alpha": args.alpha or 2 * args.rank, "qalora": args.qalora, "steps": args.steps,
                    "batch": args.batch, "warmup": args.warmup, "schedule": args.schedule, "clip": args.clip,
                    "distill": args.distill, "windows_from": args.windows_from,

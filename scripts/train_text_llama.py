@@ -5,7 +5,9 @@ The quality findings (bench/findings.py, docs/results.md) need a model trained o
 held-out perplexity that means something. This script builds one on CPU in about a quarter of an hour:
 
 1. reads the English manual pages in /usr/share/man/man{1,5,7,8} (gzip'd troff), strips the troff markup
-   to plain text, and splits them by page (a hash of the page name): ~4% held out;
+   to plain text, and splits them by page: ~4% held out, by a hash of the page name (`--split name`, the
+   shipped bench/assets/manpage-llama) or of its normalised text (`--split content`: every copy of one text,
+   under whatever names, falls on one side; see `content_key`);
 2. trains a byte-level BPE tokenizer (`--vocab` tokens) on the training pages;
 3. trains a `LlamaForCausalLM` (4 blocks, hidden 128, FFN 384: about 1.1M parameters) on random
    `--seqlen`-token windows of the training text;
@@ -13,6 +15,16 @@ held-out perplexity that means something. This script builds one on CPU in about
    training text, the calibration and fine-tuning text of the findings) and a README with the numbers.
 
     python scripts/train_text_llama.py --out bench/assets/manpage-llama --minutes 14
+    python scripts/train_text_llama.py --out bench/assets/manpage-llama-v2 --split content --minutes 14
+
+`--split name` (the default) lets one text into both sides under two names (as.1 = x86_64-linux-gnu-as.1:
+69.8% of the shipped test.txt's characters are training pages, docs/results.md, issue 18). `--split content`
+hashes `content_key(text)` (lower-cased, whitespace collapsed) instead, keeps only the first page of each
+held-out text (the copies under other names are dropped from the held-out list, and counted in the log), and
+does not score a held-out page whose long lines are mostly (`--near-copy`, 0.5) training pages' lines
+(`copied_share`: 665 of the 721 held-out gcloud_* pages, templates of one another, and 12 others here); it
+asserts that no test.txt page's key is a training page's nor its copied share above `--near-copy`. The
+`--write-*` options take the same `--split` (and `--near-copy`) as the model they write for.
 
 `--write-val-heldout` trains nothing: it writes `val_heldout.txt` next to an existing test.txt, a validation
 text of held-out pages that test.txt does not reach (see `val_heldout_text`), for choosing LoRA settings on
@@ -96,41 +108,134 @@ def held_out(name: str, percent: int) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < percent
 
 
-def test_text(pages: dict[str, str], percent: int, test_chars: int) -> str:
+SPLITS = ("name", "content")
+
+
+def content_key(text: str) -> str:
+    """What `--split content` hashes: the text lower-cased, every run of whitespace one space, stripped; so
+    copies that differ only in case, line breaks or indentation share a key (and a side)."""
+    return " ".join(text.lower().split())
+
+
+NEAR_COPY = 0.5  # --split content: a held-out page more than this share copied from training lines is not scored
+LINE_MIN = 40  # characters (after content_key) a line needs to count in copied_share
+
+
+def line_keys(texts) -> set[str]:
+    """content_key of every line of `texts` at least LINE_MIN characters long."""
+    return {k for t in texts for line in t.splitlines() if len(k := content_key(line)) >= LINE_MIN}
+
+
+def copied_share(text: str, train_lines: set[str]) -> float:
+    """The share of `text`'s characters, in lines of at least LINE_MIN characters (after content_key), whose
+    line is also a training page's line: near-copies (a template page, a page of the same family: the
+    gcloud_* pages share most of their text) score high, a page of its own near 0."""
+    tot = hit = 0
+    for line in text.splitlines():
+        k = content_key(line)
+        if len(k) >= LINE_MIN:
+            tot += len(k)
+            hit += len(k) * (k in train_lines)
+    return hit / tot if tot else 0.0
+
+
+def _content_heldout(pages: dict[str, str], percent: int,
+                     near_copy: float) -> tuple[list[str], list[str], list[str]]:
+    """--split content: (held-out pages, held-out copies dropped as a repeat of an earlier held-out page's
+    content_key, held-out pages dropped as near-copies: copied_share > near_copy)."""
+    seen, first, dups = set(), [], []
+    for n, t in pages.items():
+        k = content_key(t)
+        if held_out(k, percent):
+            (dups if k in seen else first).append(n)
+        seen.add(k)
+    if near_copy >= 1:
+        return first, dups, []
+    lines = line_keys(pages[n] for n in train_names(pages, percent, "content"))
+    near = [n for n in first if copied_share(pages[n], lines) > near_copy]
+    drop = set(near)
+    return [n for n in first if n not in drop], dups, near
+
+
+def heldout_names(pages: dict[str, str], percent: int, split: str = "name",
+                  near_copy: float = NEAR_COPY) -> list[str]:
+    """The held-out (scored) pages, in `pages`' order. `name`: those whose name hashes under `percent`.
+    `content`: those whose `content_key` hashes under it, only the first page of each key, and not those
+    whose `copied_share` of training lines exceeds `near_copy` (1: keep them). The dropped pages are neither
+    scored nor trained on (see `train_names`)."""
+    if split == "name":
+        return [n for n in pages if held_out(n, percent)]
+    if split != "content":
+        raise ValueError(f"split {split!r}: one of {SPLITS}")
+    return _content_heldout(pages, percent, near_copy)[0]
+
+
+def train_names(pages: dict[str, str], percent: int, split: str = "name") -> list[str]:
+    """The training pages, in `pages`' order: those not held out (`content`: whose key is not held out; the
+    training side keeps every copy of its texts, as the name split does)."""
+    if split == "name":
+        return [n for n in pages if not held_out(n, percent)]
+    if split != "content":
+        raise ValueError(f"split {split!r}: one of {SPLITS}")
+    return [n for n, t in pages.items() if not held_out(content_key(t), percent)]
+
+
+def split_stats(pages: dict[str, str], percent: int, split: str = "name", near_copy: float = NEAR_COPY) -> dict:
+    """Counts for the log and README: pages, held-out (scored) pages, pages that share their content_key with
+    an earlier page (`duplicate_pages`), held-out copies deduplicated and near-copies dropped (content split),
+    and held-out pages whose key is a training page's (`heldout_copies_of_train`: 0 for the content split)."""
+    if split == "content":
+        held, dups, near = _content_heldout(pages, percent, near_copy)
+    else:
+        held, dups, near = heldout_names(pages, percent, split), [], []
+    train_keys = {content_key(pages[n]) for n in train_names(pages, percent, split)}
+    keys = [content_key(t) for t in pages.values()]
+    return {"pages": len(pages), "heldout": len(held), "duplicate_pages": len(keys) - len(set(keys)),
+            "heldout_copies_dropped": len(dups), "heldout_near_copies_dropped": len(near),
+            "heldout_copies_of_train": sum(content_key(pages[n]) in train_keys for n in held)}
+
+
+def test_text(pages: dict[str, str], percent: int, test_chars: int, split: str = "name",
+              near_copy: float = NEAR_COPY) -> str:
     """test.txt: the held-out pages in order, joined by blank lines, cut at `test_chars`."""
-    return "\n\n".join(pages[n] for n in pages if held_out(n, percent))[:test_chars]
+    return "\n\n".join(pages[n] for n in heldout_names(pages, percent, split, near_copy))[:test_chars]
 
 
-def _held_out_starts(pages: dict[str, str], percent: int):
+def _held_out_starts(pages: dict[str, str], percent: int, split: str = "name", near_copy: float = NEAR_COPY):
     """(name, start) of each held-out page in order, start its offset in test_text's join before the cut;
     and the set of the training pages' texts (to tell a held-out page that copies one under another name)."""
-    train_texts = {t for n, t in pages.items() if not held_out(n, percent)}
+    train_texts = {pages[n] for n in train_names(pages, percent, split)}
     starts, pos = [], 0
-    for n in (n for n in pages if held_out(n, percent)):
+    for n in heldout_names(pages, percent, split, near_copy):
         starts.append((n, pos))
         pos += len(pages[n]) + 2
     return starts, train_texts
 
 
 def val_heldout_text(pages: dict[str, str], percent: int, test_chars: int, page_chars: int,
-                     total_chars: int) -> tuple[list[str], str]:
+                     total_chars: int, split: str = "name", near_copy: float = NEAR_COPY) -> tuple[list[str], str]:
     """(page names, text) of a validation split disjoint from both train and test: the held-out pages (in
     main()'s order) that start after test.txt's cut (the page straddling the cut is dropped), kept only if
     they are classic section-1 pages like test.txt's (no gcloud_* pages: most of the held-out pages past the
     cut are gcloud's) and not a copy of a training page under another name (vi = vim, zcat = gzip, ...);
     each page's first `page_chars` characters (so no one page dominates), joined by blank lines, capped at
-    `total_chars`."""
-    starts, train_texts = _held_out_starts(pages, percent)
+    `total_chars`. Nor a page whose `content_key` is a test page's or a training page's (the content split
+    already keeps both out; with the name split this drops nothing the full-text test does not)."""
+    starts, train_texts = _held_out_starts(pages, percent, split, near_copy)
+    test_keys = {content_key(pages[n]) for n, start in starts if start < test_chars}
+    train_keys = {content_key(t) for t in train_texts}
     names = [n for n, start in starts if start >= test_chars and n.startswith("man1/")
-             and not n.startswith("man1/gcloud") and pages[n] not in train_texts]
+             and not n.startswith("man1/gcloud") and pages[n] not in train_texts
+             and content_key(pages[n]) not in test_keys and content_key(pages[n]) not in train_keys]
     return names, "\n\n".join(pages[n][:page_chars] for n in names)[:total_chars]
 
 
-def nocopy_text(pages: dict[str, str], percent: int, test_chars: int) -> tuple[list[str], list[str], str]:
+def nocopy_text(pages: dict[str, str], percent: int, test_chars: int,
+                split: str = "name", near_copy: float = NEAR_COPY) -> tuple[list[str], list[str], str]:
     """(kept page names, dropped page names, text): the held-out pages (in main()'s order) that test.txt's
     `test_chars` reach, less those whose full text equals a training page's (as.1 = x86_64-linux-gnu-as.1,
     ...), each cut where test.txt cuts it, joined by blank lines."""
-    starts, train_texts = _held_out_starts(pages, percent)
+    starts, train_texts = _held_out_starts(pages, percent, split, near_copy)
     reached = [(n, start) for n, start in starts if start < test_chars]
     kept = [(n, start) for n, start in reached if pages[n] not in train_texts]
     dropped = [n for n, start in reached if pages[n] in train_texts]
@@ -178,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=6000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--heldout-percent", type=int, default=4)
+    p.add_argument("--split", default="name", choices=SPLITS,
+                   help="held out by a hash of the page name (default: the shipped model) or of its normalised "
+                        "text (content: copies under other names stay on one side)")
+    p.add_argument("--near-copy", type=float, default=NEAR_COPY,
+                   help="--split content: held-out pages with more than this share of their text in training lines "
+                        "(copied_share) are not scored (1: score them)")
     p.add_argument("--test-chars", type=int, default=200_000, help="held-out text written to test.txt")
     p.add_argument("--train-chars", type=int, default=400_000, help="training text written to train.txt")
     p.add_argument("--page-limit", type=int, default=None, help="read at most this many pages (smoke runs)")
@@ -201,15 +312,30 @@ def main(argv: list[str] | None = None) -> int:
         return write_val_heldout(pages, out, args)
     if args.write_test_nocopy:
         return write_test_nocopy(pages, out, args)
-    train_names = [n for n in pages if not held_out(n, args.heldout_percent)]
-    test_names = [n for n in pages if held_out(n, args.heldout_percent)]
-    log.info("%d pages (%d held out), %.1f MB of text", len(pages), len(test_names),
+    tr_names = train_names(pages, args.heldout_percent, args.split)
+    test_names = heldout_names(pages, args.heldout_percent, args.split, args.near_copy)
+    log.info("%d pages (%d held out, split by %s), %.1f MB of text", len(pages), len(test_names), args.split,
              sum(map(len, pages.values())) / 1e6)
-    tokenizer = build_tokenizer([pages[n] for n in train_names], args.vocab, 2048)
-    train_ids = encode(tokenizer, [pages[n] for n in train_names])
-    test = test_text(pages, args.heldout_percent, args.test_chars)
+    sstats = split_stats(pages, args.heldout_percent, args.split, args.near_copy)
+    log.info("split: %s", sstats)
+    test = test_text(pages, args.heldout_percent, args.test_chars, args.split, args.near_copy)
+    if args.split == "content":
+        starts, _ = _held_out_starts(pages, args.heldout_percent, args.split, args.near_copy)
+        train_keys = {content_key(pages[n]) for n in tr_names}
+        reached = [n for n, start in starts if start < args.test_chars]
+        assert not any(content_key(pages[n]) in train_keys for n in reached), "a test.txt page is a training page"
+        assert len({content_key(pages[n]) for n in reached}) == len(reached), "a page twice in test.txt"
+        lines = line_keys(pages[n] for n in tr_names)
+        shares = [copied_share(pages[n], lines) for n in reached]
+        assert max(shares) <= args.near_copy, "a test.txt page is a near-copy of training text"
+        log.info("test.txt: %d pages, none a copy of a training page (%d held-out copies deduplicated, %d held-out "
+                 "near-copies dropped; copied_share of the pages kept: mean %.3f, max %.3f): %s", len(reached),
+                 sstats["heldout_copies_dropped"], sstats["heldout_near_copies_dropped"],
+                 sum(shares) / len(shares), max(shares), " ".join(reached))
+    tokenizer = build_tokenizer([pages[n] for n in tr_names], args.vocab, 2048)
+    train_ids = encode(tokenizer, [pages[n] for n in tr_names])
     (out / "test.txt").write_text(test)
-    shuffled = train_names[:]
+    shuffled = tr_names[:]
     random.Random(args.seed).shuffle(shuffled)
     (out / "train.txt").write_text("\n\n".join(pages[n] for n in shuffled)[:args.train_chars])
     test_ids = tokenizer(test, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -251,15 +377,20 @@ def main(argv: list[str] | None = None) -> int:
              "test_tokens": int(test_ids.numel()), "params": n_params, "steps": step, "seconds": round(seconds),
              "tokens_seen": step * args.batch * args.seqlen, "final_train_loss": round(sum(losses[-100:]) /
                                                                                       max(1, len(losses[-100:])), 4),
-             "test_perplexity_fp32": round(ppl, 3), "args": vars(args)}
+             "test_perplexity_fp32": round(ppl, 3), "split": sstats, "args": vars(args)}
     (out / "training_stats.json").write_text(json.dumps(stats, indent=2))
-    (out / "README.md").write_text(f"""# manpage-llama
+    how = ("a hash of their name" if args.split == "name" else
+           f"a hash of their normalised text (`--split content`: {sstats['duplicate_pages']} pages share their "
+           f"text with another page; {sstats['heldout_copies_dropped']} held-out repeats and "
+           f"{sstats['heldout_near_copies_dropped']} held-out near-copies, more than {args.near_copy:.0%} of their "
+           f"text in training lines, not scored; no scored page is a training page's text)")
+    (out / "README.md").write_text(f"""# {out.name}
 
 A {n_params / 1e6:.2f}M-parameter LLaMA (4 blocks, hidden 128, FFN 384, vocab {len(tokenizer)} byte-level BPE)
 trained from scratch on the English manual pages of a Debian machine (sections 1, 5, 7, 8; troff stripped
 to text) by `scripts/train_text_llama.py`, for the quality findings in `docs/results.md`.
 
-- {len(pages)} pages, {len(test_names)} held out by a hash of their name; {train_ids.numel():,} training tokens
+- {len(pages)} pages, {len(test_names)} held out by {how}; {train_ids.numel():,} training tokens
 - {step} steps of {args.batch} x {args.seqlen} tokens ({stats['tokens_seen']:,} tokens), {seconds / 60:.1f} min on
   {args.threads} CPU thread(s)
 - held-out perplexity (test.txt, {test_ids.numel():,} tokens, windows of {args.seqlen}): {ppl:.2f} in fp32
@@ -268,7 +399,7 @@ to text) by `scripts/train_text_llama.py`, for the quality findings in `docs/res
 - `val_heldout.txt` (only after `--write-val-heldout`): held-out pages past test.txt's cut, the validation
   text of `bench/recovery_sweep.py --val-from heldout`.
 
-Rebuild: `python {' '.join(['scripts/train_text_llama.py'] + [f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if v is not None and k in ('out', 'minutes', 'threads', 'seed')])}`
+Rebuild: `python {' '.join(['scripts/train_text_llama.py'] + [f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if v is not None and k in ('out', 'split', 'minutes', 'threads', 'seed')])}`
 (the pages present on a machine differ, so a rebuild gives a similar, not the same, model).
 """)
     return 0
@@ -277,7 +408,7 @@ Rebuild: `python {' '.join(['scripts/train_text_llama.py'] + [f'--{k.replace("_"
 def _checked_test_text(pages: dict[str, str], out: Path, args, writing: str) -> str | None:
     """test.txt's text as this machine's pages give it, or None (and a line) where out/test.txt differs: other
     pages here moved the cut, so what lies past it or inside it is not what the shipped files assume."""
-    text = test_text(pages, args.heldout_percent, args.test_chars)
+    text = test_text(pages, args.heldout_percent, args.test_chars, args.split, args.near_copy)
     if (out / "test.txt").read_text() != text:
         log.error("%s/test.txt is not what this machine's pages give; not writing %s", out, writing)
         return None
@@ -288,7 +419,8 @@ def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
     test = _checked_test_text(pages, out, args, "val_heldout.txt")
     if test is None:
         return 1
-    names, text = val_heldout_text(pages, args.heldout_percent, args.test_chars, args.val_page_chars, args.val_chars)
+    names, text = val_heldout_text(pages, args.heldout_percent, args.test_chars, args.val_page_chars, args.val_chars,
+                                   args.split, args.near_copy)
     if any(pages[n][:500] in test for n in names):  # a copy of a test page under another name
         log.error("a val_heldout page's start is in test.txt; not writing val_heldout.txt")
         return 1
@@ -300,7 +432,7 @@ def write_val_heldout(pages: dict[str, str], out: Path, args) -> int:
 def write_test_nocopy(pages: dict[str, str], out: Path, args) -> int:
     if _checked_test_text(pages, out, args, "test_nocopy.txt") is None:
         return 1
-    kept, dropped, text = nocopy_text(pages, args.heldout_percent, args.test_chars)
+    kept, dropped, text = nocopy_text(pages, args.heldout_percent, args.test_chars, args.split, args.near_copy)
     (out / "test_nocopy.txt").write_text(text)
     log.info("test_nocopy.txt: %d pages, %d characters; dropped %d copies of training pages: %s", len(kept),
              len(text), len(dropped), " ".join(dropped))

@@ -232,6 +232,136 @@ def test_test_nocopy_keeps_test_pages_that_are_not_training_copies_cut_as_test_t
     assert kept == [held[0], held[2], held[3]]
 
 
+def _content_pages(mod):
+    """Synthetic pages for --split content: 120 distinct texts (lines of their own), copies of some under other
+    names (one with other case and line breaks), and a near-copy built from a training page's lines."""
+    pages = {f"man1/p{i:03d}.1.gz": "\n".join(f"page {i} line {j}: " + "words of its own here " * 3 for j in range(8))
+             for i in range(120)}
+    names = list(pages)
+    pages["man1/zz-copy-a.1.gz"] = pages[names[3]]
+    pages["man1/zz-copy-b.1.gz"] = "  " + pages[names[5]].upper().replace("\n", "\n\n ")  # same content_key
+    pages["man1/zz-copy-c.1.gz"] = pages[names[7]]
+    return pages
+
+
+def test_content_split_puts_every_copy_of_a_text_on_one_side_and_scores_it_once():
+    """--split content: a page's side is the hash of its content_key (lower-cased, whitespace collapsed), so
+    no held-out page has a training page's text under another name; repeats of a held-out text are scored
+    once; the name split (the default) is unchanged."""
+    mod = _bench_module("train_text_llama", "scripts")
+    pages = _content_pages(mod)
+    assert mod.content_key(pages["man1/zz-copy-b.1.gz"]) == mod.content_key(pages["man1/p005.1.gz"])
+    assert mod.heldout_names(pages, 50) == [n for n in pages if mod.held_out(n, 50)]  # the default: by name
+    assert mod.split_stats(pages, 50)["heldout_copies_of_train"] > 0  # the name split mixes the copies
+    held = mod.heldout_names(pages, 50, "content", near_copy=1)
+    train = mod.train_names(pages, 50, "content")
+    keys = lambda ns: [mod.content_key(pages[n]) for n in ns]  # noqa: E731
+    assert not set(keys(held)) & set(keys(train)) and len(set(keys(held))) == len(held)
+    assert set(held) | set(train) | {"man1/zz-copy-a.1.gz", "man1/zz-copy-b.1.gz", "man1/zz-copy-c.1.gz"} == set(pages)
+    for copy, orig in (("a", 3), ("b", 5), ("c", 7)):  # each copy sits on its original's side, or is a repeat
+        c, o = f"man1/zz-copy-{copy}.1.gz", f"man1/p{orig:03d}.1.gz"
+        assert (c in train) == (o in train) and c not in held
+    stats = mod.split_stats(pages, 50, "content", near_copy=1)
+    assert stats["heldout_copies_of_train"] == 0 and stats["duplicate_pages"] == 3
+    assert stats["heldout"] == len(held) and stats["heldout_copies_dropped"] == sum(
+        mod.held_out(mod.content_key(pages[f"man1/p{i:03d}.1.gz"]), 50) for i in (3, 5, 7))
+    test = mod.test_text(pages, 50, 10**6, "content", near_copy=1)
+    assert not any(pages[n] in test for n in train)
+
+
+def test_content_split_drops_held_out_near_copies_of_training_lines():
+    """copied_share: the share of a page's (long) line text found among the training pages' lines; held-out
+    pages above --near-copy are not scored (neither trained on), the rest are."""
+    mod = _bench_module("train_text_llama", "scripts")
+    pages = _content_pages(mod)
+    train = mod.train_names(pages, 50, "content")
+    lines = mod.line_keys(pages[n] for n in train)
+    src = pages[train[0]].splitlines()
+    near = "\n".join(src[:6] + ["a line of this page alone, long enough to count as text " * 2] * 2)
+    assert 0.6 < mod.copied_share(near, lines) < 0.9 and mod.copied_share("short\nlines", lines) == 0.0
+    i = 0
+    while not mod.held_out(mod.content_key(near + f"\n{i}"), 50):  # a variant the hash holds out
+        i += 1
+    pages["man1/zz-near.1.gz"] = near + f"\n{i}"
+    assert "man1/zz-near.1.gz" in mod.heldout_names(pages, 50, "content", near_copy=1)
+    assert "man1/zz-near.1.gz" not in mod.heldout_names(pages, 50, "content", near_copy=0.5)
+    assert mod.split_stats(pages, 50, "content", near_copy=0.5)["heldout_near_copies_dropped"] == 1
+
+
+def test_val_heldout_with_the_content_split_is_disjoint_from_test_and_train():
+    """--write-val-heldout --split content: the validation pages lie past test.txt's cut, and none has the
+    content_key of a test page or of a training page."""
+    mod = _bench_module("train_text_llama", "scripts")
+    pages = _content_pages(mod)
+    pages["man1/zz-copy-d.1.gz"] = pages[mod.heldout_names(pages, 50, "content")[0]]  # a copy of a test page
+    held = mod.heldout_names(pages, 50, "content")
+    cut = sum(len(pages[n]) + 2 for n in held[:5]) + 3
+    names, text = mod.val_heldout_text(pages, 50, cut, 10_000, 10**6, "content")
+    test = mod.test_text(pages, 50, cut, "content")
+    train_keys = {mod.content_key(pages[n]) for n in mod.train_names(pages, 50, "content")}
+    assert names == held[6:] and text == "\n\n".join(pages[n] for n in names)
+    assert not any(mod.content_key(pages[n]) in train_keys or pages[n][:200] in test for n in names)
+
+
+def test_train_text_llama_content_split_smoke(tmp_path):
+    """main() --split content on a synthetic man tree: test.txt holds no training page's text, the README and
+    training_stats say so, and --write-val-heldout writes a validation text disjoint from both."""
+    import gzip
+
+    mod = _bench_module("train_text_llama", "scripts")
+    pages = _content_pages(mod)
+    (tmp_path / "man" / "man1").mkdir(parents=True)
+    for n, t in pages.items():
+        troff = "\n".join(".PP\n" + line for line in t.splitlines())
+        (tmp_path / "man" / n).write_bytes(gzip.compress(troff.encode()))
+    out = tmp_path / "m"
+    common = ["--out", str(out), "--man-root", str(tmp_path / "man"), "--heldout-percent", "50", "--split", "content",
+              "--test-chars", "3000", "--threads", "1"]
+    assert mod.main(common + ["--minutes", "0.01", "--max-steps", "1", "--vocab", "300", "--seqlen", "32",
+                              "--batch", "2", "--train-chars", "3000"]) == 0
+    stats = json.loads((out / "training_stats.json").read_text())
+    assert stats["split"]["heldout_copies_of_train"] == 0 and stats["args"]["split"] == "content"
+    assert "normalised text" in (out / "README.md").read_text()
+    read = mod.read_pages(tmp_path / "man", None)
+    train = mod.train_names(read, 50, "content")
+    test = (out / "test.txt").read_text()
+    assert test and not any(read[n] in test for n in train)
+    assert mod.main(common + ["--write-val-heldout"]) == 0
+    val = (out / "val_heldout.txt").read_text()
+    assert val and not any(p in test or p in {read[n] for n in train} for p in val.split("\n\n"))
+    # the name split's test.txt is another text: refused
+    assert mod.main([*common[:-6], "--split", "name", "--test-chars", "3000", "--write-val-heldout"]) == 1
+
+
+def test_recovery_sweep_model_option_reads_that_folder(tmp_path):
+    """--model DIR: the fp base, train.txt, test.txt and val_heldout.txt come from DIR; the row records it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ttl = _bench_module("train_text_llama", "scripts")
+    mod = _bench_module("recovery_sweep")
+    text = "\n\n".join(f"page {i}: the quick brown fox jumps over the lazy dog {i % 7} times" for i in range(300))
+    tok = ttl.build_tokenizer([text], 300, 2048)
+    d = tmp_path / "m"
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(d)
+    for f in ("train.txt", "test.txt", "val_heldout.txt"):
+        (d / f).write_text(text)
+    out = tmp_path / "s.jsonl"
+    assert mod.main(["--model", str(d), "--base", "fp", "--rank", "0", "--steps", "2", "--batch", "2",
+                     "--val-from", "heldout", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["model"] == str(d)
+    from gptqlora.eval.perplexity import perplexity, text_ids
+
+    assert abs(row["test_nll"] - perplexity(model.float(), text_ids(tok, text), 256, batch_size=8)["nll"]) < 1e-4
+    assert abs(row["val_nll"] - row["test_nll"]) < 1e-4  # the same text in that folder
+
+
 def test_recovery_sweep_generated_windows_keep_prefixes_match_uncached_sampling_and_cache(tmp_path):
     """--windows-from generated: each window keeps its real prefix, the continuation is what sampling without
     the KV cache gives for the same generator, the seed fixes it, and a second call reads the cache."""
