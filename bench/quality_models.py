@@ -4,7 +4,9 @@
   perplexity on the response tokens of the bundled eval records (what the model was trained to predict:
   its prompts hold random strings it was never trained on), rendered as fine-tuning renders them.
 - manpage: the LLaMA trained on manual pages by scripts/train_text_llama.py (bench/assets/manpage-llama);
-  calibration from its train.txt, held-out text its test.txt (pages it never saw); windows of 256 tokens.
+  calibration from its train.txt, held-out text its test.txt (held-out page names; 70% of its text copies
+  training pages under other names); windows of 256 tokens. manpage-v2: the same built with `--split content`
+  (bench/assets/manpage-llama-v2; no scored page is a training page's text).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 MANPAGE_DIR = Path(__file__).parent / "assets" / "manpage-llama"
+MANPAGE_V2_DIR = Path(__file__).parent / "assets" / "manpage-llama-v2"  # held out by content (docs/results.md)
 
 
 @dataclass
@@ -52,7 +55,7 @@ def tiny_spec(nsamples: int = 64, seed: int = 0) -> ModelSpec:
     return ModelSpec("tiny", d, calib, None, [dict(r) for r in held], 128)
 
 
-def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR, seed: int = 0) -> ModelSpec:
+def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR, seed: int = 0, name: str = "manpage") -> ModelSpec:
     from transformers import AutoTokenizer
 
     from gptqlora.data.calibration import load_calibration
@@ -64,10 +67,15 @@ def manpage_spec(nsamples: int = 64, model_dir: Path = MANPAGE_DIR, seed: int = 
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib = load_calibration(model_dir / "train.txt", tok, nsamples, 256, seed=seed)
     ids = text_ids(tok, (model_dir / "test.txt").read_text())
-    return ModelSpec("manpage", model_dir, calib, ids, None, 256, model_dir / "train.txt")
+    return ModelSpec(name, model_dir, calib, ids, None, 256, model_dir / "train.txt")
 
 
-SPECS = {"tiny": tiny_spec, "manpage": manpage_spec}
+def manpage_v2_spec(nsamples: int = 64, seed: int = 0) -> ModelSpec:
+    """The v2 man-page model (its test.txt holds no copy of a training page)."""
+    return manpage_spec(nsamples, MANPAGE_V2_DIR, seed, "manpage-v2")
+
+
+SPECS = {"tiny": tiny_spec, "manpage": manpage_spec, "manpage-v2": manpage_v2_spec}
 VAL_FRAC = 0.1  # the end of train.txt held out of fine-tuning: where the LoRA protocol was chosen
 
 

@@ -63,3 +63,13 @@ def test_results_record_the_environment():
     env = findings.environment()
     assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["transformers"] and env["python"]
+
+
+def test_manpage_v2_spec_reads_the_content_split_model():
+    """quantizer_compare/findings --models manpage-v2: the v2 model, its own rows' name, its test.txt."""
+    from quality_models import MANPAGE_V2_DIR, SPECS
+
+    spec = SPECS["manpage-v2"](2, seed=0)
+    assert spec.name == "manpage-v2" and spec.model_dir == MANPAGE_V2_DIR
+    assert len(spec.calibration) == 2 and spec.calibration[0].shape == (1, 256)
+    assert spec.eval_ids.numel() > 50_000  # v2's test.txt: 86,464 tokens
