@@ -20,7 +20,7 @@
    own compiled generate (static cache, compile_config with CUDA graphs), the harness before graph_decode.
    `--bits spqr3` adds a SpQR model (issue 17: 3-bit codes in groups of 16, 3-bit statistics in groups of 16,
    1% fp16 outliers, bench/spqr.py's layer) with the same adapter; its one-token calls take the small-M kernel
-   in SpQR mode plus a CSR SpMV per projection, the LoRA beside them (not fused). Rows carry avg_bits.
+   in SpQR mode, the adapter fused in, plus a CSR SpMV per projection. Rows carry avg_bits.
 """
 
 from __future__ import annotations
@@ -238,13 +238,7 @@ def build_spqr(shape: str, bits: int, device):
     """A LLaMA of `shape` whose seven projections are SpQR layers (bench/spqr.py's `spqr_layer`: group 16,
     3-bit statistics in groups of 16, 1% outliers), built as train_step.build_gptq builds GPTQ ones: the
     model on the meta device, then each projection made on `device` (no dense copy of the model ever)."""
-    from transformers import LlamaForCausalLM
-
-    cfg = train_step.config(shape)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    cfg, model = train_step.meta_llama(shape)
     projections = [(name, mod.in_features, mod.out_features) for name, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
     for name, _, _ in projections:  # placeholders: to_empty allocates nothing for them
@@ -252,12 +246,8 @@ def build_spqr(shape: str, bits: int, device):
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     for mod in model.modules():
-        if isinstance(mod, (torch.nn.Embedding, torch.nn.Linear)):
-            mod.weight.data.normal_(0, 0.02, generator=gen)
-        elif "RMSNorm" in type(mod).__name__:
-            mod.weight.data.fill_(1.0)
-    with torch.device(device):  # to_empty left its inv_freq buffer uninitialised
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+        train_step.init_dense(mod, gen)
+    train_step.fresh_rotary(model, cfg, device)
     for name, k, n in projections:  # scale as build_gptq's (activations stay O(1)); seed: one per block, so
         block = int(name.split(".layers.")[1].split(".")[0])  # siblings share their act-order, as GPTQ's do
         model.set_submodule(name, spqr_layer(k, n, bits, device=device, scale=1.0 / (math.sqrt(k) * 2 ** (bits - 1)),

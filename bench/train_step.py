@@ -57,17 +57,39 @@ def build_dense(shape: str, nf4: bool, device) -> nn.Module:
     return model
 
 
+def meta_llama(shape: str) -> tuple[LlamaConfig, nn.Module]:
+    """(config, a bf16 LlamaForCausalLM of `shape` on the meta device): its projections are then replaced by
+    packed layers before `to_empty`, so no dense copy of the model is ever made."""
+    cfg = config(shape)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return cfg, model
+
+
+def init_dense(mod: nn.Module, gen: torch.Generator) -> None:
+    """Random weights for a dense part of a model made by `to_empty` (embeddings and lm_head N(0, 0.02),
+    RMSNorm 1); anything else is left alone."""
+    if isinstance(mod, (nn.Embedding, nn.Linear)):
+        mod.weight.data.normal_(0, 0.02, generator=gen)
+    elif "RMSNorm" in type(mod).__name__:
+        mod.weight.data.fill_(1.0)
+
+
+def fresh_rotary(model: nn.Module, cfg: LlamaConfig, device) -> None:
+    """`to_empty` left the rotary embedding's inv_freq buffer uninitialised: made again on `device`."""
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+
+
 def build_gptq(shape: str, bits: int, group: int, device, act_order: bool = True) -> nn.Module:
     """A `shape` LLaMA with every projection a QuantLinear of random codes; act-order (a random g_idx row
     order shared by the projections that share an input, as GPTQ gives them) unless `act_order` is False."""
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.skeleton import quantize_skeleton
 
-    cfg = config(shape)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    cfg, model = meta_llama(shape)
     quantize_skeleton(model, bits, group, device="meta")
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -84,12 +106,9 @@ def build_gptq(shape: str, bits: int, group: int, device, act_order: bool = True
                 perms[key] = torch.randperm(k, device=device, generator=gen)
             perm = perms[key] if act_order else torch.arange(k, device=device)
             mod.g_idx.copy_((torch.arange(k, device=device, dtype=torch.int32) // g)[perm])  # act-order
-        elif isinstance(mod, (nn.Embedding, nn.Linear)):
-            mod.weight.data.normal_(0, 0.02, generator=gen)
-        elif "RMSNorm" in type(mod).__name__:
-            mod.weight.data.fill_(1.0)
-    with torch.device(device):  # to_empty left its inv_freq buffer uninitialised
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+        else:
+            init_dense(mod, gen)
+    fresh_rotary(model, cfg, device)
     return model
 
 

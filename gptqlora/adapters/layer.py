@@ -74,8 +74,8 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
     def _small_m_other(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """Decoding on another packed base with a decode kernel that takes the adapter (SpQR's `small_m`): one
         launch for base and LoRA, as for QuantLinear; None where it does not apply."""
-        small_m = getattr(self.base_layer, "small_m", None)
-        if small_m is None or x.numel() > MAX_M * x.shape[-1]:
+        small_m = getattr(self.base_layer, "small_m", None)  # it says None where it does not decode
+        if small_m is None:
             return None
         name = self._plain_adapter(kwargs)
         if name is None or self._dropout_p(name):

@@ -312,7 +312,7 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
     else:
         bn, bk, warps = (32, 32, 4) if three else (128, 64, 2)
     # one-token tiles span groups of <= 32 rows (SpQR's 16; GPTQ g32) rather than being cut to them
-    span = int(m == 1 and grouped and spans_groups(1, bk, plan.group, 32 // bits if not three else 1) and plan.group <= 32)
+    span = int(m == 1 and grouped and spans_groups(1, bk, plan.group, rows_per_word(bits)) and plan.group <= 32)
     tile = bk if span else _pow2_divisor(plan.group, bk) if grouped else bk
     if m == 1:
         split = max(1, min(32, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (2 * max(tile, 16))))
@@ -322,6 +322,11 @@ def heuristic_config(m: int, k: int, n: int, bits: int, plan: GemvPlan, sms: int
                     span=span)
     split = max(1, min(16, triton.cdiv(4 * sms, triton.cdiv(n, bn)), k // (4 * max(tile, 16))))
     return dict(BM=MAX_M, BK=bk, BN=bn, SPLIT=split, num_warps=warps, num_stages=3, loop_stages=1)
+
+
+def rows_per_word(bits: int) -> int:
+    """Codes one 32-bit word holds whole (1 for 3 bit, whose codes straddle words)."""
+    return 32 // bits if 32 % bits == 0 else 1
 
 
 def spans_groups(bm: int, bk: int, group: int, per: int) -> bool:
@@ -334,7 +339,7 @@ def legal_config(cfg: dict, k: int, bits: int, plan: GemvPlan) -> dict:
     """cfg made valid for this layer: BK a divisor of the group in sorted mode (0: the gather path, for a
     group no whole-word tile divides), SPLIT no larger than leaves every split some rows."""
     cfg = dict(cfg)
-    per = 32 // bits if 32 % bits == 0 else 1
+    per = rows_per_word(bits)
     bk = cfg["BK"]  # `span`: a one-token tile may span whole small groups (spans_groups) instead of being cut
     if plan.sorted and plan.group < k and not (cfg.get("span") and spans_groups(cfg["BM"], bk, plan.group, per)):
         bk = _pow2_divisor(plan.group, bk)

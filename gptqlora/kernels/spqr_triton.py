@@ -151,9 +151,8 @@ def spqr_small_m(x: torch.Tensor, t: SpQRTensors, bits: int, stat_bits: int, gem
 
     m, k = x.shape
     stats = (stat_bits, t.scales_code, t.scales_step, t.scales_base, t.zeros_code, t.zeros_step, t.zeros_base)
-    lora = ([lora_a], [lora_b]) if lora_a is not None else (None, None)
     y = gemv_triton(x, t.qweight, t.zeros_step, t.scales_step, t.g_idx, bits, gemv_plan,  # zeros, scales: unread
-                    *lora, scaling, sms=_sm_count(x.device), spqr_stats=stats)
+                    lora_a, lora_b, scaling, sms=_sm_count(x.device), spqr_stats=stats)
     if t.outlier_values.shape[0]:
         n = y.shape[1]
         _CSR_SPMV[(n,)](x.contiguous(), y, t.outlier_values, t.outlier_cols, t.outlier_rows, m, k, n,

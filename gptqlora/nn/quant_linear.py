@@ -18,6 +18,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def decodes(x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None) -> bool:
+    """Whether a call may take a decode kernel (`small_m` of the packed layers): at most MAX_M rows, and no
+    gradient wanted of x or of the adapter's A and B (the decode kernels have no backward)."""
+    return x.numel() <= MAX_M * x.shape[-1] and not (torch.is_grad_enabled() and (
+        x.requires_grad or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad))))
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W) + bias, with W packed in the GPTQ layout (zeros held as v2, true zeros).
 
@@ -108,8 +115,7 @@ class QuantLinear(nn.Module):
                 scaling: float = 1.0) -> torch.Tensor | None:
         """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] by the decode kernel when it applies (at most 16 rows
         of x in the compute dtype, the Triton path, no gradient wanted), else None."""
-        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and (
-                x.requires_grad or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad)))):
+        if not decodes(x, lora_a, lora_b):
             return None
         plan = self.gemv_plan()
         if plan is None:

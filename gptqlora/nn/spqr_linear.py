@@ -11,9 +11,8 @@ from torch import nn
 
 from gptqlora.formats.gptq import pack_rows
 from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
-from gptqlora.kernels.dispatch import MAX_M
 from gptqlora.kernels.spqr import SpQRTensors, register_small_m, spqr_matmul, spqr_small_m_op, spqr_weight
-from gptqlora.nn.quant_linear import QuantLinear, compute_dtype
+from gptqlora.nn.quant_linear import QuantLinear, compute_dtype, decodes
 
 
 class SpQRLinear(nn.Module):
@@ -103,8 +102,7 @@ class SpQRLinear(nn.Module):
                 scaling: float = 1.0) -> torch.Tensor | None:
         """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] without a dense W (kernels.spqr_triton.spqr_small_m)
         when it applies: at most 16 rows, the Triton path, no gradient wanted; else None. As QuantLinear.small_m."""
-        if x.numel() > MAX_M * x.shape[-1] or (torch.is_grad_enabled() and (
-                x.requires_grad or (lora_a is not None and (lora_a.requires_grad or lora_b.requires_grad)))):
+        if not decodes(x, lora_a, lora_b):
             return None
         plan = self.gemv_plan()
         if plan is None:

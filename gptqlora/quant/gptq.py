@@ -213,29 +213,29 @@ def refit_scales(res: QuantResult, W: torch.Tensor, H: torch.Tensor) -> QuantRes
     d = res.codes.t().float() - res.zeros.float()[g].t()  # (N, K): Ŵ = s_g(k) * d
     E = torch.nn.functional.one_hot(g, ng).to(W.dtype)  # (K, G)
     r = ((W @ H) * d) @ E  # (N, G): Aᵀ H W_n per row
-    M = torch.empty(n, ng, ng, dtype=W.dtype, device=W.device)  # (N, G, G): Aᵀ H A per row
+    M = torch.zeros(n, ng, ng, dtype=W.dtype, device=W.device)  # (N, G, G): Aᵀ H A per row
     for h in range(ng):
         cols = (g == h).nonzero().squeeze(1)
         if cols.numel():
             M[:, :, h] = ((d[:, cols] @ H[cols]) * d) @ E  # row n: Σ_{k, l in h} d_k H_kl d_l pooled by g(k)
-        else:
-            M[:, :, h] = 0
     eye = torch.eye(ng, dtype=W.dtype, device=W.device)
     diag = M.diagonal(dim1=1, dim2=2)
     M = M + (1e-6 * diag.mean(-1).clamp_min(1e-12))[:, None, None] * eye + (diag == 0).to(W.dtype)[:, None, :] * eye
     s = torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)  # (N, G)
     new = s.t().to(torch.float16)
     # keep whichever is better per row (fp16 rounding; a group a row never uses keeps its old scale)
-    def row_err(scales):
-        e = W - (d * scales.float()[g].t())  # (N, K)
-        return ((e @ H) * e).sum(1)
-    better = row_err(new) < row_err(res.scales)
+    better = row_errors(W, d * new.float()[g].t(), H) < row_errors(W, d * res.scales.float()[g].t(), H)
     scales = torch.where(better[None, :], new, res.scales)
     return QuantResult(codes=res.codes, scales=scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
+
+
+def row_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Each output row's calibration error of Q against W [N, K]: diag((W - Q) H (W - Q)^T), (N,)."""
+    E = W - Q
+    return ((E @ H) * E).sum(1)
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """The calibration output error of Q against W [N, K]: tr((W - Q) H (W - Q)^T), H = (2/n) X X^T, i.e.
     twice the mean over tokens of ||(W - Q) x||^2."""
-    E = W - Q
-    return float(((E @ H) * E).sum())
+    return float(row_errors(W, Q, H).sum())
