@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab)
+#                                                    spqr-decode default-ab mma)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -120,6 +120,16 @@ for r in rows:
                python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3}" --batches 1 --decode-kernels triton,split \
                  --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_default.json" \
                  > "$OUT/decode_default.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_default.txt" ;;
+    mma)       # issue 16, session 15: the tensor-core CUDA decode kernel (kernels/gemv_mma.py): its checks and per-layer
+               # timings against the Triton path and bf16 (~3 min); then, only if every check passed, the 7B at batch 1 and 8
+               python3 bench/gemv_mma_probe.py --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-150}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
+               rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": 1' "$OUT/mma.txt" | cut -c1-230
+               grep '"m": 8' "$OUT/mma.txt" | cut -c1-230
+               if [ $rc = 0 ]; then
+                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
+                   --no-old-harness --budget-s "${DECODE_BUDGET:-240}" --json "$OUT/decode_mma.json" \
+                   > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
+               else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from gptqlora.formats.gptq import pack_rows, unpack_rows
 from gptqlora.kernels.dequant import _stat_at, _unpack, _zeros_at, plan_for
-from gptqlora.kernels import gemv_m1
+from gptqlora.kernels import gemv_m1, gemv_mma
 from gptqlora.kernels.dispatch import MAX_M  # the kernel's largest token count
 from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
@@ -233,14 +233,18 @@ def room_for_copy(qweight: torch.Tensor) -> bool:
 
 
 def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
-              repack: bool | None = None) -> GemvPlan:
+              repack: bool | None = None, mma: bool = False, float_zeros: bool = False) -> GemvPlan:
     """The kernel's plan: sorted rows when g_idx is trivial; an act-order layer's rows repacked in group
     order (one copy of qweight, made once) when `repack` (None: when `room_for_copy`, warning otherwise),
-    else the per-row gather of scales and zeros."""
+    else the per-row gather of scales and zeros. `mma`: a copy in gemv_mma's fragment order instead (its
+    `qweight` is then 4-D), where the layer is eligible and the card has room for it."""
     k, n = g_idx.shape[0], qweight.shape[1]
     locks = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=qweight.device)
     rows = plan_for(g_idx, group_size)
     gs = k if group_size == -1 else group_size
+    if (mma and rows is not None and gemv_mma.eligible(bits, k, n, gs, float_zeros)
+            and (repack or room_for_copy(qweight))):
+        return GemvPlan(gemv_mma.pack_gptq(qweight, bits, rows.perm), rows.perm, True, gs, locks)
     if rows is not None and rows.perm is not None and repack is None:
         repack = room_for_copy(qweight)
         if not repack:
@@ -403,6 +407,13 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     n = qweight.shape[1]
     if m > MAX_M:
         raise ValueError(f"gemv_triton takes at most {MAX_M} rows, got {m}")
+    if plan.qweight.dim() == 4:  # planned for the tensor-core kernel (gemv_mma); a call it cannot take: dense
+        a_l = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a] if lora_a is not None else []
+        b_l = lora_b if isinstance(lora_b, (list, tuple)) else [lora_b] if lora_b is not None else []
+        if spqr_stats is None and gemv_mma.takes(x, scales, a_l, b_l):
+            return gemv_mma.gemv_mma(x, plan.qweight, zeros, scales, bits, plan.group, plan.perm, plan.locks,
+                                     list(a_l), list(b_l), scaling, bounds, sms)
+        return _dense(x, qweight, zeros, scales, g_idx, bits, a_l, b_l, scaling, bounds)
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
                                lora_a, lora_b, scaling, bounds)
@@ -438,6 +449,17 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
                   F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", LOOP_STAGES=cfg.get("loop_stages", 1),
                   SUB=plan.group if sorted_rows and plan.group < cfg["BK"] else cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def _dense(x, qweight, zeros, scales, g_idx, bits, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
+    """gemv_triton's result through the dense reference, for the calls a gemv_mma plan's kernel cannot take
+    (fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast."""
+    n = qweight.shape[1]
+    edges = [0, n] if bounds is None else [0, bounds[0], bounds[1], n][:4 if bounds[1] < n else 3]
+    y = x.float() @ dequantize(qweight, zeros, scales, g_idx, bits, torch.float32)
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+        y[:, edges[i]:edges[i + 1]] += scaling * (x.float() @ a.float().t()) @ b.float().t()
+    return y.to(x.dtype)
 
 
 def gemv_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

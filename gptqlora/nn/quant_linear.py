@@ -35,6 +35,8 @@ class QuantLinear(nn.Module):
     CUDA and the torch reference elsewhere; the GPTQLORA_KERNEL environment variable overrides "auto".
     """
 
+    mma_decode = True  # decode through kernels/gemv_mma.py's copy where GPTQLORA_GEMV_MMA=1 and the layer fits
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
                  float_zeros: bool = False, kernel: str = "auto") -> None:
@@ -95,12 +97,16 @@ class QuantLinear(nn.Module):
         if not torch.compiler.is_compiling():
             if resolve(self.kernel, self.qweight.device) != "triton":
                 return None
+            from gptqlora.kernels import gemv_mma
+
+            mma = self.mma_decode and gemv_mma.wanted()
             key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
-                   self.qweight.device)
+                   self.qweight.device, mma)
             if self._gemv_key != key:
                 from gptqlora.kernels.gemv import plan_gemv
 
-                plan = plan_gemv(self.qweight, self.g_idx, self.bits, self.group_size)
+                plan = plan_gemv(self.qweight, self.g_idx, self.bits, self.group_size, mma=mma,
+                                 float_zeros=mma and self.float_zeros)
                 copy = plan.qweight if plan.qweight is not self.qweight else None
                 self.register_buffer("gemv_qweight", copy, persistent=False)
                 self.register_buffer("gemv_perm", plan.perm, persistent=False)

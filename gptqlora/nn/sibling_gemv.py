@@ -65,7 +65,10 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
         return None  # different act-order row orders: one launch cannot read x for both
     if not room_for(sum(p[0].numel() * 4 for p in plans), leader.qweight.device):
         return None
-    qweight = torch.cat([p[0] for p in plans], dim=1)  # (K*b/32, N1 + N2 [+ N3])
+    frag = plans[0][0].dim() == 4  # gemv_mma's copies: (N_p/16, ...) tiles, side by side along dim 0
+    if any((p[0].dim() == 4) != frag for p in plans):
+        return None
+    qweight = torch.cat([p[0] for p in plans], dim=0 if frag else 1)  # (K*b/32, N1 + N2 [+ N3]) or tiles
     zeros = torch.cat([b.zero_points for b in bases], dim=1)
     scales = torch.cat([b.scales for b in bases], dim=1)
     locks = torch.zeros(-(-qweight.shape[1] // 16), dtype=torch.int32, device=qweight.device)
@@ -75,7 +78,9 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
     widths = [b.out_features for b in bases]
     ends = [sum(widths[:i + 1]) for i in range(len(widths))]
     for b, n0, n1 in zip(bases, [0] + ends[:-1], ends):  # an act-order layer's own copy: now a slice of this one
-        if b.gemv_qweight is not None:
+        if b.gemv_qweight is not None and frag:
+            b.gemv_qweight = qweight[n0 // 16:n1 // 16]  # contiguous tiles
+        elif b.gemv_qweight is not None:
             b.gemv_qweight = qweight[:, n0:n1]  # (K*b/32, N_p), row stride N1 + N2 [+ N3]: read as such
     bounds = (ends[0], ends[1] if len(ends) == 3 else ends[-1])
     return plans[0][4], bounds, tuple(widths)  # group, column bounds, widths; the tensors are the leader's

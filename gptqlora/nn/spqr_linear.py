@@ -89,6 +89,7 @@ class SpQRLinear(nn.Module):
     # the Triton kernels' row plans for g_idx (dequant) and for the decode kernel, cached as QuantLinear
     # caches them (same attributes)
     kernel_plan = QuantLinear.kernel_plan
+    mma_decode = False  # the SpQR decode reads GPTQ-ordered codes with its statistics (gemv.py's SPQR mode)
 
     def gemv_plan(self) -> tuple | None:
         """QuantLinear.gemv_plan's plan for the codes; where there is one (the Triton path), the SpQR decode op

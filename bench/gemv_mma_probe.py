@@ -1,0 +1,207 @@
+"""The tensor-core decode kernel (kernels/gemv_mma.py) on the GPU: correctness first, then per-layer timings
+against the Triton decode path and bf16 in the same run (issue 16).
+
+1. Checks against gemv_reference (fp32): 2 and 4 bit, M = 1, 5, 8, 11, 16, act-order and plain rows, bf16 and
+   fp16 x, groups 32 / 64 / 128 / one per layer, LoRA fp32 r=8, bf16 r=16 or none, siblings side by side
+   (each projection's adapter), the 7B shapes; the split-K counters left zero; a CUDA-graph replay with new
+   inputs equal to an eager call.
+2. Timings, graph-timed over enough layer copies that each call reads HBM (as bench/gemv_sweep.py): per 7B
+   shape, bits and M in (1, 8): the kernel at its picked block and a small grid of others, the Triton
+   path as decoding runs it today (kernels/gemv_m1.py at M = 1, gemv.py above), and bf16 `x @ W`.
+
+    python bench/gemv_mma_probe.py --json $OUT/mma.json [--budget-s 240] [--skip-timing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).parent))
+
+from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
+
+from gptqlora.formats.gptq import pack_cols, pack_rows  # noqa: E402
+from gptqlora.kernels import gemv as G  # noqa: E402
+from gptqlora.kernels import gemv_mma  # noqa: E402
+
+SHAPES = ((4096, 4096, None), (4096, 12288, (4096, 8192)), (4096, 22016, (11008, 22016)), (11008, 4096, None))
+
+
+def layer(k, n, bits, gs, act, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
+    zeros = torch.randint(0, 2**bits, (-(-k // gs), n), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(zeros.shape, device=device, generator=g) * 0.01 + 1e-3).half()
+    g_idx = torch.arange(k, device=device, dtype=torch.int32) // gs
+    if act:
+        g_idx = g_idx[torch.randperm(k, device=device, generator=g)]
+    return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
+
+
+def rel(y, want) -> float:
+    return float((y.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def checks(device) -> dict:
+    out = {"passed": 0, "failed": []}
+
+    def case(name, k, n, bits, gs, act, m, dtype, lora, bounds=None):
+        p = layer(k, n, bits, gs, act, device, seed=hash((k, n, bits, gs, act, m)) % 10**6)
+        plan = G.plan_gemv(p[0], p[3], bits, gs, True, mma=True)
+        g = torch.Generator(device=device).manual_seed(m + k)
+        x = torch.randn(m, k, device=device, generator=g).to(dtype)
+        widths = [n] if bounds is None else [bounds[0], bounds[1] - bounds[0], n - bounds[1]]
+        widths = [w for w in widths if w > 0]
+        a = b = None
+        if lora:
+            ldt, r = (torch.float32, 8) if lora == "f32" else (dtype, 16)
+            a = [(torch.randn(r, k, device=device, generator=g) * 0.05).to(ldt) for _ in widths]
+            b = [(torch.randn(w, r, device=device, generator=g) * 0.05).to(ldt) for w in widths]
+        try:
+            ran = plan.qweight.dim() == 4 and gemv_mma.takes(x, p[2], a or [], b or [])
+            y = G.gemv_triton(x, *p, bits, plan, a if a is None or bounds else a[0], b if b is None or bounds else b[0],
+                              2.0, bounds=bounds)
+            want = G.gemv_reference(x, *p, bits).float()
+            if a is not None:
+                edges = [0] + list(torch.tensor(widths).cumsum(0).tolist())
+                for i, (ai, bi) in enumerate(zip(a, b)):
+                    want[:, edges[i]:edges[i + 1]] += 2.0 * (x.float() @ ai.float().t()) @ bi.float().t()
+            err = rel(y, want)
+            locks = int(plan.locks.abs().sum())
+            ok = ran and err < 1e-2 and locks == 0
+        except Exception as e:  # noqa: BLE001
+            ok, err, locks, ran = False, f"{type(e).__name__}: {str(e)[:300]}", -1, False
+        if ok:
+            out["passed"] += 1
+        else:
+            out["failed"].append({"case": name, "err": err, "locks": locks, "ran_mma": ran})
+            print("FAIL", name, err, locks, ran, flush=True)
+
+    for bits in (4, 2):
+        gs = GROUP[bits]
+        for m in (1, 5, 8, 11, 16):
+            for act in (True, False):
+                for dtype in (torch.bfloat16, torch.float16):
+                    case(f"{bits}b m{m} act{int(act)} {dtype} f32-lora", 1024, 768, bits, gs, act, m, dtype, "f32")
+            case(f"{bits}b m{m} nolora", 1024, 768, bits, gs, True, m, torch.bfloat16, None)
+            case(f"{bits}b m{m} bf16-lora r16", 1024, 768, bits, gs, True, m, torch.bfloat16, "same")
+            case(f"{bits}b m{m} siblings", 1024, 768, bits, gs, True, m, torch.bfloat16, "f32", (256, 512))
+            case(f"{bits}b m{m} two siblings", 1024, 512, bits, gs, True, m, torch.bfloat16, "f32", (256, 512))
+        for gsx in (32, 256, 1024):
+            case(f"{bits}b g{gsx}", 1024, 256, bits, gsx, True, 1, torch.bfloat16, "f32")
+        for k, n, bounds in SHAPES:
+            for m in (1, 8):
+                case(f"{bits}b {k}x{n} m{m}", k, n, bits, gs, True, m, torch.bfloat16, "f32", bounds)
+    # a CUDA graph replays it with new inputs
+    p = layer(4096, 4096, 4, 128, True, device, 1)
+    plan = G.plan_gemv(p[0], p[3], 4, 128, True, mma=True)
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    G.gemv_triton(x, *p, 4, plan)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = G.gemv_triton(x, *p, 4, plan)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    err = rel(y, G.gemv_triton(x, *p, 4, plan))
+    if err == 0.0:
+        out["passed"] += 1
+    else:
+        out["failed"].append({"case": "graph replay", "err": err})
+    return out
+
+
+def timings(device, timer, deadline) -> list[dict]:
+    rows = []
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    sms = G._sm_count(device)
+    for bits in (4, 2):
+        gs = GROUP[bits]
+        for k, n, bounds in SHAPES:
+            if time.time() > deadline:
+                rows.append({"shape": f"{k}x{n}", "bits": bits, "skipped": "budget"})
+                continue
+            nbytes = k * n * bits / 8 + (k // gs) * n * (2 + bits / 8)
+            copies = max(2, math.ceil(3 * l2 / nbytes))
+            layers = [packed_layer(k, n, bits, device, s) for s in range(copies)]
+            tri = [G.plan_gemv(p[0], p[3], bits, gs, True) for p in layers]
+            mma = [G.plan_gemv(p[0], p[3], bits, gs, True, mma=True) for p in layers]
+            dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16)
+                     for _ in range(max(2, math.ceil(3 * l2 / (2 * k * n))))]
+            for m in (1, 8):
+                g = torch.Generator(device=device).manual_seed(k + n + m)
+                x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+                widths = [n] if bounds is None else [bounds[0], bounds[1] - bounds[0], n - bounds[1]]
+                widths = [w for w in widths if w > 0]
+                a = [torch.randn(R, k, device=device, generator=g) * 0.05 for _ in widths]
+                b = [torch.randn(w, R, device=device, generator=g) * 0.05 for w in widths]
+                la, lb = (a, b) if bounds else (a[0], b[0])
+                want = G.gemv_triton(x, *layers[0], bits, tri[0], la, lb, 2.0, bounds=bounds).float()
+                t_tri = timer.us(lambda: [G.gemv_triton(x, *layers[i], bits, tri[i], la, lb, 2.0, bounds=bounds)
+                                          for i in range(copies)]) / copies
+                t_bf16 = timer.us(lambda: [x @ w for w in dense]) / len(dense)
+                picked = gemv_mma.pick_config(m, k, n, bits, gs, sms, bounds)
+                grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"])
+                                   for w in (4, 8) for nt in (1, 2) for kc in (128 * (4 // bits), 256 * (4 // bits),
+                                                                                512 * (4 // bits))
+                                   if nt * kc // gemv_mma.rows_per_load(bits) <= 8 and k % kc == 0
+                                   and (bounds is None or (bounds[0] % (w * nt * 16) == 0 and bounds[1] % (w * nt * 16) == 0))]
+                best = None
+                for cfg in grid:
+                    if time.time() > deadline and best is not None:
+                        break
+
+                    def run(i, cfg=cfg):
+                        return gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm,
+                                                 mma[i].locks, a, b, 2.0, bounds, sms, cfg)
+                    try:
+                        err = rel(run(0), want)
+                        us = timer.us(lambda: [run(i) for i in range(copies)]) / copies if err < 1e-2 else math.inf
+                    except Exception as e:  # noqa: BLE001
+                        err, us = f"{type(e).__name__}: {str(e)[:200]}", math.inf
+                    if cfg is picked:
+                        picked_us = us
+                    if best is None or us < best[0]:
+                        best = (us, cfg, err)
+                row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
+                       "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
+                       "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),
+                       "x_triton": round(t_tri / best[0], 2), "x_bf16": round(t_bf16 / best[0], 2),
+                       "gbps": round(nbytes / best[0] / 1e3)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            del layers, tri, mma, dense
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the checks and rows here")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new timings after this")
+    ap.add_argument("--skip-timing", action="store_true")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gemv_mma_probe needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    t0 = time.time()
+    res = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    res["checks"] = checks(device)
+    print("checks:", res["checks"]["passed"], "passed,", len(res["checks"]["failed"]), "failed",
+          f"({time.time() - t0:.0f} s)", flush=True)
+    if not a.skip_timing:
+        res["rows"] = timings(device, Timer(True), t0 + a.budget_s)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0 if not res["checks"]["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

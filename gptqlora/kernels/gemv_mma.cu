@@ -1,0 +1,302 @@
+// Small-M GPTQ matmul on the tensor cores (kernels/gemv_mma.py compiles this with NVRTC and explains why it
+// is CUDA): y (M, N) = x (M, K) @ dequant(W) (K, N) [+ s * (x Aᵀ) Bᵀ], M <= 16, 2- or 4-bit codes.
+//
+// The mma.m16n8k16 tile is (16 output columns) x (16 rows of K) x (8 tokens): the weights are its A operand
+// (rows = output columns), x its B operand, so M = 1..8 cost one mma per tile and M = 9..16 two. Each lane's
+// 32-bit word holds exactly the eight codes of its A fragment for one k-step (4 bit) or two (2 bit), packed
+// by gemv_mma.pack; register i of the fragment is (word >> BITS*(4*step_in_word + i)) & CMASK | MAGIC: the
+// code pair in the low bits of each half of a 16-bit float whose exponent makes the code the mantissa's units
+// (MAGIC_VAL + q exactly), then one packed subtract of MAGIC_VAL + z gives q - z exactly. Per 8 codes: 3 shifts,
+// 4 LOP3, 4 packed subtracts and a share of one mma. Scales multiply the fp32 accumulator once per group.
+//
+// Defines (gemv_mma.py): BITS, XF16 (x fp16, else bf16), SF16 (scales fp16, else bf16), NM (8-token mma
+// columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
+// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define BLOCK_COLS (WARPS * NT * 16)
+#define SPW (4 / BITS)              // mma k-steps per 32-bit word
+#define RL (64 * SPW)               // rows per 16-byte load of a lane (4 words)
+#define NLOAD (KC / RL)
+#define KSTEPS (KC / 16)
+#define NGROUP (KSTEPS / GSTEPS)
+#define CMASK (((1u << BITS) - 1u) * 0x00010001u)
+#if XF16
+#define MAGIC 0x64006400u           // (1024.0, 1024.0) in fp16
+#define MAGIC_VAL 1024.0f
+#else
+#define MAGIC 0x43004300u           // (128.0, 128.0) in bf16
+#define MAGIC_VAL 128.0f
+#endif
+
+__device__ __forceinline__ float x2f(u16 h) {  // x's 16-bit float -> fp32
+#if XF16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float(((u32)h) << 16);
+#endif
+}
+
+__device__ __forceinline__ float s2f(u16 h) {  // a scale -> fp32
+#if SF16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float(((u32)h) << 16);
+#endif
+}
+
+__device__ __forceinline__ u16 f2x(float f) {  // fp32 -> x's 16-bit float, round to nearest even
+    u16 h;
+#if XF16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+#if HAS_LORA
+#if LORA_F32
+typedef float lora_t;
+__device__ __forceinline__ float l2f(float v) { return v; }
+#else
+typedef u16 lora_t;
+__device__ __forceinline__ float l2f(u16 v) { return x2f(v); }
+#endif
+#endif
+
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {  // (a & b) | c in one LOP3 (the compiler
+    u32 d;                                                      // splits two immediates into two)
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ u32 sub2(u32 a, u32 b) {  // packed a - b, exact here (small integers)
+    u32 d;
+#if XF16
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+    return d;
+}
+
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+#if XF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+#endif
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ld_stream(u32* v, const u32* p) {  // 16 bytes read once: no L1 allocation
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {  // another block's partial: past L1
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pack's layout, rows in group order
+         const u16* __restrict__ x,         // (M, K), original row order
+         const int* __restrict__ perm,      // (K,): x row of each packed row (act-order), unread without HAS_PERM
+         const u16* __restrict__ scales,    // (G, N)
+         const u32* __restrict__ zeros,     // (G, N*BITS/32), packed along N
+         const void* __restrict__ a0p, const void* __restrict__ b0p,  // LoRA A (r, K), B (N_p, r) per projection
+         const void* __restrict__ a1p, const void* __restrict__ b1p,
+         const void* __restrict__ a2p, const void* __restrict__ b2p,
+         u16* __restrict__ out,             // (M, N)
+         float* __restrict__ part,          // (split, M, N) fp32 partials (split > 1)
+         int* __restrict__ locks,           // one counter per column block, zero between calls
+         int M, int K, int N, int n1, int n2, int R, int group, double lora_scale, int split) {
+    __shared__ __align__(16) u16 xs[NM * 8][KC + 8];  // this split's x rows, permuted; +8: no bank conflicts
+#if HAS_LORA
+    __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
+#endif
+    __shared__ int s_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;            // the mma fragment's group and thread-in-group
+    const int col0 = blockIdx.x * BLOCK_COLS;
+    const int k0 = blockIdx.y * KC;
+    const int kl0 = k0 / RL, KL = K / RL, ntiles = N / 16;
+
+    // 1. every weight load of this warp first: NT tiles x NLOAD x 16 bytes in flight per lane
+    u32 w[NT][NLOAD][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tile = col0 / 16 + warp * NT + j;
+#pragma unroll
+        for (int l = 0; l < NLOAD; ++l) {
+            if (tile < ntiles) {
+                ld_stream(w[j][l], frag + ((size_t)(tile * KL + kl0 + l) * 32 + lane) * 4);
+            } else {
+                w[j][l][0] = w[j][l][1] = w[j][l][2] = w[j][l][3] = 0u;
+            }
+        }
+    }
+
+    // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split
+    float sc[NT][NGROUP][2];
+    u32 zz[NT][NGROUP][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tile = col0 / 16 + warp * NT + j;
+#pragma unroll
+        for (int gi = 0; gi < NGROUP; ++gi) {
+            const int grp = (k0 + gi * GSTEPS * 16) / group;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int col = tile * 16 + g + 8 * h;
+                float s = 0.f;
+                u32 z = 0u;
+                if (tile < ntiles) {
+                    s = s2f(scales[(size_t)grp * N + col]);
+                    const int bit = col * BITS;
+                    z = (zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u);
+                }
+                const u32 zh = f2x(MAGIC_VAL + (float)z);
+                sc[j][gi][h] = s;
+                zz[j][gi][h] = zh | (zh << 16);
+            }
+        }
+    }
+
+    // 3. x rows of this split into shared memory, in packed-row order; rows >= M are zero
+    for (int i = tid; i < NM * 8 * KC; i += WARPS * 32) {
+        const int m = i / KC, kk = i - m * KC;
+        u16 v = 0;
+        if (m < M) {
+            const int k = k0 + kk;
+#if HAS_PERM
+            v = x[(size_t)m * K + perm[k]];
+#else
+            v = x[(size_t)m * K + k];
+#endif
+        }
+        xs[m][kk] = v;
+    }
+#if HAS_LORA
+    // this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order (the sum over splits is all of K)
+    const int proj = col0 < n1 ? 0 : (col0 < n2 ? 1 : 2);
+    const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
+    const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
+    const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
+    for (int mj = warp; mj < M * R; mj += WARPS) {
+        const int m = mj / R, r = mj - m * R;
+        float acc = 0.f;
+        for (int kk = lane; kk < KC; kk += 32)
+            acc += x2f(x[(size_t)m * K + k0 + kk]) * l2f(A[(size_t)r * K + k0 + kk]);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) us[m][r] = acc;
+    }
+#endif
+    __syncthreads();
+
+    // 4. the k-steps: 16 rows each, every tile of the warp; the group's fp32 sum scaled at its end
+    u32 cmask = CMASK, magic = MAGIC;  // in registers: one LOP3 per fragment register
+    asm volatile("" : "+r"(cmask), "+r"(magic));
+    float tot[NT][NM][4], acc[NT][NM][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int mm = 0; mm < NM; ++mm)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tot[j][mm][c] = acc[j][mm][c] = 0.f;
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s) {
+        const int l = s / (4 * SPW), wi = (s / SPW) & 3, sl = s % SPW, gi = s / GSTEPS;
+        u32 b[NM][2];
+#pragma unroll
+        for (int mm = 0; mm < NM; ++mm) {
+            b[mm][0] = *(const u32*)&xs[mm * 8 + g][s * 16 + 2 * t];
+            b[mm][1] = *(const u32*)&xs[mm * 8 + g][s * 16 + 2 * t + 8];
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const u32 word = w[j][l][wi];
+            u32 a[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                a[i] = sub2(and_or(word >> (BITS * (4 * sl + i)), cmask, magic), zz[j][gi][i & 1]);
+#pragma unroll
+            for (int mm = 0; mm < NM; ++mm) mma(acc[j][mm], a, b[mm][0], b[mm][1]);
+            if ((s + 1) % GSTEPS == 0) {
+#pragma unroll
+                for (int mm = 0; mm < NM; ++mm)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        tot[j][mm][c] += sc[j][gi][c >> 1] * acc[j][mm][c];
+                        acc[j][mm][c] = 0.f;
+                    }
+            }
+        }
+    }
+
+    // 5. the cells of this lane: c0, c1 = column g, tokens 2t, 2t+1; c2, c3 = column g + 8
+#if HAS_LORA
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tile = col0 / 16 + warp * NT + j;
+#pragma unroll
+        for (int mm = 0; mm < NM; ++mm)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
+                if (tile < ntiles && m < M) {
+                    float d = 0.f;
+                    for (int r = 0; r < R; ++r) d += us[m][r] * l2f(B[(size_t)(n - noff) * R + r]);
+                    tot[j][mm][c] += (float)lora_scale * d;
+                }
+            }
+    }
+#endif
+
+    // 6. out directly (one split), or fp32 partials and the block's last split sums them in split order
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tile = col0 / 16 + warp * NT + j;
+#pragma unroll
+        for (int mm = 0; mm < NM; ++mm)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
+                if (tile < ntiles && m < M) {
+                    if (split == 1)
+                        out[(size_t)m * N + n] = f2x(tot[j][mm][c]);
+                    else
+                        part[((size_t)blockIdx.y * M + m) * N + n] = tot[j][mm][c];
+                }
+            }
+    }
+    if (split == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(&locks[blockIdx.x], 1) == split - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int i = tid; i < M * BLOCK_COLS; i += WARPS * 32) {
+        const int m = i / BLOCK_COLS, n = col0 + (i - m * BLOCK_COLS);
+        if (n < N) {
+            float v = 0.f;
+            for (int p = 0; p < split; ++p) v += ld_cg(part + ((size_t)p * M + m) * N + n);
+            out[(size_t)m * N + n] = f2x(v);
+        }
+    }
+    if (tid == 0) locks[blockIdx.x] = 0;
+}

@@ -1,0 +1,250 @@
+"""Decode (M <= 16 tokens) through the tensor cores: a CUDA kernel (gemv_mma.cu) over a fragment-ordered copy of
+the packed codes, for 2- and 4-bit layers with packed zeros.
+
+    y = x @ dequant(W) + s * (x @ Aᵀ) @ Bᵀ        x (M, K), W (K, N) packed, A (r, K), B (N, r), y (M, N)
+
+Why CUDA and not another Triton kernel: sessions 4-14 (bench/notes_decode.md) took three Triton designs to
+~7-8 thread instructions per code, of which the code work is ~2.3; the rest is per-tile gathers of x, scales
+and zeros that Triton's layouts give every thread, and Triton does not let a kernel place codes straight into
+tensor-core operand registers. Here each lane's 16-byte load holds exactly its mma.m16n8k16 A fragments for
+four words of k-steps (`pack`: the layout Marlin and its kin use, built here from GPTQ's), x sits in shared
+memory once per block, and the codes become fragment registers with a shift, a LOP3 and a packed subtract
+per pair (offline sm_90 SASS: ~1.7 instructions per code against ~7). The same launch serves M = 1..8 (one
+mma per tile; 9..16 take two), where the Triton M > 1 kernel runs at a third of its M = 1 speed.
+
+No CUDA toolchain is needed where it runs: NVRTC (shipped with PyTorch's CUDA wheels) compiles the source at
+the first call of each configuration (well under a second), and the driver loads the PTX. Nothing here is
+read off CUDA: the packed layout, `pack` and `emulate` (the kernel's arithmetic in torch, the CPU tests' check
+of the layout against PTX's fragment tables) run anywhere.
+
+The copy is a non-persistent buffer like the act-order copy it replaces (same bytes as qweight), made when
+`GPTQLORA_GEMV_MMA=1` and the layer fits (`eligible`); state_dict and checkpoints stay GPTQ's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from gptqlora.formats.gptq import unpack_rows
+
+ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; unset or "0": the Triton kernels
+SOURCE = Path(__file__).with_name("gemv_mma.cu")
+BITS = (2, 4)
+MAX_R = 64  # largest LoRA rank the kernel's shared u holds
+PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
+
+
+def wanted() -> bool:
+    return os.environ.get(ENV, "0") == "1"
+
+
+def rows_per_load(bits: int) -> int:
+    """Rows of K one lane's 16-byte load covers: 4 words of (4 / bits) 16-row mma k-steps each."""
+    return 64 * (4 // bits)
+
+
+def eligible(bits: int, k: int, n: int, group: int, float_zeros: bool) -> bool:
+    """Whether a layer can take this kernel: 2/4 bit, packed zeros, N in 16-column tiles, K in whole loads,
+    groups of whole 16-row k-steps (group = K for one group)."""
+    return (bits in BITS and not float_zeros and n % 16 == 0 and k % rows_per_load(bits) == 0
+            and group % 16 == 0 and group > 0)
+
+
+def lane_places(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For lane l (32) and code place p of its word (32 / bits): (k-step in the word, row in the k-step,
+    column in the tile). Place p = 4 s + i + 4 (4 / bits) h holds fragment register i's half h of k-step s:
+    register i of lane (g, t) is PTX's A elements 2i, 2i + 1, at tile column g + 8 (i & 1) and rows
+    2t + h + 8 (i >> 1) of the k-step."""
+    spw = 4 // bits
+    per = 32 // bits
+    lane = torch.arange(32)[:, None]
+    p = torch.arange(per)[None, :]
+    h = p // (4 * spw)
+    s = (p % (4 * spw)) // 4
+    i = p % 4
+    g, t = lane // 4, lane % 4
+    return s.expand(32, per), (2 * t + h + 8 * (i >> 1)), (g + 8 * (i & 1))
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (K, N) with the rows in group order -> the kernel's layout, int32 (N/16, K/RL, 32, 4):
+    [tile, load, lane, word]; word j of a load covers its k-steps j * (4 / bits) onwards."""
+    k, n = codes.shape
+    spw, rl = 4 // bits, rows_per_load(bits)
+    s, kk, nn = lane_places(bits)  # (32, per)
+    c = codes.to(torch.int64).reshape(k // rl, 4, spw, 16, n // 16, 16).permute(0, 4, 1, 2, 3, 5)
+    vals = c[:, :, :, s, kk, nn]  # (K/RL, N/16, 4, 32, per)
+    shifts = bits * torch.arange(32 // bits, device=codes.device)
+    words = (vals << shifts).sum(-1)  # distinct bits: the sum is the OR
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.permute(1, 0, 3, 2).contiguous()  # (N/16, K/RL, 32, 4)
+
+
+def pack_gptq(qweight: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """A GPTQ qweight (K*b/32, N) -> `pack`'s layout with the rows in group order (`perm`: the packed row's
+    original row, as GemvPlan's), a block of columns at a time."""
+    chunks = []
+    for c in range(0, qweight.shape[1], PACK_CHUNK):
+        codes = unpack_rows(qweight[:, c:c + PACK_CHUNK], bits)
+        chunks.append(pack(codes[perm.long()] if perm is not None else codes, bits))
+    return torch.cat(chunks, dim=0)
+
+
+def unpack_codes(frag: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes (K, N) in group order back out of `frag`, read as the kernel reads them: register i of
+    k-step s is (word >> bits (4 s + i)) & mask per 16-bit half, and PTX's m16n8k16 A table (written out
+    below, not derived from `lane_places`) says which matrix element each half is."""
+    nt, kl, _, _ = frag.shape
+    spw, per = 4 // bits, 32 // bits
+    words = frag.to(torch.int64) & 0xFFFFFFFF  # (N/16, K/RL, 32, 4)
+    out = torch.zeros(kl, 4, spw, 16, nt, 16, dtype=torch.int64)
+    ptx_a = {0: (0, 0), 1: (0, 1), 2: (8, 0), 3: (8, 1), 4: (0, 8), 5: (0, 9), 6: (8, 8), 7: (8, 9)}  # e: (row+, col+)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for s in range(spw):
+            for i in range(4):
+                reg = words[:, :, lane, :] >> (bits * (4 * s + i))  # (N/16, K/RL, 4)
+                for h in range(2):
+                    code = (reg >> (16 * h)) & (2**bits - 1)
+                    dr, dc = ptx_a[2 * i + h]  # A element 2i + h: row g + dr (output column), col 2t + dc (k)
+                    out[:, :, s, 2 * t + dc, :, g + dr] = code.permute(1, 2, 0)
+    del per
+    return out.reshape(kl * 4 * spw * 16, nt * 16)
+
+
+def emulate(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+            perm: torch.Tensor | None, lora_a=None, lora_b=None, scaling: float = 1.0) -> torch.Tensor:
+    """The kernel's result in fp32 torch (q - z exact, fp32 sums, scale per group), rounded once to x's dtype:
+    the CPU tests' stand-in for the GPU."""
+    codes = unpack_codes(frag, bits).float()  # (K, N) group order
+    k, n = codes.shape
+    zq = unpack_rows(zeros.t().contiguous(), bits).t().float() if not zeros.is_floating_point() else zeros.float()
+    grp = torch.arange(k) // group
+    w = (codes - zq[grp, :n]) * scales.float()[grp]
+    xs = x.float()[:, perm.long()] if perm is not None else x.float()
+    y = xs @ w
+    if lora_a is not None:
+        y = y + scaling * (x.float() @ lora_a.float().t()) @ lora_b.float().t()
+    return y.to(x.dtype)
+
+
+def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
+                bounds: tuple[int, int] | None = None) -> dict | None:
+    """Block shape for a call, or None when none fits: WARPS x NT 16-column tiles per block (a block inside
+    one sibling projection), KC rows per split (a divisor of K in whole loads, whole groups or inside one, at
+    most 8 groups and 8 loads a tile in registers), the most blocks up to ~4 per SM, the fewest splits."""
+    rl = rows_per_load(bits)
+    for warps, nt in ((4, 2), (4, 1), (2, 1), (1, 1)):
+        cols = warps * nt * 16
+        if bounds is not None and (bounds[0] % cols or bounds[1] % cols):
+            continue
+        best = None
+        for loads in (8, 4, 2, 1):
+            kc = rl * loads
+            if k % kc or not (kc % group == 0 or group % kc == 0) or kc // min(kc, group) > 8 or nt * loads > 8:
+                continue
+            blocks = -(-n // cols) * (k // kc)
+            score = (blocks >= 2 * sms, -abs(blocks - 4 * sms))
+            if best is None or score > best[0]:
+                best = (score, kc)
+        if best is not None:
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2)
+    return None
+
+
+def _nvrtc_ptx(source: str, arch: str) -> bytes:
+    """PTX of `source` by NVRTC (PyTorch's CUDA wheels ship it). The source includes no header, so no CUDA
+    toolkit is needed, which torch.cuda._compile_kernel's include search (CUDA_HOME) would ask for."""
+    from torch.cuda._utils import _get_gpu_rtc_library
+
+    lib = _get_gpu_rtc_library()
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"gemv_mma.cu", 0, None, None):
+        raise RuntimeError("NVRTC could not create the gemv_mma program")
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
+    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    if res:
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC failed on gemv_mma.cu: {log.value.decode(errors='replace')}")
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value
+
+
+def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: torch.dtype, has_perm: bool,
+            lora_dtype: torch.dtype | None) -> tuple[tuple[str, int], ...]:
+    """The compile-time constants of one kernel variant."""
+    gsteps = min(group, cfg["KC"]) // 16
+    return (("BITS", bits), ("XF16", int(x_dtype == torch.float16)), ("SF16", int(s_dtype == torch.float16)),
+            ("NM", cfg["NM"]), ("NT", cfg["NT"]), ("WARPS", cfg["WARPS"]), ("KC", cfg["KC"]), ("GSTEPS", gsteps),
+            ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
+            ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R))
+
+
+@functools.cache
+def kernel(consts: tuple[tuple[str, int], ...], arch: str):
+    """The compiled variant (cached per process)."""
+    from torch.cuda._utils import _cuda_load_module
+
+    src = "".join(f"#define {k} {v}\n" for k, v in consts) + SOURCE.read_text()
+    return _cuda_load_module(_nvrtc_ptx(src, arch), ["gemv_mma"])["gemv_mma"]
+
+
+@functools.cache
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def takes(x: torch.Tensor, scales: torch.Tensor, lora_a, lora_b) -> bool:
+    """Whether a call on a layer planned for this kernel can run it: CUDA, fp16/bf16 x and scales, M <= 16,
+    and an adapter of rank <= MAX_R in fp32 or x's dtype (otherwise the caller's dense fallback runs)."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[0] > 16:
+        return False
+    if scales.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    if not lora_a:
+        return True
+    dt = {t.dtype for t in list(lora_a) + list(lora_b)}
+    return len(dt) == 1 and dt <= {torch.float32, x.dtype} and lora_b[0].shape[1] <= MAX_R
+
+
+def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+             perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor] | None = None,
+             lora_b: list[torch.Tensor] | None = None, scaling: float = 1.0,
+             bounds: tuple[int, int] | None = None, sms: int = 132, config: dict | None = None) -> torch.Tensor:
+    """x (M, K), M <= 16 -> (M, N) in x's dtype. `frag` from `pack_gptq`; zeros packed int32 (G, N*b/32),
+    scales (G, N); `perm` the packed rows' x rows (act-order) or None; `locks` >= N/16 int32 zeros (left
+    zero). `lora_a`/`lora_b`: lists, one (A, B) per projection of `bounds` (siblings side by side) or one."""
+    m, k = x.shape
+    n = frag.shape[0] * 16
+    cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
+    if cfg is None:
+        raise ValueError(f"no gemv_mma block fits K={k}, N={n}, group {group}, bounds {bounds}")
+    has_lora = bool(lora_a)
+    a_s = [t.contiguous() for t in lora_a] if has_lora else [x]
+    b_s = [t.contiguous() for t in lora_b] if has_lora else [x]
+    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))
+    r = b_s[0].shape[1] if has_lora else 1
+    consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None)
+    fn = kernel(consts, _arch(x.device))
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = k // cfg["KC"]
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    cols = cfg["WARPS"] * cfg["NT"] * 16
+    n1, n2 = bounds if bounds is not None else (n, n)
+    fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
+       args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
+             b_s[2], out, part, locks, m, k, n, n1, n2, r, group, float(scaling), split])
+    return out

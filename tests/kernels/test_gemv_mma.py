@@ -1,0 +1,112 @@
+"""The tensor-core decode kernel's layout and plan (kernels/gemv_mma.py) on the CPU: the fragment copy holds
+every code where PTX's mma.m16n8k16 A table puts it, the kernel's arithmetic (emulated in torch) equals the
+fp64 layer, the block picker's choices are legal, and a plan for it falls back to the dense path for calls
+the kernel cannot take. The kernel itself runs on the GPU only (bench/gpu_check_decode.py's mma section)."""
+
+import pytest
+import torch
+
+from gptqlora.formats.gptq import unpack_rows
+from gptqlora.kernels import gemv_mma
+from gptqlora.kernels.gemv import gemv_triton, plan_gemv
+from packed import random_packed
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k,n", [(128, 16), (256, 48), (512, 32)])
+def test_pack_puts_each_code_where_the_fragment_table_reads_it(bits, k, n):
+    k = k * (4 // bits)  # whole loads of 2-bit rows (128)
+    codes = torch.randint(0, 2**bits, (k, n), generator=torch.Generator().manual_seed(k + n + bits))
+    frag = gemv_mma.pack(codes, bits)
+    assert frag.shape == (n // 16, k // gemv_mma.rows_per_load(bits), 32, 4) and frag.dtype == torch.int32
+    assert torch.equal(gemv_mma.unpack_codes(frag, bits), codes.long())
+
+
+def test_lane_places_cover_each_tile_cell_once():
+    for bits in (2, 4):
+        s, kk, nn = gemv_mma.lane_places(bits)
+        cells = {(int(a), int(b), int(c)) for a, b, c in zip(s.flatten(), kk.flatten(), nn.flatten())}
+        assert len(cells) == 32 * (32 // bits) == (4 // bits) * 16 * 16  # every (k-step, row, column) once
+
+
+@pytest.mark.parametrize("bits,group,act", [(4, 128, True), (4, 32, False), (2, 64, True), (2, 256, False)])
+def test_emulated_kernel_equals_the_fp64_layer(bits, group, act):
+    k, n = 512, 64
+    p = random_packed(k, n, bits, group, act, False, seed=bits * 100 + group)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, group, mma=True)
+    assert plan.qweight.dim() == 4 and (plan.perm is not None) == act
+    x = torch.randn(3, k, dtype=torch.float64)
+    a, b = torch.randn(8, k, dtype=torch.float64) * 0.1, torch.randn(n, 8, dtype=torch.float64) * 0.1
+    y = gemv_mma.emulate(x, plan.qweight, p["zeros"], p["scales"], bits, plan.group, plan.perm, a, b, 2.0)
+    want = x @ p["w64"] + 2.0 * (x @ a.t()) @ b.t()
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-5)  # fp32 sums, as the kernel
+
+
+def test_pack_gptq_sorts_act_order_rows_into_groups():
+    p = random_packed(256, 32, 4, 64, True, False, seed=3)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True)
+    codes = gemv_mma.unpack_codes(plan.qweight, 4)
+    assert torch.equal(codes, unpack_rows(p["qweight"], 4)[plan.perm.long()].long())
+    assert torch.equal(p["g_idx"][plan.perm.long()].long(), torch.arange(256) // 64)
+
+
+def test_layers_the_kernel_cannot_read_keep_the_triton_plan():
+    p = random_packed(256, 40, 4, 64, False, False, seed=4)  # N not in 16-column tiles
+    assert plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True).qweight.dim() == 2
+    p = random_packed(256, 32, 3, 64, False, False, seed=5)  # 3 bit
+    assert plan_gemv(p["qweight"], p["g_idx"], 3, 64, mma=True).qweight.dim() == 2
+    p = random_packed(256, 32, 4, 64, False, True, seed=6)  # float zeros
+    assert plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True, float_zeros=True).qweight.dim() == 2
+    assert not gemv_mma.eligible(4, 256, 32, 8, False)  # groups of half a k-step
+
+
+def test_calls_the_kernel_cannot_take_get_the_dense_result():
+    """On the CPU (or fp32 x, or an adapter of another dtype) a gemv_mma plan computes through the dense path."""
+    k, n = 256, 64
+    p = random_packed(k, n, 4, 64, True, False, seed=7)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True)
+    x = torch.randn(2, k)
+    a, b = torch.randn(4, k) * 0.1, torch.randn(n, 4) * 0.1
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a, b, 0.5)
+    want = (x.double() @ p["w64"] + 0.5 * (x.double() @ a.double().t()) @ b.double().t()).float()
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+    # siblings side by side: each projection's adapter on its columns
+    bounds = (32, 48)
+    a_s = [torch.randn(4, k) * 0.1 for _ in range(3)]
+    b_s = [torch.randn(w, 4) * 0.1 for w in (32, 16, 16)]
+    y = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, a_s, b_s, 0.5, bounds=bounds)
+    base = x.double() @ p["w64"]
+    for (lo, hi), a_, b_ in zip(((0, 32), (32, 48), (48, 64)), a_s, b_s):
+        base[:, lo:hi] += 0.5 * (x.double() @ a_.double().t()) @ b_.double().t()
+    assert torch.allclose(y, base.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,n,bits,group", [(4096, 4096, 4, 128), (11008, 4096, 4, 128), (4096, 22016, 4, 128),
+                                            (4096, 12288, 2, 64), (11008, 4096, 2, 64), (4096, 4096, 4, 4096),
+                                            (5120, 13824, 4, 128), (8192, 1024, 2, 32)])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_block_picker_is_legal_for_llama_shapes(k, n, bits, group, m):
+    bounds = (n // 3, 2 * n // 3) if n == 12288 else None
+    cfg = gemv_mma.pick_config(m, k, n, bits, group, 132, bounds)
+    assert cfg is not None
+    cols, kc = cfg["WARPS"] * cfg["NT"] * 16, cfg["KC"]
+    rl = gemv_mma.rows_per_load(bits)
+    assert k % kc == 0 and kc % rl == 0 and (kc % group == 0 or group % kc == 0)
+    assert kc // min(kc, group) <= 8 and cfg["NT"] * kc // rl <= 8
+    assert bounds is None or (bounds[0] % cols == 0 and bounds[1] % cols == 0)
+    assert cfg["NM"] == (1 if m <= 8 else 2)
+    blocks = -(-n // cols) * (k // kc)
+    assert blocks >= 132 or k // kc == k // (rl * 1)  # enough blocks, or as many splits as there can be
+
+
+def test_no_block_fits_an_unaligned_layer():
+    assert gemv_mma.pick_config(1, 4096 + 32, 4096, 4, 128, 132) is None  # K: no whole number of 64-row loads
+
+
+def test_variants_differ_by_their_constants():
+    cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
+    one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
+    assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
+                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R}
+    assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
+    assert "__global__ void __launch_bounds__(WARPS * 32)" in gemv_mma.SOURCE.read_text()
