@@ -270,16 +270,34 @@ def check_generation(device, hidden, inter) -> dict:
     res = {"check": "generation", "reference": out["reference", 3], "kernel": out["kernel", 3], "same": same,
            "graphed": graphed, "reused": reused, "sampled_ok": sampled_ok, "graph_breaks": breaks, "fused_groups": fused,
            "graph_break_reasons": {k[:300]: v for k, v in counters["graph_break"].items()},
-           "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
+           "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+           "mma_layers": sum(1 for m in pm.modules()  # layers whose decode copy is gemv_mma's (4-D)
+                             if getattr(m, "gemv_qweight", None) is not None and m.gemv_qweight.dim() == 4)}
     res["ok"] = same and graphed and reused and sampled_ok and breaks == 0 and fused == 2
     return res
+
+
+def check_generation_mma(device, hidden, inter) -> dict:
+    """check_generation with the layers planned for the tensor-core kernel (kernels/gemv_mma.py,
+    GPTQLORA_GEMV_MMA=1): every decode call through it, compiled and captured in the CUDA graph."""
+    from gptqlora.kernels import gemv_mma
+
+    if device.type != "cuda":
+        return {"check": "generation-mma", "ok": True, "skipped": "CUDA only"}
+    os.environ[gemv_mma.ENV] = "1"
+    try:
+        res = check_generation(device, hidden, inter)
+    finally:
+        os.environ.pop(gemv_mma.ENV, None)
+    return {**res, "check": "generation-mma", "ok": res["ok"] and res["mma_layers"] == 7}
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="interpreter-sized shapes (CPU, TRITON_INTERPRET=1)")
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the old name of --small
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: kernel, graphs, generation, spqr")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: kernel, graphs, generation, spqr, "
+                    "generation-mma")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="worker processes compiling the kernels first (GPU; 1: none)")
     ap.add_argument("--budget-s", type=float, default=120, help="start no section after this many seconds")
@@ -311,7 +329,8 @@ def main(argv: list[str]) -> int:
     sections = [("kernel", lambda: [r for c in all_cases for r in run_case(c, device)]),
                 ("graphs", lambda: [check_graphs(device, *shapes[0])]),
                 ("generation", lambda: [check_generation(device, *gen)]),
-                ("spqr", lambda: check_spqr(device, shapes))]
+                ("spqr", lambda: check_spqr(device, shapes)),
+                ("generation-mma", lambda: [check_generation_mma(device, *gen)])]
     for name, fn in sections:
         if name in a.skip.split(","):
             continue

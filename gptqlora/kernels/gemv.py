@@ -243,6 +243,7 @@ def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size:
     rows = plan_for(g_idx, group_size)
     gs = k if group_size == -1 else group_size
     if (mma and rows is not None and gemv_mma.eligible(bits, k, n, gs, float_zeros)
+            and (qweight.device.type != "cuda" or gemv_mma.usable(qweight.device))
             and (repack or room_for_copy(qweight))):
         return GemvPlan(gemv_mma.pack_gptq(qweight, bits, rows.perm), rows.perm, True, gs, locks)
     if rows is not None and rows.perm is not None and repack is None:

@@ -157,12 +157,46 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
     return None
 
 
+@functools.cache
+def _nvrtc() -> ctypes.CDLL:
+    """NVRTC as PyTorch finds it (loaded by name), else from the nvidia-cuda-nvrtc wheel beside torch."""
+    from torch.cuda._utils import _get_gpu_rtc_library
+
+    try:
+        return _get_gpu_rtc_library()
+    except OSError:
+        import glob
+        import site
+
+        major = (torch.version.cuda or "0").split(".")[0]
+        for d in site.getsitepackages() + [site.getusersitepackages()]:
+            for lib in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", f"libnvrtc.so.{major}*"))):
+                return ctypes.CDLL(lib)
+        raise
+
+
+@functools.cache
+def usable(device: torch.device) -> bool:
+    """Whether the kernel compiles and loads on `device` (tensor cores of sm_80 or newer, NVRTC found); warns
+    once and says no otherwise, so the layers plan for the Triton kernels instead."""
+    try:
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False
+        cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
+        kernel(defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32), _arch(device))
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure to build or load: the Triton kernels decode instead
+        import warnings
+
+        warnings.warn(f"the tensor-core decode kernel is unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                      f"decoding through the Triton kernels", stacklevel=2)
+        return False
+
+
 def _nvrtc_ptx(source: str, arch: str) -> bytes:
     """PTX of `source` by NVRTC (PyTorch's CUDA wheels ship it). The source includes no header, so no CUDA
     toolkit is needed, which torch.cuda._compile_kernel's include search (CUDA_HOME) would ask for."""
-    from torch.cuda._utils import _get_gpu_rtc_library
-
-    lib = _get_gpu_rtc_library()
+    lib = _nvrtc()
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"gemv_mma.cu", 0, None, None):
         raise RuntimeError("NVRTC could not create the gemv_mma program")
