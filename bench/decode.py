@@ -383,7 +383,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
-                    "of B-bit codes (generation only; e.g. 3,spqr3; default 2,3,4)")
+                    "of B-bit codes, spqrB-mma for it through kernels/gemv_mma.py (generation only; e.g. 3,spqr3; "
+                    "default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per timed generate (default 64)")
@@ -413,8 +414,8 @@ def main() -> int:
     t0 = time.time()
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
-    if any(isinstance(b, str) and not b.removeprefix("spqr").isdigit() for b in bits):
-        ap.error(f"--bits {a.bits}: each entry a bit width or spqrB (e.g. spqr3)")
+    if any(isinstance(b, str) and not b.removeprefix("spqr").removesuffix("-mma").isdigit() for b in bits):
+        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB or spqrB-mma (e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)

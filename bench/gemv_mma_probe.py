@@ -99,6 +99,40 @@ def checks(device) -> dict:
         for k, n, bounds in SHAPES:
             for m in (1, 8):
                 case(f"{bits}b {k}x{n} m{m}", k, n, bits, gs, True, m, torch.bfloat16, "f32", bounds)
+    # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch)
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("bench_spqr", Path(__file__).with_name("spqr.py"))
+    bench_spqr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_spqr)
+    os.environ[gemv_mma.ENV] = "1"
+    try:
+        for k, n in ((1024, 768), (4096, 4096), (11008, 4096), (4096, 11008)):
+            for bits in (3, 4, 2):
+                lay = bench_spqr.spqr_layer(k, n, bits, device=device)
+                w = lay.dequantize(torch.float32)
+                for m, lora in ((1, True), (8, False), (16, True)):
+                    g = torch.Generator(device=device).manual_seed(k + m)
+                    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+                    a = (torch.randn(8, k, device=device, generator=g) * 0.05) if lora else None
+                    b = (torch.randn(n, 8, device=device, generator=g) * 0.05) if lora else None
+                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)}"
+                    try:
+                        with torch.no_grad():
+                            y = lay.small_m(x, a, b, 2.0)
+                        want = x.float() @ w + (2.0 * (x.float() @ a.t()) @ b.t() if lora else 0)
+                        err = rel(y, want)
+                        ok = lay.mma_plan() is not None and err < 1e-2 and not lay.mma_locks.any()
+                    except Exception as e:  # noqa: BLE001
+                        ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
+                    if ok:
+                        out["passed"] += 1
+                    else:
+                        out["failed"].append({"case": name, "err": err})
+                        print("FAIL", name, err, flush=True)
+    finally:
+        os.environ.pop(gemv_mma.ENV, None)
     # a CUDA graph replays it with new inputs
     p = layer(4096, 4096, 4, 128, True, device, 1)
     plan = G.plan_gemv(p[0], p[3], 4, 128, True, mma=True)

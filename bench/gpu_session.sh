@@ -126,7 +126,7 @@ for r in rows:
                rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": 1' "$OUT/mma.txt" | cut -c1-230
                grep '"m": 8' "$OUT/mma.txt" | cut -c1-230
                if [ $rc = 0 ]; then
-                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
+                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3,spqr3-mma}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
                    --no-old-harness --budget-s "${DECODE_BUDGET:-240}" --json "$OUT/decode_mma.json" \
                    > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
                else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;

@@ -11,7 +11,9 @@
 //
 // Defines (gemv_mma.py): BITS, XF16 (x fp16, else bf16), SF16 (scales fp16, else bf16), NM (8-token mma
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
-// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R.
+// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, FZ (float zeros (G, N) fp32: the
+// fragments hold q exactly and s * z * Σx of the group's rows is taken off per group), OUTLIERS (SpQR's CSR
+// outliers over W (N, K): split 0 adds Σ value * x[col] of its columns).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -115,17 +117,25 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
          const u16* __restrict__ x,         // (M, K), original row order
          const int* __restrict__ perm,      // (K,): x row of each packed row (act-order), unread without HAS_PERM
          const u16* __restrict__ scales,    // (G, N)
-         const u32* __restrict__ zeros,     // (G, N*BITS/32), packed along N
+         const void* __restrict__ zeros_p,  // (G, N*BITS/32) u32 packed along N, or (G, N) fp32 with FZ
          const void* __restrict__ a0p, const void* __restrict__ b0p,  // LoRA A (r, K), B (N_p, r) per projection
          const void* __restrict__ a1p, const void* __restrict__ b1p,
          const void* __restrict__ a2p, const void* __restrict__ b2p,
          u16* __restrict__ out,             // (M, N)
          float* __restrict__ part,          // (split, M, N) fp32 partials (split > 1)
          int* __restrict__ locks,           // one counter per column block, zero between calls
+         const u16* __restrict__ o_vals,    // OUTLIERS: fp16 values, int16 columns (x rows), int32 row pointers
+         const short* __restrict__ o_cols, const int* __restrict__ o_rows,
          int M, int K, int N, int n1, int n2, int R, int group, double lora_scale, int split) {
     __shared__ __align__(16) u16 xs[NM * 8][KC + 8];  // this split's x rows, permuted; +8: no bank conflicts
 #if HAS_LORA
     __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
+#endif
+#if FZ
+    __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
+#endif
+#if OUTLIERS
+    __shared__ float osum[NM * 8][BLOCK_COLS];         // split 0: the outliers' share of each cell
 #endif
     __shared__ int s_last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -152,6 +162,12 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split
     float sc[NT][NGROUP][2];
     u32 zz[NT][NGROUP][2];
+#if FZ
+    float zf[NT][NGROUP][2];
+    const float* zeros = (const float*)zeros_p;
+#else
+    const u32* zeros = (const u32*)zeros_p;
+#endif
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int tile = col0 / 16 + warp * NT + j;
@@ -163,10 +179,15 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 const int col = tile * 16 + g + 8 * h;
                 float s = 0.f;
                 u32 z = 0u;
+#if FZ
+                zf[j][gi][h] = tile < ntiles ? zeros[(size_t)grp * N + col] : 0.f;
+#endif
                 if (tile < ntiles) {
                     s = s2f(scales[(size_t)grp * N + col]);
+#if !FZ
                     const int bit = col * BITS;
                     z = (zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u);
+#endif
                 }
                 const u32 zh = f2x(MAGIC_VAL + (float)z);
                 sc[j][gi][h] = s;
@@ -205,7 +226,38 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         if (lane == 0) us[m][r] = acc;
     }
 #endif
+#if OUTLIERS
+    if (blockIdx.y == 0) {  // one thread per column: Σ value * x[m, col] over the column's outliers
+        for (int c = tid; c < BLOCK_COLS; c += WARPS * 32) {
+            const int n = col0 + c;
+            float o[NM * 8];
+#pragma unroll
+            for (int m = 0; m < NM * 8; ++m) o[m] = 0.f;
+            if (n < N) {
+                for (int e = o_rows[n]; e < o_rows[n + 1]; ++e) {
+                    float v;
+                    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(o_vals[e]));
+                    const int k = o_cols[e];
+#pragma unroll
+                    for (int m = 0; m < NM * 8; ++m)
+                        if (m < M) o[m] += v * x2f(x[(size_t)m * K + k]);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < NM * 8; ++m) osum[m][c] = o[m];
+        }
+    }
+#endif
     __syncthreads();
+#if FZ
+    for (int i = tid; i < NM * 8 * NGROUP; i += WARPS * 32) {  // after xs is complete
+        const int m = i / NGROUP, gi = i - m * NGROUP;
+        float v = 0.f;
+        for (int r = 0; r < GSTEPS * 16; ++r) v += x2f(xs[m][gi * GSTEPS * 16 + r]);
+        xsum[m][gi] = v;
+    }
+    __syncthreads();
+#endif
 
     // 4. the k-steps: 16 rows each, every tile of the warp; the group's fp32 sum scaled at its end
     u32 cmask = CMASK, magic = MAGIC;  // in registers: one LOP3 per fragment register
@@ -240,6 +292,9 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int mm = 0; mm < NM; ++mm)
 #pragma unroll
                     for (int c = 0; c < 4; ++c) {
+#if FZ
+                        acc[j][mm][c] -= zf[j][gi][c >> 1] * xsum[mm * 8 + 2 * t + (c & 1)][gi];
+#endif
                         tot[j][mm][c] += sc[j][gi][c >> 1] * acc[j][mm][c];
                         acc[j][mm][c] = 0.f;
                     }
@@ -263,6 +318,18 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                     tot[j][mm][c] += (float)lora_scale * d;
                 }
             }
+    }
+#endif
+
+#if OUTLIERS
+    if (blockIdx.y == 0) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int mm = 0; mm < NM; ++mm)
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    tot[j][mm][c] += osum[mm * 8 + 2 * t + (c & 1)][(warp * NT + j) * 16 + g + 8 * (c >> 1)];
     }
 #endif
 

@@ -48,11 +48,11 @@ def rows_per_load(bits: int) -> int:
     return 64 * (4 // bits)
 
 
-def eligible(bits: int, k: int, n: int, group: int, float_zeros: bool) -> bool:
-    """Whether a layer can take this kernel: 2/4 bit, packed zeros, N in 16-column tiles, K in whole loads,
-    groups of whole 16-row k-steps (group = K for one group)."""
-    return (bits in BITS and not float_zeros and n % 16 == 0 and k % rows_per_load(bits) == 0
-            and group % 16 == 0 and group > 0)
+def eligible(bits: int, k: int, n: int, group: int, float_zeros: bool = False) -> bool:
+    """Whether a layer can take this kernel: 2/4 bit (packed or float zeros), N in 16-column tiles, K in whole
+    loads, groups of whole 16-row k-steps (group = K for one group)."""
+    del float_zeros  # both kinds: packed zeros subtract in the fragments, float zeros per group (FZ)
+    return bits in BITS and n % 16 == 0 and k % rows_per_load(bits) == 0 and group % 16 == 0 and group > 0
 
 
 def lane_places(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,13 +85,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.permute(1, 0, 3, 2).contiguous()  # (N/16, K/RL, 32, 4)
 
 
-def pack_gptq(qweight: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
+def pack_gptq(qweight: torch.Tensor, bits: int, perm: torch.Tensor | None, slot_bits: int | None = None) -> torch.Tensor:
     """A GPTQ qweight (K*b/32, N) -> `pack`'s layout with the rows in group order (`perm`: the packed row's
-    original row, as GemvPlan's), a block of columns at a time."""
+    original row, as GemvPlan's), a block of columns at a time; `slot_bits` (default `bits`): the width the
+    codes are packed at (SpQR's 3-bit codes go into 4-bit slots)."""
     chunks = []
     for c in range(0, qweight.shape[1], PACK_CHUNK):
         codes = unpack_rows(qweight[:, c:c + PACK_CHUNK], bits)
-        chunks.append(pack(codes[perm.long()] if perm is not None else codes, bits))
+        chunks.append(pack(codes[perm.long()] if perm is not None else codes, slot_bits or bits))
     return torch.cat(chunks, dim=0)
 
 
@@ -118,7 +119,7 @@ def unpack_codes(frag: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def emulate(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
-            perm: torch.Tensor | None, lora_a=None, lora_b=None, scaling: float = 1.0) -> torch.Tensor:
+            perm: torch.Tensor | None, lora_a=None, lora_b=None, scaling: float = 1.0, outliers=None) -> torch.Tensor:
     """The kernel's result in fp32 torch (q - z exact, fp32 sums, scale per group), rounded once to x's dtype:
     the CPU tests' stand-in for the GPU."""
     codes = unpack_codes(frag, bits).float()  # (K, N) group order
@@ -130,6 +131,10 @@ def emulate(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: to
     y = xs @ w
     if lora_a is not None:
         y = y + scaling * (x.float() @ lora_a.float().t()) @ lora_b.float().t()
+    if outliers is not None:  # CSR over W (N, K): values, columns (x rows), row pointers
+        vals, cols, rows = outliers
+        nrow = torch.repeat_interleave(torch.arange(n), (rows[1:] - rows[:-1]).long())
+        y = y.index_add(1, nrow, x.float()[:, cols.long()] * vals.float())
     return y.to(x.dtype)
 
 
@@ -216,13 +221,15 @@ def _nvrtc_ptx(source: str, arch: str) -> bytes:
 
 
 def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: torch.dtype, has_perm: bool,
-            lora_dtype: torch.dtype | None) -> tuple[tuple[str, int], ...]:
+            lora_dtype: torch.dtype | None, float_zeros: bool = False,
+            outliers: bool = False) -> tuple[tuple[str, int], ...]:
     """The compile-time constants of one kernel variant."""
     gsteps = min(group, cfg["KC"]) // 16
     return (("BITS", bits), ("XF16", int(x_dtype == torch.float16)), ("SF16", int(s_dtype == torch.float16)),
             ("NM", cfg["NM"]), ("NT", cfg["NT"]), ("WARPS", cfg["WARPS"]), ("KC", cfg["KC"]), ("GSTEPS", gsteps),
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
-            ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R))
+            ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R), ("FZ", int(float_zeros)),
+            ("OUTLIERS", int(outliers)))
 
 
 @functools.cache
@@ -244,8 +251,8 @@ def takes(x: torch.Tensor, scales: torch.Tensor, lora_a, lora_b) -> bool:
     """Whether a call on a layer planned for this kernel can run it: CUDA, fp16/bf16 x and scales, M <= 16,
     and an adapter of rank <= MAX_R in fp32 or x's dtype (otherwise the caller's dense fallback runs)."""
     if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[0] > 16:
-        return False
-    if scales.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False  # (the card's tensor cores were checked when the layer was planned: `usable`)
+    if scales.dtype not in (torch.float16, torch.bfloat16):
         return False
     if not lora_a:
         return True
@@ -256,10 +263,13 @@ def takes(x: torch.Tensor, scales: torch.Tensor, lora_a, lora_b) -> bool:
 def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
              perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor] | None = None,
              lora_b: list[torch.Tensor] | None = None, scaling: float = 1.0,
-             bounds: tuple[int, int] | None = None, sms: int = 132, config: dict | None = None) -> torch.Tensor:
-    """x (M, K), M <= 16 -> (M, N) in x's dtype. `frag` from `pack_gptq`; zeros packed int32 (G, N*b/32),
-    scales (G, N); `perm` the packed rows' x rows (act-order) or None; `locks` >= N/16 int32 zeros (left
-    zero). `lora_a`/`lora_b`: lists, one (A, B) per projection of `bounds` (siblings side by side) or one."""
+             bounds: tuple[int, int] | None = None, sms: int = 132, config: dict | None = None,
+             outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x (M, K), M <= 16 -> (M, N) in x's dtype. `frag` from `pack_gptq`; zeros packed int32 (G, N*b/32) or
+    float32 (G, N), scales (G, N); `perm` the packed rows' x rows (act-order) or None; `locks` >= N/16 int32
+    zeros (left zero). `lora_a`/`lora_b`: lists, one (A, B) per projection of `bounds` (siblings side by
+    side) or one. `outliers`: SpQR's CSR (fp16 values, int16 columns, int32 row pointers) over W (N, K),
+    added in the same launch."""
     m, k = x.shape
     n = frag.shape[0] * 16
     cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
@@ -270,7 +280,11 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     b_s = [t.contiguous() for t in lora_b] if has_lora else [x]
     a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))
     r = b_s[0].shape[1] if has_lora else 1
-    consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None)
+    has_out = outliers is not None and outliers[0].shape[0] > 0
+    if zeros.is_floating_point() and zeros.dtype != torch.float32:
+        zeros = zeros.float()
+    consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,
+                     zeros.is_floating_point(), has_out)
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -280,5 +294,26 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     n1, n2 = bounds if bounds is not None else (n, n)
     fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
        args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
-             b_s[2], out, part, locks, m, k, n, n1, n2, r, group, float(scaling), split])
+             b_s[2], out, part, locks, *(outliers if has_out else (locks, locks, locks)), m, k, n, n1, n2, r, group,
+             float(scaling), split])
     return out
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@torch.library.custom_op("gptqlora::gemv_mma", mutates_args=())
+def _gemv_mma_op(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                 bits: int, group: int, scaling: float, outliers: list[torch.Tensor]) -> torch.Tensor:
+    # gemv_mma as one opaque op (torch.compile, CUDA graphs; the counters end as they began), for the layers that
+    # call it directly (SpQR's decode); QuantLinear reaches it through gptqlora::gemv. outliers: [] or the CSR.
+    return gemv_mma(x, frag, zeros, scales, bits, group, perm, locks, list(lora_a), list(lora_b), scaling,
+                    sms=_sms(x.device), outliers=tuple(outliers) if outliers else None)
+
+
+@_gemv_mma_op.register_fake
+def _(x, frag, zeros, scales, perm, locks, lora_a, lora_b, bits, group, scaling, outliers):
+    return x.new_empty((x.shape[0], frag.shape[0] * 16))

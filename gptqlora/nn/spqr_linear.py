@@ -12,6 +12,8 @@ from torch import nn
 from gptqlora.formats.gptq import pack_rows
 from gptqlora.formats.spqr import SPQR_TENSORS, SpQRSpec, average_bits, csr_from_mask, pack_stats
 from gptqlora.kernels.spqr import SpQRTensors, register_small_m, spqr_matmul, spqr_small_m_op, spqr_weight
+from gptqlora.kernels.dispatch import resolve
+from gptqlora.kernels.gemv_mma import takes as gemv_mma_takes
 from gptqlora.nn.quant_linear import QuantLinear, compute_dtype, decodes
 
 
@@ -27,6 +29,7 @@ class SpQRLinear(nn.Module):
         self.spec, self.kernel = spec, kernel
         self._plan = self._plan_key = None
         self._gemv = self._gemv_key = None  # gemv_plan's cache (the decode kernel reads the dense codes)
+        self._mma = self._mma_key = None  # mma_plan's cache
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.bits, self.group_size = spec.bits, spec.group_size
         self.stat_bits, self.stat_group_size = spec.stat_bits, spec.stat_group_size
@@ -99,17 +102,65 @@ class SpQRLinear(nn.Module):
             register_small_m()
         return plan
 
+    def mma_plan(self) -> tuple | None:
+        """The tensor-core decode plan (kernels/gemv_mma.py, where GPTQLORA_GEMV_MMA=1 and the layer fits): the
+        codes in fragment order (3-bit codes in 4-bit slots) and the first-level statistics decoded once
+        (scales fp16, zeros fp32 [G, N]), non-persistent buffers; (slot bits, group), or None (then gemv_plan's
+        Triton path). Built once, rebuilt when the codes or g_idx change; under torch.compile the one before."""
+        if torch.compiler.is_compiling():
+            return self._mma
+        from gptqlora.kernels import gemv_mma
+
+        key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
+               self.qweight.device, gemv_mma.wanted(), self.kernel)
+        if self._mma_key != key:
+            self._mma, self._mma_key = self._build_mma(), key
+        return self._mma
+
+    def _build_mma(self) -> tuple | None:
+        from gptqlora.kernels import gemv_mma
+        from gptqlora.kernels.dequant import plan_for
+        from gptqlora.kernels.gemv import room_for
+        from gptqlora.kernels.spqr import spqr_stats
+
+        k, n, dev = self.in_features, self.out_features, self.qweight.device
+        slot = 4 if self.bits == 3 else self.bits
+        gs = k if self.group_size == -1 else self.group_size
+        if not gemv_mma.wanted() or not gemv_mma.eligible(slot, k, n, gs):
+            return None
+        if dev.type == "cuda" and (resolve(self.kernel, dev) != "triton" or not gemv_mma.usable(dev)):
+            return None
+        rows = plan_for(self.g_idx, gs)
+        if rows is None or not room_for(k * n * slot // 8 + (k // gs) * n * 6, dev):
+            return None
+        scales, zeros = spqr_stats(self.tensors(), self.stat_bits)
+        for name, t in (("mma_frag", gemv_mma.pack_gptq(self.qweight, self.bits, rows.perm, slot)),
+                        ("mma_scales", scales.to(torch.float16)), ("mma_zeros", zeros.float()), ("mma_perm", rows.perm),
+                        ("mma_locks", torch.zeros(-(-n // 16), dtype=torch.int32, device=dev))):
+            self.register_buffer(name, t, persistent=False)
+        return slot, gs
+
     def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scaling: float = 1.0) -> torch.Tensor | None:
-        """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] without a dense W (kernels.spqr_triton.spqr_small_m)
-        when it applies: at most 16 rows, the Triton path, no gradient wanted; else None. As QuantLinear.small_m."""
+        """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] without a dense W when it applies (at most 16 rows, the
+        Triton path, no gradient wanted; else None; as QuantLinear.small_m): the tensor-core kernel with the
+        outliers in the same launch where `mma_plan` has one (kernels.gemv_mma), else
+        kernels.spqr_triton.spqr_small_m."""
         if not decodes(x, lora_a, lora_b):
             return None
-        plan = self.gemv_plan()
-        if plan is None:
-            return None
-        tensors = [getattr(self, name) for name in SPQR_TENSORS]
-        y = spqr_small_m_op(x.reshape(-1, x.shape[-1]), tensors, self.bits, self.stat_bits, plan, lora_a, lora_b, scaling)
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = ([lora_a], [lora_b]) if lora_a is not None else ([], [])
+        mma = self.mma_plan()
+        if mma is not None and gemv_mma_takes(x2, self.mma_scales, a, b):
+            y = torch.ops.gptqlora.gemv_mma(x2, self.mma_frag, self.mma_zeros, self.mma_scales, self.mma_perm,
+                                            self.mma_locks, a, b, mma[0], mma[1], float(scaling),
+                                            [self.outlier_values, self.outlier_cols, self.outlier_rows])
+        else:
+            plan = self.gemv_plan()
+            if plan is None:
+                return None
+            tensors = [getattr(self, name) for name in SPQR_TENSORS]
+            y = spqr_small_m_op(x2, tensors, self.bits, self.stat_bits, plan, lora_a, lora_b, scaling)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -55,8 +55,6 @@ def test_layers_the_kernel_cannot_read_keep_the_triton_plan():
     assert plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True).qweight.dim() == 2
     p = random_packed(256, 32, 3, 64, False, False, seed=5)  # 3 bit
     assert plan_gemv(p["qweight"], p["g_idx"], 3, 64, mma=True).qweight.dim() == 2
-    p = random_packed(256, 32, 4, 64, False, True, seed=6)  # float zeros
-    assert plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True, float_zeros=True).qweight.dim() == 2
     assert not gemv_mma.eligible(4, 256, 32, 8, False)  # groups of half a k-step
 
 
@@ -107,6 +105,42 @@ def test_variants_differ_by_their_constants():
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
-                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R}
+                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0}
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
     assert "__global__ void __launch_bounds__(WARPS * 32)" in gemv_mma.SOURCE.read_text()
+
+
+def test_float_zeros_fold_per_group():
+    """Float zeros (a QA-LoRA merge's): the fragments hold q, and s * z * Σx per group comes off (FZ)."""
+    p = random_packed(512, 48, 4, 64, True, True, seed=8)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True, float_zeros=True)
+    assert plan.qweight.dim() == 4
+    x = torch.randn(2, 512, dtype=torch.float64)
+    y = gemv_mma.emulate(x, plan.qweight, p["zeros"], p["scales"], 4, 64, plan.perm)
+    assert torch.allclose(y, x @ p["w64"], rtol=1e-5, atol=1e-5)
+    cfg = {"WARPS": 4, "NT": 1, "KC": 128, "NM": 1}
+    assert dict(gemv_mma.defines(cfg, 4, 64, torch.bfloat16, torch.float16, True, None, True, True))["FZ"] == 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monkeypatch):
+    """A SpQR layer's tensor-core plan: 3-bit codes in 4-bit slots, statistics decoded once, the outliers
+    (CSR over W (N, K)) added in the same launch; emulated, it equals the layer's dense weight."""
+    from test_spqr_kernel import random_spqr
+
+    from gptqlora.formats.spqr import SpQRSpec
+    from gptqlora.nn.spqr_linear import SpQRLinear
+
+    t = random_spqr(k=256, n=64, bits=bits, frac=0.03, seed=bits)
+    layer = SpQRLinear.from_packed(SpQRSpec(256, 64, bits, 16), dict(zip(t.__dataclass_fields__, t.as_tuple())))
+    assert layer.mma_plan() is None  # not asked for
+    monkeypatch.setenv(gemv_mma.ENV, "1")
+    slot, group = layer.mma_plan()
+    assert (slot, group) == (4 if bits == 3 else bits, 16) and layer.mma_frag.dim() == 4
+    x = torch.randn(3, 256)
+    y = gemv_mma.emulate(x, layer.mma_frag, layer.mma_zeros, layer.mma_scales, slot, group, layer.mma_perm,
+                         outliers=(layer.outlier_values, layer.outlier_cols, layer.outlier_rows))
+    want = x.double() @ layer.dequantize(torch.float32).double()
+    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
+    assert layer.small_m(x) is None  # on the CPU nothing decodes through a kernel: forward's dense path
+    assert "mma_frag" not in layer.state_dict()
