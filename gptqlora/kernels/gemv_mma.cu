@@ -6,14 +6,15 @@
 // 32-bit word holds exactly the eight codes of its A fragment for one k-step (4 bit) or two (2 bit), packed
 // by gemv_mma.pack; register i of the fragment is (word >> BITS*(4*step_in_word + i)) & CMASK | MAGIC: the
 // code pair in the low bits of each half of a 16-bit float whose exponent makes the code the mantissa's units
-// (MAGIC_VAL + q exactly), then one packed subtract of MAGIC_VAL + z gives q - z exactly. Per 8 codes: 3 shifts,
-// 4 LOP3, 4 packed subtracts and a share of one mma. Scales multiply the fp32 accumulator once per group.
+// (MAGIC_VAL + q exactly). The mma sums x (MAGIC_VAL + q) in fp32; at each group's end (MAGIC_VAL + z) Σx of
+// the group's rows comes off and the scale multiplies: s (Σ x q - z Σ x). Per 8 codes: 3 shifts, 4 LOP3 and a
+// share of one mma (the fp32 sums lose ~7 bits of 24 to the offset, bf16; ~10 at fp16: errors ~1e-5).
 //
 // Defines (gemv_mma.py): BITS, XF16 (x fp16, else bf16), SF16 (scales fp16, else bf16), NM (8-token mma
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
-// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, FZ (float zeros (G, N) fp32: the
-// fragments hold q exactly and s * z * Σx of the group's rows is taken off per group), OUTLIERS (SpQR's CSR
-// outliers over W (N, K): split 0 adds Σ value * x[col] of its columns).
+// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, FZ (zeros are float (G, N) fp32,
+// else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K): split 0 adds Σ value * x[col] of its
+// columns).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -79,16 +80,6 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {  // (a & b) | c in 
     return d;
 }
 
-__device__ __forceinline__ u32 sub2(u32 a, u32 b) {  // packed a - b, exact here (small integers)
-    u32 d;
-#if XF16
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#else
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#endif
-    return d;
-}
-
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
 #if XF16
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -131,9 +122,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #if HAS_LORA
     __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
 #endif
-#if FZ
     __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
-#endif
 #if OUTLIERS
     __shared__ float osum[NM * 8][BLOCK_COLS];         // split 0: the outliers' share of each cell
 #endif
@@ -160,10 +149,8 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 
     // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split
-    float sc[NT][NGROUP][2];
-    u32 zz[NT][NGROUP][2];
+    float sc[NT][NGROUP][2], zf[NT][NGROUP][2];
 #if FZ
-    float zf[NT][NGROUP][2];
     const float* zeros = (const float*)zeros_p;
 #else
     const u32* zeros = (const u32*)zeros_p;
@@ -177,21 +164,18 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int col = tile * 16 + g + 8 * h;
-                float s = 0.f;
-                u32 z = 0u;
-#if FZ
-                zf[j][gi][h] = tile < ntiles ? zeros[(size_t)grp * N + col] : 0.f;
-#endif
+                float s = 0.f, z = 0.f;
                 if (tile < ntiles) {
                     s = s2f(scales[(size_t)grp * N + col]);
-#if !FZ
+#if FZ
+                    z = zeros[(size_t)grp * N + col];
+#else
                     const int bit = col * BITS;
-                    z = (zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u);
+                    z = (float)((zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u));
 #endif
                 }
-                const u32 zh = f2x(MAGIC_VAL + (float)z);
                 sc[j][gi][h] = s;
-                zz[j][gi][h] = zh | (zh << 16);
+                zf[j][gi][h] = MAGIC_VAL + z;
             }
         }
     }
@@ -249,15 +233,15 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 #endif
     __syncthreads();
-#if FZ
-    for (int i = tid; i < NM * 8 * NGROUP; i += WARPS * 32) {  // after xs is complete
+    for (int i = warp; i < NM * 8 * NGROUP; i += WARPS) {  // Σ x of each group's rows, a warp each, once xs is in
         const int m = i / NGROUP, gi = i - m * NGROUP;
         float v = 0.f;
-        for (int r = 0; r < GSTEPS * 16; ++r) v += x2f(xs[m][gi * GSTEPS * 16 + r]);
-        xsum[m][gi] = v;
+        for (int r = lane; r < GSTEPS * 16; r += 32) v += x2f(xs[m][gi * GSTEPS * 16 + r]);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) xsum[m][gi] = v;
     }
     __syncthreads();
-#endif
 
     // 4. the k-steps: 16 rows each, every tile of the warp; the group's fp32 sum scaled at its end
     u32 cmask = CMASK, magic = MAGIC;  // in registers: one LOP3 per fragment register
@@ -284,7 +268,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             u32 a[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i)
-                a[i] = sub2(and_or(word >> (BITS * (4 * sl + i)), cmask, magic), zz[j][gi][i & 1]);
+                a[i] = and_or(word >> (BITS * (4 * sl + i)), cmask, magic);
 #pragma unroll
             for (int mm = 0; mm < NM; ++mm) mma(acc[j][mm], a, b[mm][0], b[mm][1]);
             if ((s + 1) % GSTEPS == 0) {
@@ -292,9 +276,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int mm = 0; mm < NM; ++mm)
 #pragma unroll
                     for (int c = 0; c < 4; ++c) {
-#if FZ
                         acc[j][mm][c] -= zf[j][gi][c >> 1] * xsum[mm * 8 + 2 * t + (c & 1)][gi];
-#endif
                         tot[j][mm][c] += sc[j][gi][c >> 1] * acc[j][mm][c];
                         acc[j][mm][c] = 0.f;
                     }
