@@ -49,7 +49,7 @@ def rel(y, want) -> float:
     return float((y.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
-def checks(device) -> dict:
+def checks(device, quick: bool = False) -> dict:
     out = {"passed": 0, "failed": []}
 
     def case(name, k, n, bits, gs, act, m, dtype, lora, bounds=None):
@@ -86,9 +86,9 @@ def checks(device) -> dict:
 
     for bits in (4, 2):
         gs = GROUP[bits]
-        for m in (1, 5, 8, 11, 16):
+        for m in ((1, 8, 11) if quick else (1, 5, 8, 11, 16)):
             for act in (True, False):
-                for dtype in (torch.bfloat16, torch.float16):
+                for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)):
                     case(f"{bits}b m{m} act{int(act)} {dtype} f32-lora", 1024, 768, bits, gs, act, m, dtype, "f32")
             case(f"{bits}b m{m} nolora", 1024, 768, bits, gs, True, m, torch.bfloat16, None)
             case(f"{bits}b m{m} bf16-lora r16", 1024, 768, bits, gs, True, m, torch.bfloat16, "same")
@@ -96,7 +96,7 @@ def checks(device) -> dict:
             case(f"{bits}b m{m} two siblings", 1024, 512, bits, gs, True, m, torch.bfloat16, "f32", (256, 512))
         for gsx in (32, 256, 1024):
             case(f"{bits}b g{gsx}", 1024, 256, bits, gsx, True, 1, torch.bfloat16, "f32")
-        for k, n, bounds in SHAPES:
+        for k, n, bounds in SHAPES[:2] if quick else SHAPES:
             for m in (1, 8):
                 case(f"{bits}b {k}x{n} m{m}", k, n, bits, gs, True, m, torch.bfloat16, "f32", bounds)
     # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch)
@@ -108,8 +108,8 @@ def checks(device) -> dict:
     spec.loader.exec_module(bench_spqr)
     os.environ[gemv_mma.ENV] = "1"
     try:
-        for k, n in ((1024, 768), (4096, 4096), (11008, 4096), (4096, 11008)):
-            for bits in (3, 4, 2):
+        for k, n in ((1024, 768), (4096, 4096)) if quick else ((1024, 768), (4096, 4096), (11008, 4096), (4096, 11008)):
+            for bits in (3,) if quick else (3, 4, 2):
                 lay = bench_spqr.spqr_layer(k, n, bits, device=device)
                 w = lay.dequantize(torch.float32)
                 for m, lora in ((1, True), (8, False), (16, True)):
@@ -151,13 +151,13 @@ def checks(device) -> dict:
     return out
 
 
-def timings(device, timer, deadline) -> list[dict]:
+def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
     rows = []
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     sms = G._sm_count(device)
-    for bits in (4, 2):
+    for bits in (4,) if quick else (4, 2):
         gs = GROUP[bits]
-        for k, n, bounds in SHAPES:
+        for k, n, bounds in (SHAPES[0], SHAPES[2]) if quick else SHAPES:
             if time.time() > deadline:
                 rows.append({"shape": f"{k}x{n}", "bits": bits, "skipped": "budget"})
                 continue
@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the checks and rows here")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new timings after this")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer checks; timings of two 4-bit shapes only")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_mma_probe needs a CUDA GPU", file=sys.stderr)
@@ -227,11 +228,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    res["checks"] = checks(device)
+    res["checks"] = checks(device, a.quick)
     print("checks:", res["checks"]["passed"], "passed,", len(res["checks"]["failed"]), "failed",
           f"({time.time() - t0:.0f} s)", flush=True)
     if not a.skip_timing:
-        res["rows"] = timings(device, Timer(True), t0 + a.budget_s)
+        res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0 if not res["checks"]["failed"] else 1
