@@ -164,20 +164,29 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
 
 @functools.cache
 def _nvrtc() -> ctypes.CDLL:
-    """NVRTC as PyTorch finds it (loaded by name), else from the nvidia-cuda-nvrtc wheel beside torch."""
-    from torch.cuda._utils import _get_gpu_rtc_library
+    """NVRTC as PyTorch finds it (loaded by name), else from an nvidia-cuda-nvrtc wheel in site-packages (the
+    CPU tests compile the source with it: the test extra installs one). OSError when there is none."""
+    import glob
+    import site
 
-    try:
-        return _get_gpu_rtc_library()
-    except OSError:
-        import glob
-        import site
+    if torch.version.cuda:
+        from torch.cuda._utils import _get_gpu_rtc_library
 
-        major = (torch.version.cuda or "0").split(".")[0]
-        for d in site.getsitepackages() + [site.getusersitepackages()]:
-            for lib in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", f"libnvrtc.so.{major}*"))):
+        try:
+            return _get_gpu_rtc_library()
+        except OSError:
+            pass
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else ""
+    for d in site.getsitepackages() + [site.getusersitepackages()]:
+        for lib in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", f"libnvrtc.so.{major}*")), reverse=True):
+            if "alt" not in os.path.basename(lib) and "builtins" not in os.path.basename(lib):
                 return ctypes.CDLL(lib)
-        raise
+    raise OSError("no NVRTC library found (PyTorch's CUDA wheels ship one; pip install nvidia-cuda-nvrtc)")
+
+
+def ptx(consts: tuple[tuple[str, int], ...], arch: str) -> bytes:
+    """The PTX of one kernel variant (`defines`) for `arch` ("sm_90")."""
+    return _nvrtc_ptx("".join(f"#define {k} {v}\n" for k, v in consts) + SOURCE.read_text(), arch)
 
 
 @functools.cache
@@ -237,8 +246,7 @@ def kernel(consts: tuple[tuple[str, int], ...], arch: str):
     """The compiled variant (cached per process)."""
     from torch.cuda._utils import _cuda_load_module
 
-    src = "".join(f"#define {k} {v}\n" for k, v in consts) + SOURCE.read_text()
-    return _cuda_load_module(_nvrtc_ptx(src, arch), ["gemv_mma"])["gemv_mma"]
+    return _cuda_load_module(ptx(consts, arch), ["gemv_mma"])["gemv_mma"]
 
 
 @functools.cache

@@ -144,3 +144,27 @@ def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monke
     assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
     assert layer.small_m(x) is None  # on the CPU nothing decodes through a kernel: forward's dense path
     assert "mma_frag" not in layer.state_dict()
+
+
+def _nvrtc_or_skip():
+    try:
+        gemv_mma._nvrtc()
+    except OSError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("bits,x_dtype,perm,lora,nm,fz,outliers", [
+    (4, torch.bfloat16, True, torch.float32, 1, False, False),
+    (2, torch.float16, False, None, 2, False, False),
+    (4, torch.bfloat16, True, torch.bfloat16, 2, True, True),  # SpQR's: float zeros, outliers, a bf16 adapter
+])
+def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, fz, outliers):
+    """NVRTC (the test extra's wheel on the CPU; PyTorch's on a GPU machine) compiles each kind of variant,
+    and the PTX multiplies on the tensor cores."""
+    _nvrtc_or_skip()
+    cfg = {"WARPS": 4, "NT": 2, "KC": 256 * (4 // bits), "NM": nm}
+    consts = gemv_mma.defines(cfg, bits, 64 if fz else 128, x_dtype, torch.float16, perm, lora, fz, outliers)
+    code = gemv_mma.ptx(consts, "sm_90")
+    kind = "bf16" if x_dtype == torch.bfloat16 else "f16"
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32".encode() in code
+    assert b".entry gemv_mma" in code and b"ld.global.nc.L1::no_allocate.v4.u32" in code
