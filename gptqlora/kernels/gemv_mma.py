@@ -50,9 +50,10 @@ def rows_per_load(bits: int) -> int:
 
 def eligible(bits: int, k: int, n: int, group: int, float_zeros: bool = False) -> bool:
     """Whether a layer can take this kernel: 2/4 bit (packed or float zeros), N in 16-column tiles, K in whole
-    loads, groups of whole 16-row k-steps (group = K for one group)."""
-    del float_zeros  # both kinds: packed zeros subtract in the fragments, float zeros per group (FZ)
-    return bits in BITS and n % 16 == 0 and k % rows_per_load(bits) == 0 and group % 16 == 0 and group > 0
+    loads, groups of whole 16-row k-steps (group = K for one group) that splits can hold whole or lie in."""
+    del float_zeros  # both kinds: the zero comes off per group ((MAGIC_VAL + z) Σx), packed or float
+    return (bits in BITS and n % 16 == 0 and k % rows_per_load(bits) == 0 and group % 16 == 0 and group > 0
+            and pick_config(1, k, n, bits, group) is not None)  # a split of whole groups, or inside one
 
 
 def lane_places(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

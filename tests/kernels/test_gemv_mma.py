@@ -56,6 +56,7 @@ def test_layers_the_kernel_cannot_read_keep_the_triton_plan():
     p = random_packed(256, 32, 3, 64, False, False, seed=5)  # 3 bit
     assert plan_gemv(p["qweight"], p["g_idx"], 3, 64, mma=True).qweight.dim() == 2
     assert not gemv_mma.eligible(4, 256, 32, 8, False)  # groups of half a k-step
+    assert not gemv_mma.eligible(4, 384, 32, 48, False)  # 48-row groups: no split of whole loads holds or fits one
 
 
 def test_calls_the_kernel_cannot_take_get_the_dense_result():
