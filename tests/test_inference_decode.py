@@ -119,3 +119,35 @@ def test_act_order_siblings_read_slices_of_their_shared_copy(model, monkeypatch)
         monkeypatch.setenv(dispatch.ENV, "triton")
         assert float((got - want).norm() / want.norm()) < 1e-5
 
+
+
+def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(monkeypatch):
+    """GPTQLORA_GEMV_MMA=1 (kernels/gemv_mma.py): the layers and sibling groups plan fragment-ordered copies (the
+    group's tiles side by side, each sibling's a slice, one split-K counter per 16 output columns), and off CUDA
+    their calls take the dense fallback: greedy generations equal the reference path's."""
+    from gptqlora.kernels import gemv_mma
+    from gptqlora.nn.sibling_gemv import group_plan
+
+    m = packed_tiny_llama(bits=4, group_size=32, layers=1, hidden=64, intermediate=128, seed=3)
+    pm = get_peft_model(m, GPTQLoraConfig(r=8, lora_dropout=0.0)).eval()
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    tok = char_tokenizer()
+    prompts = [tok("abc")["input_ids"], tok("hello there")["input_ids"]]
+    sampling = Sampling(max_new_tokens=4, decode="eager")
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    want = generate_responses(pm, tok, prompts, sampling)
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    monkeypatch.setenv(gemv_mma.ENV, "1")
+    got = generate_responses(pm, tok, prompts, sampling)
+    assert got == want and any(w for w in want)
+    layer = next(m for m in pm.modules() if isinstance(m, GPTQLoraLinear) and m.siblings is not None)
+    bases = [m.base_layer for m in layer.siblings.layers]
+    assert group_plan(bases) is not None
+    group = bases[0].group_qweight
+    assert group.dim() == 4 and group.shape[0] * 16 == sum(b.out_features for b in bases)
+    assert bases[0].group_locks.numel() == group.shape[0]
+    for b in bases:
+        assert b.gemv_qweight.dim() == 4 and b.gemv_qweight.shape[0] * 16 == b.out_features
+        assert b.gemv_qweight.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()

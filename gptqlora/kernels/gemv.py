@@ -414,7 +414,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         if spqr_stats is None and gemv_mma.takes(x, scales, a_l, b_l):
             return gemv_mma.gemv_mma(x, plan.qweight, zeros, scales, bits, plan.group, plan.perm, plan.locks,
                                      list(a_l), list(b_l), scaling, bounds, sms)
-        return _dense(x, qweight, zeros, scales, g_idx, bits, a_l, b_l, scaling, bounds)
+        return _dense(x, qweight, zeros, scales, g_idx, bits, plan, a_l, b_l, scaling, bounds)
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
                                lora_a, lora_b, scaling, bounds)
@@ -452,12 +452,16 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     return out
 
 
-def _dense(x, qweight, zeros, scales, g_idx, bits, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
+def _dense(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
     """gemv_triton's result through the dense reference, for the calls a gemv_mma plan's kernel cannot take
-    (fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast."""
-    n = qweight.shape[1]
+    (off CUDA, fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast. A sibling
+    group passes its fragment copy as `qweight` (there is no GPTQ-layout one): its codes are read back."""
+    n = scales.shape[1]
     edges = [0, n] if bounds is None else [0, bounds[0], bounds[1], n][:4 if bounds[1] < n else 3]
-    y = x.float() @ dequantize(qweight, zeros, scales, g_idx, bits, torch.float32)
+    if qweight.dim() == 2:
+        y = x.float() @ dequantize(qweight, zeros, scales, g_idx, bits, torch.float32)
+    else:
+        y = gemv_mma.emulate(x.float(), plan.qweight, zeros, scales, bits, plan.group, plan.perm)
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         y[:, edges[i]:edges[i + 1]] += scaling * (x.float() @ a.float().t()) @ b.float().t()
     return y.to(x.dtype)

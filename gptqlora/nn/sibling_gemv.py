@@ -28,8 +28,10 @@ MIN_COLUMNS = 32  # each sibling's width must be a multiple of this: whole words
 
 
 def _key(bases: list[QuantLinear]) -> tuple:
+    from gptqlora.kernels import gemv_mma
+
     return tuple((b.qweight.data_ptr(), b.qweight._version, b.g_idx.data_ptr(), b.g_idx._version, b.qweight.device)
-                 for b in bases)
+                 for b in bases) + (gemv_mma.wanted(),)  # the layers' plans follow GPTQLORA_GEMV_MMA: so does this
 
 
 def group_plan(bases: list[QuantLinear]) -> tuple | None:
@@ -71,7 +73,7 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
     qweight = torch.cat([p[0] for p in plans], dim=0 if frag else 1)  # (K*b/32, N1 + N2 [+ N3]) or tiles
     zeros = torch.cat([b.zero_points for b in bases], dim=1)
     scales = torch.cat([b.scales for b in bases], dim=1)
-    locks = torch.zeros(-(-qweight.shape[1] // 16), dtype=torch.int32, device=qweight.device)
+    locks = torch.zeros(-(-sum(b.out_features for b in bases) // 16), dtype=torch.int32, device=qweight.device)
     for name, t in (("group_qweight", qweight), ("group_zeros", zeros), ("group_scales", scales),
                     ("group_locks", locks)):
         leader.register_buffer(name, t, persistent=False)
