@@ -1,5 +1,5 @@
 """Decode (M <= 16 tokens) through the tensor cores: a CUDA kernel (gemv_mma.cu) over a fragment-ordered copy of
-the packed codes, for 2- and 4-bit layers with packed zeros.
+the packed codes, for 2- and 4-bit layers (packed or float zeros) and SpQR's codes (SpQRLinear.mma_plan).
 
     y = x @ dequant(W) + s * (x @ Aᵀ) @ Bᵀ        x (M, K), W (K, N) packed, A (r, K), B (N, r), y (M, N)
 
@@ -8,17 +8,23 @@ Why CUDA and not another Triton kernel: sessions 4-14 (bench/notes_decode.md) to
 and zeros that Triton's layouts give every thread, and Triton does not let a kernel place codes straight into
 tensor-core operand registers. Here each lane's 16-byte load holds exactly its mma.m16n8k16 A fragments for
 four words of k-steps (`pack`: the layout Marlin and its kin use, built here from GPTQ's), x sits in shared
-memory once per block, and the codes become fragment registers with a shift, a LOP3 and a packed subtract
-per pair (offline sm_90 SASS: ~1.7 instructions per code against ~7). The same launch serves M = 1..8 (one
-mma per tile; 9..16 take two), where the Triton M > 1 kernel runs at a third of its M = 1 speed.
+memory once per block, and a pair of codes becomes a fragment register with a shift and a LOP3; the zeros
+come off once per group (offline sm_90 SASS: 1.25 instructions per code in the loop against ~7). The same
+launch serves M = 1..8 (one mma per tile; 9..16 take two), where the Triton M > 1 kernel runs at a third of
+its M = 1 speed. Written here because no library decodes GPTQ's act-order layout with a fused LoRA on the
+tensor cores at 2 bit (Marlin-family kernels: 4/8 bit, no adapter; session 9-10's tinygemm and GemLite peers
+were slower than the Triton kernels).
+
+Unmeasured on a GPU (session 15: no machine started), hence opt-in.
 
 No CUDA toolchain is needed where it runs: NVRTC (shipped with PyTorch's CUDA wheels) compiles the source at
 the first call of each configuration (well under a second), and the driver loads the PTX. Nothing here is
 read off CUDA: the packed layout, `pack` and `emulate` (the kernel's arithmetic in torch, the CPU tests' check
 of the layout against PTX's fragment tables) run anywhere.
 
-The copy is a non-persistent buffer like the act-order copy it replaces (same bytes as qweight), made when
-`GPTQLORA_GEMV_MMA=1` and the layer fits (`eligible`); state_dict and checkpoints stay GPTQ's.
+The copy is a non-persistent buffer like the act-order copy it replaces (same bytes as qweight; without
+act-order it is one more copy), made when `GPTQLORA_GEMV_MMA=1` and the layer fits (`eligible`); state_dict
+and checkpoints stay GPTQ's.
 """
 
 from __future__ import annotations
