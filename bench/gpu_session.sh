@@ -125,7 +125,9 @@ for r in rows:
                python3 bench/gemv_mma_probe.py --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-150}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
                rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": 1' "$OUT/mma.txt" | cut -c1-230
                grep '"m": 8' "$OUT/mma.txt" | cut -c1-230
-               if [ $rc = 0 ]; then
+               if [ $rc = 0 ]; then  # the model decoding through it, compiled and graphed (~40 s), then the 7B
+                 python3 bench/gpu_check_decode.py --skip kernel,graphs,generation,spqr --jobs 1 > "$OUT/check_mma.json" \
+                   2>> "$OUT/stderr.log"; tail -1 "$OUT/check_mma.json"
                  python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3,spqr3-mma}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
                    --no-old-harness --budget-s "${DECODE_BUDGET:-240}" --json "$OUT/decode_mma.json" \
                    > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
