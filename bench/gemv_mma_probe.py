@@ -27,22 +27,10 @@ sys.path.append(str(Path(__file__).parent))
 
 from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
 
-from gptqlora.formats.gptq import pack_cols, pack_rows  # noqa: E402
 from gptqlora.kernels import gemv as G  # noqa: E402
 from gptqlora.kernels import gemv_mma  # noqa: E402
 
 SHAPES = ((4096, 4096, None), (4096, 12288, (4096, 8192)), (4096, 22016, (11008, 22016)), (11008, 4096, None))
-
-
-def layer(k, n, bits, gs, act, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
-    zeros = torch.randint(0, 2**bits, (-(-k // gs), n), device=device, dtype=torch.int32, generator=g)
-    scales = (torch.rand(zeros.shape, device=device, generator=g) * 0.01 + 1e-3).half()
-    g_idx = torch.arange(k, device=device, dtype=torch.int32) // gs
-    if act:
-        g_idx = g_idx[torch.randperm(k, device=device, generator=g)]
-    return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
 
 
 def rel(y, want) -> float:
@@ -53,7 +41,7 @@ def checks(device, quick: bool = False) -> dict:
     out = {"passed": 0, "failed": []}
 
     def case(name, k, n, bits, gs, act, m, dtype, lora, bounds=None):
-        p = layer(k, n, bits, gs, act, device, seed=hash((k, n, bits, gs, act, m)) % 10**6)
+        p = packed_layer(k, n, bits, device, hash((k, n, bits, gs, act, m)) % 10**6, gs, act)
         plan = G.plan_gemv(p[0], p[3], bits, gs, True, mma=True)
         g = torch.Generator(device=device).manual_seed(m + k)
         x = torch.randn(m, k, device=device, generator=g).to(dtype)
@@ -134,7 +122,7 @@ def checks(device, quick: bool = False) -> dict:
     finally:
         os.environ.pop(gemv_mma.ENV, None)
     # a CUDA graph replays it with new inputs
-    p = layer(4096, 4096, 4, 128, True, device, 1)
+    p = packed_layer(4096, 4096, 4, device, 1, 128)
     plan = G.plan_gemv(p[0], p[3], 4, 128, True, mma=True)
     x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
     G.gemv_triton(x, *p, 4, plan)

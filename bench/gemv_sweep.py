@@ -61,13 +61,16 @@ SPLITS = (1, 2, 4, 8, 16, 32, 64)
 R = 8
 
 
-def packed_layer(k, n, bits, device, seed):
+def packed_layer(k, n, bits, device, seed, group: int | None = None, act_order: bool = True):
+    """(qweight, zeros, scales, g_idx) of a random layer; `group` GROUP[bits] unless given."""
     g = torch.Generator(device=device).manual_seed(seed)
-    gs = GROUP[bits]
+    gs = group or GROUP[bits]
     codes = torch.randint(0, 2**bits, (k, n), device=device, dtype=torch.int32, generator=g)
-    zeros = torch.randint(0, 2**bits, (k // gs, n), device=device, dtype=torch.int32, generator=g)
-    scales = (torch.rand(k // gs, n, device=device, generator=g) * 0.01 + 1e-3).half()
-    g_idx = (torch.arange(k, device=device, dtype=torch.int32) // gs)[torch.randperm(k, device=device, generator=g)]
+    zeros = torch.randint(0, 2**bits, (-(-k // gs), n), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(zeros.shape, device=device, generator=g) * 0.01 + 1e-3).half()
+    g_idx = torch.arange(k, device=device, dtype=torch.int32) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, device=device, generator=g)]
     return pack_rows(codes, bits), pack_cols(zeros, bits), scales, g_idx
 
 

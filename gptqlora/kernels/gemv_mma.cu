@@ -284,8 +284,8 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
     }
 
-    // 5. the cells of this lane: c0, c1 = column g, tokens 2t, 2t+1; c2, c3 = column g + 8
-#if HAS_LORA
+    // 5. each cell of this lane (c0, c1 = column g, tokens 2t, 2t+1; c2, c3 = column g + 8): the adapter's share
+    // and split 0's outliers added, then out directly (one split) or as an fp32 partial the last split sums
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int tile = col0 / 16 + warp * NT + j;
@@ -295,40 +295,19 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             for (int c = 0; c < 4; ++c) {
                 const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
                 if (tile < ntiles && m < M) {
+                    float v = tot[j][mm][c];
+#if HAS_LORA
                     float d = 0.f;
                     for (int r = 0; r < R; ++r) d += us[m][r] * l2f(B[(size_t)(n - noff) * R + r]);
-                    tot[j][mm][c] += (float)lora_scale * d;
-                }
-            }
-    }
+                    v += (float)lora_scale * d;
 #endif
-
 #if OUTLIERS
-    if (blockIdx.y == 0) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int mm = 0; mm < NM; ++mm)
-#pragma unroll
-                for (int c = 0; c < 4; ++c)
-                    tot[j][mm][c] += osum[mm * 8 + 2 * t + (c & 1)][(warp * NT + j) * 16 + g + 8 * (c >> 1)];
-    }
+                    if (blockIdx.y == 0) v += osum[m][n - col0];
 #endif
-
-    // 6. out directly (one split), or fp32 partials and the block's last split sums them in split order
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const int tile = col0 / 16 + warp * NT + j;
-#pragma unroll
-        for (int mm = 0; mm < NM; ++mm)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
-                if (tile < ntiles && m < M) {
                     if (split == 1)
-                        out[(size_t)m * N + n] = f2x(tot[j][mm][c]);
+                        out[(size_t)m * N + n] = f2x(v);
                     else
-                        part[((size_t)blockIdx.y * M + m) * N + n] = tot[j][mm][c];
+                        part[((size_t)blockIdx.y * M + m) * N + n] = v;
                 }
             }
     }

@@ -290,11 +290,10 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
     if cfg is None:
         raise ValueError(f"no gemv_mma block fits K={k}, N={n}, group {group}, bounds {bounds}")
-    has_lora = bool(lora_a)
-    a_s = [t.contiguous() for t in lora_a] if has_lora else [x]
-    b_s = [t.contiguous() for t in lora_b] if has_lora else [x]
-    a_s, b_s = a_s + [a_s[-1]] * (3 - len(a_s)), b_s + [b_s[-1]] * (3 - len(b_s))
-    r = b_s[0].shape[1] if has_lora else 1
+    from gptqlora.kernels.gemv_m1 import lora_slots  # here, not at the top: gemv_m1 needs triton, CPU users of
+    # this module (the layout, SpQRLinear's plan) do not; this runs on CUDA only
+
+    a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
     has_out = outliers is not None and outliers[0].shape[0] > 0
     if zeros.is_floating_point() and zeros.dtype != torch.float32:
         zeros = zeros.float()
