@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma)
+#                                                    spqr-decode default-ab mma mma-quick)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -131,6 +131,17 @@ for r in rows:
                  python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3,spqr3-mma}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
                    --no-old-harness --budget-s "${DECODE_BUDGET:-240}" --json "$OUT/decode_mma.json" \
                    > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
+               else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;
+    mma-quick) # issue 16, session 16: the tensor-core kernel after its first measurement (LoRA and split-sum latency cut):
+               # quick checks and two 4-bit shapes' timings, the 7B A/B at 4 bit, batch 1 and 8, then the generation check (~6 min)
+               python3 bench/gemv_mma_probe.py --quick --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-40}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
+               rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-260
+               if [ $rc = 0 ]; then
+                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
+                   --no-old-harness --budget-s "${DECODE_BUDGET:-230}" --json "$OUT/decode_mma.json" \
+                   > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -9 "$OUT/decode_mma.txt"
+                 timeout "${CHECK_BUDGET:-70}" python3 bench/gpu_check_decode.py --skip kernel,graphs,generation,spqr --jobs 1 \
+                   > "$OUT/check_mma.json" 2>> "$OUT/stderr.log"; tail -1 "$OUT/check_mma.json" | cut -c1-400
                else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \

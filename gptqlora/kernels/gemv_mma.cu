@@ -200,14 +200,25 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
     const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
     const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
-    for (int mj = warp; mj < M * R; mj += WARPS) {
-        const int m = mj / R, r = mj - m * R;
-        float acc = 0.f;
-        for (int kk = lane; kk < KC; kk += 32)
-            acc += x2f(x[(size_t)m * K + k0 + kk]) * l2f(A[(size_t)r * K + k0 + kk]);
+    for (int r = warp; r < R; r += WARPS) {  // a warp per rank, every token at once: A's row read once
+        float acc[NM * 8];
 #pragma unroll
-        for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) us[m][r] = acc;
+        for (int m = 0; m < NM * 8; ++m) acc[m] = 0.f;
+#pragma unroll 8
+        for (int kk = lane; kk < KC; kk += 32) {
+            const float a = l2f(A[(size_t)r * K + k0 + kk]);
+#pragma unroll
+            for (int m = 0; m < NM * 8; ++m)
+                if (m < M) acc[m] += x2f(x[(size_t)m * K + k0 + kk]) * a;
+        }
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) {
+            if (m >= M) break;  // warp-uniform
+            float v = acc[m];
+#pragma unroll
+            for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) us[m][r] = v;
+        }
     }
 #endif
 #if OUTLIERS
@@ -242,6 +253,39 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         if (lane == 0) xsum[m][gi] = v;
     }
     __syncthreads();
+
+#if HAS_LORA
+    // the adapter's share of each cell of this lane (see 5.), before the k-steps: B's row of each of the lane's
+    // columns read once, its loads in flight while the weights still arrive
+    float lo[NT][NM][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tile = col0 / 16 + warp * NT + j;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float d[NM][2];
+#pragma unroll
+            for (int mm = 0; mm < NM; ++mm) d[mm][0] = d[mm][1] = 0.f;
+            if (tile < ntiles) {
+                const lora_t* brow = B + (size_t)(tile * 16 + g + 8 * h - noff) * R;
+#pragma unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const float bv = l2f(brow[r]);
+#pragma unroll
+                    for (int mm = 0; mm < NM; ++mm) {  // us rows m >= M hold garbage: their cells are never written
+                        d[mm][0] += us[mm * 8 + 2 * t][r] * bv;
+                        d[mm][1] += us[mm * 8 + 2 * t + 1][r] * bv;
+                    }
+                }
+            }
+#pragma unroll
+            for (int mm = 0; mm < NM; ++mm) {
+                lo[j][mm][2 * h] = d[mm][0];
+                lo[j][mm][2 * h + 1] = d[mm][1];
+            }
+        }
+    }
+#endif
 
     // 4. the k-steps: 16 rows each, every tile of the warp; the group's fp32 sum scaled at its end
     u32 cmask = CMASK, magic = MAGIC;  // in registers: one LOP3 per fragment register
@@ -297,9 +341,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 if (tile < ntiles && m < M) {
                     float v = tot[j][mm][c];
 #if HAS_LORA
-                    float d = 0.f;
-                    for (int r = 0; r < R; ++r) d += us[m][r] * l2f(B[(size_t)(n - noff) * R + r]);
-                    v += (float)lora_scale * d;
+                    v += (float)lora_scale * lo[j][mm][c];
 #endif
 #if OUTLIERS
                     if (blockIdx.y == 0) v += osum[m][n - col0];
@@ -320,9 +362,17 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     __threadfence();
     for (int i = tid; i < M * BLOCK_COLS; i += WARPS * 32) {
         const int m = i / BLOCK_COLS, n = col0 + (i - m * BLOCK_COLS);
-        if (n < N) {
+        if (n < N) {  // summed in split order; eight loads in flight at a time, not one
             float v = 0.f;
-            for (int p = 0; p < split; ++p) v += ld_cg(part + ((size_t)p * M + m) * N + n);
+            int p = 0;
+            for (; p + 8 <= split; p += 8) {
+                float pv[8];
+#pragma unroll
+                for (int q = 0; q < 8; ++q) pv[q] = ld_cg(part + ((size_t)(p + q) * M + m) * N + n);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) v += pv[q];
+            }
+            for (; p < split; ++p) v += ld_cg(part + ((size_t)p * M + m) * N + n);
             out[(size_t)m * N + n] = f2x(v);
         }
     }

@@ -169,3 +169,16 @@ def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, 
     kind = "bf16" if x_dtype == torch.bfloat16 else "f16"
     assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32".encode() in code
     assert b".entry gemv_mma" in code and b"ld.global.nc.L1::no_allocate.v4.u32" in code
+
+
+def test_emulation_makes_its_tensors_on_the_codes_device():
+    """The dense fallback runs emulate on the GPU (a call the kernel cannot take); every tensor it makes must
+    be on the fragments' device (session 16's first GPU run failed on a CPU-made index). Meta tensors stand in
+    for CUDA here: any tensor made on the CPU cannot mix with them."""
+    k, n = 256, 32
+    frag = gemv_mma.pack(torch.randint(0, 16, (k, n)), 4).to("meta")
+    zeros, scales = torch.rand(4, n).to("meta"), torch.rand(4, n).half().to("meta")
+    x, perm = torch.randn(2, k).to("meta"), torch.randperm(k).int().to("meta")
+    vals, cols, rows = torch.rand(5).half(), torch.randint(0, k, (5,)).short(), torch.tensor([0] * 30 + [2, 5, 5]).int()
+    y = gemv_mma.emulate(x, frag, zeros, scales, 4, 64, perm, outliers=(vals.to("meta"), cols.to("meta"), rows.to("meta")))
+    assert y.device.type == "meta" and y.shape == (2, n)
