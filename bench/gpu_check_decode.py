@@ -215,7 +215,7 @@ def check_spqr(device, shapes) -> list[dict]:
     return rows
 
 
-def check_generation(device, hidden, inter) -> dict:
+def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) -> dict:
     from torch._dynamo.utils import counters
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -229,7 +229,7 @@ def check_generation(device, hidden, inter) -> dict:
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
-    model = quantize_skeleton(LlamaForCausalLM(cfg), 4, 128, device="cpu").to(device)
+    model = quantize_skeleton(LlamaForCausalLM(cfg), 4, 128, device="cpu").to(device=device, dtype=dtype)
     g_idx = {}  # siblings (q|k|v, gate|up) share their act-order map, as GPTQ gives them: one launch each
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
@@ -284,12 +284,26 @@ def check_generation_mma(device, hidden, inter) -> dict:
 
     if device.type != "cuda":
         return {"check": "generation-mma", "ok": True, "skipped": "CUDA only"}
+    from gptqlora.kernels import gemv
+
+    calls = {"kernel": 0, "dense": 0}  # counted while Python runs the ops (the eager and warm-up steps)
+
+    def counted(fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    kernel_fn, dense_fn = gemv_mma.gemv_mma, gemv._dense
+    gemv_mma.gemv_mma, gemv._dense = counted(kernel_fn, "kernel"), counted(dense_fn, "dense")
     os.environ[gemv_mma.ENV] = "1"
-    try:
-        res = check_generation(device, hidden, inter)
+    try:  # fp16: the kernel takes 16-bit x only (an fp32 model would test the dense fallback alone, as session 16's did)
+        res = check_generation(device, hidden, inter, torch.float16)
     finally:
         os.environ.pop(gemv_mma.ENV, None)
-    return {**res, "check": "generation-mma", "ok": res["ok"] and res["mma_layers"] == 7}
+        gemv_mma.gemv_mma, gemv._dense = kernel_fn, dense_fn
+    return {**res, "check": "generation-mma", "calls": calls,
+            "ok": res["ok"] and res["mma_layers"] == 7 and calls["kernel"] > 0 and calls["dense"] == 0}
 
 
 def main(argv: list[str]) -> int:
