@@ -15,6 +15,8 @@ import torch
 
 from gptqlora.quant.quantizer import QuantResult, dequant, find_params, quantize
 
+REFIT_BYTES = 256 << 20  # refit_scales: the (rows, G, G) normal equations solved at a time
+
 log = logging.getLogger(__name__)
 
 
@@ -204,7 +206,8 @@ def refit_scales(res: QuantResult, W: torch.Tensor, H: torch.Tensor) -> QuantRes
     error feedback has moved the weights that follow, and with act-order a group's columns are spread over
     all of K, so the cross-group terms of H matter: a group-by-group refit (H's diagonal blocks only) gained a
     tenth of this on the tiny model. A least-squares problem of G unknowns per row, solved exactly; a row keeps
-    its old scales where the fp16 result is not better. Cost: N K^2 (one pass like W H), memory N K.
+    its old scales where the fp16 result is not better. Cost: N K^2 (one pass like W H), memory N K plus
+    REFIT_BYTES for the rows' normal equations at a time.
     W [N, K] (the target GPTQ quantized: GPTAQ's shifted one where on), H [K, K] undamped, both in the
     original column order, as `res`."""
     n, k = W.shape
@@ -212,17 +215,21 @@ def refit_scales(res: QuantResult, W: torch.Tensor, H: torch.Tensor) -> QuantRes
     ng = res.scales.shape[0]
     d = res.codes.t().float() - res.zeros.float()[g].t()  # (N, K): Ŵ = s_g(k) * d
     E = torch.nn.functional.one_hot(g, ng).to(W.dtype)  # (K, G)
-    r = ((W @ H) * d) @ E  # (N, G): Aᵀ H W_n per row
-    M = torch.zeros(n, ng, ng, dtype=W.dtype, device=W.device)  # (N, G, G): Aᵀ H A per row
-    for h in range(ng):
-        cols = (g == h).nonzero().squeeze(1)
-        if cols.numel():
-            M[:, :, h] = ((d[:, cols] @ H[cols]) * d) @ E  # row n: Σ_{k, l in h} d_k H_kl d_l pooled by g(k)
+    members = [(g == h).nonzero().squeeze(1) for h in range(ng)]
     eye = torch.eye(ng, dtype=W.dtype, device=W.device)
-    diag = M.diagonal(dim1=1, dim2=2)
-    M = M + (1e-6 * diag.mean(-1).clamp_min(1e-12))[:, None, None] * eye + (diag == 0).to(W.dtype)[:, None, :] * eye
-    s = torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)  # (N, G)
-    new = s.t().to(torch.float16)
+    s = torch.empty(n, ng, dtype=W.dtype, device=W.device)
+    rows = max(1, REFIT_BYTES // (4 * ng * ng))  # rows solved at a time: (rows, G, G) stays ~256 MB (65B, g64: G = 344)
+    for a in range(0, n, rows):
+        dn = d[a:a + rows]  # (n', K)
+        r = ((W[a:a + rows] @ H) * dn) @ E  # (n', G): Aᵀ H W_n per row
+        M = torch.zeros(dn.shape[0], ng, ng, dtype=W.dtype, device=W.device)  # (n', G, G): Aᵀ H A per row
+        for h, cols in enumerate(members):
+            if cols.numel():
+                M[:, :, h] = ((dn[:, cols] @ H[cols]) * dn) @ E  # row n: Σ_{k, l in h} d_k H_kl d_l pooled by g(k)
+        diag = M.diagonal(dim1=1, dim2=2)
+        M = M + (1e-6 * diag.mean(-1).clamp_min(1e-12))[:, None, None] * eye + (diag == 0).to(W.dtype)[:, None, :] * eye
+        s[a:a + rows] = torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)
+    new = s.t().to(torch.float16)  # (G, N)
     # keep whichever is better per row (fp16 rounding; a group a row never uses keeps its old scale)
     better = row_errors(W, d * new.float()[g].t(), H) < row_errors(W, d * res.scales.float()[g].t(), H)
     scales = torch.where(better[None, :], new, res.scales)

@@ -174,3 +174,24 @@ def test_refit_scales_recovers_the_scales_of_representable_weights():
     off = QuantResult(codes=codes, scales=(scales.float() * 1.3).half(), zeros=zeros, g_idx=g_idx, error=0.0)
     got = refit_scales(off, true.dequantize(), H)
     torch.testing.assert_close(got.scales.float(), scales.float(), rtol=2e-3, atol=0)
+
+
+def test_refit_scales_in_row_blocks_equals_all_rows_at_once(monkeypatch):
+    """refit_scales solves its normal equations a block of rows at a time (a 65B layer's would not fit at once):
+    rows are independent, so blocks of 3 rows give the same scales as one block."""
+    from gptqlora.quant import gptq as G
+    from gptqlora.quant.quantizer import QuantResult
+
+    g = torch.Generator().manual_seed(1)
+    k, n, gs = 96, 16, 32
+    codes = torch.randint(0, 8, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(2, 6, (k // gs, n), generator=g, dtype=torch.int32)
+    g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)].to(torch.int32)
+    scales = (torch.rand(k // gs, n, generator=g) * 0.1 + 0.01).half()
+    res = QuantResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, error=0.0)
+    x = torch.randn(256, k, generator=g)
+    H, W = 2 * x.t() @ x / x.shape[0], torch.randn(n, k, generator=g) * 0.05
+    whole = G.refit_scales(res, W, H)
+    monkeypatch.setattr(G, "REFIT_BYTES", 3 * 4 * (k // gs) ** 2)  # 3 rows a block: 6 blocks, the last of 1 row
+    blocks = G.refit_scales(res, W, H)
+    assert not torch.equal(whole.scales, scales) and torch.equal(blocks.scales, whole.scales)
