@@ -32,6 +32,17 @@ decode_check() {  # gpu_check_decode once per call; status 1 (and a line) if it 
   fi
   [ "$(cat /tmp/decode_check_rc)" = 0 ] || { tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; return 1; }
 }
+mma_stage() {  # $1 probe flags, $2 probe budget, $3 bit widths, $4 decode budget (each overridable by env)
+  python3 bench/gemv_mma_probe.py $1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-$2}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
+  local rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-260
+  if [ $rc != 0 ]; then tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; return; fi
+  python3 bench/decode.py --skip layers --bits "${AB_BITS:-$3}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
+    --no-old-harness --budget-s "${DECODE_BUDGET:-$4}" --json "$OUT/decode_mma.json" \
+    > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
+  # the model decoding through it, compiled and graphed (~40 s): last, so a tight budget keeps the 7B figures
+  timeout "${CHECK_BUDGET:-70}" python3 bench/gpu_check_decode.py --skip kernel,graphs,generation,spqr --jobs 1 \
+    > "$OUT/check_mma.json" 2>> "$OUT/stderr.log"; tail -1 "$OUT/check_mma.json" | cut -c1-400
+}
 for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
@@ -120,29 +131,12 @@ for r in rows:
                python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3}" --batches 1 --decode-kernels triton,split \
                  --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_default.json" \
                  > "$OUT/decode_default.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_default.txt" ;;
-    mma)       # issue 16, session 15: the tensor-core CUDA decode kernel (kernels/gemv_mma.py): its checks and per-layer
-               # timings against the Triton path and bf16 (~3 min); then, only if every check passed, the 7B at batch 1 and 8
-               python3 bench/gemv_mma_probe.py --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-150}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
-               rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": 1' "$OUT/mma.txt" | cut -c1-230
-               grep '"m": 8' "$OUT/mma.txt" | cut -c1-230
-               if [ $rc = 0 ]; then  # the model decoding through it, compiled and graphed (~40 s), then the 7B
-                 python3 bench/gpu_check_decode.py --skip kernel,graphs,generation,spqr --jobs 1 > "$OUT/check_mma.json" \
-                   2>> "$OUT/stderr.log"; tail -1 "$OUT/check_mma.json"
-                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4,2,spqr3,spqr3-mma}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
-                   --no-old-harness --budget-s "${DECODE_BUDGET:-240}" --json "$OUT/decode_mma.json" \
-                   > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
-               else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;
-    mma-quick) # issue 16, session 16: the tensor-core kernel after its first measurement (LoRA and split-sum latency cut):
-               # quick checks and two 4-bit shapes' timings, the 7B A/B at 4 bit, batch 1 and 8, then the generation check (~6 min)
-               python3 bench/gemv_mma_probe.py --quick --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-40}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
-               rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-260
-               if [ $rc = 0 ]; then
-                 python3 bench/decode.py --skip layers --bits "${AB_BITS:-4}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
-                   --no-old-harness --budget-s "${DECODE_BUDGET:-230}" --json "$OUT/decode_mma.json" \
-                   > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -9 "$OUT/decode_mma.txt"
-                 timeout "${CHECK_BUDGET:-70}" python3 bench/gpu_check_decode.py --skip kernel,graphs,generation,spqr --jobs 1 \
-                   > "$OUT/check_mma.json" 2>> "$OUT/stderr.log"; tail -1 "$OUT/check_mma.json" | cut -c1-400
-               else tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; fi ;;
+    mma)       # issue 16, session 15: the tensor-core CUDA decode kernel (kernels/gemv_mma.py): all its checks and per-layer
+               # timings against the Triton path and bf16; then, only if every check passed, the 7B at batch 1 and 8 (~8 min)
+               mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
+    mma-quick) # issue 16, session 16: the same after its first measurement (LoRA and split-sum latency cut): quick checks,
+               # two 4-bit shapes' timings, the 7B at 4 bit only (~6 min)
+               mma_stage --quick 40 4 230 ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

@@ -120,7 +120,6 @@ def test_act_order_siblings_read_slices_of_their_shared_copy(model, monkeypatch)
         assert float((got - want).norm() / want.norm()) < 1e-5
 
 
-
 def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(monkeypatch):
     """GPTQLORA_GEMV_MMA=1 (kernels/gemv_mma.py): the layers and sibling groups plan fragment-ordered copies (the
     group's tiles side by side, each sibling's a slice, one split-K counter per 16 output columns), and off CUDA

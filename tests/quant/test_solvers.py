@@ -157,41 +157,43 @@ def test_refit_scales_lowers_the_output_error_and_keeps_codes(layer_and_inputs, 
     assert output_error(w, x, refit) < 0.995 * output_error(w, x, plain)
 
 
-def test_refit_scales_recovers_the_scales_of_representable_weights():
-    """W = s (q - z) exactly, GPTQ's result given with wrong scales: the refit finds the true ones (fp16)."""
-    from gptqlora.quant.gptq import refit_scales
+def _random_result(g: torch.Generator, k: int = 96, n: int = 16, gs: int = 32):
+    """A 3-bit QuantResult with act-order's spread groups, drawn from `g`."""
     from gptqlora.quant.quantizer import QuantResult
 
-    g = torch.Generator().manual_seed(0)
-    k, n, gs = 96, 16, 32
     codes = torch.randint(0, 8, (k, n), generator=g, dtype=torch.int32)
     zeros = torch.randint(2, 6, (k // gs, n), generator=g, dtype=torch.int32)
     g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)].to(torch.int32)  # act-order's spread groups
     scales = (torch.rand(k // gs, n, generator=g) * 0.1 + 0.01).half()
-    true = QuantResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, error=0.0)
-    x = torch.randn(512, k, generator=g)
+    return QuantResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, error=0.0)
+
+
+def test_refit_scales_recovers_the_scales_of_representable_weights():
+    """W = s (q - z) exactly, GPTQ's result given with wrong scales: the refit finds the true ones (fp16)."""
+    import dataclasses
+
+    from gptqlora.quant.gptq import refit_scales
+
+    g = torch.Generator().manual_seed(0)
+    true = _random_result(g)
+    x = torch.randn(512, true.codes.shape[0], generator=g)
     H = 2 * x.t() @ x / x.shape[0]
-    off = QuantResult(codes=codes, scales=(scales.float() * 1.3).half(), zeros=zeros, g_idx=g_idx, error=0.0)
+    off = dataclasses.replace(true, scales=(true.scales.float() * 1.3).half())
     got = refit_scales(off, true.dequantize(), H)
-    torch.testing.assert_close(got.scales.float(), scales.float(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(got.scales.float(), true.scales.float(), rtol=2e-3, atol=0)
 
 
 def test_refit_scales_in_row_blocks_equals_all_rows_at_once(monkeypatch):
     """refit_scales solves its normal equations a block of rows at a time (a 65B layer's would not fit at once):
     rows are independent, so blocks of 3 rows give the same scales as one block."""
     from gptqlora.quant import gptq as G
-    from gptqlora.quant.quantizer import QuantResult
 
     g = torch.Generator().manual_seed(1)
-    k, n, gs = 96, 16, 32
-    codes = torch.randint(0, 8, (k, n), generator=g, dtype=torch.int32)
-    zeros = torch.randint(2, 6, (k // gs, n), generator=g, dtype=torch.int32)
-    g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)].to(torch.int32)
-    scales = (torch.rand(k // gs, n, generator=g) * 0.1 + 0.01).half()
-    res = QuantResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, error=0.0)
+    res = _random_result(g)
+    (k, n), ng = res.codes.shape, res.scales.shape[0]
     x = torch.randn(256, k, generator=g)
     H, W = 2 * x.t() @ x / x.shape[0], torch.randn(n, k, generator=g) * 0.05
     whole = G.refit_scales(res, W, H)
-    monkeypatch.setattr(G, "REFIT_BYTES", 3 * 4 * (k // gs) ** 2)  # 3 rows a block: 6 blocks, the last of 1 row
+    monkeypatch.setattr(G, "REFIT_BYTES", 3 * 4 * ng**2)  # 3 rows a block: 6 blocks, the last of 1 row
     blocks = G.refit_scales(res, W, H)
-    assert not torch.equal(whole.scales, scales) and torch.equal(blocks.scales, whole.scales)
+    assert not torch.equal(whole.scales, res.scales) and torch.equal(blocks.scales, whole.scales)
