@@ -95,7 +95,9 @@ class GPTQ:
 
         `descent_passes`: after the above, passes of exact coordinate descent on the codes (`descend_codes`,
         as QuantEase, Behdin et al. 2023), the scales and zeros fixed, each pass followed by a refit where
-        `refit` is on. Every step lowers the calibration output error (or keeps it)."""
+        `refit` is on. The descent minimises the error under H damped as for GPTQ's solve (`damp`): with the
+        undamped H it lowered the calibration error more but widened the 3-bit perplexity gaps (tiny 0.0016
+        -> 0.0030, man-page v2 0.0317 -> 0.0334, seed 0), with the damped one it did not."""
         if self.nsamples == 0:
             raise RuntimeError("GPTQ.quantize() called before any add_batch()")
         H, self.H = self.H, None  # free as we go
@@ -124,7 +126,7 @@ class GPTQ:
                     break
                 res = again
             for _ in range(descent_passes):
-                res = descend_codes(res, W, H, 2**bits - 1)
+                res = descend_codes(res, W, damped(H, damp), 2**bits - 1)
                 res = refit_scales(res, W, H) if refit else res
                 res.output_error = output_error(W, res.dequantize(), H)
             if best is None or res.output_error < best.output_error:
@@ -219,13 +221,16 @@ class GPTQ:
         )
 
 
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I (K, K), GPTQ's dampening (before its Cholesky)."""
+    return H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+
+
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float, damp: float,
                       dead: torch.Tensor) -> torch.Tensor:
     """GPTAQ's least-squares target W' = W (I + alpha D H^-1) (damped H) for W [N, K]: quantizing W' with H
     then aims at alpha * W x_fp + (1 - alpha) * W x (see `GPTQ.quantize`)."""
-    eye = torch.eye(H.shape[0], device=H.device)
-    Hd = H + damp * torch.mean(torch.diag(H)) * eye
-    W = W + alpha * torch.linalg.solve(Hd, (W @ D).t()).t()  # W + alpha W D Hd^-1 (Hd symmetric)
+    W = W + alpha * torch.linalg.solve(damped(H, damp), (W @ D).t()).t()  # W + alpha W D Hd^-1 (Hd symmetric)
     W[:, dead] = 0
     return W
 
@@ -267,24 +272,30 @@ def refit_scales(res: QuantResult, W: torch.Tensor, H: torch.Tensor) -> QuantRes
     return QuantResult(codes=res.codes, scales=scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
 
 
-def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int) -> QuantResult:
+def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int, block_size: int = 128) -> QuantResult:
     """One pass of exact coordinate descent on the codes, scales and zeros fixed: column by column, the code
     that minimises the calibration output error tr((W - Ŵ) H (W - Ŵ)ᵀ) given every other column is the grid
     point nearest to Ŵ_j + (E H)_j / H_jj (E = W - Ŵ; a scalar quadratic per row), so the error never rises.
     GPTQ chooses each code once, against weights its later choices still move, and the refit then changes the
-    scales under those codes; this re-chooses them all against the final scales. Cost N K^2 per pass (a rank-1
-    update of E H per column). W [N, K], H [K, K] as in `refit_scales`."""
+    scales under those codes; this re-chooses them all against the final scales (QuantEase, Behdin et al. 2023).
+    E H is kept current lazily, as GPTQ does: within a block of columns by rank-1 updates, for the columns after
+    it by one matmul (the columns before it are not read again in this pass). Cost N K^2 per pass. W [N, K], H [K, K] as in `refit_scales`."""
+    n, k = W.shape
     g = res.g_idx.long()  # (K,)
     s, z = res.scales.float()[g].t(), res.zeros.float()[g].t()  # (N, K)
     q = res.codes.t().float()  # (N, K)
     Wq = s * (q - z)
-    EH = (W - Wq) @ H  # (N, K), kept current as columns change
+    EH = (W - Wq) @ H  # (N, K): current for the block in hand and those after it
     d = torch.diag(H)
-    for j in range(W.shape[1]):
-        qj = torch.clamp(torch.round((Wq[:, j] + EH[:, j] / d[j]) / s[:, j]) + z[:, j], 0, maxq)  # (N,)
-        new = s[:, j] * (qj - z[:, j])
-        EH += (Wq[:, j] - new)[:, None] * H[j][None, :]  # E_j grows by the old minus the new value
-        Wq[:, j], q[:, j] = new, qj
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        old = Wq[:, i1:i2].clone()  # (N, B)
+        for j in range(i1, i2):
+            qj = torch.clamp(torch.round((Wq[:, j] + EH[:, j] / d[j]) / s[:, j]) + z[:, j], 0, maxq)  # (N,)
+            new = s[:, j] * (qj - z[:, j])
+            EH[:, i1:i2] += (Wq[:, j] - new)[:, None] * H[j, i1:i2][None, :]  # E_j grows by old minus new
+            Wq[:, j], q[:, j] = new, qj
+        EH[:, i2:] += (old - Wq[:, i1:i2]) @ H[i1:i2, i2:]  # later blocks: this block's changes at once
     return QuantResult(codes=q.t().to(torch.int32).contiguous(), scales=res.scales, zeros=res.zeros,
                        g_idx=res.g_idx, error=res.error)
 

@@ -212,6 +212,21 @@ def test_descend_codes_never_raises_the_error_and_keeps_optimal_codes():
     assert torch.equal(exact.codes, res.codes)
 
 
+def test_descend_codes_in_blocks_equals_column_by_column():
+    """descend_codes updates E H lazily, a block of columns at a time: the codes are those of updating it after
+    every column (blocks of 1), with blocks that do not divide K."""
+    from gptqlora.quant.gptq import descend_codes
+
+    g = torch.Generator().manual_seed(3)
+    res = _random_result(g)
+    x = torch.randn(512, res.codes.shape[0], generator=g)
+    H = 2 * x.t() @ x / x.shape[0]
+    W = res.dequantize() + 0.05 * torch.randn(res.dequantize().shape, generator=g)
+    one = descend_codes(res, W, H, maxq=7, block_size=1)
+    assert not torch.equal(one.codes, res.codes)
+    assert torch.equal(descend_codes(res, W, H, maxq=7, block_size=40).codes, one.codes)
+
+
 def _random_result(g: torch.Generator, k: int = 96, n: int = 16, gs: int = 32):
     """A 3-bit QuantResult with act-order's spread groups, drawn from `g`."""
     from gptqlora.quant.quantizer import QuantResult
