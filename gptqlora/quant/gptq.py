@@ -125,8 +125,9 @@ class GPTQ:
                 if again.output_error >= res.output_error:
                     break
                 res = again
+            Hd = damped(H, damp) if descent_passes else None
             for _ in range(descent_passes):
-                res = descend_codes(res, W, damped(H, damp), 2**bits - 1)
+                res = descend_codes(res, W, Hd, 2**bits - 1)
                 res = refit_scales(res, W, H) if refit else res
                 res.output_error = output_error(W, res.dequantize(), H)
             if best is None or res.output_error < best.output_error:
