@@ -273,32 +273,34 @@ def refit_scales(res: QuantResult, W: torch.Tensor, H: torch.Tensor) -> QuantRes
     return QuantResult(codes=res.codes, scales=scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
 
 
-def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int, block_size: int = 128) -> QuantResult:
+def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int,
+                  block_size: int = 128) -> QuantResult:
     """One pass of exact coordinate descent on the codes, scales and zeros fixed: column by column, the code
     that minimises the calibration output error tr((W - Ŵ) H (W - Ŵ)ᵀ) given every other column is the grid
     point nearest to Ŵ_j + (E H)_j / H_jj (E = W - Ŵ; a scalar quadratic per row), so the error never rises.
     GPTQ chooses each code once, against weights its later choices still move, and the refit then changes the
     scales under those codes; this re-chooses them all against the final scales (QuantEase, Behdin et al. 2023).
     E H is kept current lazily, as GPTQ does: within a block of columns by rank-1 updates, for the columns after
-    it by one matmul (the columns before it are not read again in this pass). Cost N K^2 per pass. W [N, K], H [K, K] as in `refit_scales`."""
-    n, k = W.shape
+    it by one matmul (the columns before it are not read again in this pass). Cost N K^2 per pass; memory two
+    N x K fp32 (Ŵ and E H) besides W and H. W [N, K], H [K, K] (`quantize` passes GPTQ's damped one)."""
+    k = W.shape[1]
     g = res.g_idx.long()  # (K,)
-    s, z = res.scales.float()[g].t(), res.zeros.float()[g].t()  # (N, K)
-    q = res.codes.t().float()  # (N, K)
-    Wq = s * (q - z)
+    S, Z = res.scales.float(), res.zeros.float()  # (G, N)
+    codes = res.codes.clone()  # (K, N)
+    Wq = res.dequantize()  # (N, K)
     EH = (W - Wq) @ H  # (N, K): current for the block in hand and those after it
     d = torch.diag(H)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         old = Wq[:, i1:i2].clone()  # (N, B)
         for j in range(i1, i2):
-            qj = torch.clamp(torch.round((Wq[:, j] + EH[:, j] / d[j]) / s[:, j]) + z[:, j], 0, maxq)  # (N,)
-            new = s[:, j] * (qj - z[:, j])
+            s, z = S[g[j]], Z[g[j]]  # (N,)
+            qj = torch.clamp(torch.round((Wq[:, j] + EH[:, j] / d[j]) / s) + z, 0, maxq)  # (N,)
+            new = s * (qj - z)
             EH[:, i1:i2] += (Wq[:, j] - new)[:, None] * H[j, i1:i2][None, :]  # E_j grows by old minus new
-            Wq[:, j], q[:, j] = new, qj
+            Wq[:, j], codes[j] = new, qj.to(codes.dtype)
         EH[:, i2:] += (old - Wq[:, i1:i2]) @ H[i1:i2, i2:]  # later blocks: this block's changes at once
-    return QuantResult(codes=q.t().to(torch.int32).contiguous(), scales=res.scales, zeros=res.zeros,
-                       g_idx=res.g_idx, error=res.error)
+    return QuantResult(codes=codes, scales=res.scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
 
 
 def row_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
