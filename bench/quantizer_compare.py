@@ -45,6 +45,7 @@ OURS = {
     "ours: defaults": {},  # today: damp .05 + mse + GAR + GPTAQ (alpha 1)
     "ours: defaults, no mse": {"mse": False},
     "ours: defaults + mse select": {"mse_select": True},
+    "ours: defaults, no descent": {"descent_passes": 0},  # the default before coordinate descent
 }
 THEIRS = {"GPTQModel 7.7 default": {}, "GPTQModel 7.7 mse=2.4": {"mse": 2.4}}
 

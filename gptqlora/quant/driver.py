@@ -236,7 +236,8 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
                         fp_out.append(out)
         for hk in hooks:
             hk.remove()
-        extra = {"gptq": {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq, "refit": qcfg.refit_scales},
+        extra = {"gptq": {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq, "refit": qcfg.refit_scales,
+                          "refit_rounds": qcfg.refit_rounds, "descent_passes": qcfg.descent_passes},
                  "spqr": {"gptaq": qcfg.gptaq}}.get(method, {})  # SpQR's pass shares GPTQ's asymmetric target
         for n, (lin, cfg) in todo.items():
             t = time.time()

@@ -3,8 +3,9 @@ calibration (bench/assets/manpage-llama, built by scripts/train_text_llama.py): 
 3 bit; held-out log-perplexity gap over the fp model, both checkpoints read by the same loader. Measured on
 this calibration (seed 0, docs/results.md), before the scale refit became a default (session 16): 2 bit 0.33x
 GPTQModel's default gap and 0.78x its mse=2.4 gap; 3 bit 0.55x its default; with the refit (session 14's
-runs): 2 bit 0.38x and 0.89x, 3 bit 0.34x. The previous default (no GPTAQ) fails the 3-bit and the mse relation (1.20x,
-1.18x). Slow (five quantizations, ~2-4 min)."""
+runs): 2 bit 0.38x and 0.89x, 3 bit 0.34x; with the coordinate descent on the codes (the default since; this seed is
+its worst at 3 bit, docs/results.md): 2 bit 0.38x and 0.90x, 3 bit 0.64x. The previous default (no GPTAQ) fails the
+3-bit and the mse relation (1.20x, 1.18x). Slow (five quantizations, ~2-4 min)."""
 
 import importlib.util
 import os

@@ -16,11 +16,12 @@ from tiny import char_tokenizer
 
 # every option away from its default
 OPTIONS = ["--bits", "3", "--group-size", "64", "--desc-act", "--asym", "--static-groups", "--damp", "0.1",
-           "--no-mse", "--mse-select", "--gptaq", "0.5", "--refit-scales", "--no-act-group-aware", "--format", "gptq_v2", "--no-true-sequential", "--nsamples", "3", "--seqlen", "40",
+           "--no-mse", "--mse-select", "--gptaq", "0.5", "--refit-scales", "--refit-rounds", "2", "--descent-passes", "1", "--no-act-group-aware", "--format", "gptq_v2", "--no-true-sequential", "--nsamples", "3", "--seqlen", "40",
            "--calibration-seed", "5", "--dtype", "bfloat16"]
 WANT = QuantConfig(bits=3, group_size=64, desc_act=True, sym=False, format="gptq_v2", static_groups=True,
                    true_sequential=False, damp_percent=0.1, mse=False, act_group_aware=False,
-                   mse_select=True, gptaq=0.5, refit_scales=True)
+                   mse_select=True, gptaq=0.5, refit_scales=True, refit_rounds=2,
+                   descent_passes=1)
 WANT_SOLVER = {"bits": 3, "group_size": 64, "sym": False, "desc_act": True, "static_groups": True, "damp": 0.1,
                "mse": False, "min_zero": 0, "group_aware": False}
 
@@ -88,7 +89,8 @@ def test_every_option_reaches_the_solver(which, method, seen, calib, tiny_dir, t
     assert seen["qcfg"] == WANT  # bits, group size, act-order, sym, format, static groups, damp, mse, sequential
     assert seen["method"] == seen["driver_method"] == method and seen["dtype"] == torch.bfloat16
     # the GPTQ-only options reach GPTQ only
-    assert seen["solver"] == (WANT_SOLVER | {"mse_select": True, "gptaq": 0.5, "refit": True} if method == "gptq" else WANT_SOLVER)
+    assert seen["solver"] == (WANT_SOLVER | {"mse_select": True, "gptaq": 0.5, "refit": True, "refit_rounds": 2,
+                                       "descent_passes": 1} if method == "gptq" else WANT_SOLVER)
     assert seen["made_before_first_solve"] == 7  # --no-true-sequential: all of a block's linears at once
     want = load_calibration(calib, char_tokenizer(), nsamples=3, seqlen=40, seed=5)
     assert len(seen["samples"]) == 3 and all(torch.equal(a, b) for a, b in zip(seen["samples"], want))
