@@ -19,9 +19,7 @@ Measured once (session 16, H100; docs/benchmarks.md): correct in every check, bu
 kernels at one token (11.8 against 12.6 us at 4096x4096 4 bit, 0.81-0.85x at the larger 7B shapes; the 7B
 decodes at 1.37x bf16 through it against 1.91x through the default), and 1.0-1.6x faster at 8 tokens. Its time
 is a per-block latency chain, not the k-loop; the M-dependent parts of that chain were cut after the
-measurement (unmeasured). Hence opt-in. `GPTQLORA_GEMV_MMA=stream` sends the same plans to gemv_mma_stream.cu:
-the same arithmetic by persistent blocks that keep the next items' codes in flight through shared stages
-(session 17, unmeasured; its header says why).
+measurement (unmeasured). Hence opt-in.
 
 No CUDA toolchain is needed where it runs: NVRTC (shipped with PyTorch's CUDA wheels) compiles the source at
 the first call of each configuration (well under a second), and the driver loads the PTX. Nothing here is
