@@ -32,12 +32,11 @@ decode_check() {  # gpu_check_decode once per call; status 1 (and a line) if it 
   fi
   [ "$(cat /tmp/decode_check_rc)" = 0 ] || { tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; return 1; }
 }
-mma_stage() {  # $1 probe flags, $2 probe budget, $3 bit widths, $4 decode budget, $5 decode kernels (env overrides)
+mma_stage() {  # $1 probe flags, $2 probe budget, $3 bit widths, $4 decode budget (each overridable by env)
   python3 bench/gemv_mma_probe.py $1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-$2}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
-  local rc=$? kernels="${AB_KERNELS:-${5:-triton,mma}}"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-400
-  if [ $rc = 3 ]; then kernels=$(echo "$kernels" | sed 's/,mmas//; s/mmas,//'); echo "STREAM CHECKS FAILED: $kernels only"
-  elif [ $rc != 0 ]; then tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; return; fi
-  python3 bench/decode.py --skip layers --bits "${AB_BITS:-$3}" --batches "${AB_BATCHES:-1,8}" --decode-kernels "$kernels" \
+  local rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-260
+  if [ $rc != 0 ]; then tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; return; fi
+  python3 bench/decode.py --skip layers --bits "${AB_BITS:-$3}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
     --no-old-harness --budget-s "${DECODE_BUDGET:-$4}" --json "$OUT/decode_mma.json" \
     > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
   # the model decoding through it, compiled and graphed (~40 s): last, so a tight budget keeps the 7B figures
@@ -137,7 +136,7 @@ for r in rows:
                mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
     mma-quick) # issue 16, session 16: the same after its first measurement (LoRA and split-sum latency cut): quick checks,
                # two 4-bit shapes' timings, the 7B at 4 bit only (~6 min)
-               mma_stage --quick 100 4 230 triton,mmas,mma ;;
+               mma_stage --quick 40 4 230 ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

@@ -42,24 +42,15 @@ import torch
 
 from gptqlora.formats.gptq import unpack_rows
 
-ENV = "GPTQLORA_GEMV_MMA"  # "1" (or "stream": gemv_mma_stream.cu's persistent blocks): plans for this kernel
-#                            where a layer fits; unset or "0": the Triton kernels
-COMMON = Path(__file__).with_name("gemv_mma_common.cuh")  # the helpers both kernels use, prepended
-SOURCE = Path(__file__).with_name("gemv_mma.cu")  # a block per (column block, split)
-STREAM_SOURCE = Path(__file__).with_name("gemv_mma_stream.cu")  # persistent blocks, weights through shared stages
-STREAM_STAGES = 3  # gemv_mma_stream.cu's shared stages: the weights of two items in flight per block
+ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; unset or "0": the Triton kernels
+SOURCE = Path(__file__).with_name("gemv_mma.cu")
 BITS = (2, 4)
 MAX_R = 64  # largest LoRA rank the kernel's shared u holds
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
 def wanted() -> bool:
-    return os.environ.get(ENV, "0") in ("1", "stream")
-
-
-def stream_wanted() -> bool:
-    """Whether the layers' calls go to gemv_mma_stream.cu (GPTQLORA_GEMV_MMA=stream): same plan, same copy."""
-    return os.environ.get(ENV, "0") == "stream"
+    return os.environ.get(ENV, "0") == "1"
 
 
 def rows_per_load(bits: int) -> int:
@@ -185,57 +176,6 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
     return None
 
 
-def pick_stream_config(m: int, k: int, n: int, bits: int, group: int,
-                       bounds: tuple[int, int] | None = None) -> dict | None:
-    """gemv_mma_stream.cu's block, or None: the widest block inside one sibling projection (8 warps x 2 tiles
-    first), 256 rows an item (4 loads a lane at 4 bit: 32 KB of codes an item at 256 columns; 2 at 2 bit) where K
-    and the groups allow, else the nearest legal size, at most 4 groups an item (each group's scales and zeros
-    are registers: 512 rows of 2-bit g64 took 186-255 registers offline, one block an SM); STREAM_STAGES
-    stages. No grid here: the launch makes as many blocks as fit on the card at once."""
-    rl = rows_per_load(bits)
-    for warps, nt in ((8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
-        cols = warps * nt * 16
-        if bounds is not None and (bounds[0] % cols or bounds[1] % cols):
-            continue
-        for kc in (256, 512, 128, 64, 1024):
-            if kc % rl:
-                continue
-            if k % kc == 0 and (kc % group == 0 or group % kc == 0) and kc // min(kc, group) <= 4:
-                return dict(WARPS=warps, NT=nt, KC=kc, NM=1 if m <= 8 else 2, STREAM=STREAM_STAGES)
-    return None
-
-
-def stream_smem(cfg: dict, bits: int) -> int:
-    """Bytes of gemv_mma_stream.cu's dynamic shared memory: STREAM stages of one item's codes."""
-    return cfg["STREAM"] * cfg["WARPS"] * cfg["NT"] * (cfg["KC"] // rows_per_load(bits)) * 512
-
-
-def _allow_smem(fn, nbytes: int) -> None:
-    """Lets `fn` launch with `nbytes` (> 48 KB needs the function's opt-in attribute)."""
-    if nbytes < 48 * 1024 or getattr(fn, "_max_shared_mem_bytes", 0) >= nbytes:
-        return
-    if hasattr(fn, "set_shared_memory_config"):
-        fn.set_shared_memory_config(nbytes)
-        return
-    from torch.cuda._utils import _get_gpu_runtime_library
-
-    max_dynamic_shared = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    if _get_gpu_runtime_library().cuFuncSetAttribute(fn.func, max_dynamic_shared, nbytes):
-        raise RuntimeError(f"gemv_mma_stream: {nbytes} bytes of shared memory refused")
-    fn._max_shared_mem_bytes = nbytes
-
-
-@functools.cache
-def _resident(fn, threads: int, nbytes: int) -> int:
-    """Blocks of `fn` an SM holds at once (the driver's occupancy figure: registers, shared memory)."""
-    from torch.cuda._utils import _get_gpu_runtime_library
-
-    count = ctypes.c_int(0)
-    rc = _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(count), fn.func, ctypes.c_int(threads), ctypes.c_size_t(nbytes))
-    return max(1, count.value) if rc == 0 else 1
-
-
 @functools.cache
 def _nvrtc() -> ctypes.CDLL:
     """NVRTC as PyTorch finds it (loaded by name), else from an nvidia-cuda-nvrtc wheel in site-packages (the
@@ -260,8 +200,7 @@ def _nvrtc() -> ctypes.CDLL:
 
 def ptx(consts: tuple[tuple[str, int], ...], arch: str) -> bytes:
     """The PTX of one kernel variant (`defines`) for `arch` ("sm_90")."""
-    body = STREAM_SOURCE if dict(consts).get("STREAM") else SOURCE
-    return _nvrtc_ptx("".join(f"#define {k} {v}\n" for k, v in consts) + COMMON.read_text() + body.read_text(), arch)
+    return _nvrtc_ptx("".join(f"#define {k} {v}\n" for k, v in consts) + SOURCE.read_text(), arch)
 
 
 @functools.cache
@@ -313,7 +252,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("NM", cfg["NM"]), ("NT", cfg["NT"]), ("WARPS", cfg["WARPS"]), ("KC", cfg["KC"]), ("GSTEPS", gsteps),
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
             ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R), ("FZ", int(float_zeros)),
-            ("OUTLIERS", int(outliers)), ("STREAM", cfg.get("STREAM", 0)))
+            ("OUTLIERS", int(outliers)))
 
 
 @functools.cache
@@ -355,15 +294,14 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     added in the same launch."""
     m, k = x.shape
     n = frag.shape[0] * 16
-    has_out = outliers is not None and outliers[0].shape[0] > 0
-    cfg = config or (pick_stream_config(m, k, n, bits, group, bounds) if stream_wanted() and not has_out else None) \
-        or pick_config(m, k, n, bits, group, sms, bounds)
+    cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
     if cfg is None:
         raise ValueError(f"no gemv_mma block fits K={k}, N={n}, group {group}, bounds {bounds}")
     from gptqlora.kernels.gemv_m1 import lora_slots  # here, not at the top: gemv_m1 needs triton, CPU users of
     # this module (the layout, SpQRLinear's plan) do not; this runs on CUDA only
 
     a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
+    has_out = outliers is not None and outliers[0].shape[0] > 0
     if zeros.is_floating_point() and zeros.dtype != torch.float32:
         zeros = zeros.float()
     consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,
@@ -375,18 +313,10 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     cols = cfg["WARPS"] * cfg["NT"] * 16
     n1, n2 = bounds if bounds is not None else (n, n)
-    args = [frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
-            b_s[2], out, part, locks, *(outliers if has_out else (locks, locks, locks)), m, k, n, n1, n2, r, group,
-            float(scaling), split]
-    threads = cfg["WARPS"] * 32
-    if cfg.get("STREAM"):  # persistent: as many blocks as are resident at once, at most one per item
-        smem = stream_smem(cfg, bits)
-        _allow_smem(fn, smem)
-        items = -(-n // cols) * split
-        blocks = min(items, sms * _resident(fn, threads, smem), cfg.get("GRID", items))  # GRID: tests' cap
-        fn(grid=(blocks, 1, 1), block=(threads, 1, 1), args=args, shared_mem=smem)
-    else:
-        fn(grid=(-(-n // cols), split, 1), block=(threads, 1, 1), args=args)
+    fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
+       args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
+             b_s[2], out, part, locks, *(outliers if has_out else (locks, locks, locks)), m, k, n, n1, n2, r, group,
+             float(scaling), split])
     return out
 
 

@@ -98,25 +98,6 @@ def test_block_picker_is_legal_for_llama_shapes(k, n, bits, group, m):
     assert blocks >= 132 or k // kc == k // (rl * 1)  # enough blocks, or as many splits as there can be
 
 
-@pytest.mark.parametrize("k,n,bits,group", [(4096, 4096, 4, 128), (11008, 4096, 4, 128), (4096, 22016, 4, 128),
-                                            (4096, 12288, 2, 64), (11008, 4096, 2, 64), (4096, 4096, 4, 4096),
-                                            (5120, 13824, 4, 128), (8192, 1024, 2, 32), (1024, 768, 4, 32)])
-@pytest.mark.parametrize("m", [1, 8, 16])
-def test_stream_block_picker_is_legal_and_fits_two_blocks_an_sm(k, n, bits, group, m):
-    """gemv_mma_stream.cu's block: whole loads and groups an item, at most 4 groups' scales in registers, inside
-    one sibling projection; its stages leave room for two blocks on an H100 SM (228 KB of shared memory)."""
-    bounds = (n // 3, 2 * n // 3) if n == 12288 else None
-    cfg = gemv_mma.pick_stream_config(m, k, n, bits, group, bounds)
-    assert cfg is not None and cfg["STREAM"] == gemv_mma.STREAM_STAGES >= 2
-    cols, kc = cfg["WARPS"] * cfg["NT"] * 16, cfg["KC"]
-    assert k % kc == 0 and kc % gemv_mma.rows_per_load(bits) == 0 and (kc % group == 0 or group % kc == 0)
-    assert kc // min(kc, group) <= 4
-    assert bounds is None or (bounds[0] % cols == 0 and bounds[1] % cols == 0)
-    assert cfg["NM"] == (1 if m <= 8 else 2)
-    assert 2 * (gemv_mma.stream_smem(cfg, bits) + 13 * 1024) <= 228 * 1024  # + the static arrays (NM = 2, KC 256)
-    assert gemv_mma.stream_smem(cfg, bits) == cfg["STREAM"] * cols * kc * bits // 8  # a stage is one item's codes
-
-
 def test_no_block_fits_an_unaligned_layer():
     assert gemv_mma.pick_config(1, 4096 + 32, 4096, 4, 128, 132) is None  # K: no whole number of 64-row loads
 
@@ -125,9 +106,7 @@ def test_variants_differ_by_their_constants():
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
-                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "STREAM": 0}
-    assert dict(gemv_mma.defines(dict(cfg, STREAM=3), 4, 128, torch.bfloat16, torch.float16, True, None))["STREAM"] == 3
+                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0}
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
     assert "__global__ void __launch_bounds__(WARPS * 32)" in gemv_mma.SOURCE.read_text()
 
@@ -190,27 +169,6 @@ def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, 
     kind = "bf16" if x_dtype == torch.bfloat16 else "f16"
     assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32".encode() in code
     assert b".entry gemv_mma" in code and b"ld.global.nc.L1::no_allocate.v4.u32" in code
-
-
-@pytest.mark.parametrize("bits,x_dtype,perm,lora,nm,fz", [
-    (4, torch.bfloat16, True, torch.float32, 1, False),
-    (2, torch.float16, False, None, 2, True),
-    (4, torch.bfloat16, False, torch.bfloat16, 2, False),
-])
-def test_stream_source_compiles_to_a_cp_async_pipeline(bits, x_dtype, perm, lora, nm, fz):
-    """gemv_mma_stream.cu compiles (NVRTC) for each kind of variant: the tensor cores multiply, the weights
-    arrive through cp.async commit groups, the block reads them back from shared memory; outliers are refused."""
-    _nvrtc_or_skip()
-    cfg = gemv_mma.pick_stream_config(8 * nm, 4096, 4096, bits, 128)
-    consts = gemv_mma.defines(cfg, bits, 128, x_dtype, torch.float16, perm, lora, fz)
-    code = gemv_mma.ptx(consts, "sm_90")
-    kind = "bf16" if x_dtype == torch.bfloat16 else "f16"
-    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32".encode() in code
-    for op in (b"cp.async.cg.shared.global", b"cp.async.commit_group", b"cp.async.wait_group", b"ld.shared.v4.u32"):
-        assert op in code, op
-    assert b"ld.global.nc.L1::no_allocate" not in code  # the weights come only through the stages
-    with pytest.raises(RuntimeError, match="outliers"):
-        gemv_mma.ptx(gemv_mma.defines(cfg, 4, 128, x_dtype, torch.float16, perm, lora, fz, True), "sm_90")
 
 
 def test_emulation_makes_its_tensors_on_the_codes_device():
