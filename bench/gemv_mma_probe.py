@@ -168,6 +168,10 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 t_tri = timer.us(lambda: [G.gemv_triton(x, *layers[i], bits, tri[i], la, lb, 2.0, bounds=bounds)
                                           for i in range(copies)]) / copies
                 t_bf16 = timer.us(lambda: [x @ w for w in dense]) / len(dense)
+                # without the adapter (session 17: its share was 26 of the tensor-core kernel's 55 us at 4096x22016);
+                # one projection (siblings without adapters never share a launch: sibling_gemv.decode_group)
+                t_tri_bare = timer.us(lambda: [G.gemv_triton(x, *layers[i], bits, tri[i])
+                                               for i in range(copies)]) / copies
                 picked = gemv_mma.pick_config(m, k, n, bits, gs, sms, bounds)
                 grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"])
                                    for w in (4, 8) for nt in (1, 2) for kc in (128 * (4 // bits), 256 * (4 // bits),
@@ -191,7 +195,12 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                         picked_us = us
                     if best is None or us < best[0]:
                         best = (us, cfg, err)
+                bare = gemv_mma.pick_config(m, k, n, bits, gs, sms)
+                t_mma_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
+                                                                 mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
+                                                                 bare) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
+                       "mma_no_adapter_us": round(t_mma_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),
                        "x_triton": round(t_tri / best[0], 2), "x_bf16": round(t_bf16 / best[0], 2),
