@@ -199,7 +199,12 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 t_mma_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
                                                                  mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
                                                                  bare) for i in range(copies)]) / copies
+                old = dict(picked, UPRE=0)  # the adapter's share of u computed in every block (session 16's way)
+                t_mma_old = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
+                                                                mma[i].perm, mma[i].locks, a, b, 2.0, bounds, sms, old)
+                                              for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
+                       "mma_adapter_in_blocks_us": round(t_mma_old, 2),
                        "mma_no_adapter_us": round(t_mma_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),

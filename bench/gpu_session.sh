@@ -134,9 +134,9 @@ for r in rows:
     mma)       # issue 16, session 15: the tensor-core CUDA decode kernel (kernels/gemv_mma.py): all its checks and per-layer
                # timings against the Triton path and bf16; then, only if every check passed, the 7B at batch 1 and 8 (~8 min)
                mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
-    mma-quick) # issue 16, session 16: the same after its first measurement (LoRA and split-sum latency cut): quick checks,
-               # two 4-bit shapes' timings, the 7B at 4 bit only (~6 min)
-               mma_stage --quick 40 4 230 ;;
+    mma-quick) # issue 16, session 17: the tensor-core kernel with the adapter's u computed once per call (kernels/lora_u.py):
+               # quick checks (~65 s), two 4-bit shapes timed with and without the adapter, the 7B at 4 bit (~7 min)
+               mma_stage --quick 120 4 230 ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

@@ -12,7 +12,9 @@
 //
 // Defines (gemv_mma.py): BITS, XF16 (x fp16, else bf16), SF16 (scales fp16, else bf16), NM (8-token mma
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
-// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, FZ (zeros are float (G, N) fp32,
+// k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
+// computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py, and only split 0 adds u Bᵀ: no share of
+// u per block), FZ (zeros are float (G, N) fp32,
 // else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K): split 0 adds Σ value * x[col] of its
 // columns).
 
@@ -119,7 +121,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
          const short* __restrict__ o_cols, const int* __restrict__ o_rows,
          int M, int K, int N, int n1, int n2, int R, int group, double lora_scale, int split) {
     __shared__ __align__(16) u16 xs[NM * 8][KC + 8];  // this split's x rows, permuted; +8: no bank conflicts
-#if HAS_LORA
+#if HAS_LORA && !UPRE
     __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
 #endif
     __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
@@ -197,9 +199,12 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #if HAS_LORA
     // this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order (the sum over splits is all of K)
     const int proj = col0 < n1 ? 0 : (col0 < n2 ? 1 : 2);
-    const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
     const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
     const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
+#if UPRE
+    const float* U = (const float*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));  // (M, r): all of K, split 0 adds it
+#else
+    const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
     for (int r = warp; r < R; r += WARPS) {  // a warp per rank, every token at once: A's row read once
         float acc[NM * 8];
 #pragma unroll
@@ -220,6 +225,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             if (lane == 0) us[m][r] = v;
         }
     }
+#endif  // UPRE
 #endif
 #if OUTLIERS
     if (blockIdx.y == 0) {  // one thread per column: Σ value * x[m, col] over the column's outliers
@@ -266,15 +272,25 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             float d[NM][2];
 #pragma unroll
             for (int mm = 0; mm < NM; ++mm) d[mm][0] = d[mm][1] = 0.f;
+#if UPRE
+            if (tile < ntiles && blockIdx.y == 0) {  // u covers all of K: one split adds it
+#else
             if (tile < ntiles) {
+#endif
                 const lora_t* brow = B + (size_t)(tile * 16 + g + 8 * h - noff) * R;
 #pragma unroll 8
                 for (int r = 0; r < R; ++r) {
                     const float bv = l2f(brow[r]);
 #pragma unroll
                     for (int mm = 0; mm < NM; ++mm) {  // us rows m >= M hold garbage: their cells are never written
+#if UPRE
+                        const int m0 = mm * 8 + 2 * t;
+                        d[mm][0] += (m0 < M ? U[m0 * R + r] : 0.f) * bv;
+                        d[mm][1] += (m0 + 1 < M ? U[(m0 + 1) * R + r] : 0.f) * bv;
+#else
                         d[mm][0] += us[mm * 8 + 2 * t][r] * bv;
                         d[mm][1] += us[mm * 8 + 2 * t + 1][r] * bv;
+#endif
                     }
                 }
             }

@@ -19,7 +19,10 @@ Measured once (session 16, H100; docs/benchmarks.md): correct in every check, bu
 kernels at one token (11.8 against 12.6 us at 4096x4096 4 bit, 0.81-0.85x at the larger 7B shapes; the 7B
 decodes at 1.37x bf16 through it against 1.91x through the default), and 1.0-1.6x faster at 8 tokens. Its time
 is a per-block latency chain, not the k-loop; the M-dependent parts of that chain were cut after the
-measurement (unmeasured). Hence opt-in.
+measurement (unmeasured). Hence opt-in. Session 17 found the adapter's share to be 26 of the 55 us of a
+4096x22016 layer (29 us without it, faster than the Triton path with its adapter): each block computed its
+split's share of u = x Aᵀ before its k-steps. Since then u comes computed once per call (kernels/lora_u.py, one
+launch for all siblings) and only split 0 adds u Bᵀ (`UPRE`; unmeasured).
 
 No CUDA toolchain is needed where it runs: NVRTC (shipped with PyTorch's CUDA wheels) compiles the source at
 the first call of each configuration (well under a second), and the driver loads the PTX. Nothing here is
@@ -46,6 +49,8 @@ ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; unse
 SOURCE = Path(__file__).with_name("gemv_mma.cu")
 BITS = (2, 4)
 MAX_R = 64  # largest LoRA rank the kernel's shared u holds
+UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ added by split 0 (a config's "UPRE": 0
+#           computes each split's share of u in every block instead, session 16's way: 26 of 55 us at 4096x22016)
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
@@ -252,7 +257,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("NM", cfg["NM"]), ("NT", cfg["NT"]), ("WARPS", cfg["WARPS"]), ("KC", cfg["KC"]), ("GSTEPS", gsteps),
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
             ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R), ("FZ", int(float_zeros)),
-            ("OUTLIERS", int(outliers)))
+            ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))))
 
 
 @functools.cache
@@ -308,6 +313,12 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
                      zeros.is_floating_point(), has_out)
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
+    if dict(consts)["UPRE"]:  # u (P, M, r) fp32 in A's place, one projection each (padded with the last)
+        from gptqlora.kernels.lora_u import lora_u
+
+        projections = 1 if bounds is None else 2 + (bounds[1] < n)
+        u = lora_u(x, a_s[:projections])
+        a_s = [u[min(p, projections - 1)] for p in range(3)]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = k // cfg["KC"]
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out

@@ -106,7 +106,10 @@ def test_variants_differ_by_their_constants():
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
-                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0}
+                         "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
+                         "UPRE": 1}
+    assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
+    assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
     assert "__global__ void __launch_bounds__(WARPS * 32)" in gemv_mma.SOURCE.read_text()
 
@@ -154,21 +157,33 @@ def _nvrtc_or_skip():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("bits,x_dtype,perm,lora,nm,fz,outliers", [
-    (4, torch.bfloat16, True, torch.float32, 1, False, False),
-    (2, torch.float16, False, None, 2, False, False),
-    (4, torch.bfloat16, True, torch.bfloat16, 2, True, True),  # SpQR's: float zeros, outliers, a bf16 adapter
+@pytest.mark.parametrize("bits,x_dtype,perm,lora,nm,fz,outliers,upre", [
+    (4, torch.bfloat16, True, torch.float32, 1, False, False, 1),
+    (4, torch.bfloat16, True, torch.float32, 1, False, False, 0),  # the adapter's u per block (session 16's way)
+    (2, torch.float16, False, None, 2, False, False, 1),
+    (4, torch.bfloat16, True, torch.bfloat16, 2, True, True, 1),  # SpQR's: float zeros, outliers, a bf16 adapter
 ])
-def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, fz, outliers):
+def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, fz, outliers, upre):
     """NVRTC (the test extra's wheel on the CPU; PyTorch's on a GPU machine) compiles each kind of variant,
     and the PTX multiplies on the tensor cores."""
     _nvrtc_or_skip()
-    cfg = {"WARPS": 4, "NT": 2, "KC": 256 * (4 // bits), "NM": nm}
+    cfg = {"WARPS": 4, "NT": 2, "KC": 256 * (4 // bits), "NM": nm, "UPRE": upre}
     consts = gemv_mma.defines(cfg, bits, 64 if fz else 128, x_dtype, torch.float16, perm, lora, fz, outliers)
     code = gemv_mma.ptx(consts, "sm_90")
     kind = "bf16" if x_dtype == torch.bfloat16 else "f16"
     assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32".encode() in code
     assert b".entry gemv_mma" in code and b"ld.global.nc.L1::no_allocate.v4.u32" in code
+
+
+def test_precomputed_u_leaves_the_blocks_without_a_reads():
+    """With UPRE (the default) the kernel takes u = x Aᵀ computed once (kernels/lora_u.py): its blocks do none
+    of u's warp reductions, so the PTX has fewer lane shuffles than the variant that computes each split's
+    share of u in every block (the Σx per group's shuffles are in both)."""
+    _nvrtc_or_skip()
+    cfg = {"WARPS": 8, "NT": 2, "KC": 256, "NM": 1}
+    shuffles = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, UPRE=u), 4, 128, torch.bfloat16, torch.float16, True,
+                                              torch.float32), "sm_90").count(b"shfl.sync.bfly") for u in (0, 1)]
+    assert shuffles[0] > shuffles[1] > 0, shuffles
 
 
 def test_emulation_makes_its_tensors_on_the_codes_device():

@@ -1,0 +1,29 @@
+"""kernels/lora_u.py (the adapter's u = x Aᵀ for up to three siblings in one launch) against torch, in Triton's
+interpreter on the CPU: 1-3 projections, M = 1..16, fp32 and bf16 A, K not a multiple of the tile."""
+
+import pytest
+import torch
+
+from gptqlora.kernels.lora_u import lora_u, lora_u_reference
+
+
+@pytest.mark.parametrize("projections,m,k,r,dtype", [(1, 1, 512, 8, torch.float32), (3, 5, 700, 8, torch.float32),
+                                                      (2, 16, 256, 16, torch.bfloat16), (3, 8, 1100, 4, torch.bfloat16)])
+def test_u_equals_x_at_a_transposed(projections, m, k, r, dtype):
+    g = torch.Generator().manual_seed(m * k + r)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    a = [torch.randn(r, k, generator=g).to(dtype) for _ in range(projections)]
+    u = lora_u(x, a)
+    assert u.shape == (projections, m, r) and u.dtype == torch.float32
+    want = lora_u_reference(x, a)
+    assert torch.allclose(u, want, rtol=1e-4, atol=1e-4), (u - want).abs().max()
+    # each projection's u is its own: not the first's repeated
+    assert projections == 1 or not torch.allclose(u[0], u[-1])
+
+
+def test_bad_shapes_get_one_clear_error():
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="1-3 A's"):
+        lora_u(x, [torch.randn(4, 64)] * 4)
+    with pytest.raises(ValueError, match="1-3 A's"):
+        lora_u(x, [torch.randn(4, 32)])
