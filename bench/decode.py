@@ -278,7 +278,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma"):
+    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -290,10 +290,12 @@ def build(kind: str, shape: str, device):
 @contextlib.contextmanager
 def _decode_kernels(kind: str, alt_table: str | None):
     """While a model of `kind` decodes: "-inplace" / "-split" send its one-token calls to kernels/gemv_m1.py /
-    gemv.py (GPTQLORA_GEMV_M1), "-mma" plans its layers for kernels/gemv_mma.py (GPTQLORA_GEMV_MMA=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    gemv.py (GPTQLORA_GEMV_M1), "-mma" plans its layers for kernels/gemv_mma.py (GPTQLORA_GEMV_MMA=1), "-lorau"
+    computes the adapter's u once per call (GPTQLORA_GEMV_LORA_U=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. Other kinds: nothing."""
     env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
-        {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else {}
+        {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else \
+        {gemv_m1.U_ENV: "1"} if kind.endswith("-lorau") else {}
 
     def fresh():
         gemv.tuned_table.cache_clear()
@@ -398,7 +400,8 @@ def main() -> int:
                          "the A/B), inplace (every one-token call gemv_m1.py serves, 8 bit too), split (none: gemv.py's "
                          "split-K kernel, the default before session 14), alt (triton with the configs of --alt-table), noact (triton on a "
                          "model without act-order: what x's permuted read costs), mma (the tensor-core CUDA kernel, "
-                         "kernels/gemv_mma.py, for every call up to 16 tokens at 2/4 bit); default triton "
+                         "kernels/gemv_mma.py, for every call up to 16 tokens at 2/4 bit), lorau (triton with the "
+                         "adapter's u computed once per call, GPTQLORA_GEMV_LORA_U=1); default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

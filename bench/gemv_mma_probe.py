@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ sys.path.append(str(Path(__file__).parent))
 from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
 
 from gptqlora.kernels import gemv as G  # noqa: E402
-from gptqlora.kernels import gemv_mma  # noqa: E402
+from gptqlora.kernels import gemv_m1, gemv_mma  # noqa: E402
 
 SHAPES = ((4096, 4096, None), (4096, 12288, (4096, 8192)), (4096, 22016, (11008, 22016)), (11008, 4096, None))
 
@@ -172,6 +173,12 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 # one projection (siblings without adapters never share a launch: sibling_gemv.decode_group)
                 t_tri_bare = timer.us(lambda: [G.gemv_triton(x, *layers[i], bits, tri[i])
                                                for i in range(copies)]) / copies
+                os.environ[gemv_m1.U_ENV] = "1"  # the Triton path with u computed once per call (lora_u.py)
+                try:
+                    t_tri_u = timer.us(lambda: [G.gemv_triton(x, *layers[i], bits, tri[i], la, lb, 2.0, bounds=bounds)
+                                                for i in range(copies)]) / copies
+                finally:
+                    os.environ.pop(gemv_m1.U_ENV, None)
                 picked = gemv_mma.pick_config(m, k, n, bits, gs, sms, bounds)
                 grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"])
                                    for w in (4, 8) for nt in (1, 2) for kc in (128 * (4 // bits), 256 * (4 // bits),
@@ -206,6 +213,7 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
                        "mma_adapter_in_blocks_us": round(t_mma_old, 2),
                        "mma_no_adapter_us": round(t_mma_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
+                       "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),
                        "x_triton": round(t_tri / best[0], 2), "x_bf16": round(t_bf16 / best[0], 2),

@@ -32,11 +32,11 @@ decode_check() {  # gpu_check_decode once per call; status 1 (and a line) if it 
   fi
   [ "$(cat /tmp/decode_check_rc)" = 0 ] || { tail -5 "$OUT/stderr.log"; echo "DECODE CHECK FAILED"; return 1; }
 }
-mma_stage() {  # $1 probe flags, $2 probe budget, $3 bit widths, $4 decode budget (each overridable by env)
+mma_stage() {  # $1 probe flags, $2 probe budget, $3 bit widths, $4 decode budget, $5 decode kernels (env overrides)
   python3 bench/gemv_mma_probe.py $1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-$2}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
   local rc=$?; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-260
   if [ $rc != 0 ]; then tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; return; fi
-  python3 bench/decode.py --skip layers --bits "${AB_BITS:-$3}" --batches "${AB_BATCHES:-1,8}" --decode-kernels triton,mma \
+  python3 bench/decode.py --skip layers --bits "${AB_BITS:-$3}" --batches "${AB_BATCHES:-1,8}" --decode-kernels "${AB_KERNELS:-${5:-triton,mma}}" \
     --no-old-harness --budget-s "${DECODE_BUDGET:-$4}" --json "$OUT/decode_mma.json" \
     > "$OUT/decode_mma.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_mma.txt"
   # the model decoding through it, compiled and graphed (~40 s): last, so a tight budget keeps the 7B figures
@@ -136,7 +136,8 @@ for r in rows:
                mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
     mma-quick) # issue 16, session 17: the tensor-core kernel with the adapter's u computed once per call (kernels/lora_u.py):
                # quick checks (~65 s), two 4-bit shapes timed with and without the adapter, the 7B at 4 bit (~7 min)
-               mma_stage --quick 120 4 230 ;;
+               # and the Triton default with u once per call (lorau), batch 1 (AB_BATCHES=1,8 adds batch 8)
+               AB_BATCHES=${AB_BATCHES:-1} mma_stage --quick 120 4 230 triton,lorau,mma ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;

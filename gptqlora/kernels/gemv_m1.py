@@ -49,6 +49,8 @@ from gptqlora.kernels.launch import FastKernel
 from gptqlora.kernels.split_k import _store_split
 
 ENV = "GPTQLORA_GEMV_M1"  # unset: one-token 2/4-bit calls take this kernel; "split": gemv.py's; "inplace": 8 bit too
+U_ENV = "GPTQLORA_GEMV_LORA_U"  # "1": the adapter's u = x Aᵀ once per call (kernels/lora_u.py), u Bᵀ added by
+#                                 split 0, instead of each program's share of u in its loop (session 17, unmeasured)
 DEFAULT_BITS = (2, 4)  # where the 7B A/B measured it ahead (session 14); 8 bit unmeasured
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
@@ -87,7 +89,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
                     BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr,
                     SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr, NREP: tl.constexpr,
                     COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr,
-                    LOOP_STAGES: tl.constexpr):
+                    LOOP_STAGES: tl.constexpr, UPRE: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
     WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
     BN: tl.constexpr = NREP * COLS
@@ -147,7 +149,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
             s = tl.load(scales_ptr + g3 * N + offs_n2[None, :, :], mask=m3, other=0).to(tl.float32)
             z = _zeros_at(zeros_ptr, g3, offs_n2[None, :, :], m3, N, BITS, FLOAT_ZEROS)
             acc += s * (p - xm[:, None, None] - xs[:, None, None] * z)
-        if HAS_LORA:  # over rows in x's own order: the splits' ranges still partition K, A read contiguously
+        if HAS_LORA and not UPRE:  # over rows in x's own order: the splits' ranges partition K, A read contiguously
             kk = w0 * PER + offs_k
             mk = kk < w_end * PER
             xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
@@ -156,8 +158,13 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
     y = tl.sum(acc, axis=0)  # (NREP, COLS)
     if HAS_LORA:  # + s (x_c A_cᵀ) B_nᵀ
         dt = x_ptr.dtype.element_ty
-        xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
-        mb = mr[None, :, None] & mn2[:, None, :]
+        if UPRE:  # u over all of K, computed once per call (a_ptr points at this projection's u): split 0 adds it
+            mr0 = offs_r < tl.where(pid_k == 0, R, 0)  # (BR,): the ranks, in split 0 only
+            xr = tl.load(a_ptr + offs_r, mask=mr0, other=0).to(dt).to(tl.float32)  # (BR,)
+            mb = mr0[None, :, None] & mn2[:, None, :]
+        else:
+            xr = tl.sum(xa, axis=1).to(dt).to(tl.float32)  # (BR,), rounded to x's dtype as in training
+            mb = mr[None, :, None] & mn2[:, None, :]
         bt = tl.load(b_ptr + (offs_n2 - n_off)[:, None, :] * R + offs_r[None, :, None], mask=mb, other=0)
         y += lora_scale * tl.sum(bt.to(dt).to(tl.float32) * xr[None, :, None], axis=1)  # (NREP, COLS)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -253,6 +260,13 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     split = cfg["SPLIT"]
     part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
     a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
+    upre = has_lora and os.environ.get(U_ENV, "0") == "1"
+    if upre:  # u (P, 1, r) fp32 in A's place, one projection each (padded with the last)
+        from gptqlora.kernels.lora_u import lora_u
+
+        projections = 1 if bounds is None else 2 + (bounds[1] < n)
+        u = lora_u(x, a_s[:projections])
+        a_s = [u[min(p, projections - 1)] for p in range(3)]
     n1, n2 = bounds if bounds is not None else (n, n)
     per = 32 // bits
     cols = cfg.get("COLS", COLS)
@@ -263,5 +277,5 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
                   COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                  LOOP_STAGES=cfg.get("loop_stages", 1), num_warps=cfg["num_warps"])
+                  LOOP_STAGES=cfg.get("loop_stages", 1), UPRE=upre, num_warps=cfg["num_warps"])
     return out

@@ -84,11 +84,29 @@ def test_exact_enough_where_the_offsets_cancel_most(bits):
             assert float(((y - want).abs() / want.abs()).max()) < tol, (dtype, cfg)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_precomputed_u_matches_float64(bits, dtype, monkeypatch):
+    """GPTQLORA_GEMV_LORA_U=1: the adapter's u = x Aᵀ comes from kernels/lora_u.py once per call and only split
+    0 adds u Bᵀ; every config (split-K or not) gives the float64 result, and the counters end at zero."""
+    monkeypatch.setenv(gemv_m1.U_ENV, "1")
+    group = {2: 32, 4: 64}[bits]
+    p, x, a, b, want = case(256, 208, bits, group, True, False, 1, dtype, seed=bits + 3, lora=True)
+    plan = plan_gemv(p["qweight"], p["g_idx"], bits, group, True)
+    for cfg in CONFIGS:
+        y = run(x, p, bits, plan, a, b, cfg)
+        assert rel_err(y, want) < TOL[dtype] and not plan.locks.any(), cfg
+    monkeypatch.setenv(gemv_m1.U_ENV, "0")  # and it is the adapter that differs: without it, far off
+    assert rel_err(run(x, p, bits, plan, None, None, CONFIGS[1]), want) > 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("upre", ["0", "1"], ids=["u-per-program", "u-once"])
 @pytest.mark.parametrize("widths", [(64, 32, 32), (256, 128, 128), (384, 160)], ids=["narrow", "q|k|v", "gate|up"])
-def test_siblings_take_their_own_lora(widths):
-    """Projections side by side (`bounds`): each column block uses its own projection's A and B, also where a
-    projection is narrower than a column block (the block shrinks) and with a row stride wider than N (an
-    act-order layer's decode copy as a column slice of the siblings' copy)."""
+def test_siblings_take_their_own_lora(widths, upre, monkeypatch):
+    """Projections side by side (`bounds`): each column block uses its own projection's A and B (or u, with
+    GPTQLORA_GEMV_LORA_U=1), also where a projection is narrower than a column block (the block shrinks) and
+    with a row stride wider than N (an act-order layer's decode copy as a column slice of the siblings' copy)."""
+    monkeypatch.setenv(gemv_m1.U_ENV, upre)
     parts = [case(128, n, 4, 32, False, False, 1, torch.float32, seed=40 + i) for i, n in enumerate(widths)]
     x = parts[0][1]
     cat = {f: torch.cat([q[f] for q, *_ in parts], dim=1) for f in ("qweight", "zeros", "scales")}
