@@ -46,6 +46,7 @@ import triton.language as tl
 
 from gptqlora.kernels.dequant import _zeros_at
 from gptqlora.kernels.launch import FastKernel
+from gptqlora.kernels.lora_u import projections, u_slots
 from gptqlora.kernels.split_k import _store_split
 
 ENV = "GPTQLORA_GEMV_M1"  # unset: one-token 2/4-bit calls take this kernel; "split": gemv.py's; "inplace": 8 bit too
@@ -202,7 +203,7 @@ def lora_slots(lora_a, lora_b, x: torch.Tensor, bounds: tuple[int, int] | None, 
     has_lora = lora_a is not None and (not isinstance(lora_a, (list, tuple)) or len(lora_a) > 0)
     a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
     b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
-    if len(a_s) != (1 if bounds is None else 2 + (bounds[1] < n)) or len(b_s) != len(a_s):
+    if len(a_s) != projections(bounds, n) or len(b_s) != len(a_s):
         raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for "
                          f"{'one layer' if bounds is None else 'bounds ' + str(bounds)}")
     r = b_s[0].shape[1] if has_lora else 1
@@ -261,12 +262,8 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     part = torch.empty(split, 1, n, dtype=torch.float32, device=x.device) if split > 1 else out
     a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
     upre = has_lora and os.environ.get(U_ENV, "0") == "1"
-    if upre:  # u (P, 1, r) fp32 in A's place, one projection each (padded with the last)
-        from gptqlora.kernels.lora_u import lora_u
-
-        projections = 1 if bounds is None else 2 + (bounds[1] < n)
-        u = lora_u(x, a_s[:projections])
-        a_s = [u[min(p, projections - 1)] for p in range(3)]
+    if upre:  # u (1, r) fp32 in each A's place
+        a_s = u_slots(x, a_s, bounds, n)
     n1, n2 = bounds if bounds is not None else (n, n)
     per = 32 // bits
     cols = cfg.get("COLS", COLS)

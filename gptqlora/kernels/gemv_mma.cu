@@ -197,7 +197,8 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         xs[m][kk] = v;
     }
 #if HAS_LORA
-    // this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order (the sum over splits is all of K)
+    // this block's projection; without UPRE, this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order
+    // (the sum over splits is all of K)
     const int proj = col0 < n1 ? 0 : (col0 < n2 ? 1 : 2);
     const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
     const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
@@ -282,7 +283,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int r = 0; r < R; ++r) {
                     const float bv = l2f(brow[r]);
 #pragma unroll
-                    for (int mm = 0; mm < NM; ++mm) {  // us rows m >= M hold garbage: their cells are never written
+                    for (int mm = 0; mm < NM; ++mm) {  // rows m >= M: garbage (us) or 0 (U), their cells never written
 #if UPRE
                         const int m0 = mm * 8 + 2 * t;
                         d[mm][0] += (m0 < M ? U[m0 * R + r] : 0.f) * bv;

@@ -313,12 +313,10 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
                      zeros.is_floating_point(), has_out)
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
-    if dict(consts)["UPRE"]:  # u (P, M, r) fp32 in A's place, one projection each (padded with the last)
-        from gptqlora.kernels.lora_u import lora_u
+    if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place
+        from gptqlora.kernels.lora_u import u_slots
 
-        projections = 1 if bounds is None else 2 + (bounds[1] < n)
-        u = lora_u(x, a_s[:projections])
-        a_s = [u[min(p, projections - 1)] for p in range(3)]
+        a_s = u_slots(x, a_s, bounds, n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = k // cfg["KC"]
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out

@@ -53,6 +53,19 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor]) -> torch.Tensor:
     return u
 
 
+def projections(bounds: tuple[int, int] | None, n: int) -> int:
+    """How many sibling projections `bounds` (n1, n2) make of N = n columns: 1 without bounds, else 2 or 3."""
+    return 1 if bounds is None else 2 + (bounds[1] < n)
+
+
+def u_slots(x: torch.Tensor, a_slots: list[torch.Tensor], bounds: tuple[int, int] | None, n: int) -> list[torch.Tensor]:
+    """The decode kernels' three A slots (gemv_m1.lora_slots', padded with the last) with each projection's
+    u = x Aᵀ, (M, r) fp32, in its A's place, padded alike."""
+    count = projections(bounds, n)
+    u = lora_u(x, a_slots[:count])
+    return [u[min(p, count - 1)] for p in range(3)]
+
+
 def lora_u_reference(x: torch.Tensor, lora_a: list[torch.Tensor]) -> torch.Tensor:
     """The same in torch (fp32)."""
     return torch.stack([x.float() @ a.float().t() for a in lora_a])

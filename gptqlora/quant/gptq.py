@@ -52,13 +52,11 @@ class GPTQ:
             self.D += (xf - x).t() @ x
 
     def _inverse_cholesky(self, H: torch.Tensor, damp: float) -> torch.Tensor:
-        """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp until it exists."""
-        mean_diag = torch.mean(torch.diag(H))
-        eye = torch.eye(H.shape[0], device=H.device)
+        """Upper Cholesky factor of `damped(H, damp)`^-1, raising damp until it exists."""
         d = damp
         while True:
             try:
-                L = torch.linalg.cholesky(H + d * mean_diag * eye)
+                L = torch.linalg.cholesky(damped(H, d))
                 hinv = torch.cholesky_inverse(L)
                 return torch.linalg.cholesky(hinv, upper=True)
             except torch.linalg.LinAlgError:
