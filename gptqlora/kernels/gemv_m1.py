@@ -199,11 +199,11 @@ def takes(m: int, k: int, bits: int, plan, spqr: bool, bounds: tuple[int, int] |
 def lora_slots(lora_a, lora_b, x: torch.Tensor, bounds: tuple[int, int] | None, n: int):
     """The three (A, B) pointer pairs the decode kernels take (this one and gemv.py's): one tensor or a list
     of one per projection (as many as `bounds` make: 1, 2 or 3), contiguous, padded with the last (unread);
-    x stands in when there is no adapter. Returns (a_s, b_s, rank, has_lora)."""
+    x stands in when there is no adapter (siblings without one too). Returns (a_s, b_s, rank, has_lora)."""
     has_lora = lora_a is not None and (not isinstance(lora_a, (list, tuple)) or len(lora_a) > 0)
     a_s = [t.contiguous() for t in (lora_a if isinstance(lora_a, (list, tuple)) else [lora_a])] if has_lora else [x]
     b_s = [t.contiguous() for t in (lora_b if isinstance(lora_b, (list, tuple)) else [lora_b])] if has_lora else [x]
-    if len(a_s) != projections(bounds, n) or len(b_s) != len(a_s):
+    if has_lora and (len(a_s) != projections(bounds, n) or len(b_s) != len(a_s)):
         raise ValueError(f"{len(a_s)} LoRA A and {len(b_s)} B for "
                          f"{'one layer' if bounds is None else 'bounds ' + str(bounds)}")
     r = b_s[0].shape[1] if has_lora else 1

@@ -129,6 +129,10 @@ def test_siblings_take_their_own_lora(widths, upre, monkeypatch):
     assert plan1.qweight.stride(0) > plan1.qweight.shape[1]
     y1 = run(x, sl, 4, plan1, a[1], b[1], None)
     assert rel_err(y1, want[:, n0:n1]) < 1e-5
+    # siblings without an adapter (lora_slots raised here until session 18; decode_group never asks, scripts did)
+    base = torch.cat([x.double() @ q["w64"].to(DEVICE) for q, *_ in parts], dim=1)
+    for cfg in CONFIGS:
+        assert rel_err(run(x, cat, 4, plan, None, None, cfg, bounds), base) < 1e-5, cfg
 
 
 def test_takes_one_token_whole_words_and_sorted_rows_only(monkeypatch):
