@@ -8,8 +8,9 @@ Writes OUT/gptq/ and OUT/spqr/ (the checkpoints), OUT/results.json and OUT/resul
 fp16, GPTQ (--gptq-bits, g --gptq-group, act-order) and SpQR (--spqr-bits, group --spqr-group, 3-bit
 statistics in groups of --stat-group, --outlier-fraction) perplexity on --eval (non-overlapping windows of
 --seqlen tokens, at most --windows),
-with each one's average bits per weight. `spqr_closer` is true when |ppl(SpQR) - ppl(fp16)| <=
-|ppl(GPTQ) - ppl(fp16)|. With --train-data, also trains a GPTQ-LoRA adapter on the SpQR base (`finetune
+with each one's average bits per weight. --calibration-seed picks both calibrations' samples; --gptq-descent-passes,
+--spqr-descent-passes and --spqr-flags give one side its own settings (SpQR's descent is opt-in). `spqr_closer` is
+true when |ppl(SpQR) - ppl(fp16)| <= |ppl(GPTQ) - ppl(fp16)|. With --train-data, also trains a GPTQ-LoRA adapter on the SpQR base (`finetune
 --quant_checkpoint`), merges it (`merge --to fp16`) and reports the merged model's perplexity.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,6 +56,12 @@ def main(argv=None) -> int:
     p.add_argument("--spqr-group", type=int, default=16, help="SpQR first-level group size")
     p.add_argument("--stat-group", type=int, default=16, help="SpQR second-level (statistics) group size")
     p.add_argument("--outlier-fraction", type=float, default=0.01, help="SpQR: 0.01 -> 3.945 bits per weight")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed picking both quantizations' samples")
+    p.add_argument("--gptq-descent-passes", type=int, default=None,
+                   help="GPTQ's --descent-passes (default: the package's default)")
+    p.add_argument("--spqr-descent-passes", type=int, default=None,
+                   help="SpQR's --descent-passes (default: the package's default)")
+    p.add_argument("--spqr-flags", default="", help="more quantize flags for SpQR only, e.g. '--no-refit-scales'")
     p.add_argument("--train-data", help="also train GPTQ-LoRA on the SpQR base on this file and merge it: "
                                         "Alpaca/CoT/chat JSON(L), or a .txt file (cut into --text-chars "
                                         "chunks, each an Alpaca record 'Continue the text.' -> chunk)")
@@ -73,13 +81,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--calibration", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-              "--overwrite", *dev]
+              "--calibration-seed", str(args.calibration_seed), "--overwrite", *dev]
     runs = {
         "gptq": ["--bits", str(args.gptq_bits), "--group-size", str(args.gptq_group), "--desc-act"],
         "spqr": ["--method", "spqr", "--bits", str(args.spqr_bits), "--group-size", str(args.spqr_group),
                  "--stat-bits", "3", "--stat-group-size", str(args.stat_group), "--desc-act", "--outlier-fraction",
                  str(args.outlier_fraction)],
     }
+    for name, passes in (("gptq", args.gptq_descent_passes), ("spqr", args.spqr_descent_passes)):
+        if passes is not None:
+            runs[name] += ["--descent-passes", str(passes)]
+    runs["spqr"] += shlex.split(args.spqr_flags)
     for name, flags in runs.items():
         rc = cli(["quantize", args.model_dir, str(out / name), *flags, *common])
         if rc:

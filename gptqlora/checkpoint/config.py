@@ -17,6 +17,10 @@ from gptqlora.formats.gptq import FORMAT_V1, FORMAT_V2, SUPPORTED_BITS
 from gptqlora.nn.registry import FORMATS
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # searched before config.json
+# --descent-passes when not given, per quant method: on for GPTQ, opt-in for SpQR (docs/results.md, section 3,
+# session 18: on man-page v2 it narrowed SpQR's gap in some seed/text pairs and widened it in others)
+DESCENT_PASSES = {"spqr": 0}
+DEFAULT_DESCENT_PASSES = 3
 
 
 class QuantConfigError(ValueError):
@@ -68,13 +72,15 @@ class QuantConfig:
         "help": "with --refit-scales: rounds of re-choosing the codes by GPTQ with the refitted scales held fixed, "
                 "then refitting again; a round is kept only if it lowers the calibration output error (one GPTQ "
                 "pass and one refit per round per linear)"})
-    descent_passes: int = field(default=3, metadata={"min": 0,
+    descent_passes: Optional[int] = field(default=None, metadata={"min": 0,
         "help": "passes of coordinate descent on the codes after GPTQ (scales fixed, each code re-chosen to lower "
                 "the calibration output error under GPTQ's damped Hessian, given all others), each followed by the "
                 "scale refit where on (N K^2 per pass per linear, plus the refit's). 3 by default: over three models "
                 "and three seeds it narrowed the 2-bit gaps (tiny 0.70x, man-page v2 0.93x) and left the 3-4 bit "
                 "ones within the noise (docs/results.md, 'Coordinate descent on the codes'); 0 gives the previous "
-                "default"})
+                "default. --method spqr: the same descent on its codes (its 3-bit statistics fixed, each fp16 "
+                "outlier at its exact optimum), opt-in (default 0 there): on man-page v2 it narrowed the gap to fp16 "
+                "in some seeds and texts and widened it in others (docs/results.md, section 3, session 18)"})
     act_group_aware: bool = field(default=True, metadata={
         "help": "without --desc-act: group-aware reordering (GAR), groups quantized in decreasing order of "
                 "their largest Hessian diagonal, g_idx kept trivial so every loader reads it "
@@ -102,6 +108,13 @@ class QuantConfig:
             self.dynamic = check_dynamic(self.dynamic, self.format)
 
     @property
+    def descent(self) -> int:
+        """`descent_passes`, or where not given the default of this config's method."""
+        if self.descent_passes is not None:
+            return self.descent_passes
+        return DESCENT_PASSES.get(self.method, DEFAULT_DESCENT_PASSES)
+
+    @property
     def method(self) -> str:
         """The `quant_method` of this config's format."""
         return FORMATS.lookup(None, self.format).format.method
@@ -117,7 +130,7 @@ class QuantConfig:
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
                      "act_group_aware": self.act_group_aware and not self.desc_act,
                      "mse_select": self.mse_select, "refit_scales": self.refit_scales,
-                     "refit_rounds": self.refit_rounds, "descent_passes": self.descent_passes,
+                     "refit_rounds": self.refit_rounds, "descent_passes": self.descent,
                      # GPTQModel reads meta's "gptaq" as its GPTAQConfig: a dict or None, not a number
                      "gptaq": {"alpha": self.gptaq} if self.gptaq else None, **self.meta}
         if self.dynamic is None:

@@ -236,9 +236,10 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[tuple[torch.Tens
                         fp_out.append(out)
         for hk in hooks:
             hk.remove()
+        # SpQR's pass shares GPTQ's asymmetric target and its coordinate descent on the codes (opt-in there)
         extra = {"gptq": {"mse_select": qcfg.mse_select, "gptaq": qcfg.gptaq, "refit": qcfg.refit_scales,
-                          "refit_rounds": qcfg.refit_rounds, "descent_passes": qcfg.descent_passes},
-                 "spqr": {"gptaq": qcfg.gptaq}}.get(method, {})  # SpQR's pass shares GPTQ's asymmetric target
+                          "refit_rounds": qcfg.refit_rounds, "descent_passes": qcfg.descent},
+                 "spqr": {"gptaq": qcfg.gptaq, "descent_passes": qcfg.descent}}.get(method, {})
         for n, (lin, cfg) in todo.items():
             t = time.time()
             res = solvers[n].quantize(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],

@@ -278,14 +278,31 @@ def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int,
     point nearest to Ŵ_j + (E H)_j / H_jj (E = W - Ŵ; a scalar quadratic per row), so the error never rises.
     GPTQ chooses each code once, against weights its later choices still move, and the refit then changes the
     scales under those codes; this re-chooses them all against the final scales (QuantEase, Behdin et al. 2023).
+    The pass itself is `descend`. W [N, K], H [K, K] (`quantize` passes GPTQ's damped one)."""
+    codes = res.codes.clone()  # (K, N), re-chosen in place
+    descend(W, H, res.dequantize(), codes, res.scales.float(), res.zeros, res.g_idx.long(), maxq, block_size)
+    return QuantResult(codes=codes, scales=res.scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
+
+
+def descend(W: torch.Tensor, H: torch.Tensor, Wq: torch.Tensor, codes: torch.Tensor, S: torch.Tensor,
+            Z: torch.Tensor, g: torch.Tensor, maxq: int, block_size: int = 128,
+            free: torch.Tensor | None = None, resid: torch.Tensor | None = None) -> None:
+    """One pass of exact coordinate descent (see `descend_codes`), in place on Wq [N, K] (the reconstruction,
+    Ŵ_nk = S[g_k, n] (codes[k, n] - Z[g_k, n]) where not free) and codes [K, N] (any dtype; may be a transposed
+    view). S, Z [G, N] the decoded scales and zeros, g [K] each column's group. Integer zeros (GPTQ): a code is
+    round(t / s) + z; float zeros (SpQR's decoded statistics): round(t / s + z), as each solver's own pass.
+
+    `free` [N, K] bool with `resid` [N, K] fp32 holding fp16 values (SpQR's outliers): at those positions
+    Ŵ = grid + resid, the residual stored in fp16, so the value is not bound to the grid: it takes the exact
+    optimum t = Ŵ_j + (E H)_j / H_jj as the nearest grid point plus fp16(t - grid point) — kept only where
+    that is at least as close to t as the old value (fp16 rounding), so the error still never rises.
+
     E H is kept current lazily, as GPTQ does: within a block of columns by rank-1 updates, for the columns after
     it by one matmul (the columns before it are not read again in this pass). Cost N K^2 per pass; memory two
-    N x K fp32 (Ŵ and E H) besides W and H. W [N, K], H [K, K] (`quantize` passes GPTQ's damped one)."""
+    N x K fp32 (Ŵ and E H) besides W and H."""
     k = W.shape[1]
-    g = res.g_idx.long()  # (K,)
-    S, Z = res.scales.float(), res.zeros.float()  # (G, N)
-    codes = res.codes.clone()  # (K, N)
-    Wq = res.dequantize()  # (N, K)
+    float_zeros = Z.is_floating_point()
+    Z = Z.float()
     EH = (W - Wq) @ H  # (N, K): current for the block in hand and those after it
     d = torch.diag(H)
     for i1 in range(0, k, block_size):
@@ -293,12 +310,20 @@ def descend_codes(res: QuantResult, W: torch.Tensor, H: torch.Tensor, maxq: int,
         old = Wq[:, i1:i2].clone()  # (N, B)
         for j in range(i1, i2):
             s, z = S[g[j]], Z[g[j]]  # (N,)
-            qj = torch.clamp(torch.round((Wq[:, j] + EH[:, j] / d[j]) / s) + z, 0, maxq)  # (N,)
+            t = Wq[:, j] + EH[:, j] / d[j]  # (N,): each row's exact optimum for column j
+            qj = torch.clamp(torch.round(t / s + z) if float_zeros else torch.round(t / s) + z, 0, maxq)  # (N,)
             new = s * (qj - z)
+            if free is not None:
+                f = free[:, j]  # (N,)
+                r = (t - new).half().float()
+                take = f & ((new + r - t).abs() <= (Wq[:, j] - t).abs())  # free and not worse than before
+                keep = f & ~take
+                new = torch.where(take, new + r, torch.where(keep, Wq[:, j], new))
+                qj = torch.where(keep, codes[j].to(qj.dtype), qj)
+                resid[:, j] = torch.where(take, r, resid[:, j])
             EH[:, i1:i2] += (Wq[:, j] - new)[:, None] * H[j, i1:i2][None, :]  # E_j grows by old minus new
             Wq[:, j], codes[j] = new, qj.to(codes.dtype)
         EH[:, i2:] += (old - Wq[:, i1:i2]) @ H[i1:i2, i2:]  # later blocks: this block's changes at once
-    return QuantResult(codes=codes, scales=res.scales, zeros=res.zeros, g_idx=res.g_idx, error=res.error)
 
 
 def row_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

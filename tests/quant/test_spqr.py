@@ -141,3 +141,88 @@ def test_quantize_gives_spqr_the_fp_inputs_and_gptqs_defaults(tiny_dir, tmp_path
                  "--calibration", str(calib), "--nsamples", "2", "--seqlen", "32"]) == 0
     kw, has_d = seen[-1]
     assert not has_d and kw["gptaq"] == 0
+
+
+def test_quantize_gives_spqr_the_descent_passes(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--descent-passes reaches SpQR as it reaches GPTQ, but opt-in: SpQR's default is 0 (GPTQ's 3), the count given
+    is passed, and the checkpoint's meta records the count used; a negative count is refused with the option's
+    own message before anything runs."""
+    import json
+
+    from gptqlora.checkpoint.config import QuantConfig
+    from gptqlora.cli import main
+    from gptqlora.quant.solvers import SOLVERS
+
+    seen = []
+
+    class Spy(SpQR):
+        def quantize(self, **kw):
+            seen.append(kw["descent_passes"])
+            return super().quantize(**kw)
+
+    monkeypatch.setitem(SOLVERS, "spqr", Spy)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"a quick brown fox {i} jumps over it"}) for i in range(20)))
+    args = ["--method", "spqr", "--bits", "3", "--calibration", str(calib), "--nsamples", "2", "--seqlen", "32"]
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "q"), *args]) == 0
+    assert seen[-1] == 0 and QuantConfig(bits=3).descent == 3 and QuantConfig(bits=3, format="spqr").descent == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["meta"]["descent_passes"] == 0
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "q1"), *args, "--descent-passes", "1"]) == 0
+    assert seen[-1] == 1
+    n = len(seen)
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "q2"), *args, "--descent-passes", "-1"]) != 0
+    assert "--descent-passes: must be >= 0, got -1" in capsys.readouterr().err and len(seen) == n
+
+
+@pytest.mark.parametrize("desc_act, seed", [(True, 5), (False, 6)])
+def test_spqr_descent_never_raises_the_output_error(desc_act, seed):
+    """`descent_passes`: GPTQ's coordinate descent on SpQR's codes under the damped H never raises the calibration
+    output error tr(E Hd Eᵀ), pass after pass (and lowers it); the statistics and the outliers' places stay, the
+    outliers' values move, and the packed layer still dequantizes to exactly the solver's reconstruction."""
+    from gptqlora.quant.gptq import damped, output_error
+
+    w, x = planted(n=64, k=128, seed=seed)
+    Hd = damped(2 * x.t() @ x / x.shape[0], 0.05)
+    res = [solve(SpQR, w, x, bits=3, group_size=16, desc_act=desc_act, outlier_fraction=0.02, mse=True, damp=0.05,
+                 descent_passes=p) for p in (0, 1, 2, 3)]
+    errs = [output_error(w, r.dequantize(), Hd) for r in res]
+    assert errs[1] < 0.99 * errs[0], errs
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
+    stats = ("scales_code", "scales_step", "scales_base", "zeros_code", "zeros_step", "zeros_base")
+    for r in res[1:]:
+        assert torch.equal(r.outlier_mask, res[0].outlier_mask)
+        for name in stats:
+            assert torch.equal(getattr(r, name), getattr(res[0], name)), name
+        layer = SpQRLinear.from_codes(**r.layer_kwargs(), group_size=16, bits=3)
+        assert torch.equal(layer.dequantize(torch.float32).t(), r.dequantize())
+        assert torch.equal(r.outlier_residual[~r.outlier_mask], torch.zeros_like(r.outlier_residual[~r.outlier_mask]))
+    assert not torch.equal(res[3].outlier_residual, res[0].outlier_residual)
+    assert not torch.equal(res[3].codes, res[0].codes)
+
+
+def test_descent_gives_free_positions_their_exact_optimum():
+    """`descend` with `free` positions (SpQR's outliers): with uncorrelated inputs (H diagonal) each weight's optimum
+    is itself, so a free weight is reproduced up to the fp16 rounding of its residual while the others stay on the
+    grid; the error never rises, and the reconstruction stays grid value + stored residual."""
+    from gptqlora.quant.gptq import descend, output_error
+
+    g = torch.Generator().manual_seed(7)
+    n, k, maxq = 32, 48, 7
+    W = torch.randn(n, k, generator=g)
+    H = torch.diag(0.5 + torch.rand(k, generator=g))
+    S = torch.full((1, n), 0.3)
+    Z = torch.full((1, n), 3.4)  # float zeros, as SpQR's decoded statistics
+    gidx = torch.zeros(k, dtype=torch.long)
+    codes = torch.clamp(torch.round(W / 0.3 + 3.4), 0, maxq).t().contiguous()  # (K, N) nearest codes
+    grid = 0.3 * (codes.t() - 3.4)  # (N, K)
+    free = torch.rand(n, k, generator=g) < 0.1
+    resid = torch.zeros(n, k)
+    Wq = grid.clone()
+    before = output_error(W, Wq, H)
+    descend(W, H, Wq, codes, S, Z, gidx, maxq, block_size=16, free=free, resid=resid)
+    assert output_error(W, Wq, H) < before
+    assert torch.equal(Wq, 0.3 * (codes.t() - 3.4) + resid)  # grid + residual, bit for bit
+    assert torch.equal(resid[~free], torch.zeros_like(resid[~free])) and torch.equal(resid, resid.half().float())
+    assert torch.equal(Wq[~free], grid[~free])  # nearest grid points already: unchanged
+    assert (Wq - W)[free].abs().max() <= 1e-3 * 0.3 * maxq  # fp16 rounding of a residual within the group's range
