@@ -127,10 +127,11 @@ class QuantConfig:
             d.pop(k)  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
         # GAR applies only without act-order (and GPTQModel refuses a config that says both)
+        # only what the method's solver used: SpQR takes neither GAR, the scale refit nor mse_select
+        gptq_only = {"act_group_aware": self.act_group_aware and not self.desc_act, "mse_select": self.mse_select,
+                     "refit_scales": self.refit_scales, "refit_rounds": self.refit_rounds}
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,
-                     "act_group_aware": self.act_group_aware and not self.desc_act,
-                     "mse_select": self.mse_select, "refit_scales": self.refit_scales,
-                     "refit_rounds": self.refit_rounds, "descent_passes": self.descent,
+                     **(gptq_only if self.method != "spqr" else {}), "descent_passes": self.descent,
                      # GPTQModel reads meta's "gptaq" as its GPTAQConfig: a dict or None, not a number
                      "gptaq": {"alpha": self.gptaq} if self.gptaq else None, **self.meta}
         if self.dynamic is None:

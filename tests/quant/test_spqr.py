@@ -168,6 +168,7 @@ def test_quantize_gives_spqr_the_descent_passes(tiny_dir, tmp_path, monkeypatch,
     assert seen[-1] == 0 and QuantConfig(bits=3).descent == 3 and QuantConfig(bits=3, format="spqr").descent == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["meta"]["descent_passes"] == 0
+    assert not {"refit_scales", "refit_rounds", "mse_select", "act_group_aware"} & set(qc["meta"])  # GPTQ's only
     assert main(["quantize", str(tiny_dir), str(tmp_path / "q1"), *args, "--descent-passes", "1"]) == 0
     assert seen[-1] == 1
     n = len(seen)
