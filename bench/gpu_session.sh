@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick)
+#                                                    spqr-decode default-ab mma mma-quick b8)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -138,6 +138,10 @@ for r in rows:
                # quick checks (~65 s), two 4-bit shapes timed with and without the adapter, the 7B at 4 bit (~7 min)
                # and the Triton default with u once per call (lorau), batch 1 (AB_BATCHES=1,8 adds batch 8)
                AB_BATCHES=${AB_BATCHES:-1} mma_stage --quick 120 4 230 triton,lorau,mma ;;
+    b8)        # issue 16: the 7B at batch 8, bf16 against the Triton default and the tensor-core kernel (~4 min)
+               python3 bench/decode.py --skip layers --bits "${AB_BITS:-4}" --batches 8 --decode-kernels "${AB_KERNELS:-triton,mma}" \
+                 --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_b8.json" > "$OUT/decode_b8.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_b8.txt" ;;
     tinygemm)  # issue 16: PyTorch's int4 kernel (bench/tinygemm_peer.py) against ours and bf16, one layer (~2 min)
                python3 bench/tinygemm_probe.py --json "$OUT/tinygemm_probe.json" ${PROBE_ARGS:-} > "$OUT/tinygemm_probe.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; grep "^|" "$OUT/tinygemm_probe.txt" | grep -v "ikt\|^| shape\|^|---" | cut -c1-110 ;;
