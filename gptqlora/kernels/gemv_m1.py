@@ -263,7 +263,7 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     a_s, b_s, r, has_lora = lora_slots(lora_a, lora_b, x, bounds, n)
     upre = has_lora and os.environ.get(U_ENV, "0") == "1"
     if upre:  # u (1, r) fp32 in each A's place
-        a_s = u_slots(x, a_s, bounds, n)
+        a_s = u_slots(x, a_s, bounds, n, plan.locks)
     n1, n2 = bounds if bounds is not None else (n, n)
     per = 32 // bits
     cols = cfg.get("COLS", COLS)

@@ -316,7 +316,7 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place
         from gptqlora.kernels.lora_u import u_slots
 
-        a_s = u_slots(x, a_s, bounds, n)
+        a_s = u_slots(x, a_s, bounds, n, locks)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = k // cfg["KC"]
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out

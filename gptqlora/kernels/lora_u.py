@@ -5,8 +5,12 @@
 Why a kernel of its own: the tensor-core decode kernel (gemv_mma.cu) computed each split's share of u in every
 block, ~1,400 blocks a 4096x22016 layer, and the adapter took 26 of its 55 us there (session 17, H100). Computed
 once per call, the decode kernel only adds u Bᵀ in one split. Three cuBLAS calls and a stack would be four
-launches per sibling group; this is one: a program per (projection, rank), each reading its row of A once and x
-(L2-resident) in BK-wide tiles.
+launches per sibling group; this is one: a program per (projection, 512 rows of K), each reading its rows of
+every rank of A once and x (L2-resident), its (M, r) partial summed with the others' in a fixed order by the last
+program of its projection (kernels/split_k.py, as the decode kernels' splits). Session 18 (H100) measured the
+first version, a program per (projection, rank) walking all of K in series: 6.7 us at K = 4096, 16.7 at 11008,
+latency-bound, and with it the u-once paths lost (docs/benchmarks.md, session 18); split over K (a prototype
+with atomics): 2.8-3.0 us.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from gptqlora.kernels.split_k import _store_split
+
 
 @triton.jit
-def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, M, K, R, BM: tl.constexpr, BK: tl.constexpr):
+def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, K, R, C,
+                   BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
     p = tl.program_id(0)  # projection
-    r = tl.program_id(1)  # rank
+    c = tl.program_id(1)  # chunk of KC rows of K
     if p == 0:
         a_ptr = a0_ptr
     elif p == 1:
@@ -27,29 +34,44 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, M, K, R, BM: tl.constex
     else:
         a_ptr = a2_ptr
     offs_m = tl.arange(0, BM)
-    acc = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    offs_r = tl.arange(0, RP)
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(c * KC, c * KC + KC, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < K
         xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & mk[None, :],
                      other=0.0).to(tl.float32)  # (BM, BK)
-        a = tl.load(a_ptr + r * K + offs_k, mask=mk, other=0.0).to(tl.float32)  # (BK,)
-        acc += tl.sum(xt * a[None, :], axis=1)
-    tl.store(u_ptr + (p * M + offs_m) * R + r, acc, mask=offs_m < M)
+        a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mk[None, :],
+                    other=0.0).to(tl.float32)  # (RP, BK)
+        acc += tl.sum(xt[:, None, :] * a[None, :, :], axis=2)  # (BM, RP)
+    m2 = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    # the chunks meet as the decode kernel's splits do: partials, a counter per projection, the last sums in order
+    _store_split(acc, u_ptr + p * M * R, part_ptr + p * C * M * R, lock_ptr, p, c, offs_m, offs_r, m2, M, R, C,
+                 SPLIT_K=True, BM=BM, BN=RP)
 
 
-def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor]) -> torch.Tensor:
-    """x (M, K) contiguous, 1-3 A's (r, K) of one rank and dtype -> u (P, M, r) fp32."""
+def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor) -> torch.Tensor:
+    """x (M, K) contiguous, 1-3 A's (r, K) of one rank and dtype -> u (P, M, r) fp32. `locks`: int32 counters,
+    at least one per projection, zero between calls (a decode plan's split-K counters: this launch leaves them
+    as it found them, before the decode kernel that reads u)."""
     m, k = x.shape
     r = lora_a[0].shape[0]
     if not 1 <= len(lora_a) <= 3 or m > 16 or any(a.shape != (r, k) for a in lora_a):
         raise ValueError(f"lora_u: 1-3 A's of shape (r, {k}) and at most 16 rows of x, got "
                          f"{[tuple(a.shape) for a in lora_a]} and {m} rows")
+    if locks.numel() < len(lora_a) or locks.dtype != torch.int32:
+        raise ValueError(f"lora_u: {len(lora_a)} int32 counters needed, got {locks.numel()} {locks.dtype}")
     a = [t.contiguous() for t in lora_a]
     a += [a[-1]] * (3 - len(a))
+    bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
+    kc = 512  # rows a program: (P, K/512) programs, 24 at K = 4096 (session 18: one program per rank walking
+    #           all of K in series took 6.7 us at K = 4096 and 16.7 at 11008; split over K, 2.8-3.0)
+    bk = min(kc, max(16, 4096 // (bm * rp)))  # a (BM, RP, BK) product of <= 4096 values a step
+    chunks = triton.cdiv(k, kc)
     u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)
-    _lora_u_kernel[(len(lora_a), r)](x.contiguous(), a[0], a[1], a[2], u, m, k, r,
-                                     BM=max(2, triton.next_power_of_2(m)), BK=256, num_warps=4)
+    part = torch.empty(len(lora_a), chunks, m, r, dtype=torch.float32, device=x.device)
+    _lora_u_kernel[(len(lora_a), chunks)](x.contiguous(), a[0], a[1], a[2], u, part, locks, m, k, r, chunks,
+                                          BM=bm, RP=rp, BK=bk, KC=kc, num_warps=4)
     return u
 
 
@@ -58,11 +80,12 @@ def projections(bounds: tuple[int, int] | None, n: int) -> int:
     return 1 if bounds is None else 2 + (bounds[1] < n)
 
 
-def u_slots(x: torch.Tensor, a_slots: list[torch.Tensor], bounds: tuple[int, int] | None, n: int) -> list[torch.Tensor]:
+def u_slots(x: torch.Tensor, a_slots: list[torch.Tensor], bounds: tuple[int, int] | None, n: int,
+            locks: torch.Tensor) -> list[torch.Tensor]:
     """The decode kernels' three A slots (gemv_m1.lora_slots', padded with the last) with each projection's
     u = x Aᵀ, (M, r) fp32, in its A's place, padded alike."""
     count = projections(bounds, n)
-    u = lora_u(x, a_slots[:count])
+    u = lora_u(x, a_slots[:count], locks)
     return [u[min(p, count - 1)] for p in range(3)]
 
 

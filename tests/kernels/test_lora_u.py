@@ -1,5 +1,6 @@
 """kernels/lora_u.py (the adapter's u = x Aᵀ for up to three siblings in one launch) against torch, in Triton's
-interpreter on the CPU: 1-3 projections, M = 1..16, fp32 and bf16 A, K not a multiple of the tile."""
+interpreter on the CPU: 1-3 projections, M = 1..16, fp32 and bf16 A, K not a multiple of the tile or of a
+program's 512 rows; the chunks' counters end as they began."""
 
 import pytest
 import torch
@@ -8,12 +9,16 @@ from gptqlora.kernels.lora_u import lora_u, lora_u_reference
 
 
 @pytest.mark.parametrize("projections,m,k,r,dtype", [(1, 1, 512, 8, torch.float32), (3, 5, 700, 8, torch.float32),
-                                                      (2, 16, 256, 16, torch.bfloat16), (3, 8, 1100, 4, torch.bfloat16)])
+                                                      (2, 16, 256, 16, torch.bfloat16), (3, 8, 1100, 4, torch.bfloat16),
+                                                      (3, 1, 1536, 8, torch.float32), (2, 2, 1200, 6, torch.float32)])
 def test_u_equals_x_at_a_transposed(projections, m, k, r, dtype):
     g = torch.Generator().manual_seed(m * k + r)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     a = [torch.randn(r, k, generator=g).to(dtype) for _ in range(projections)]
-    u = lora_u(x, a)
+    locks = torch.zeros(5, dtype=torch.int32)
+    u = lora_u(x, a, locks)
+    assert not locks.any()  # ready for the next call and the decode kernel that shares them
+    assert torch.equal(lora_u(x, a, locks), u)  # the chunks summed in a fixed order: the same bits every call
     assert u.shape == (projections, m, r) and u.dtype == torch.float32
     want = lora_u_reference(x, a)
     assert torch.allclose(u, want, rtol=1e-4, atol=1e-4), (u - want).abs().max()
@@ -24,6 +29,8 @@ def test_u_equals_x_at_a_transposed(projections, m, k, r, dtype):
 def test_bad_shapes_get_one_clear_error():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="1-3 A's"):
-        lora_u(x, [torch.randn(4, 64)] * 4)
+        lora_u(x, [torch.randn(4, 64)] * 4, torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="1-3 A's"):
-        lora_u(x, [torch.randn(4, 32)])
+        lora_u(x, [torch.randn(4, 32)], torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32 counters"):
+        lora_u(x, [torch.randn(4, 64)] * 3, torch.zeros(2, dtype=torch.int32))
