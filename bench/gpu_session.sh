@@ -135,7 +135,7 @@ for r in rows:
                # timings against the Triton path and bf16; then, only if every check passed, the 7B at batch 1 and 8 (~8 min)
                mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
     mma-quick) # issue 16, session 17: the tensor-core kernel with the adapter's u computed once per call (kernels/lora_u.py):
-               # quick checks (~65 s), two 4-bit shapes timed with and without the adapter, the 7B at 4 bit (~7 min)
+               # quick checks (~65 s), the 4-bit shapes timed (two first, the rest as the budget allows) with and without the adapter, the 7B at 4 bit (~7 min)
                # and the Triton default with u once per call (lorau), batch 1 (AB_BATCHES=1,8 adds batch 8)
                AB_BATCHES=${AB_BATCHES:-1} mma_stage --quick 120 4 230 triton,lorau,mma ;;
     b8)        # issue 16: the 7B at batch 8, bf16 against the Triton default and the tensor-core kernel (~4 min)
