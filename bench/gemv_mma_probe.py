@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the checks and rows here")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new timings after this")
     ap.add_argument("--skip-timing", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="fewer checks; 4-bit timings only: 4096x4096 and gate|up first, then q|k|v and down_proj while --budget-s lasts")
+    ap.add_argument("--quick", action="store_true", help="fewer checks; 4-bit timings only: 4096x4096 and "
+                    "gate|up first, then q|k|v and down_proj while --budget-s lasts")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_mma_probe needs a CUDA GPU", file=sys.stderr)
