@@ -126,8 +126,8 @@ class QuantConfig:
                   "descent_passes"):
             d.pop(k)  # how the codes were found, not how to read them: meta, as GPTQModel does
         d.update(quant_method=self.method, checkpoint_format=self.format)
-        # GAR applies only without act-order (and GPTQModel refuses a config that says both)
-        # only what the method's solver used: SpQR takes neither GAR, the scale refit nor mse_select
+        # only what the method's solver used: SpQR takes neither GAR, the scale refit nor mse_select; GAR applies
+        # only without act-order (and GPTQModel refuses a config that says both)
         gptq_only = {"act_group_aware": self.act_group_aware and not self.desc_act, "mse_select": self.mse_select,
                      "refit_scales": self.refit_scales, "refit_rounds": self.refit_rounds}
         d["meta"] = {"quantizer": ["gptqlora:0.1.0"], "mse": self.mse,

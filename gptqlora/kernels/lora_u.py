@@ -64,8 +64,7 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor) -> 
     a = [t.contiguous() for t in lora_a]
     a += [a[-1]] * (3 - len(a))
     bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
-    kc = 512  # rows a program: (P, K/512) programs, 24 at K = 4096 (session 18: one program per rank walking
-    #           all of K in series took 6.7 us at K = 4096 and 16.7 at 11008; split over K, 2.8-3.0)
+    kc = 512  # rows a program: (P, K/512) programs, 24 for q|k|v at K = 4096 (why split: the module docstring)
     bk = min(kc, max(16, 4096 // (bm * rp)))  # a (BM, RP, BK) product of <= 4096 values a step
     chunks = triton.cdiv(k, kc)
     u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)

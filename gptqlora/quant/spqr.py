@@ -144,8 +144,8 @@ class SpQR(GPTQ):
             res = run(math.inf, 1)
         else:
             res = self._search(run, outlier_fraction)
-        for _ in range(descent_passes):
-            self._descend(res, W, Hd, bits, block_size)
+        if descent_passes:
+            self._descend(res, W, Hd, bits, block_size, descent_passes)
         return self._unpermute(res, perm)
 
     @staticmethod
@@ -232,14 +232,17 @@ class SpQR(GPTQ):
                           stat_bits=stat_bits)
 
     @staticmethod
-    def _descend(res: SpQRResult, W: torch.Tensor, Hd: torch.Tensor, bits: int, block_size: int) -> None:
-        """One coordinate-descent pass on `res` in the processing order (before `_unpermute`), in place: codes
-        [N, K], recon [N, K] and the outliers' residuals [N, K]; W [N, K] the target, Hd [K, K] damped."""
+    def _descend(res: SpQRResult, W: torch.Tensor, Hd: torch.Tensor, bits: int, block_size: int,
+                 passes: int) -> None:
+        """`passes` coordinate-descent passes on `res` in the processing order (before `_unpermute`), in place:
+        codes [N, K], recon [N, K] and the outliers' residuals [N, K]; W [N, K] the target, Hd [K, K] damped.
+        The statistics stay fixed, so they are decoded once for all passes."""
         S = decode_scales(res.scales_code, res.scales_step, res.scales_base).float()  # (G, N), as the pass decoded
         Z = decode_stats(res.zeros_code, res.zeros_step, res.zeros_base)  # (G, N) float zeros
-        resid = res.outlier_residual.float()  # (N, K), fp16 values
-        descend(W, Hd, res.recon, res.codes.t(), S, Z, res.g_idx.long(), 2**bits - 1, block_size,
-                free=res.outlier_mask, resid=resid)
+        resid = res.outlier_residual.float()  # (N, K), fp16 values: exact through the passes
+        codes, g = res.codes.t(), res.g_idx.long()  # (K, N) view: descend writes res.codes
+        for _ in range(passes):
+            descend(W, Hd, res.recon, codes, S, Z, g, 2**bits - 1, block_size, free=res.outlier_mask, resid=resid)
         res.outlier_residual = resid.half()
 
     @staticmethod

@@ -1,3 +1,5 @@
+# Run as it stands on session 18's warm H100, against kernels/lora_u.py as it was before commit 586fad0
+# (lora_u(x, A): a program per projection and rank). Today's lora_u is split over K and also takes `locks`.
 import torch, triton, triton.language as tl
 from gptqlora.kernels.lora_u import lora_u
 
