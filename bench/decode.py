@@ -172,14 +172,14 @@ def _generator(model, harness: str, ids: torch.Tensor, prompt: int, new: int):
 
     mask = torch.ones_like(ids)
     if harness == "same harness":
-        prepare_decode(model)
+        prepare_decode(model, ids.shape[0])
         dec = decoder_for(model, ids.shape[0], cache_length(model, prompt + new))
         return lambda n: dec.run(ids, mask, n, [], 0, sample=False)
     extra = {"disable_compile": True}
     if harness == "transformers compiled":
         from transformers import CompileConfig
 
-        prepare_decode(model)
+        prepare_decode(model, ids.shape[0])
         extra = {"cache_implementation": "static", "max_cache_len": cache_length(model, prompt + new),
                  "compile_config": CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")}
     return lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -278,7 +278,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau"):
+    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau", "default"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -289,13 +289,17 @@ def build(kind: str, shape: str, device):
 
 @contextlib.contextmanager
 def _decode_kernels(kind: str, alt_table: str | None):
-    """While a model of `kind` decodes: "-inplace" / "-split" send its one-token calls to kernels/gemv_m1.py /
+    """While a model of `kind` decodes: "-default" sets nothing (what gptqlora runs: from 2 rows the tensor-core
+    kernel, gemv_mma.wanted); every other GPTQ or SpQR kind pins the Triton kernels (GPTQLORA_GEMV_MMA=0) unless it
+    names another: "-inplace" / "-split" send its one-token calls to kernels/gemv_m1.py /
     gemv.py (GPTQLORA_GEMV_M1), "-mma" plans its layers for kernels/gemv_mma.py (GPTQLORA_GEMV_MMA=1), "-lorau"
     computes the adapter's u once per call (GPTQLORA_GEMV_LORA_U=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. Other kinds: nothing."""
     env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
         {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else \
         {gemv_m1.U_ENV: "1"} if kind.endswith("-lorau") else {}
+    if kind != "bf16" and not kind.endswith(("-mma", "-default")):
+        env.setdefault(gemv_mma.ENV, "0")  # the Triton kernels at every batch (unset, batches of 2+ take gemv_mma)
 
     def fresh():
         gemv.tuned_table.cache_clear()
@@ -401,7 +405,8 @@ def main() -> int:
                          "split-K kernel, the default before session 14), alt (triton with the configs of --alt-table), noact (triton on a "
                          "model without act-order: what x's permuted read costs), mma (the tensor-core CUDA kernel, "
                          "kernels/gemv_mma.py, for every call up to 16 tokens at 2/4 bit), lorau (triton with the "
-                         "adapter's u computed once per call, GPTQLORA_GEMV_LORA_U=1); default triton "
+                         "adapter's u computed once per call, GPTQLORA_GEMV_LORA_U=1), default (what gptqlora picks: "
+                         "triton at batch 1, mma from batch 2); all but mma and default pin the Triton kernels; default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

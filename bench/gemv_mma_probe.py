@@ -140,7 +140,7 @@ def checks(device, quick: bool = False) -> dict:
     return out
 
 
-def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
+def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = (1, 8)) -> list[dict]:
     rows = []
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     sms = G._sm_count(device)
@@ -159,7 +159,7 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
             mma = [G.plan_gemv(p[0], p[3], bits, gs, True, mma=True) for p in layers]
             dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16)
                      for _ in range(max(2, math.ceil(3 * l2 / (2 * k * n))))]
-            for m in (1, 8):
+            for m in ms:
                 g = torch.Generator(device=device).manual_seed(k + n + m)
                 x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
                 widths = [n] if bounds is None else [bounds[0], bounds[1] - bounds[0], n - bounds[1]]
@@ -182,7 +182,7 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 finally:
                     os.environ.pop(gemv_m1.U_ENV, None)
                 picked = gemv_mma.pick_config(m, k, n, bits, gs, sms, bounds)
-                grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"])
+                grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"], UPRE=picked["UPRE"])
                                    for w in (4, 8) for nt in (1, 2) for kc in (128 * (4 // bits), 256 * (4 // bits),
                                                                                 512 * (4 // bits))
                                    if nt * kc // gemv_mma.rows_per_load(bits) <= 8 and k % kc == 0
@@ -208,12 +208,15 @@ def timings(device, timer, deadline, quick: bool = False) -> list[dict]:
                 t_mma_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
                                                                  mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
                                                                  bare) for i in range(copies)]) / copies
-                old = dict(picked, UPRE=0)  # the adapter's share of u computed in every block (session 16's way)
-                t_mma_old = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
-                                                                mma[i].perm, mma[i].locks, a, b, 2.0, bounds, sms, old)
-                                              for i in range(copies)]) / copies
+                upre = {}  # picked's block with u once per call (1) and with each block's share of u (0, session 16's way)
+                for u in (0, 1):
+                    cfg_u = dict(picked, UPRE=u)
+                    upre[u] = picked_us if cfg_u == picked else timer.us(
+                        lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm,
+                                                   mma[i].locks, a, b, 2.0, bounds, sms, cfg_u) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
-                       "mma_adapter_in_blocks_us": round(t_mma_old, 2),
+                       "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
+                       "mma_u_once_us": round(upre[1], 2),
                        "mma_no_adapter_us": round(t_mma_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
@@ -234,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer checks; 4-bit timings only: 4096x4096 and "
                     "gate|up first, then q|k|v and down_proj while --budget-s lasts")
+    ap.add_argument("--ms", default="1,8", help="comma-separated rows of x to time (each at most 16)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_mma_probe needs a CUDA GPU", file=sys.stderr)
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     print("checks:", res["checks"]["passed"], "passed,", len(res["checks"]["failed"]), "failed",
           f"({time.time() - t0:.0f} s)", flush=True)
     if not a.skip_timing:
-        res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick)
+        res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick, tuple(int(m) for m in a.ms.split(",")))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0 if not res["checks"]["failed"] else 1

@@ -17,9 +17,12 @@ Prints a JSON record (failures, skipped sections, seconds per section), then one
    graph_decode's loop (`--decode compiled`: the step compiled, then captured in a CUDA graph) gives the
    tokens the eager torch reference path gives through transformers' generate; the step compiles with no
    graph break, is captured (greedy and sampled: one graph each), and a second call replaying the graph
-   from a new prefill gives the same tokens.
+   from a new prefill gives the same tokens. A row may part from the reference only where the reference's
+   top two logits tie (`near_ties`), and never in its first two tokens.
 4. spqr: SpQR's decode launch (the small-M kernel decoding 3-bit statistics, the CSR SpMV), with and without
    the fused adapter, at the three shapes against float64.
+5. generation-mma: section 3 in fp16 through the default route: batch 1 on the Triton kernels, batch 3 on
+   the tensor-core kernel (kernels/gemv_mma.py), every layer planned again in between.
 
 Why this is fast (the first version did not finish in 150 s): every distinct specialization of the kernel is
 a Triton compilation (~1-2 s each). M and the split count are runtime arguments of the kernel now, the case
@@ -215,6 +218,25 @@ def check_spqr(device, shapes) -> list[dict]:
     return rows
 
 
+TIE = 5e-3  # a greedy step whose reference top two logits lie within TIE x its largest |logit| is a tie
+
+
+def near_ties(ref: torch.Tensor, got: torch.Tensor, scores: torch.Tensor) -> list[dict]:
+    """Rows (B, T) of greedy tokens that part from the reference's: where and by what margin each first does,
+    "tie" when the kernel's token there scored within TIE of the reference's own (fp16 rounding may then pick
+    either; the tokens after a parting are not compared). A random 1-layer model's logits lie close together:
+    session 19's fp16 check parted at the 11th of 12 tokens in one row of three (reference 309, kernel 456)."""
+    out = []
+    for b in range(ref.shape[0]):
+        diff = (ref[b] != got[b]).nonzero()
+        if len(diff):
+            t = int(diff[0])
+            step = scores[b, t]
+            margin = float(step[ref[b, t]] - step[got[b, t]])
+            out.append({"row": b, "step": t, "margin": margin, "tie": margin <= TIE * float(step.abs().max())})
+    return out
+
+
 def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) -> dict:
     from torch._dynamo.utils import counters
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -239,7 +261,7 @@ def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) 
             mod.scales.copy_(q[2] / (k ** 0.5 * 0.01))
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_dropout=0.0, init_lora_weights="gaussian")).eval()
     cuda = device.type == "cuda"  # CUDA: the step compiled and captured in a CUDA graph; CPU: the same loop, eager
-    out, graphed, reused, sampled_ok = {}, True, True, True
+    out, graphed, reused, sampled_ok, ties = {}, True, True, True, []
     torch._dynamo.reset()
     counters.clear()
     for batch in (1, 3):
@@ -250,10 +272,11 @@ def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) 
         ids = ids.masked_fill(mask == 0, 0)
         os.environ["GPTQLORA_KERNEL"] = "torch"
         with torch.inference_mode():
-            ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                              eos_token_id=2, disable_compile=True)[:, 20:]
+            res = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              eos_token_id=2, disable_compile=True, output_scores=True, return_dict_in_generate=True)
+        ref, scores = res.sequences[:, 20:], torch.stack(res.scores, 1).float()  # (B, T), (B, T, V)
         os.environ["GPTQLORA_KERNEL"] = "triton"
-        prepare_decode(pm)
+        prepare_decode(pm, batch)  # what generate_ids does: the batch picks the kernel (gemv_mma.wanted)
         fused = sum(1 for m in pm.modules() if getattr(m, "_group_gemv", None))  # q|k|v, gate|up: one launch each
         dec = decoder_for(pm, batch, 64)
         with torch.inference_mode():
@@ -261,13 +284,16 @@ def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) 
             again = dec.run(ids, mask, 12, [2], 0, sample=False)  # the captured graph replayed from a new prefill
             drawn = dec.run(ids, mask, 12, [2], 0, sample=True, temperature=0.8, top_p=0.9)
         out["reference", batch], out["kernel", batch] = ref.tolist(), got[:, :ref.shape[1]].tolist()
+        ties += near_ties(ref, got[:, :ref.shape[1]], scores)
         graphed &= len(dec.graphs) == (2 if cuda else 0) and dec.use_graph == cuda
         reused &= torch.equal(again, got)
         sampled_ok &= drawn.shape == (batch, 12) and bool(((drawn >= 0) & (drawn < 512)).all())
     os.environ.pop("GPTQLORA_KERNEL")
-    same = all(out["kernel", b] == out["reference", b] for b in (1, 3))
+    # every row equal, or parting only where the reference's top two tied, and never in the first two tokens
+    same = all(t["tie"] and t["step"] >= 2 for t in ties)
     breaks = sum(counters["graph_break"].values())
     res = {"check": "generation", "reference": out["reference", 3], "kernel": out["kernel", 3], "same": same,
+           "parted_at_ties": ties,
            "graphed": graphed, "reused": reused, "sampled_ok": sampled_ok, "graph_breaks": breaks, "fused_groups": fused,
            "graph_break_reasons": {k[:300]: v for k, v in counters["graph_break"].items()},
            "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
@@ -278,8 +304,9 @@ def check_generation(device, hidden, inter, dtype: torch.dtype = torch.float32) 
 
 
 def check_generation_mma(device, hidden, inter) -> dict:
-    """check_generation with the layers planned for the tensor-core kernel (kernels/gemv_mma.py,
-    GPTQLORA_GEMV_MMA=1): every decode call through it, compiled and captured in the CUDA graph."""
+    """check_generation in fp16 with GPTQLORA_GEMV_MMA unset, the default route (gemv_mma.wanted): batch 1
+    through the Triton kernels, then batch 3 with every layer planned again for the tensor-core kernel
+    (kernels/gemv_mma.py) and every decode call through it, compiled and captured in the CUDA graph."""
     from gptqlora.kernels import gemv_mma
 
     if device.type != "cuda":
@@ -296,11 +323,12 @@ def check_generation_mma(device, hidden, inter) -> dict:
 
     kernel_fn, dense_fn = gemv_mma.gemv_mma, gemv._dense
     gemv_mma.gemv_mma, gemv._dense = counted(kernel_fn, "kernel"), counted(dense_fn, "dense")
-    os.environ[gemv_mma.ENV] = "1"
+    env = os.environ.pop(gemv_mma.ENV, None)
     try:  # fp16: the kernel takes 16-bit x only (an fp32 model would test the dense fallback alone, as session 16's did)
         res = check_generation(device, hidden, inter, torch.float16)
     finally:
-        os.environ.pop(gemv_mma.ENV, None)
+        if env is not None:
+            os.environ[gemv_mma.ENV] = env
         gemv_mma.gemv_mma, gemv._dense = kernel_fn, dense_fn
     return {**res, "check": "generation-mma", "calls": calls,
             "ok": res["ok"] and res["mma_layers"] == 7 and calls["kernel"] > 0 and calls["dense"] == 0}

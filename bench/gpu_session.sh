@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -134,6 +134,19 @@ for r in rows:
     mma)       # issue 16, session 15: the tensor-core CUDA decode kernel (kernels/gemv_mma.py): all its checks and per-layer
                # timings against the Triton path and bf16; then, only if every check passed, the 7B at batch 1 and 8 (~8 min)
                mma_stage "" 150 "4,2,spqr3,spqr3-mma" 240 ;;
+    auto)      # issue 16, session 19: batches of 2+ routed to the tensor-core kernel by default (gemv_mma.wanted): the
+               # probe's quick checks and its 4-bit shapes at M = 2, 4 (~2 min), the generation checks (Triton at batch 1, the
+               # default route at 3, ~70 s), the 7B at batch 2, 4, 8 pinned to Triton against the default (~3 min), SpQR via mma
+               python3 bench/gemv_mma_probe.py --quick --ms "${AUTO_MS:-2,4}" --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-130}" \
+                 > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-330
+               timeout "${CHECK_BUDGET:-100}" python3 bench/gpu_check_decode.py --skip kernel,graphs,spqr --jobs 1 \
+                 > "$OUT/check_gen.json" 2>> "$OUT/stderr.log"; tail -1 "$OUT/check_gen.json" | cut -c1-400
+               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-2,4,8}" --decode-kernels triton,default \
+                 --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_auto.json" \
+                 > "$OUT/decode_auto.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_auto.txt"
+               [ "${SPQR_MMA:-1}" = 1 ] && { python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches 1 --no-old-harness \
+                 --budget-s "${SPQR_BUDGET:-60}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -5 "$OUT/decode_spqr_mma.txt"; } ;;
     mma-quick) # issue 16, session 17: the tensor-core kernel with the adapter's u computed once per call (kernels/lora_u.py):
                # quick checks (~65 s), the 4-bit shapes timed (two first, the rest as the budget allows) with and without the adapter, the 7B at 4 bit (~7 min)
                # and the Triton default with u once per call (lorau), batch 1 (AB_BATCHES=1,8 adds batch 8)

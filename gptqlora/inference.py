@@ -75,13 +75,25 @@ def compiled_decode(model: Any, sampling: Sampling) -> bool:
     return sampling.decode == "compiled" or (sampling.decode == "auto" and cuda)
 
 
-def prepare_decode(model: Any) -> None:
+def prepare_decode(model: Any, batch: int | None = None) -> None:
     """Builds the small-M kernel plans of every quantized layer and sibling group: they must exist before the
-    decode step is compiled (under torch.compile a missing plan would send the step to the training kernels)."""
+    decode step is compiled (under torch.compile a missing plan would send the step to the training kernels).
+    `batch`: the rows decoded at a time. The largest batch a model was prepared for picks its GPTQ layers'
+    kernel (kernels/gemv_mma.py `wanted`: the tensor-core kernel from 2 rows, the Triton kernels while only
+    one was asked for); it only grows, so mixed batch sizes switch a model at most once (a switch plans every
+    layer again and drops the model's cached decoders: their CUDA graphs read the old plans)."""
+    from gptqlora.kernels import gemv_mma
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.sibling_gemv import group_plan
     from gptqlora.nn.spqr_linear import SpQRLinear
 
+    if batch is not None and _mma_fits(model):
+        layers = [m for m in model.modules() if type(m) is QuantLinear]
+        grown = [(m, max(batch, m.decode_batch or 0)) for m in layers]
+        if any(gemv_mma.wanted(m.decode_batch) != gemv_mma.wanted(b) for m, b in grown):
+            model.__dict__.pop("_gptqlora_decoders", None)  # graph_decode.decoder_for's cache
+        for m, b in grown:
+            m.decode_batch = b
     for mod in model.modules():
         if isinstance(mod, (QuantLinear, SpQRLinear)):
             mod.gemv_plan()
@@ -91,6 +103,17 @@ def prepare_decode(model: Any) -> None:
     for g in groups.values():  # q|k|v and gate|up decoded by one launch each (nn/sibling_gemv.py)
         if all(isinstance(m.base_layer, QuantLinear) for m in g.layers):
             group_plan([m.base_layer for m in g.layers])
+
+
+def _mma_fits(model: Any) -> bool:
+    """Whether gemv_mma can take this model's decode calls: 16-bit embeddings (the compute dtype) and adapters
+    of rank <= MAX_R; otherwise every call on a layer planned for it would go to its dense fallback."""
+    from gptqlora.kernels import gemv_mma
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ranks = [m.weight.shape[0] for name, m in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["lora_A"]]
+    return (emb is not None and emb.weight.dtype in (torch.float16, torch.bfloat16)
+            and all(r <= gemv_mma.MAX_R for r in ranks))
 
 
 def cache_length(model: Any, length: int) -> int:
@@ -136,7 +159,7 @@ def generate_ids(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tens
         stream = {"stopping_criteria": StoppingCriteriaList([_Stream()])} if on_token is not None else {}
         gen = model.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **stream, **kw)
         return gen[:, ids.shape[1]:]
-    prepare_decode(model)
+    prepare_decode(model, ids.shape[0])
     size = cache_length(model, length or ids.shape[1] + sampling.max_new_tokens)
     try:
         return decoder_for(model, ids.shape[0], size).run(

@@ -150,3 +150,43 @@ def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(monkeypatc
     for b in bases:
         assert b.gemv_qweight.dim() == 4 and b.gemv_qweight.shape[0] * 16 == b.out_features
         assert b.gemv_qweight.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()
+
+
+def test_batch_picks_the_decode_kernel_and_only_grows(monkeypatch):
+    """GPTQLORA_GEMV_MMA unset: prepare_decode's batch picks the GPTQ layers' kernel (gemv_mma.wanted): one row
+    plans the Triton kernels' copy, two or more the tensor-core kernel's (4-D), and a later batch of one keeps
+    it (no switching back and forth). A switch drops the model's cached decoders (their graphs read the old
+    plans); =0 / =1 pin the kernel; an fp32 model never switches (every call would take the dense fallback)."""
+    from gptqlora.kernels import gemv_mma
+    from gptqlora.nn.sibling_gemv import group_plan
+
+    monkeypatch.delenv(gemv_mma.ENV, raising=False)
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    assert [gemv_mma.wanted(b) for b in (None, 1, 2, 16)] == [False, False, True, True]
+    m = packed_tiny_llama(bits=4, group_size=32, layers=1, hidden=64, intermediate=128, seed=4)
+    pm = get_peft_model(m.to(torch.bfloat16), GPTQLoraConfig(r=8, lora_dropout=0.0)).eval()
+    bases = [mod for mod in pm.modules() if type(mod) is QuantLinear]
+    group = [b.base_layer for b in next(mod for mod in pm.modules()
+                                        if isinstance(mod, GPTQLoraLinear) and mod.siblings is not None).siblings.layers]
+
+    def planned() -> set:  # per layer: "mma" (fragment-ordered copy) or "triton"
+        return {"mma" if b.gemv_qweight is not None and b.gemv_qweight.dim() == 4 else "triton" for b in bases}
+
+    inference.prepare_decode(pm, 1)
+    assert planned() == {"triton"} and group_plan(group) is not None and group[0].group_qweight.dim() == 2
+    pm.__dict__["_gptqlora_decoders"] = {"cached": object()}  # stands for graph_decode's decoders
+    inference.prepare_decode(pm, 3)
+    assert planned() == {"mma"} and group[0].group_qweight.dim() == 4
+    assert "_gptqlora_decoders" not in pm.__dict__
+    pm.__dict__["_gptqlora_decoders"] = {"cached": object()}
+    inference.prepare_decode(pm, 1)
+    assert planned() == {"mma"} and "_gptqlora_decoders" in pm.__dict__  # grown: batch 1 keeps it
+    monkeypatch.setenv(gemv_mma.ENV, "0")
+    inference.prepare_decode(pm, 3)
+    assert planned() == {"triton"} and group[0].group_qweight.dim() == 2
+    monkeypatch.delenv(gemv_mma.ENV)
+    m32 = get_peft_model(packed_tiny_llama(bits=4, group_size=32, layers=1, hidden=64, intermediate=128, seed=4),
+                         GPTQLoraConfig(r=8, lora_dropout=0.0)).eval()
+    inference.prepare_decode(m32, 3)
+    assert all(b.decode_batch is None and (b.gemv_qweight is None or b.gemv_qweight.dim() == 2)
+               for b in m32.modules() if type(b) is QuantLinear)

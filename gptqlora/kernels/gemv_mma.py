@@ -45,7 +45,11 @@ import torch
 
 from gptqlora.formats.gptq import unpack_rows
 
-ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; unset or "0": the Triton kernels
+ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; "0": the Triton kernels; unset: `wanted`
+AUTO_MIN_BATCH = 2  # unset ENV: GPTQ layers decoding batches of this many rows or more take this kernel
+#   (session 19, H100, 7B 4 bit r=8: batch 8 1099 tokens/s against the Triton kernels' 837; batch 1 232 against 280)
+UPRE_MIN_AREA = 4096 * 4096  # u once per call above this K x N; at or below, each block's share (session 19, H100,
+#   4096x4096 r=8: 13.2 against 13.8 us at M = 1, 19.3 against 26.7 at M = 8; q|k|v, gate|up, down_proj the other way)
 SOURCE = Path(__file__).with_name("gemv_mma.cu")
 BITS = (2, 4)
 MAX_R = 64  # largest LoRA rank the kernel's shared u holds
@@ -54,8 +58,13 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
-def wanted() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+def wanted(batch: int | None = None) -> bool:
+    """Whether layers decoding `batch` rows at a time plan for this kernel: GPTQLORA_GEMV_MMA=1 always, =0
+    never; unset, where `batch` is known (inference.prepare_decode says it) and >= AUTO_MIN_BATCH."""
+    value = os.environ.get(ENV, "")
+    if value in ("0", "1"):
+        return value == "1"
+    return batch is not None and batch >= AUTO_MIN_BATCH
 
 
 def rows_per_load(bits: int) -> int:
@@ -177,7 +186,7 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
             if best is None or score > best[0]:
                 best = (score, kc)
         if best is not None:
-            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2)
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=int(k * n > UPRE_MIN_AREA))
     return None
 
 

@@ -35,7 +35,8 @@ class QuantLinear(nn.Module):
     CUDA and the torch reference elsewhere; the GPTQLORA_KERNEL environment variable overrides "auto".
     """
 
-    mma_decode = True  # decode through kernels/gemv_mma.py's copy where GPTQLORA_GEMV_MMA=1 and the layer fits
+    mma_decode = True  # decode through kernels/gemv_mma.py's copy where gemv_mma.wanted and the layer fits
+    decode_batch: int | None = None  # rows decoded at a time, as inference.prepare_decode was told (gemv_mma.wanted)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
@@ -99,7 +100,7 @@ class QuantLinear(nn.Module):
                 return None
             from gptqlora.kernels import gemv_mma
 
-            mma = self.mma_decode and gemv_mma.wanted()
+            mma = self.mma_decode and gemv_mma.wanted(self.decode_batch)
             key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
                    self.qweight.device, mma)
             if self._gemv_key != key:

@@ -31,7 +31,7 @@ def _key(bases: list[QuantLinear]) -> tuple:
     from gptqlora.kernels import gemv_mma
 
     return tuple((b.qweight.data_ptr(), b.qweight._version, b.g_idx.data_ptr(), b.g_idx._version, b.qweight.device)
-                 for b in bases) + (gemv_mma.wanted(),)  # the layers' plans follow GPTQLORA_GEMV_MMA: so does this
+                 for b in bases) + (gemv_mma.wanted(bases[0].decode_batch),)  # as the layers' plans: gemv_mma.wanted
 
 
 def group_plan(bases: list[QuantLinear]) -> tuple | None:

@@ -58,3 +58,18 @@ def test_spqr_section_fails_a_dropped_adapter(check, monkeypatch):
                         real(x, t, bits, sb, plan))
     rows = check.check_spqr(torch.device("cpu"), [(256, 128)])
     assert [r["ok"] for r in rows] == [False, False, True]  # the two adapter rows, not the plain one
+
+
+def test_generation_rows_may_part_only_at_a_tie(check):
+    """near_ties: equal rows report nothing; a parting is a tie only where the reference's own score for the
+    kernel's token lay within TIE of its pick, and the check refuses partings in the first two tokens."""
+    ref = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    scores = torch.zeros(2, 4, 10)
+    scores[:, :, 0] = 10.0  # the largest |logit|: TIE x 10 is the allowance
+    scores[0, 2, 7], scores[0, 2, 1] = 3.0, 3.0 - 0.5 * check.TIE * 10  # row 0, step 2: token 1 nearly tied with 7
+    scores[1, 2, 7], scores[1, 2, 1] = 3.0, 2.0  # row 1: a full logit apart
+    assert check.near_ties(ref, ref.clone(), scores) == []
+    got = ref.clone()
+    got[:, 2] = 1
+    ties = check.near_ties(ref, got, scores)
+    assert [(t["row"], t["step"], t["tie"]) for t in ties] == [(0, 2, True), (1, 2, False)]
