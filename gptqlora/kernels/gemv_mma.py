@@ -22,7 +22,11 @@ is a per-block latency chain, not the k-loop; the M-dependent parts of that chai
 measurement (unmeasured). Hence opt-in. Session 17 found the adapter's share to be 26 of the 55 us of a
 4096x22016 layer (29 us without it, faster than the Triton path with its adapter): each block computed its
 split's share of u = x Aᵀ before its k-steps. Since then u comes computed once per call (kernels/lora_u.py, one
-launch for all siblings) and only split 0 adds u Bᵀ (`UPRE`; unmeasured).
+launch for all siblings) and only split 0 adds u Bᵀ (`UPRE`, above `UPRE_MIN_AREA`).
+
+Session 19 (H100): with lora_u split over K, still ~15% slower than the Triton kernels at one row (the 7B
+1.42x bf16 against 1.71x), but 1.4-2.5x faster per layer from two rows on, and the 7B at batch 2 / 4 / 8
+1.96x / 1.62x / 1.30x the Triton kernels' tokens/s. Hence the default from two rows (`wanted`).
 
 No CUDA toolchain is needed where it runs: NVRTC (shipped with PyTorch's CUDA wheels) compiles the source at
 the first call of each configuration (well under a second), and the driver loads the PTX. Nothing here is
@@ -30,8 +34,8 @@ read off CUDA: the packed layout, `pack` and `emulate` (the kernel's arithmetic 
 of the layout against PTX's fragment tables) run anywhere.
 
 The copy is a non-persistent buffer like the act-order copy it replaces (same bytes as qweight; without
-act-order it is one more copy), made when `GPTQLORA_GEMV_MMA=1` and the layer fits (`eligible`); state_dict
-and checkpoints stay GPTQ's.
+act-order it is one more copy), made where `wanted` says so and the layer fits (`eligible`); state_dict and
+checkpoints stay GPTQ's.
 """
 
 from __future__ import annotations
