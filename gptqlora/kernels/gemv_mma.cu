@@ -14,8 +14,8 @@
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py, and only split 0 adds u Bᵀ: no share of
-// u per block), FZ (zeros are float (G, N) fp32,
-// else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K): split 0 adds Σ value * x[col] of its
+// u per block; UPRE 2: u Bᵀ added where a cell is stored, by the last split's sum, not before split 0's
+// k-steps), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K): split 0 adds Σ value * x[col] of its
 // columns).
 
 typedef unsigned int u32;
@@ -74,6 +74,14 @@ __device__ __forceinline__ float l2f(float v) { return v; }
 typedef u16 lora_t;
 __device__ __forceinline__ float l2f(u16 v) { return x2f(v); }
 #endif
+#endif
+
+#if HAS_LORA && UPRE == 2
+__device__ __forceinline__ float lora_cell(const float* U, const lora_t* B, int m, int row, int R) {
+    float v = 0.f;  // Σ_r u[m, r] B[row, r]: one cell's adapter term
+    for (int r = 0; r < R; ++r) v += U[m * R + r] * l2f(B[(size_t)row * R + r]);
+    return v;
+}
 #endif
 
 __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {  // (a & b) | c in one LOP3 (the compiler
@@ -261,7 +269,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
     __syncthreads();
 
-#if HAS_LORA
+#if HAS_LORA && UPRE != 2
     // the adapter's share of each cell of this lane (see 5.), before the k-steps: B's row of each of the lane's
     // columns read once, its loads in flight while the weights still arrive
     float lo[NT][NM][4];
@@ -357,8 +365,10 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
                 if (tile < ntiles && m < M) {
                     float v = tot[j][mm][c];
-#if HAS_LORA
+#if HAS_LORA && UPRE != 2
                     v += (float)lora_scale * lo[j][mm][c];
+#elif HAS_LORA
+                    if (split == 1) v += (float)lora_scale * lora_cell(U, B, m, n - noff, R);
 #endif
 #if OUTLIERS
                     if (blockIdx.y == 0) v += osum[m][n - col0];
@@ -390,6 +400,9 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int q = 0; q < 8; ++q) v += pv[q];
             }
             for (; p < split; ++p) v += ld_cg(part + ((size_t)p * M + m) * N + n);
+#if HAS_LORA && UPRE == 2
+            v += (float)lora_scale * lora_cell(U, B, m, n - noff, R);
+#endif
             out[(size_t)m * N + n] = f2x(v);
         }
     }

@@ -160,6 +160,8 @@ def _nvrtc_or_skip():
 @pytest.mark.parametrize("bits,x_dtype,perm,lora,nm,fz,outliers,upre", [
     (4, torch.bfloat16, True, torch.float32, 1, False, False, 1),
     (4, torch.bfloat16, True, torch.float32, 1, False, False, 0),  # the adapter's u per block (session 16's way)
+    (4, torch.bfloat16, True, torch.float32, 1, False, False, 2),  # u Bᵀ where the cells are stored
+    (2, torch.float16, True, torch.float16, 2, False, True, 2),
     (2, torch.float16, False, None, 2, False, False, 1),
     (4, torch.bfloat16, True, torch.bfloat16, 2, True, True, 1),  # SpQR's: float zeros, outliers, a bf16 adapter
 ])
