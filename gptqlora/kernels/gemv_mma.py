@@ -58,7 +58,9 @@ SOURCE = Path(__file__).with_name("gemv_mma.cu")
 BITS = (2, 4)
 MAX_R = 64  # largest LoRA rank the kernel's shared u holds
 UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ added by split 0 (a config's "UPRE": 0
-#           computes each split's share of u in every block instead, session 16's way: 26 of 55 us at 4096x22016)
+#           computes each split's share of u in every block instead, session 16's way: 26 of 55 us at 4096x22016;
+#           2 adds u Bᵀ where the cells are stored: session 19, 4096x22016, 33.5 against 39.4 us at M = 1, 54.3
+#           against 55.0 at M = 8; the other shapes not timed with it, so not the default yet)
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
