@@ -30,6 +30,7 @@ from gemv_sweep import GROUP, R, Timer, packed_layer  # noqa: E402
 
 from gptqlora.kernels import gemv as G  # noqa: E402
 from gptqlora.kernels import gemv_m1, gemv_mma  # noqa: E402
+from gptqlora.kernels.lora_u import lora_u  # noqa: E402
 
 SHAPES = ((4096, 4096, None), (4096, 12288, (4096, 8192)), (4096, 22016, (11008, 22016)), (11008, 4096, None))
 
@@ -220,7 +221,10 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                     upre_err[u] = rel(run_u(0), want)
                     upre[u] = math.inf if upre_err[u] >= 1e-2 else picked_us if cfg_u == picked else \
                         timer.us(lambda: [run_u(i) for i in range(copies)]) / copies
+                # u = x Aᵀ alone (session 19: the tensor-core kernel's adapter costs ~16 us at M = 8, 4096x22016)
+                t_u = timer.us(lambda: [lora_u(x, a, mma[i].locks) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
+                       "lora_u_us": round(t_u, 2),
                        "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
                        "mma_u_once_us": round(upre[1], 2), "mma_u_at_store_us": round(upre[2], 2),
                        "upre_err": [round(upre_err[u], 5) for u in (0, 1, 2)],

@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -147,6 +147,14 @@ for r in rows:
                [ "${SPQR_MMA:-1}" = 1 ] && { python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches 1 --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-60}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -5 "$OUT/decode_spqr_mma.txt"; } ;;
+    upre)      # issue 16, after session 19: the tensor-core kernel's adapter variants (UPRE 0/1/2) and lora_u alone at every 7B
+               # shape, M = 8 and 1 (~2.5 min); then the 7B at batch 8 through the default with --profile 8 (kernels by GPU time
+               # per token: is ~1.7 ms of the step outside the linears, as session 19 estimated?) (~2 min)
+               python3 bench/gemv_mma_probe.py --quick --ms 8,1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-150}" \
+                 > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-400
+               python3 bench/decode.py --skip layers --bits 4 --batches 8 --decode-kernels default --profile 8 --no-old-harness \
+                 --budget-s "${DECODE_BUDGET:-120}" --json "$OUT/decode_profile8.json" > "$OUT/decode_profile8.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -30 "$OUT/decode_profile8.txt" ;;
     mma-quick) # issue 16, session 17: the tensor-core kernel with the adapter's u computed once per call (kernels/lora_u.py):
                # quick checks (~65 s), the 4-bit shapes timed (two first, the rest as the budget allows) with and without the adapter, the 7B at 4 bit (~7 min)
                # and the Triton default with u once per call (lorau), batch 1 (AB_BATCHES=1,8 adds batch 8)

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                help="adapters to generate with, comma-separated; off = the base model (default: the first)")
     add_option(p, "raw", action="store_true", help="give prompts to the model as is, without a template")
     add_option(p, "batch_size", type=ranged(int, "batch_size", min=1), default=8,
-               help="prompts per batch (default 8)")
+               help="prompts per batch (default 8). On a GPU, batches of 2+ decode 2/4-bit GPTQ layers through the "
+                    "tensor-core kernel (GPTQLORA_GEMV_MMA=0 keeps the Triton kernels; README 'chat and generate: decoding')")
 
 
 def run(args: argparse.Namespace) -> int:
