@@ -92,6 +92,8 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
         grown = [(m, max(batch, m.decode_batch or 0)) for m in layers]
         if any(gemv_mma.wanted(m.decode_batch) != gemv_mma.wanted(b) for m, b in grown):
             model.__dict__.pop("_gptqlora_decoders", None)  # graph_decode.decoder_for's cache
+            logger.info("decoding %d rows at a time: the quantized layers are planned again for the %s kernel",
+                        batch, "tensor-core" if gemv_mma.wanted(batch) else "Triton")
         for m, b in grown:
             m.decode_batch = b
     for mod in model.modules():
