@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--spqr-bits", type=int, default=3)
     p.add_argument("--spqr-group", type=int, default=16, help="SpQR first-level group size")
     p.add_argument("--stat-group", type=int, default=16, help="SpQR second-level (statistics) group size")
-    p.add_argument("--outlier-fraction", type=float, default=0.01, help="SpQR: 0.01 -> 3.945 bits per weight")
+    p.add_argument("--outlier-fraction", type=float, default=0.01,
+                   help="SpQR: 0.01 -> 3.945 bits per weight; 0: no outliers (--outlier-threshold inf)")
     p.add_argument("--calibration-seed", type=int, default=0, help="seed picking both quantizations' samples")
     p.add_argument("--gptq-descent-passes", type=int, default=None,
                    help="GPTQ's --descent-passes (default: the package's default)")
@@ -85,8 +86,9 @@ def main(argv=None) -> int:
     runs = {
         "gptq": ["--bits", str(args.gptq_bits), "--group-size", str(args.gptq_group), "--desc-act"],
         "spqr": ["--method", "spqr", "--bits", str(args.spqr_bits), "--group-size", str(args.spqr_group),
-                 "--stat-bits", "3", "--stat-group-size", str(args.stat_group), "--desc-act", "--outlier-fraction",
-                 str(args.outlier_fraction)],
+                 "--stat-bits", "3", "--stat-group-size", str(args.stat_group), "--desc-act",
+                 *(["--outlier-fraction", str(args.outlier_fraction)] if args.outlier_fraction
+                   else ["--outlier-threshold", "inf"])],
     }
     for name, passes in (("gptq", args.gptq_descent_passes), ("spqr", args.spqr_descent_passes)):
         if passes is not None:
