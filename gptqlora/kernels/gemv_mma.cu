@@ -15,8 +15,8 @@
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py, and only split 0 adds u Bᵀ: no share of
 // u per block; UPRE 2: u Bᵀ added where a cell is stored, by the last split's sum, not before split 0's
-// k-steps), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K): split 0 adds Σ value * x[col] of its
-// columns).
+// k-steps), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
+// split 0 adds Σ value * x[col] of its columns).
 
 typedef unsigned int u32;
 typedef unsigned short u16;

@@ -36,7 +36,7 @@ class QuantLinear(nn.Module):
     """
 
     mma_decode = True  # decode through kernels/gemv_mma.py's copy where gemv_mma.wanted and the layer fits
-    decode_batch: int | None = None  # rows decoded at a time, as inference.prepare_decode was told (gemv_mma.wanted)
+    decode_batch: int | None = None  # the most rows decoded at a time that inference.prepare_decode was told of
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
