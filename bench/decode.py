@@ -57,6 +57,7 @@ gemv_sweep = _bench_module("gemv_sweep")  # its random packed layers and group s
 GROUP, packed_layer = gemv_sweep.GROUP, gemv_sweep.packed_layer
 spqr_layer = _bench_module("spqr").spqr_layer  # bench/spqr.py's SpQR layer (g16, 3-bit stats g16, 1% outliers)
 
+from gptqlora.graph_decode import DECODERS  # noqa: E402
 from gptqlora.kernels import gemv, gemv_m1, gemv_mma  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
 
@@ -294,7 +295,7 @@ def _decode_kernels(kind: str, alt_table: str | None):
     names another: "-inplace" / "-split" send its one-token calls to kernels/gemv_m1.py /
     gemv.py (GPTQLORA_GEMV_M1), "-mma" plans its layers for kernels/gemv_mma.py (GPTQLORA_GEMV_MMA=1), "-lorau"
     computes the adapter's u once per call (GPTQLORA_GEMV_LORA_U=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
-    the configs picked so far (cached per shape) are dropped on the way in and out. Other kinds: nothing."""
+    the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
         {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else \
         {gemv_m1.U_ENV: "1"} if kind.endswith("-lorau") else {}
@@ -349,7 +350,7 @@ def generation_rows(device, timer, shape, bits_list, batches, prompt, new, copy,
                                 "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
                     if harness == "same harness":  # whether graph_decode captured its step (else it ran uncaptured)
                         compiled["cuda_graph"] = any(d.use_graph and bool(d.graphs)
-                                                     for d in model.__dict__.get("_gptqlora_decoders", {}).values())
+                                                     for d in model.__dict__.get(DECODERS, {}).values())
                     step_gbps = wb * tps / batch / 1e9
                     ok = math.isfinite(tps)  # nan: the two timings too close to tell apart (CPU smoke runs)
                     rows.append({"model": label, "avg_bits": avg_bits, "harness": harness, "batch": batch,

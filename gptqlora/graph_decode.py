@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 16  # without streaming, the finished flags are read (one host sync) every this many tokens
 MAX_DECODERS = 2  # (batch, cache length) pairs kept per model, each with its KV cache and graphs
+DECODERS = "_gptqlora_decoders"  # the model's __dict__ entry holding them (decoder_for)
 EOS_SLOTS = 4  # end-of-sequence ids a graph compares against (unused slots hold -1)
 
 
@@ -202,6 +203,12 @@ class Decoder:
         return self.out[:, :made].clone()
 
 
+def forget_decoders(model: Any) -> None:
+    """Drops the model's cached decoders (their KV caches and CUDA graphs), e.g. when the layers' decode plans,
+    whose buffers the graphs read, are built again."""
+    model.__dict__.pop(DECODERS, None)
+
+
 def decoder_for(model: Any, batch: int, length: int, compile: bool | None = None,
                 graph: bool | None = None) -> Decoder:
     """The model's Decoder for this batch size and cache length, made on first use; at most MAX_DECODERS
@@ -210,7 +217,7 @@ def decoder_for(model: Any, batch: int, length: int, compile: bool | None = None
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     compile, graph = cuda if compile is None else compile, cuda if graph is None else graph
-    decoders: OrderedDict = model.__dict__.setdefault("_gptqlora_decoders", OrderedDict())
+    decoders: OrderedDict = model.__dict__.setdefault(DECODERS, OrderedDict())
     key = (batch, length, compile, graph)
     if key in decoders:
         decoders.move_to_end(key)

@@ -82,6 +82,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
     kernel (kernels/gemv_mma.py `wanted`: the tensor-core kernel from 2 rows, the Triton kernels while only
     one was asked for); it only grows, so mixed batch sizes switch a model at most once (a switch plans every
     layer again and drops the model's cached decoders: their CUDA graphs read the old plans)."""
+    from gptqlora.graph_decode import forget_decoders
     from gptqlora.kernels import gemv_mma
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.sibling_gemv import group_plan
@@ -91,7 +92,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
         layers = [m for m in model.modules() if type(m) is QuantLinear]
         grown = [(m, max(batch, m.decode_batch or 0)) for m in layers]
         if any(gemv_mma.wanted(m.decode_batch) != gemv_mma.wanted(b) for m, b in grown):
-            model.__dict__.pop("_gptqlora_decoders", None)  # graph_decode.decoder_for's cache
+            forget_decoders(model)
             logger.info("decoding %d rows at a time: the quantized layers are planned again for the %s kernel",
                         batch, "tensor-core" if gemv_mma.wanted(batch) else "Triton")
         for m, b in grown:

@@ -157,6 +157,7 @@ def test_batch_picks_the_decode_kernel_and_only_grows(monkeypatch):
     plans the Triton kernels' copy, two or more the tensor-core kernel's (4-D), and a later batch of one keeps
     it (no switching back and forth). A switch drops the model's cached decoders (their graphs read the old
     plans); =0 / =1 pin the kernel; an fp32 model never switches (every call would take the dense fallback)."""
+    from gptqlora.graph_decode import DECODERS
     from gptqlora.kernels import gemv_mma
     from gptqlora.nn.sibling_gemv import group_plan
 
@@ -174,13 +175,13 @@ def test_batch_picks_the_decode_kernel_and_only_grows(monkeypatch):
 
     inference.prepare_decode(pm, 1)
     assert planned() == {"triton"} and group_plan(group) is not None and group[0].group_qweight.dim() == 2
-    pm.__dict__["_gptqlora_decoders"] = {"cached": object()}  # stands for graph_decode's decoders
+    pm.__dict__[DECODERS] = {"cached": object()}  # stands for graph_decode's decoders
     inference.prepare_decode(pm, 3)
     assert planned() == {"mma"} and group[0].group_qweight.dim() == 4
-    assert "_gptqlora_decoders" not in pm.__dict__
-    pm.__dict__["_gptqlora_decoders"] = {"cached": object()}
+    assert DECODERS not in pm.__dict__
+    pm.__dict__[DECODERS] = {"cached": object()}
     inference.prepare_decode(pm, 1)
-    assert planned() == {"mma"} and "_gptqlora_decoders" in pm.__dict__  # grown: batch 1 keeps it
+    assert planned() == {"mma"} and DECODERS in pm.__dict__  # grown: batch 1 keeps it
     monkeypatch.setenv(gemv_mma.ENV, "0")
     inference.prepare_decode(pm, 3)
     assert planned() == {"triton"} and group[0].group_qweight.dim() == 2
