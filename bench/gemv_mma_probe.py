@@ -209,10 +209,10 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                 t_mma_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
                                                                  mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
                                                                  bare) for i in range(copies)]) / copies
-                # picked's block with each block's share of u (0, session 16's way), u once per call added before split
-                # 0's k-steps (1), and u once added where the cells are stored (2: the last split's sum); a wrong result: inf
+                # picked's block with each block's share of u (0, session 16's way) and u once per call, u Bᵀ added where
+                # the cells are stored (1: the last split's sum); a wrong result: inf
                 upre, upre_err = {}, {}
-                for u in (0, 1, 2):
+                for u in (0, 1):
                     cfg_u = dict(picked, UPRE=u)
 
                     def run_u(i, cfg_u=cfg_u):
@@ -226,8 +226,8 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
                        "lora_u_us": round(t_u, 2),
                        "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
-                       "mma_u_once_us": round(upre[1], 2), "mma_u_at_store_us": round(upre[2], 2),
-                       "upre_err": [round(upre_err[u], 5) for u in (0, 1, 2)],
+                       "mma_u_once_us": round(upre[1], 2),
+                       "upre_err": [round(upre_err[u], 5) for u in (0, 1)],
                        "mma_no_adapter_us": round(t_mma_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],

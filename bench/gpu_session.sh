@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -147,6 +147,12 @@ for r in rows:
                [ "${SPQR_MMA:-1}" = 1 ] && { python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches 1 --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-60}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -5 "$OUT/decode_spqr_mma.txt"; } ;;
+    loru)      # issue 16, session 20: the quick tensor-core checks (u Bᵀ added at the store now the only u-once way, ~30 s),
+               # then kernels/lora_u.py's variants against each other and cuBLAS, M = 1..16, per 7B sibling group (~2.5 min)
+               python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma.json" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
+               grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
+               python3 bench/lora_u_probe.py --json "$OUT/lora_u.json" --budget-s "${PROBE_BUDGET:-150}" > "$OUT/lora_u.txt" \
+                 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cut -c1-330 "$OUT/lora_u.txt" ;;
     upre)      # issue 16, after session 19: the tensor-core kernel's adapter variants (UPRE 0/1/2) and lora_u alone at every 7B
                # shape, M = 8 and 1 (~2.5 min); then the 7B at batch 8 through the default with --profile 8 (kernels by GPU time
                # per token: is ~1.7 ms of the step outside the linears, as session 19 estimated?) (~2 min)

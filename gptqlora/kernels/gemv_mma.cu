@@ -13,9 +13,8 @@
 // Defines (gemv_mma.py): BITS, XF16 (x fp16, else bf16), SF16 (scales fp16, else bf16), NM (8-token mma
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
-// computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py, and only split 0 adds u Bᵀ: no share of
-// u per block; UPRE 2: u Bᵀ added where a cell is stored, by the last split's sum, not before split 0's
-// k-steps), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
+// computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py: no share of u per block, and u Bᵀ is
+// added where a cell is stored, by the last split's sum), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
 // split 0 adds Σ value * x[col] of its columns).
 
 typedef unsigned int u32;
@@ -76,7 +75,7 @@ __device__ __forceinline__ float l2f(u16 v) { return x2f(v); }
 #endif
 #endif
 
-#if HAS_LORA && UPRE == 2
+#if HAS_LORA && UPRE
 __device__ __forceinline__ float lora_cell(const float* U, const lora_t* B, int m, int row, int R) {
     float v = 0.f;  // Σ_r u[m, r] B[row, r]: one cell's adapter term
     for (int r = 0; r < R; ++r) v += U[m * R + r] * l2f(B[(size_t)row * R + r]);
@@ -211,7 +210,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
     const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
 #if UPRE
-    const float* U = (const float*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));  // (M, r): all of K, split 0 adds it
+    const float* U = (const float*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));  // (M, r): all of K, added where cells are stored
 #else
     const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
     for (int r = warp; r < R; r += WARPS) {  // a warp per rank, every token at once: A's row read once
@@ -269,7 +268,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
     __syncthreads();
 
-#if HAS_LORA && UPRE != 2
+#if HAS_LORA && !UPRE
     // the adapter's share of each cell of this lane (see 5.), before the k-steps: B's row of each of the lane's
     // columns read once, its loads in flight while the weights still arrive
     float lo[NT][NM][4];
@@ -281,25 +280,15 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             float d[NM][2];
 #pragma unroll
             for (int mm = 0; mm < NM; ++mm) d[mm][0] = d[mm][1] = 0.f;
-#if UPRE
-            if (tile < ntiles && blockIdx.y == 0) {  // u covers all of K: one split adds it
-#else
             if (tile < ntiles) {
-#endif
                 const lora_t* brow = B + (size_t)(tile * 16 + g + 8 * h - noff) * R;
 #pragma unroll 8
                 for (int r = 0; r < R; ++r) {
                     const float bv = l2f(brow[r]);
 #pragma unroll
-                    for (int mm = 0; mm < NM; ++mm) {  // rows m >= M: garbage (us) or 0 (U), their cells never written
-#if UPRE
-                        const int m0 = mm * 8 + 2 * t;
-                        d[mm][0] += (m0 < M ? U[m0 * R + r] : 0.f) * bv;
-                        d[mm][1] += (m0 + 1 < M ? U[(m0 + 1) * R + r] : 0.f) * bv;
-#else
+                    for (int mm = 0; mm < NM; ++mm) {  // rows m >= M: garbage, their cells never written
                         d[mm][0] += us[mm * 8 + 2 * t][r] * bv;
                         d[mm][1] += us[mm * 8 + 2 * t + 1][r] * bv;
-#endif
                     }
                 }
             }
@@ -365,7 +354,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 const int n = tile * 16 + g + 8 * (c >> 1), m = mm * 8 + 2 * t + (c & 1);
                 if (tile < ntiles && m < M) {
                     float v = tot[j][mm][c];
-#if HAS_LORA && UPRE != 2
+#if HAS_LORA && !UPRE
                     v += (float)lora_scale * lo[j][mm][c];
 #elif HAS_LORA
                     if (split == 1) v += (float)lora_scale * lora_cell(U, B, m, n - noff, R);
@@ -400,7 +389,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int q = 0; q < 8; ++q) v += pv[q];
             }
             for (; p < split; ++p) v += ld_cg(part + ((size_t)p * M + m) * N + n);
-#if HAS_LORA && UPRE == 2
+#if HAS_LORA && UPRE
             v += (float)lora_scale * lora_cell(U, B, m, n - noff, R);
 #endif
             out[(size_t)m * N + n] = f2x(v);

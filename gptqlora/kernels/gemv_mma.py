@@ -22,7 +22,7 @@ is a per-block latency chain, not the k-loop; the M-dependent parts of that chai
 measurement (unmeasured). Hence opt-in. Session 17 found the adapter's share to be 26 of the 55 us of a
 4096x22016 layer (29 us without it, faster than the Triton path with its adapter): each block computed its
 split's share of u = x Aᵀ before its k-steps. Since then u comes computed once per call (kernels/lora_u.py, one
-launch for all siblings) and only split 0 adds u Bᵀ (`UPRE`, above `UPRE_MIN_AREA`).
+launch for all siblings) and u Bᵀ is added where the cells are stored (`UPRE`, above `UPRE_MIN_AREA`).
 
 Session 19 (H100): with lora_u split over K, still ~15% slower than the Triton kernels at one row (the 7B
 1.42x bf16 against 1.71x), but 1.4-2.5x faster per layer from two rows on, and the 7B at batch 2 / 4 / 8
@@ -57,10 +57,10 @@ UPRE_MIN_AREA = 4096 * 4096  # u once per call above this K x N; at or below, ea
 SOURCE = Path(__file__).with_name("gemv_mma.cu")
 BITS = (2, 4)
 MAX_R = 64  # largest LoRA rank the kernel's shared u holds
-UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ added by split 0 (a config's "UPRE": 0
-#           computes each split's share of u in every block instead, session 16's way: 26 of 55 us at 4096x22016;
-#           2 adds u Bᵀ where the cells are stored: session 19, 4096x22016, 33.5 against 39.4 us at M = 1, 54.3
-#           against 55.0 at M = 8; the other shapes not timed with it, so not the default yet)
+UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ added where the cells are stored (the
+#           last split's sum). A config's "UPRE": 0 computes each split's share of u in every block instead, session
+#           16's way (26 of 55 us at 4096x22016). Session 20 (H100) dropped session 17's u Bᵀ added before split 0's
+#           k-steps: at M = 1 storing it was 2.3-5.6 us faster at the three shapes above 4096x4096, at M = 8 within 1 us
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
@@ -192,7 +192,7 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
             if best is None or score > best[0]:
                 best = (score, kc)
         if best is not None:
-            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=int(k * n > UPRE_MIN_AREA))
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
     return None
 
 

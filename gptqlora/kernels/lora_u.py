@@ -15,6 +15,8 @@ with atomics): 2.8-3.0 us.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +25,18 @@ from gptqlora.kernels.split_k import _store_split
 
 
 @triton.jit
+def _dot_t(x, a, acc, F32_DOT: tl.constexpr):
+    """acc + x (BM, BK) @ a (RP, BK)ᵀ on tensor cores, both 16-bit; in fp32 under Triton's interpreter, which gets
+    bf16 dots wrong (the same exact products)."""
+    if F32_DOT:
+        return tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(a), acc)
+
+
+@triton.jit
 def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, K, R, C,
-                   BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+                   BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, MODE: tl.constexpr,
+                   F32_DOT: tl.constexpr):
     p = tl.program_id(0)  # projection
     c = tl.program_id(1)  # chunk of KC rows of K
     if p == 0:
@@ -35,22 +47,38 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, 
         a_ptr = a2_ptr
     offs_m = tl.arange(0, BM)
     offs_r = tl.arange(0, RP)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    if MODE == 0:  # (BM, RP) reduced over each BK step
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
+    elif MODE == 1:  # products summed elementwise, one reduction at the end
+        acc3 = tl.zeros((BM, RP, BK), dtype=tl.float32)
+    else:  # tensor cores: (BM, BK) @ (BK, RP), BM and RP >= 16
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
     for k0 in range(c * KC, c * KC + KC, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < K
         xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & mk[None, :],
-                     other=0.0).to(tl.float32)  # (BM, BK)
+                     other=0.0)  # (BM, BK)
         a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mk[None, :],
-                    other=0.0).to(tl.float32)  # (RP, BK)
-        acc += tl.sum(xt[:, None, :] * a[None, :, :], axis=2)  # (BM, RP)
+                    other=0.0)  # (RP, BK)
+        if MODE == 0:
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :], axis=2)  # (BM, RP)
+        elif MODE == 1:
+            acc3 += xt.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :]
+        else:
+            hi = a.to(xt.dtype)
+            acc = _dot_t(xt, hi, acc, F32_DOT)
+            if a.dtype == tl.float32:  # A = hi + lo, both 16-bit, x exact in 16 bits: u to ~2^-16 of fp32's
+                acc = _dot_t(xt, (a - hi.to(tl.float32)).to(xt.dtype), acc, F32_DOT)
+    if MODE == 1:
+        acc = tl.sum(acc3, axis=2)
     m2 = (offs_m[:, None] < M) & (offs_r[None, :] < R)
     # the chunks meet as the decode kernel's splits do: partials, a counter per projection, the last sums in order
     _store_split(acc, u_ptr + p * M * R, part_ptr + p * C * M * R, lock_ptr, p, c, offs_m, offs_r, m2, M, R, C,
                  SPLIT_K=True, BM=BM, BN=RP)
 
 
-def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor) -> torch.Tensor:
+def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mode: int = 0, kc: int = 512,
+           bk: int | None = None, warps: int = 4) -> torch.Tensor:
     """x (M, K) contiguous, 1-3 A's (r, K) of one rank and dtype -> u (P, M, r) fp32. `locks`: int32 counters,
     at least one per projection, zero between calls (a decode plan's split-K counters: this launch leaves them
     as it found them, before the decode kernel that reads u)."""
@@ -64,13 +92,16 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor) -> 
     a = [t.contiguous() for t in lora_a]
     a += [a[-1]] * (3 - len(a))
     bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
-    kc = 512  # rows a program: (P, K/512) programs, 24 for q|k|v at K = 4096 (why split: the module docstring)
-    bk = min(kc, max(16, 4096 // (bm * rp)))  # a (BM, RP, BK) product of <= 4096 values a step
+    if mode == 2:
+        bm, rp = max(16, bm), max(16, rp)
+    if bk is None:
+        bk = min(kc, max(16, 4096 // (bm * rp))) if mode != 2 else min(kc, 128)
     chunks = triton.cdiv(k, kc)
     u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)
     part = torch.empty(len(lora_a), chunks, m, r, dtype=torch.float32, device=x.device)
     _lora_u_kernel[(len(lora_a), chunks)](x.contiguous(), a[0], a[1], a[2], u, part, locks, m, k, r, chunks,
-                                          BM=bm, RP=rp, BK=bk, KC=kc, num_warps=4)
+                                          BM=bm, RP=rp, BK=bk, KC=kc, MODE=mode,
+                                          F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
     return u
 
 
