@@ -141,7 +141,7 @@ for r in rows:
                  > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12; grep '"m": ' "$OUT/mma.txt" | cut -c1-330
                timeout "${CHECK_BUDGET:-100}" python3 bench/gpu_check_decode.py --skip kernel,graphs,spqr --jobs 1 \
                  > "$OUT/check_gen.json" 2>> "$OUT/stderr.log"; tail -1 "$OUT/check_gen.json" | cut -c1-400
-               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-2,4,8}" --decode-kernels triton,default \
+               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-2,4,8}" --decode-kernels "${AUTO_KERNELS:-triton,default}" \
                  --no-old-harness --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_auto.json" \
                  > "$OUT/decode_auto.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; tail -12 "$OUT/decode_auto.txt"
                [ "${SPQR_MMA:-1}" = 1 ] && { python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches 1 --no-old-harness \

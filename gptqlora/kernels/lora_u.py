@@ -77,11 +77,25 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, 
                  SPLIT_K=True, BM=BM, BN=RP)
 
 
-def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mode: int = 0, kc: int = 512,
-           bk: int | None = None, warps: int = 4) -> torch.Tensor:
+MODE_ENV = "GPTQLORA_LORA_U_MODE"  # "0": session 19's variant (mode 0, 512 rows a program) for A/B runs; unset: `pick`
+
+
+def pick(m: int) -> dict:
+    """The variant for M rows (session 20, H100, r=8, the 7B's sibling groups, A fp32 and bf16, us):
+    elementwise accumulation (mode 1) up to M = 8, e.g. 4.7 against session 19's 11.3 at q|k|v M = 8 (fp32
+    A), within 0.1 us of the best at M = 1 and 2; tensor cores above (mode 2: 5.6 against 16.9 at M = 16).
+    256 rows a program: best or within 0.3 us at every M. cuBLAS, one call a projection: 6.4-21 us."""
+    if os.environ.get(MODE_ENV) == "0":
+        return dict(mode=0, kc=512, warps=4)
+    return dict(mode=1 if m <= 8 else 2, kc=256, warps=4)
+
+
+def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mode: int | None = None,
+           kc: int | None = None, bk: int | None = None, warps: int | None = None) -> torch.Tensor:
     """x (M, K) contiguous, 1-3 A's (r, K) of one rank and dtype -> u (P, M, r) fp32. `locks`: int32 counters,
     at least one per projection, zero between calls (a decode plan's split-K counters: this launch leaves them
-    as it found them, before the decode kernel that reads u)."""
+    as it found them, before the decode kernel that reads u). mode / kc (rows a program) / bk (rows a step) /
+    warps: `pick`'s unless given (bench/lora_u_probe.py sweeps them)."""
     m, k = x.shape
     r = lora_a[0].shape[0]
     if not 1 <= len(lora_a) <= 3 or m > 16 or any(a.shape != (r, k) for a in lora_a):
@@ -91,6 +105,10 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mod
         raise ValueError(f"lora_u: {len(lora_a)} int32 counters needed, got {locks.numel()} {locks.dtype}")
     a = [t.contiguous() for t in lora_a]
     a += [a[-1]] * (3 - len(a))
+    picked = pick(m)
+    mode = picked["mode"] if mode is None else mode
+    kc = picked["kc"] if kc is None else kc
+    warps = picked["warps"] if warps is None else warps
     bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
     if mode == 2:
         bm, rp = max(16, bm), max(16, rp)

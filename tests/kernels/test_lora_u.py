@@ -39,3 +39,14 @@ def test_bad_shapes_get_one_clear_error():
         lora_u(x, [torch.randn(4, 32)], torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="int32 counters"):
         lora_u(x, [torch.randn(4, 64)] * 3, torch.zeros(2, dtype=torch.int32))
+
+
+def test_pick_follows_the_measured_variants(monkeypatch):
+    """Elementwise accumulation up to 8 rows, tensor cores above (session 20's probe); GPTQLORA_LORA_U_MODE=0 gives
+    session 19's variant back for A/B runs."""
+    from gptqlora.kernels import lora_u as L
+
+    monkeypatch.delenv(L.MODE_ENV, raising=False)
+    assert [L.pick(m)["mode"] for m in (1, 8, 9, 16)] == [1, 1, 2, 2]
+    monkeypatch.setenv(L.MODE_ENV, "0")
+    assert L.pick(8) == dict(mode=0, kc=512, warps=4)
