@@ -11,6 +11,11 @@ program of its projection (kernels/split_k.py, as the decode kernels' splits). S
 first version, a program per (projection, rank) walking all of K in series: 6.7 us at K = 4096, 16.7 at 11008,
 latency-bound, and with it the u-once paths lost (docs/benchmarks.md, session 18); split over K (a prototype
 with atomics): 2.8-3.0 us.
+
+Inside a program (`MODE`, `pick`): session 19's version reduced its (M, r) tile across threads at every step
+(mode 0), so its time grew with M: 11.3 us at M = 8 against 3.4 at M = 1, 18.5% of the 7B's batch-8 step
+(session 20 profile). Mode 1 sums the products elementwise and reduces once (4.7 us at M = 8); mode 2 runs the
+products on tensor cores, M and r padded to 16 (5.6 us at M = 16, against mode 1's 6.1).
 """
 
 from __future__ import annotations
