@@ -14,7 +14,7 @@
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py: no share of u per block, and u Bᵀ is
-// added where a cell is stored, by the last split's sum), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
+// added where a cell is stored, by the last split's sum), XG (x gathered a packed row per thread), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
 // split 0 adds Σ value * x[col] of its columns).
 
 typedef unsigned int u32;
@@ -78,6 +78,7 @@ __device__ __forceinline__ float l2f(u16 v) { return x2f(v); }
 #if HAS_LORA && UPRE
 __device__ __forceinline__ float lora_cell(const float* U, const lora_t* B, int m, int row, int R) {
     float v = 0.f;  // Σ_r u[m, r] B[row, r]: one cell's adapter term
+#pragma unroll 8
     for (int r = 0; r < R; ++r) v += U[m * R + r] * l2f(B[(size_t)row * R + r]);
     return v;
 }
@@ -190,6 +191,23 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 
     // 3. x rows of this split into shared memory, in packed-row order; rows >= M are zero
+#if XG
+    // a thread per packed row: its source row read once, then the M tokens' values, all loads in flight
+    // together (XG 0, an element a thread per pass, chained M passes of perm-then-x loads: KC x M / threads)
+#pragma unroll
+    for (int kk = tid; kk < KC; kk += WARPS * 32) {
+#if HAS_PERM
+        const int k = perm[k0 + kk];
+#else
+        const int k = k0 + kk;
+#endif
+        u16 v[NM * 8];
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) v[m] = m < M ? x[(size_t)m * K + k] : (u16)0;
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) xs[m][kk] = v[m];
+    }
+#else
     for (int i = tid; i < NM * 8 * KC; i += WARPS * 32) {
         const int m = i / KC, kk = i - m * KC;
         u16 v = 0;
@@ -203,6 +221,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
         xs[m][kk] = v;
     }
+#endif
 #if HAS_LORA
     // this block's projection; without UPRE, this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order
     // (the sum over splits is all of K)
