@@ -141,7 +141,8 @@ def checks(device, quick: bool = False) -> dict:
     return out
 
 
-def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = (1, 8)) -> list[dict]:
+def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = (1, 8),
+            order: tuple[int, ...] = ()) -> list[dict]:
     rows = []
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     sms = G._sm_count(device)
@@ -149,7 +150,7 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
         gs = GROUP[bits]
         # quick: the two shapes of the earlier calls first, then q|k|v and down_proj while the budget lasts
         # (session 18: the 7B through the tensor-core kernel lost ~2.5 ms a token where those two explain ~0.9)
-        for k, n, bounds in (SHAPES[0], SHAPES[2], SHAPES[1], SHAPES[3]) if quick else SHAPES:
+        for k, n, bounds in [SHAPES[i] for i in order] if order else (SHAPES[0], SHAPES[2], SHAPES[1], SHAPES[3]) if quick else SHAPES:
             if time.time() > deadline:
                 rows.append({"shape": f"{k}x{n}", "bits": bits, "skipped": "budget"})
                 continue
@@ -221,13 +222,13 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                     upre_err[u] = rel(run_u(0), want)
                     upre[u] = math.inf if upre_err[u] >= 1e-2 else picked_us if cfg_u == picked else \
                         timer.us(lambda: [run_u(i) for i in range(copies)]) / copies
-                # session 20's A/B: x gathered an element per thread and pass (XG 0, before) against a row per thread
-                t_xg0 = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
+                # session 20's A/B: the last split summing a cell at a time (TAIL 0, before) against 4 at once
+                t_tail0 = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
                                                             mma[i].perm, mma[i].locks, a, b, 2.0, bounds, sms,
-                                                            dict(picked, XG=0)) for i in range(copies)]) / copies
-                t_xg0_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
+                                                            dict(picked, TAIL=0)) for i in range(copies)]) / copies
+                t_tail0_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
                                                                  mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
-                                                                 dict(bare, XG=0)) for i in range(copies)]) / copies
+                                                                 dict(bare, TAIL=0)) for i in range(copies)]) / copies
                 # u = x Aᵀ alone (session 19: the tensor-core kernel's adapter costs ~16 us at M = 8, 4096x22016)
                 t_u = timer.us(lambda: [lora_u(x, a, mma[i].locks) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
@@ -235,8 +236,8 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                        "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
                        "mma_u_once_us": round(upre[1], 2),
                        "upre_err": [round(upre_err[u], 5) for u in (0, 1)],
-                       "mma_no_adapter_us": round(t_mma_bare, 2), "mma_xg0_us": round(t_xg0, 2),
-                       "mma_no_adapter_xg0_us": round(t_xg0_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
+                       "mma_no_adapter_us": round(t_mma_bare, 2), "mma_tail0_us": round(t_tail0, 2),
+                       "mma_no_adapter_tail0_us": round(t_tail0_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),
@@ -257,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer checks; 4-bit timings only: 4096x4096 and "
                     "gate|up first, then q|k|v and down_proj while --budget-s lasts")
     ap.add_argument("--ms", default="1,8", help="comma-separated rows of x to time (each at most 16)")
+    ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES to time, in this order "
+                    "(0 4096x4096, 1 q|k|v, 2 gate|up, 3 down_proj; default: all, or --quick's order)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_mma_probe needs a CUDA GPU", file=sys.stderr)
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
     print("checks:", res["checks"]["passed"], "passed,", len(res["checks"]["failed"]), "failed",
           f"({time.time() - t0:.0f} s)", flush=True)
     if not a.skip_timing:
-        res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick, tuple(int(m) for m in a.ms.split(",")))
+        res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick, tuple(int(m) for m in a.ms.split(",")),
+                              tuple(int(i) for i in a.shapes.split(",") if i))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0 if not res["checks"]["failed"] else 1

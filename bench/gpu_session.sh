@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -147,16 +147,16 @@ for r in rows:
                [ "${SPQR_MMA:-1}" = 1 ] && { python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches 1 --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-60}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -5 "$OUT/decode_spqr_mma.txt"; } ;;
-    xg)        # issue 16, session 20: the tensor-core kernel's x gathered a packed row per thread (XG 1) against an element per
-               # thread and pass (XG 0): the quick checks and the 4-bit shapes at M = 8, 1 with both (~2.5 min), the 7B at batch 8 (~2 min)
-               python3 bench/gemv_mma_probe.py --quick --ms 8,1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-100}" \
-                 > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
+    xg)        # issue 16, session 20 (measured; XG 0 is gone since): x gathered a packed row per thread against an element per
+               # thread and pass; the record is bench/results/gpu-2026-12-07-s20d/
+               echo "xg: measured in session 20, the A/B variant removed; see tail" ;;
+    tail)      # issue 16, session 20: the last split summing 4 cells a thread at once (TAIL 1) against one (TAIL 0): the quick
+               # checks (~35 s), down_proj and gate|up at M = 8 with both (~30 s)
+               python3 bench/gemv_mma_probe.py --quick --ms "${TAIL_MS:-8}" --shapes "${TAIL_SHAPES:-3,2}" --json "$OUT/mma.json" \
+                 --budget-s "${MMA_BUDGET:-70}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
-    r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_xg0_us', 'mma_no_adapter_us', 'mma_no_adapter_xg0_us', 'lora_u_us', 'triton_us', 'bf16_us')})"
-               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-8}" --decode-kernels default --no-old-harness \
-                 --budget-s "${DECODE_BUDGET:-100}" --json "$OUT/decode_xg.json" > "$OUT/decode_xg.txt" 2>> "$OUT/stderr.log" \
-                 || tail -5 "$OUT/stderr.log"; tail -5 "$OUT/decode_xg.txt" ;;
+    r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail0_us', 'mma_no_adapter_us', 'mma_no_adapter_tail0_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
     loru)      # issue 16, session 20: the quick tensor-core checks (u Bᵀ added at the store now the only u-once way, ~30 s),
                # then kernels/lora_u.py's variants against each other and cuBLAS, M = 1..16, per 7B sibling group (~2.5 min)
                python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma.json" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"

@@ -14,7 +14,7 @@
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py: no share of u per block, and u Bᵀ is
-// added where a cell is stored, by the last split's sum), XG (x gathered a packed row per thread), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
+// added where a cell is stored, by the last split's sum), TAIL (the last split sums 4 cells at once), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
 // split 0 adds Σ value * x[col] of its columns).
 
 typedef unsigned int u32;
@@ -190,10 +190,9 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
     }
 
-    // 3. x rows of this split into shared memory, in packed-row order; rows >= M are zero
-#if XG
-    // a thread per packed row: its source row read once, then the M tokens' values, all loads in flight
-    // together (XG 0, an element a thread per pass, chained M passes of perm-then-x loads: KC x M / threads)
+    // 3. x rows of this split into shared memory, in packed-row order, rows >= M zero: a thread per packed row,
+    // its source row read once, then the M tokens' values, all loads in flight together (session 20, H100, M = 8:
+    // 44.1 against 47.7 us at 4096x22016 for an element a thread per pass; within 0.6 us at the other shapes)
 #pragma unroll
     for (int kk = tid; kk < KC; kk += WARPS * 32) {
 #if HAS_PERM
@@ -207,21 +206,6 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #pragma unroll
         for (int m = 0; m < NM * 8; ++m) xs[m][kk] = v[m];
     }
-#else
-    for (int i = tid; i < NM * 8 * KC; i += WARPS * 32) {
-        const int m = i / KC, kk = i - m * KC;
-        u16 v = 0;
-        if (m < M) {
-            const int k = k0 + kk;
-#if HAS_PERM
-            v = x[(size_t)m * K + perm[k]];
-#else
-            v = x[(size_t)m * K + k];
-#endif
-        }
-        xs[m][kk] = v;
-    }
-#endif
 #if HAS_LORA
     // this block's projection; without UPRE, this split's u = x Aᵀ over rows [k0, k0 + KC) in the original order
     // (the sum over splits is all of K)
@@ -395,9 +379,51 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // each cell's partials summed in split order. TAIL 1, where the block has 4+ cells a thread (M = 8 at 128
+    // columns): 4 cells at once, 4 splits a round, 16 loads in flight (TAIL 0 and fewer cells: a cell at a
+    // time, 8 splits a round: 4 cells x 43 splits of 11008x4096 took 24 round trips to L2, now 11)
+#if TAIL
+    if (M * BLOCK_COLS >= 4 * WARPS * 32) {
+        for (int i0 = tid; i0 < M * BLOCK_COLS; i0 += 4 * WARPS * 32) {
+            float v[4];
+            int mi[4], ni[4];
+            bool ok[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int i = i0 + c * WARPS * 32;
+                mi[c] = i / BLOCK_COLS;
+                ni[c] = col0 + (i - mi[c] * BLOCK_COLS);
+                ok[c] = i < M * BLOCK_COLS && ni[c] < N;
+                v[c] = 0.f;
+            }
+            for (int p = 0; p < split; p += 4) {
+                float pv[4][4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        pv[q][c] = ok[c] && p + q < split ? ld_cg(part + ((size_t)(p + q) * M + mi[c]) * N + ni[c]) : 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) v[c] += pv[q][c];
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                if (!ok[c]) continue;
+#if HAS_LORA && UPRE
+                v[c] += (float)lora_scale * lora_cell(U, B, mi[c], ni[c] - noff, R);
+#endif
+                out[(size_t)mi[c] * N + ni[c]] = f2x(v[c]);
+            }
+        }
+        if (tid == 0) locks[blockIdx.x] = 0;
+        return;
+    }
+#endif
     for (int i = tid; i < M * BLOCK_COLS; i += WARPS * 32) {
         const int m = i / BLOCK_COLS, n = col0 + (i - m * BLOCK_COLS);
-        if (n < N) {  // summed in split order; eight loads in flight at a time, not one
+        if (n < N) {  // eight loads in flight at a time, not one
             float v = 0.f;
             int p = 0;
             for (; p + 8 <= split; p += 8) {

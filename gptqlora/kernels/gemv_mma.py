@@ -61,8 +61,8 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 #           last split's sum). A config's "UPRE": 0 computes each split's share of u in every block instead, session
 #           16's way (26 of 55 us at 4096x22016). Session 20 (H100) dropped session 17's u Bᵀ added before split 0's
 #           k-steps: at M = 1 storing it was 2.3-5.6 us faster at the three shapes above 4096x4096, at M = 8 within 1 us
-XG = 1  # x into shared memory a packed row per thread, its M values loaded together (a config's "XG": 0, an element
-#        per thread and pass, session 19's; the A/B of session 20)
+TAIL = 1  # the last split sums 4 cells a thread at once where it has that many (a config's "TAIL": 0, a cell at a time,
+#          session 19's; the A/B of session 20)
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
@@ -275,7 +275,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
             ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R), ("FZ", int(float_zeros)),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("XG", cfg.get("XG", XG)))
+            ("TAIL", cfg.get("TAIL", TAIL)))
 
 
 @functools.cache
