@@ -123,6 +123,29 @@ def checks(device, quick: bool = False) -> dict:
                         print("FAIL", name, err, flush=True)
     finally:
         os.environ.pop(gemv_mma.ENV, None)
+    # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0): the same order, so the same bits
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for k, n, bounds in SHAPES:
+        p = packed_layer(k, n, 4, device, 7, GROUP[4])
+        plan = G.plan_gemv(p[0], p[3], 4, GROUP[4], True, mma=True)
+        widths = [n] if bounds is None else [bounds[0], bounds[1] - bounds[0], n - bounds[1]]
+        for m in (8, 16, 5):
+            g = torch.Generator(device=device).manual_seed(k + n + m)
+            x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+            a = [torch.randn(R, k, device=device, generator=g) * 0.05 for _ in widths]
+            b = [torch.randn(w, R, device=device, generator=g) * 0.05 for w in widths]
+            cfg = gemv_mma.pick_config(m, k, n, 4, GROUP[4], sms, bounds)
+            try:
+                y = [gemv_mma.gemv_mma(x, plan.qweight, p[1], p[2], 4, GROUP[4], plan.perm, plan.locks, a, b, 2.0,
+                                       bounds, sms, dict(cfg, TAIL=t)) for t in (0, 1)]
+                ok, err = torch.equal(y[0], y[1]) and not plan.locks.any(), float((y[0].float() - y[1].float()).abs().max())
+            except Exception as e:  # noqa: BLE001
+                ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
+            if ok:
+                out["passed"] += 1
+            else:
+                out["failed"].append({"case": f"tail {k}x{n} m{m}", "err": err})
+                print("FAIL", f"tail {k}x{n} m{m}", err, flush=True)
     # a CUDA graph replays it with new inputs
     p = packed_layer(4096, 4096, 4, device, 1, 128)
     plan = G.plan_gemv(p[0], p[3], 4, 128, True, mma=True)

@@ -150,8 +150,9 @@ for r in rows:
     xg)        # issue 16, session 20 (measured; XG 0 is gone since): x gathered a packed row per thread against an element per
                # thread and pass; the record is bench/results/gpu-2026-12-07-s20d/
                echo "xg: measured in session 20, the A/B variant removed; see tail" ;;
-    tail)      # issue 16, session 20: the last split summing 4 cells a thread at once (TAIL 1) against one (TAIL 0): the quick
-               # checks (~35 s), down_proj and gate|up at M = 8 with both (~30 s)
+    tail)      # issue 16, session 20 (written after its device time ran out): the last split summing 4 cells a thread at once
+               # (TAIL 1) against one (TAIL 0, the default until this passes): the quick checks, with TAIL 1's output equal to
+               # TAIL 0's at every 7B shape, M = 5, 8, 16 (~40 s), then down_proj and gate|up at M = 8 with both (~30 s)
                python3 bench/gemv_mma_probe.py --quick --ms "${TAIL_MS:-8}" --shapes "${TAIL_SHAPES:-3,2}" --json "$OUT/mma.json" \
                  --budget-s "${MMA_BUDGET:-70}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys

@@ -61,8 +61,9 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 #           last split's sum). A config's "UPRE": 0 computes each split's share of u in every block instead, session
 #           16's way (26 of 55 us at 4096x22016). Session 20 (H100) dropped session 17's u Bᵀ added before split 0's
 #           k-steps: at M = 1 storing it was 2.3-5.6 us faster at the three shapes above 4096x4096, at M = 8 within 1 us
-TAIL = 1  # the last split sums 4 cells a thread at once where it has that many (a config's "TAIL": 0, a cell at a time,
-#          session 19's; the A/B of session 20)
+TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
+#          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
+#          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 

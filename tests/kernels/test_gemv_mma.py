@@ -107,7 +107,7 @@ def test_variants_differ_by_their_constants():
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "UPRE": 1, "TAIL": 1}
+                         "UPRE": 1, "TAIL": 0}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
