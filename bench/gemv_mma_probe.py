@@ -245,13 +245,16 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                     upre_err[u] = rel(run_u(0), want)
                     upre[u] = math.inf if upre_err[u] >= 1e-2 else picked_us if cfg_u == picked else \
                         timer.us(lambda: [run_u(i) for i in range(copies)]) / copies
-                # session 20's A/B: the last split summing a cell at a time (TAIL 0, before) against 4 at once
-                t_tail0 = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
-                                                            mma[i].perm, mma[i].locks, a, b, 2.0, bounds, sms,
-                                                            dict(picked, TAIL=0)) for i in range(copies)]) / copies
-                t_tail0_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
-                                                                 mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
-                                                                 dict(bare, TAIL=0)) for i in range(copies)]) / copies
+                # session 20's A/B: the last split summing a cell at a time (TAIL 0) against 4 at once (TAIL 1), both
+                # explicit (whichever gemv_mma.TAIL is), with the adapter and without
+                t_tail, t_tail_bare = {}, {}
+                for tl in (0, 1):
+                    t_tail[tl] = timer.us(lambda tl=tl: [gemv_mma.gemv_mma(
+                        x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, a, b, 2.0,
+                        bounds, sms, dict(picked, TAIL=tl)) for i in range(copies)]) / copies
+                    t_tail_bare[tl] = timer.us(lambda tl=tl: [gemv_mma.gemv_mma(
+                        x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, [], [], 2.0,
+                        None, sms, dict(bare, TAIL=tl)) for i in range(copies)]) / copies
                 # u = x Aᵀ alone (session 19: the tensor-core kernel's adapter costs ~16 us at M = 8, 4096x22016)
                 t_u = timer.us(lambda: [lora_u(x, a, mma[i].locks) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
@@ -259,8 +262,8 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                        "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
                        "mma_u_once_us": round(upre[1], 2),
                        "upre_err": [round(upre_err[u], 5) for u in (0, 1)],
-                       "mma_no_adapter_us": round(t_mma_bare, 2), "mma_tail0_us": round(t_tail0, 2),
-                       "mma_no_adapter_tail0_us": round(t_tail0_bare, 2), "triton_no_adapter_us": round(t_tri_bare, 2),
+                       "mma_no_adapter_us": round(t_mma_bare, 2), "mma_tail_us": [round(t_tail[0], 2), round(t_tail[1], 2)],
+                       "mma_no_adapter_tail_us": [round(t_tail_bare[0], 2), round(t_tail_bare[1], 2)], "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),

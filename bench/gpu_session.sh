@@ -157,7 +157,7 @@ for r in rows:
                  --budget-s "${MMA_BUDGET:-70}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
-    r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail0_us', 'mma_no_adapter_us', 'mma_no_adapter_tail0_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
+    r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail_us', 'mma_no_adapter_us', 'mma_no_adapter_tail_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
     loru)      # issue 16, session 20: the quick tensor-core checks (u Bᵀ added at the store now the only u-once way, ~30 s),
                # then kernels/lora_u.py's variants against each other and cuBLAS, M = 1..16, per 7B sibling group (~2.5 min)
                python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma.json" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
