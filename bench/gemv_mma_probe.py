@@ -138,7 +138,8 @@ def checks(device, quick: bool = False) -> dict:
             try:
                 y = [gemv_mma.gemv_mma(x, plan.qweight, p[1], p[2], 4, GROUP[4], plan.perm, plan.locks, a, b, 2.0,
                                        bounds, sms, dict(cfg, TAIL=t)) for t in (0, 1)]
-                ok, err = torch.equal(y[0], y[1]) and not plan.locks.any(), float((y[0].float() - y[1].float()).abs().max())
+                ok = torch.equal(y[0], y[1]) and not plan.locks.any()
+                err = float((y[0].float() - y[1].float()).abs().max())
             except Exception as e:  # noqa: BLE001
                 ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
             if ok:
@@ -173,7 +174,8 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
         gs = GROUP[bits]
         # quick: the two shapes of the earlier calls first, then q|k|v and down_proj while the budget lasts
         # (session 18: the 7B through the tensor-core kernel lost ~2.5 ms a token where those two explain ~0.9)
-        for k, n, bounds in [SHAPES[i] for i in order] if order else (SHAPES[0], SHAPES[2], SHAPES[1], SHAPES[3]) if quick else SHAPES:
+        shapes = [SHAPES[i] for i in order] if order else (SHAPES[0], SHAPES[2], SHAPES[1], SHAPES[3]) if quick else SHAPES
+        for k, n, bounds in shapes:
             if time.time() > deadline:
                 rows.append({"shape": f"{k}x{n}", "bits": bits, "skipped": "budget"})
                 continue
@@ -262,8 +264,10 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                        "picked_upre": picked["UPRE"], "mma_adapter_in_blocks_us": round(upre[0], 2),
                        "mma_u_once_us": round(upre[1], 2),
                        "upre_err": [round(upre_err[u], 5) for u in (0, 1)],
-                       "mma_no_adapter_us": round(t_mma_bare, 2), "mma_tail_us": [round(t_tail[0], 2), round(t_tail[1], 2)],
-                       "mma_no_adapter_tail_us": [round(t_tail_bare[0], 2), round(t_tail_bare[1], 2)], "triton_no_adapter_us": round(t_tri_bare, 2),
+                       "mma_no_adapter_us": round(t_mma_bare, 2),
+                       "mma_tail_us": [round(t_tail[0], 2), round(t_tail[1], 2)],
+                       "mma_no_adapter_tail_us": [round(t_tail_bare[0], 2), round(t_tail_bare[1], 2)],
+                       "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),
                        "mma_best_us": round(best[0], 2), "best_cfg": best[1], "err": best[2],
                        "triton_us": round(t_tri, 2), "bf16_us": round(t_bf16, 2),

@@ -31,7 +31,8 @@ from gptqlora.kernels.lora_u import lora_u, lora_u_reference  # noqa: E402
 GROUPS = (("q|k|v", 3, 4096), ("gate|up", 2, 4096), ("o_proj", 1, 4096), ("down_proj", 1, 11008))
 VARIANTS = ([dict(mode=0, kc=kc, warps=4, bk=None) for kc in (512, 256, 128)]  # 512 x 4 warps: today's
             + [dict(mode=1, kc=kc, warps=w, bk=None) for kc, w in itertools.product((512, 256, 128), (2, 4))]
-            + [dict(mode=2, kc=kc, warps=w, bk=bk) for kc, w, bk in itertools.product((512, 256, 128), (2, 4), (None, 64))])
+            + [dict(mode=2, kc=kc, warps=w, bk=bk)
+               for kc, w, bk in itertools.product((512, 256, 128), (2, 4), (None, 64))])
 
 
 def main() -> None:
