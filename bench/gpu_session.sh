@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -158,6 +158,12 @@ for r in rows:
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
     r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail_us', 'mma_no_adapter_us', 'mma_no_adapter_tail_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
+    spqr-mma)  # issue 17, after session 20: SpQR through the tensor-core kernel, each split adding its own outliers from shared
+               # memory (was: split 0 walked every outlier of its columns), against SpQR's default, the 7B at batch 1 and 8 (~3 min).
+               # Run after `tail` (or `mma-quick`): their quick checks cover the SpQR layers through this kernel
+               python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+                 --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
     loru)      # issue 16, session 20: the quick tensor-core checks (u Bᵀ added at the store now the only u-once way, ~30 s),
                # then kernels/lora_u.py's variants against each other and cuBLAS, M = 1..16, per 7B sibling group (~2.5 min)
                python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma.json" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"

@@ -14,13 +14,15 @@
 // columns: 1 or 2), NT (16-column tiles per warp), WARPS, KC (rows per split; the grid's y), GSTEPS (16-row
 // k-steps per group inside a split), HAS_PERM, HAS_LORA, LORA_F32, MAX_R, UPRE (the adapter's u = x Aᵀ comes in
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py: no share of u per block, and u Bᵀ is
-// added where a cell is stored, by the last split's sum), TAIL (the last split sums 4 cells at once), FZ (zeros are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's CSR outliers over W (N, K):
-// split 0 adds Σ value * x[col] of its columns).
+// added where a cell is stored, by the last split's sum), TAIL (the last split sums 4 cells at once), FZ (zeros
+// are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's outliers over W (N, K) in packed-row order,
+// `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 
 #define BLOCK_COLS (WARPS * NT * 16)
+#define OSTEP 64                    // rows per outlier offset (gemv_mma.OSTEP; KC is a multiple)
 #define SPW (4 / BITS)              // mma k-steps per 32-bit word
 #define RL (64 * SPW)               // rows per 16-byte load of a lane (4 words)
 #define NLOAD (KC / RL)
@@ -125,8 +127,10 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
          u16* __restrict__ out,             // (M, N)
          float* __restrict__ part,          // (split, M, N) fp32 partials (split > 1)
          int* __restrict__ locks,           // one counter per column block, zero between calls
-         const u16* __restrict__ o_vals,    // OUTLIERS: fp16 values, int16 columns (x rows), int32 row pointers
-         const short* __restrict__ o_cols, const int* __restrict__ o_rows,
+         const u16* __restrict__ o_vals,    // OUTLIERS (gemv_mma.pack_outliers): fp16 values, int16 packed-row
+         const short* __restrict__ o_pos,   // positions (sorted within a row), int32 row pointers, and int16
+         const int* __restrict__ o_rows,    // offsets past each row's start of its first entry at or past each
+         const short* __restrict__ o_offs,  // OSTEP rows: (N, K / OSTEP + 1)
          int M, int K, int N, int n1, int n2, int R, int group, double lora_scale, int split) {
     __shared__ __align__(16) u16 xs[NM * 8][KC + 8];  // this split's x rows, permuted; +8: no bank conflicts
 #if HAS_LORA && !UPRE
@@ -134,7 +138,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #endif
     __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
 #if OUTLIERS
-    __shared__ float osum[NM * 8][BLOCK_COLS];         // split 0: the outliers' share of each cell
+    __shared__ float osum[NM * 8][BLOCK_COLS];         // this split's outliers' share of each cell
 #endif
     __shared__ int s_last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -238,29 +242,31 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 #endif  // UPRE
 #endif
+    __syncthreads();
 #if OUTLIERS
-    if (blockIdx.y == 0) {  // one thread per column: Σ value * x[m, col] over the column's outliers
-        for (int c = tid; c < BLOCK_COLS; c += WARPS * 32) {
-            const int n = col0 + c;
-            float o[NM * 8];
+    // a thread per column: Σ value * x over the column's outliers in this split's rows, x from shared memory.
+    // Split 0 walking all of a column's (~1% of K: 41 at K = 4096, 110 at 11008) was one long chain per thread
+    // (session 19: SpQR through this kernel 0.48x bf16); a split holds ~1-3 of them
+    for (int c = tid; c < BLOCK_COLS; c += WARPS * 32) {
+        const int n = col0 + c;
+        float o[NM * 8];
 #pragma unroll
-            for (int m = 0; m < NM * 8; ++m) o[m] = 0.f;
-            if (n < N) {
-                for (int e = o_rows[n]; e < o_rows[n + 1]; ++e) {
-                    float v;
-                    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(o_vals[e]));
-                    const int k = o_cols[e];
+        for (int m = 0; m < NM * 8; ++m) o[m] = 0.f;
+        if (n < N) {
+            const short* offs = o_offs + (size_t)n * (K / OSTEP + 1);
+            const int base = o_rows[n], e1 = base + offs[(k0 + KC) / OSTEP];
+            for (int e = base + offs[k0 / OSTEP]; e < e1; ++e) {
+                float v;
+                asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(o_vals[e]));
+                const int kk = o_pos[e] - k0;
 #pragma unroll
-                    for (int m = 0; m < NM * 8; ++m)
-                        if (m < M) o[m] += v * x2f(x[(size_t)m * K + k]);
-                }
+                for (int m = 0; m < NM * 8; ++m) o[m] += v * x2f(xs[m][kk]);  // rows >= M: zero
             }
-#pragma unroll
-            for (int m = 0; m < NM * 8; ++m) osum[m][c] = o[m];
         }
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) osum[m][c] = o[m];
     }
 #endif
-    __syncthreads();
     for (int i = warp; i < NM * 8 * NGROUP; i += WARPS) {  // Σ x of each group's rows, a warp each, once xs is in
         const int m = i / NGROUP, gi = i - m * NGROUP;
         float v = 0.f;
@@ -363,7 +369,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                     if (split == 1) v += (float)lora_scale * lora_cell(U, B, m, n - noff, R);
 #endif
 #if OUTLIERS
-                    if (blockIdx.y == 0) v += osum[m][n - col0];
+                    v += osum[m][n - col0];
 #endif
                     if (split == 1)
                         out[(size_t)m * N + n] = f2x(v);

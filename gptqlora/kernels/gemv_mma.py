@@ -64,6 +64,7 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
 #          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
 #          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
+OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; gemv_mma.cu's OSTEP): every KC is a multiple
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
@@ -165,12 +166,33 @@ def emulate(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: to
     y = xs @ w
     if lora_a is not None:
         y = y + scaling * (x.float() @ lora_a.float().t()) @ lora_b.float().t()
-    if outliers is not None:  # CSR over W (N, K): values, columns (x rows), row pointers
-        vals, cols, rows = outliers
+    if outliers is not None:  # `pack_outliers`': values, packed-row positions, row pointers (, offsets)
+        vals, pos, rows = outliers[:3]
         nrow = torch.repeat_interleave(torch.arange(n, device=rows.device), (rows[1:] - rows[:-1]).long(),
                                        output_size=vals.shape[0])
-        y = y.index_add(1, nrow, x.float()[:, cols.long()] * vals.float())
+        y = y.index_add(1, nrow, xs[:, pos.long()] * vals.float())
     return y.to(x.dtype)
+
+
+def pack_outliers(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, perm: torch.Tensor | None,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpQR's CSR outliers over W (N, K) (fp16 values, int16 x rows, int32 row pointers) in the kernel's order:
+    each row's entries by packed-row position (where `perm` puts their x row; the x row without one), and per
+    row, the int16 offset past its start of its first entry at or past every OSTEP packed rows. A split of KC
+    rows (a multiple of OSTEP) then finds its own entries in two reads and reads their x from shared memory.
+    -> (values, positions int16, row pointers, offsets (N, K / OSTEP + 1) int16)."""
+    if k % OSTEP or k > 2**15 - 1:
+        raise ValueError(f"gemv_mma's outliers need K a multiple of {OSTEP} below 2^15, got {k}")
+    n, nnz = rows.numel() - 1, vals.numel()
+    row = torch.repeat_interleave(torch.arange(n, device=rows.device), (rows[1:] - rows[:-1]).long(),
+                                  output_size=nnz)
+    pos = cols.long() if perm is None else torch.argsort(perm.long())[cols.long()]
+    key = row * k + pos  # (nnz,): unique (a column holds one outlier per row), rows stay in order
+    key, order = torch.sort(key)
+    steps = torch.arange(0, k + 1, OSTEP, device=rows.device)  # (K / OSTEP + 1,)
+    first = torch.searchsorted(key, torch.arange(n, device=rows.device)[:, None] * k + steps[None, :])  # (N, S + 1)
+    offs = (first - rows[:-1, None].long()).to(torch.int16)
+    return vals[order].contiguous(), (key % k).to(torch.int16), rows, offs.contiguous()
 
 
 def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
@@ -310,12 +332,12 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
              perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor] | None = None,
              lora_b: list[torch.Tensor] | None = None, scaling: float = 1.0,
              bounds: tuple[int, int] | None = None, sms: int = 132, config: dict | None = None,
-             outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             outliers: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """x (M, K), M <= 16 -> (M, N) in x's dtype. `frag` from `pack_gptq`; zeros packed int32 (G, N*b/32) or
     float32 (G, N), scales (G, N); `perm` the packed rows' x rows (act-order) or None; `locks` >= N/16 int32
     zeros (left zero). `lora_a`/`lora_b`: lists, one (A, B) per projection of `bounds` (siblings side by
-    side) or one. `outliers`: SpQR's CSR (fp16 values, int16 columns, int32 row pointers) over W (N, K),
-    added in the same launch."""
+    side) or one. `outliers`: SpQR's outliers over W (N, K) as `pack_outliers` orders them, added in the same
+    launch, each split its own rows'."""
     m, k = x.shape
     n = frag.shape[0] * 16
     cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
@@ -343,7 +365,7 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     n1, n2 = bounds if bounds is not None else (n, n)
     fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
        args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
-             b_s[2], out, part, locks, *(outliers if has_out else (locks, locks, locks)), m, k, n, n1, n2, r, group,
+             b_s[2], out, part, locks, *(outliers if has_out else (locks,) * 4), m, k, n, n1, n2, r, group,
              float(scaling), split])
     return out
 

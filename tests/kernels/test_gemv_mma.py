@@ -143,7 +143,7 @@ def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monke
     assert (slot, group) == (4 if bits == 3 else bits, 16) and layer.mma_frag.dim() == 4
     x = torch.randn(3, 256)
     y = gemv_mma.emulate(x, layer.mma_frag, layer.mma_zeros, layer.mma_scales, slot, group, layer.mma_perm,
-                         outliers=(layer.outlier_values, layer.outlier_cols, layer.outlier_rows))
+                         outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
     want = x.double() @ layer.dequantize(torch.float32).double()
     assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
     assert layer.small_m(x) is None  # on the CPU nothing decodes through a kernel: forward's dense path
@@ -196,6 +196,43 @@ def test_emulation_makes_its_tensors_on_the_codes_device():
     frag = gemv_mma.pack(torch.randint(0, 16, (k, n)), 4).to("meta")
     zeros, scales = torch.rand(4, n).to("meta"), torch.rand(4, n).half().to("meta")
     x, perm = torch.randn(2, k).to("meta"), torch.randperm(k).int().to("meta")
-    vals, cols, rows = torch.rand(5).half(), torch.randint(0, k, (5,)).short(), torch.tensor([0] * 30 + [2, 5, 5]).int()
-    y = gemv_mma.emulate(x, frag, zeros, scales, 4, 64, perm, outliers=(vals.to("meta"), cols.to("meta"), rows.to("meta")))
+    vals, cols, rows = torch.rand(5).half(), torch.tensor([3, 9, 1, 4, 200]).short(), torch.tensor([0] * 30 + [2, 5, 5]).int()
+    packed = gemv_mma.pack_outliers(vals, cols, rows, torch.randperm(k).int(), k)
+    y = gemv_mma.emulate(x, frag, zeros, scales, 4, 64, perm, outliers=tuple(t.to("meta") for t in packed))
     assert y.device.type == "meta" and y.shape == (2, n)
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_outliers_in_packed_order_give_each_split_its_own(act):
+    """pack_outliers: each row's entries sorted by packed-row position, and for any KC (a multiple of OSTEP) the
+    offsets give split s exactly the row's entries in packed rows [s KC, (s + 1) KC), as gemv_mma.cu reads them;
+    the splits together hold every outlier once, with its value and x row."""
+    k, n = 512, 24
+    g = torch.Generator().manual_seed(5)
+    per_row = torch.randint(0, 9, (n,), generator=g)
+    per_row[3] = 0  # a row without outliers
+    rows = torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]).int()
+    cols = torch.cat([torch.randperm(k, generator=g)[:c] for c in per_row.tolist()]).short()
+    vals = torch.randn(cols.shape[0], generator=g).half()
+    perm = torch.randperm(k, generator=g).int() if act else None
+    o_vals, o_pos, o_rows, offs = gemv_mma.pack_outliers(vals, cols, rows, perm, k)
+    assert o_pos.dtype == offs.dtype == torch.int16 and offs.shape == (n, k // gemv_mma.OSTEP + 1)
+    where = torch.argsort(perm.long()) if act else torch.arange(k)  # x row -> packed position
+    for kc in (64, 128, 256):
+        for r in range(n):
+            base, seen = int(o_rows[r]), {}
+            for s in range(k // kc):
+                lo, hi = base + int(offs[r, s * kc // gemv_mma.OSTEP]), base + int(offs[r, (s + 1) * kc // gemv_mma.OSTEP])
+                pos = o_pos[lo:hi].long()
+                assert ((pos >= s * kc) & (pos < (s + 1) * kc)).all() and (pos.diff() > 0).all()
+                seen.update(zip(pos.tolist(), o_vals[lo:hi].tolist()))
+            want = {int(where[c]): float(v) for c, v in zip(cols[rows[r]:rows[r + 1]].long(), vals[rows[r]:rows[r + 1]])}
+            assert seen == want
+
+
+def test_outliers_need_k_in_int16_and_whole_steps():
+    rows = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gemv_mma.pack_outliers(torch.zeros(0).half(), torch.zeros(0).short(), rows, None, 100)
+    with pytest.raises(ValueError, match="below 2"):
+        gemv_mma.pack_outliers(torch.zeros(0).half(), torch.zeros(0).short(), rows, None, 2**15)
