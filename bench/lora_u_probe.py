@@ -1,8 +1,9 @@
 """kernels/lora_u.py's u = x Aᵀ on the GPU: its variants against each other and cuBLAS, M = 1..16 (issue 16).
 
 Session 20's profile of the 7B at batch 8 (H100): lora_u took 1.43 of the step's 7.7 ms, ~16 us a call, against
-3.4 us at M = 1. This times each variant (`mode` 0: the (M, r) tile reduced every k-step; 1: products summed
-elementwise, one reduction at the end; 2: tensor cores, M and r padded to 16, fp32 A as two bf16 halves) over
+3.4 us at M = 1. This times each variant (`mode` 1: products summed elementwise, one reduction at the end; 2:
+tensor cores, M and r padded to 16, fp32 A as two bf16 halves; session 20's run also had mode 0, the (M, r) tile
+reduced every k-step, removed since) over
 rows a program (`kc`) and warps, per sibling group of the 7B (q|k|v: 3 A's of K = 4096; gate|up: 2; o_proj: 1;
 down_proj: 1 of K = 11008), A fp32 (PEFT's default) and bf16, graph-timed over copies of A so each call reads
 HBM. Every variant is checked against lora_u_reference first; a wrong one is reported, not timed.
@@ -27,10 +28,10 @@ sys.path.append(str(Path(__file__).parent))
 from gemv_sweep import Timer  # noqa: E402
 
 from gptqlora.kernels.lora_u import lora_u, lora_u_reference  # noqa: E402
+from gptqlora.kernels.lora_u import pick as lora_u_pick  # noqa: E402
 
 GROUPS = (("q|k|v", 3, 4096), ("gate|up", 2, 4096), ("o_proj", 1, 4096), ("down_proj", 1, 11008))
-VARIANTS = ([dict(mode=0, kc=kc, warps=4, bk=None) for kc in (512, 256, 128)]  # 512 x 4 warps: today's
-            + [dict(mode=1, kc=kc, warps=w, bk=None) for kc, w in itertools.product((512, 256, 128), (2, 4))]
+VARIANTS = ([dict(mode=1, kc=kc, warps=w, bk=None) for kc, w in itertools.product((512, 256, 128), (2, 4))]
             + [dict(mode=2, kc=kc, warps=w, bk=bk)
                for kc, w, bk in itertools.product((512, 256, 128), (2, 4), (None, 64))])
 
@@ -70,9 +71,9 @@ def main() -> None:
         best = min(ok, key=ok.get) if ok else None
         cublas = timer.us(lambda: [[x @ t.to(x.dtype).t() for t in a[i]] for i in range(copies)]) / copies
         row = {"a_dtype": str(dtype).removeprefix("torch."), "group": name, "projections": p, "k": k, "m": m,
-               "today_us": res["m0 kc512 w4"][0], "best": best, "best_us": ok.get(best),
+               "picked_us": res[f"m{lora_u_pick(m)['mode']} kc{lora_u_pick(m)['kc']} w{lora_u_pick(m)['warps']}"][0], "best": best, "best_us": ok.get(best),
                "best_per_mode": {md: min(((vv, kk) for kk, vv in ok.items() if kk.startswith(f"m{md} ")), default=None)
-                                 for md in (0, 1, 2)},
+                                 for md in (1, 2)},
                "cublas_16bit_us": round(cublas, 2),
                "wrong": {kk: vv[1] for kk, vv in res.items() if not math.isfinite(vv[0])}, "all": res}
         rows.append(row)

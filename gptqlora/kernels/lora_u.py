@@ -13,7 +13,7 @@ latency-bound, and with it the u-once paths lost (docs/benchmarks.md, session 18
 with atomics): 2.8-3.0 us.
 
 Inside a program (`MODE`, `pick`): session 19's version reduced its (M, r) tile across threads at every step
-(mode 0), so its time grew with M: 11.3 us at M = 8 against 3.4 at M = 1, 18.5% of the 7B's batch-8 step
+(mode 0, removed after session 20's A/B), so its time grew with M: 11.3 us at M = 8 against 3.4 at M = 1, 18.5% of the 7B's batch-8 step
 (session 20 profile). Mode 1 sums the products elementwise and reduces once (4.7 us at M = 8); mode 2 runs the
 products on tensor cores, M and r padded to 16 (5.6 us at M = 16, against mode 1's 6.1).
 """
@@ -52,9 +52,7 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, 
         a_ptr = a2_ptr
     offs_m = tl.arange(0, BM)
     offs_r = tl.arange(0, RP)
-    if MODE == 0:  # (BM, RP) reduced over each BK step
-        acc = tl.zeros((BM, RP), dtype=tl.float32)
-    elif MODE == 1:  # products summed elementwise, one reduction at the end
+    if MODE == 1:  # products summed elementwise, one reduction at the end
         acc3 = tl.zeros((BM, RP, BK), dtype=tl.float32)
     else:  # tensor cores: (BM, BK) @ (BK, RP), BM and RP >= 16
         acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -65,9 +63,7 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, 
                      other=0.0)  # (BM, BK)
         a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mk[None, :],
                     other=0.0)  # (RP, BK)
-        if MODE == 0:
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :], axis=2)  # (BM, RP)
-        elif MODE == 1:
+        if MODE == 1:
             acc3 += xt.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :]
         else:
             hi = a.to(xt.dtype)
@@ -82,16 +78,12 @@ def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, 
                  SPLIT_K=True, BM=BM, BN=RP)
 
 
-MODE_ENV = "GPTQLORA_LORA_U_MODE"  # "0": session 19's variant (mode 0, 512 rows a program) for A/B runs; unset: `pick`
-
-
 def pick(m: int) -> dict:
     """The variant for M rows (session 20, H100, r=8, the 7B's sibling groups, A fp32 and bf16, us):
     elementwise accumulation (mode 1) up to M = 8, e.g. 4.7 against session 19's 11.3 at q|k|v M = 8 (fp32
     A), within 0.1 us of the best at M = 1 and 2; tensor cores above (mode 2: 5.6 against 16.9 at M = 16).
-    256 rows a program: best or within 0.3 us at every M. cuBLAS, one call a projection: 6.4-21 us."""
-    if os.environ.get(MODE_ENV) == "0":
-        return dict(mode=0, kc=512, warps=4)
+    256 rows a program: best or within 0.3 us at every M. cuBLAS, one call a projection: 6.4-21 us. The 7B
+    at batch 8: 1.29x the tokens/s of session 19's variant in the same run (docs/benchmarks.md, session 20)."""
     return dict(mode=1 if m <= 8 else 2, kc=256, warps=4)
 
 
@@ -117,8 +109,8 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mod
     bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
     if mode == 2:
         bm, rp = max(16, bm), max(16, rp)
-    if bk is None:
-        bk = min(kc, max(16, 4096 // (bm * rp))) if mode != 2 else min(kc, 128)
+    if bk is None:  # mode 1: a (BM, RP, BK) fp32 accumulator of <= 4096 values (32 registers a thread at 4 warps)
+        bk = min(kc, max(16, 4096 // (bm * rp))) if mode == 1 else min(kc, 128)
     chunks = triton.cdiv(k, kc)
     u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)
     part = torch.empty(len(lora_a), chunks, m, r, dtype=torch.float32, device=x.device)
