@@ -106,13 +106,14 @@ class SpQRLinear(nn.Module):
         """The tensor-core decode plan (kernels/gemv_mma.py, where GPTQLORA_GEMV_MMA=1 and the layer fits): the
         codes in fragment order (3-bit codes in 4-bit slots), the first-level statistics decoded once
         (scales fp16, zeros fp32 [G, N]) and the outliers in packed-row order (`gemv_mma.pack_outliers`),
-        non-persistent buffers; (slot bits, group), or None (then gemv_plan's Triton path). Built once, rebuilt when the codes or g_idx change; under torch.compile the one before."""
+        non-persistent buffers; (slot bits, group), or None (then gemv_plan's Triton path). Built once, rebuilt
+        when any SpQR tensor changes; under torch.compile the one before."""
         if torch.compiler.is_compiling():
             return self._mma
         from gptqlora.kernels import gemv_mma
 
-        key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
-               self.qweight.device, gemv_mma.wanted(), self.kernel)
+        key = (*((getattr(self, name).data_ptr(), getattr(self, name)._version) for name in SPQR_TENSORS),
+               self.qweight.device, gemv_mma.wanted(), self.kernel)  # every tensor the plan copies from
         if self._mma_key != key:
             self._mma, self._mma_key = self._build_mma(), key
         return self._mma

@@ -146,6 +146,13 @@ def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monke
                          outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
     want = x.double() @ layer.dequantize(torch.float32).double()
     assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        layer.outlier_values.mul_(-3)  # changed in place (a load_state_dict copies so): the plan follows
+    layer.mma_plan()
+    y = gemv_mma.emulate(x, layer.mma_frag, layer.mma_zeros, layer.mma_scales, slot, group, layer.mma_perm,
+                         outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
+    want = x.double() @ layer.dequantize(torch.float32).double()
+    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
     assert layer.small_m(x) is None  # on the CPU nothing decodes through a kernel: forward's dense path
     assert "mma_frag" not in layer.state_dict()
 
