@@ -159,7 +159,9 @@ for r in rows:
 for l in sys.stdin:
     r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail_us', 'mma_no_adapter_us', 'mma_no_adapter_tail_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
     spqr-mma)  # issue 17, after session 20: SpQR through the tensor-core kernel, each split adding its own outliers from shared
-               # memory (was: split 0 walked every outlier of its columns), against SpQR's default, the 7B at batch 1 and 8 (~3 min).
+               # memory (was: split 0 walked every outlier of its columns) and the statistics decoded in the kernel from their
+               # codes (was: decoded fp16 scales and fp32 zeros read, 3 bits a weight), against SpQR's default, the 7B at batch
+               # 1 and 8 (~3 min).
                # Run after `tail` (or `mma-quick`): their quick checks cover the SpQR layers through this kernel
                python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \

@@ -16,7 +16,8 @@
 // computed, (M, r) fp32 per projection in place of A, kernels/lora_u.py: no share of u per block, and u Bᵀ is
 // added where a cell is stored, by the last split's sum), TAIL (the last split sums 4 cells at once), FZ (zeros
 // are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's outliers over W (N, K) in packed-row order,
-// `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory).
+// `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory), SB (SpQR's
+// statistics decoded in step 2 from their SB-bit codes, SG output columns a second-level group; 0: none).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -56,6 +57,28 @@ __device__ __forceinline__ float s2f(u16 h) {  // a scale -> fp32
     return __uint_as_float(((u32)h) << 16);
 #endif
 }
+
+#if SB
+__device__ __forceinline__ float x2h(u16 h) {  // an fp16 statistic -> fp32
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float round_f16(float f) {  // f rounded to fp16 (nearest even), as fp32
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return x2h(h);
+}
+
+__device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, int N) {  // SB-bit code, packed
+    const int bit = col * SB;                                                                 // along N
+    const u32* row = codes + (size_t)grp * (N * SB / 32);
+    u32 v = row[bit >> 5] >> (bit & 31);
+    if ((bit & 31) + SB > 32) v |= row[(bit >> 5) + 1] << (32 - (bit & 31));  // straddles two words
+    return (float)(v & ((1u << SB) - 1u));
+}
+#endif
 
 __device__ __forceinline__ u16 f2x(float f) {  // fp32 -> x's 16-bit float, round to nearest even
     u16 h;
@@ -119,8 +142,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pack's layout, rows in group order
          const u16* __restrict__ x,         // (M, K), original row order
          const int* __restrict__ perm,      // (K,): x row of each packed row (act-order), unread without HAS_PERM
-         const u16* __restrict__ scales,    // (G, N)
-         const void* __restrict__ zeros_p,  // (G, N*BITS/32) u32 packed along N, or (G, N) fp32 with FZ
+         const void* __restrict__ scales_p, // (G, N) 16-bit; with SB SpQR's scale codes (G, N*SB/32) u32 along N
+         const void* __restrict__ zeros_p,  // (G, N*BITS/32) u32 packed along N, or (G, N) fp32 with FZ; with
+                                            // SB SpQR's zero codes (G, N*SB/32)
          const void* __restrict__ a0p, const void* __restrict__ b0p,  // LoRA A (r, K), B (N_p, r) per projection
          const void* __restrict__ a1p, const void* __restrict__ b1p,
          const void* __restrict__ a2p, const void* __restrict__ b2p,
@@ -131,6 +155,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
          const short* __restrict__ o_pos,   // positions (sorted within a row), int32 row pointers, and int16
          const int* __restrict__ o_rows,    // offsets past each row's start of its first entry at or past each
          const short* __restrict__ o_offs,  // OSTEP rows: (N, K / OSTEP + 1)
+         const u16* __restrict__ stats,     // SB: fp16 (4, G, N / SG): scales' step and base, zeros' step and base
          int M, int K, int N, int n1, int n2, int R, int group, double lora_scale, int split) {
     __shared__ __align__(16) u16 xs[NM * 8][KC + 8];  // this split's x rows, permuted; +8: no bank conflicts
 #if HAS_LORA && !UPRE
@@ -162,12 +187,21 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
     }
 
-    // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split
+    // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split; with SB,
+    // decoded here from SpQR's codes as formats/spqr.py does (scale = fp16(base + step * code), zero in fp32,
+    // each product and sum rounded once, no FMA): ~0.6 bits a weight read instead of the decoded 3
     float sc[NT][NGROUP][2], zf[NT][NGROUP][2];
+#if SB
+    const u32* scodes = (const u32*)scales_p;
+    const u32* zcodes = (const u32*)zeros_p;
+    const int G = K / group, S = N / SG;
+#else
+    const u16* scales = (const u16*)scales_p;
 #if FZ
     const float* zeros = (const float*)zeros_p;
 #else
     const u32* zeros = (const u32*)zeros_p;
+#endif
 #endif
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -180,12 +214,20 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 const int col = tile * 16 + g + 8 * h;
                 float s = 0.f, z = 0.f;
                 if (tile < ntiles) {
+#if SB
+                    const size_t st = (size_t)grp * S + col / SG;
+                    s = round_f16(__fadd_rn(x2h(stats[G * S + st]), __fmul_rn(x2h(stats[st]),
+                                                                           stat_code(scodes, grp, col, N))));
+                    z = __fadd_rn(x2h(stats[3 * G * S + st]), __fmul_rn(x2h(stats[2 * G * S + st]),
+                                                                       stat_code(zcodes, grp, col, N)));
+#else
                     s = s2f(scales[(size_t)grp * N + col]);
 #if FZ
                     z = zeros[(size_t)grp * N + col];
 #else
                     const int bit = col * BITS;
                     z = (float)((zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u));
+#endif
 #endif
                 }
                 sc[j][gi][h] = s;
@@ -217,7 +259,8 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     const lora_t* B = (const lora_t*)(proj == 0 ? b0p : (proj == 1 ? b1p : b2p));
     const int noff = proj == 0 ? 0 : (proj == 1 ? n1 : n2);
 #if UPRE
-    const float* U = (const float*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));  // (M, r): all of K, added where cells are stored
+    // (M, r): all of K, added where cells are stored
+    const float* U = (const float*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
 #else
     const lora_t* A = (const lora_t*)(proj == 0 ? a0p : (proj == 1 ? a1p : a2p));
     for (int r = warp; r < R; r += WARPS) {  // a warp per rank, every token at once: A's row read once
@@ -408,7 +451,8 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 for (int q = 0; q < 4; ++q)
 #pragma unroll
                     for (int c = 0; c < 4; ++c)
-                        pv[q][c] = ok[c] && p + q < split ? ld_cg(part + ((size_t)(p + q) * M + mi[c]) * N + ni[c]) : 0.f;
+                        pv[q][c] = ok[c] && p + q < split
+                                       ? ld_cg(part + ((size_t)(p + q) * M + mi[c]) * N + ni[c]) : 0.f;
 #pragma unroll
                 for (int q = 0; q < 4; ++q)
 #pragma unroll

@@ -290,13 +290,16 @@ def _nvrtc_ptx(source: str, arch: str) -> bytes:
 
 def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: torch.dtype, has_perm: bool,
             lora_dtype: torch.dtype | None, float_zeros: bool = False,
-            outliers: bool = False) -> tuple[tuple[str, int], ...]:
-    """The compile-time constants of one kernel variant."""
+            outliers: bool = False, stat_bits: int = 0, stat_group: int = 1) -> tuple[tuple[str, int], ...]:
+    """The compile-time constants of one kernel variant (`stat_bits` > 0: SpQR's statistics decoded in the
+    kernel from their codes, `stat_group` columns to a second-level group)."""
     gsteps = min(group, cfg["KC"]) // 16
     return (("BITS", bits), ("XF16", int(x_dtype == torch.float16)), ("SF16", int(s_dtype == torch.float16)),
             ("NM", cfg["NM"]), ("NT", cfg["NT"]), ("WARPS", cfg["WARPS"]), ("KC", cfg["KC"]), ("GSTEPS", gsteps),
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
-            ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R), ("FZ", int(float_zeros)),
+            ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R),
+            ("FZ", int(float_zeros and not stat_bits)),
+            ("SB", stat_bits), ("SG", stat_group if stat_bits else 1),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
             ("TAIL", cfg.get("TAIL", TAIL)))
 
@@ -332,12 +335,15 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
              perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor] | None = None,
              lora_b: list[torch.Tensor] | None = None, scaling: float = 1.0,
              bounds: tuple[int, int] | None = None, sms: int = 132, config: dict | None = None,
-             outliers: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+             outliers: tuple[torch.Tensor, ...] | None = None,
+             stats: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """x (M, K), M <= 16 -> (M, N) in x's dtype. `frag` from `pack_gptq`; zeros packed int32 (G, N*b/32) or
     float32 (G, N), scales (G, N); `perm` the packed rows' x rows (act-order) or None; `locks` >= N/16 int32
     zeros (left zero). `lora_a`/`lora_b`: lists, one (A, B) per projection of `bounds` (siblings side by
     side) or one. `outliers`: SpQR's outliers over W (N, K) as `pack_outliers` orders them, added in the same
-    launch, each split its own rows'."""
+    launch, each split its own rows'. `stats`: (fp16 (4, G, S) scales' step and base, zeros' step and base;
+    stat bits) of a SpQR layer, whose `scales` and `zeros` are then its SB-bit codes packed along N, decoded in
+    the kernel."""
     m, k = x.shape
     n = frag.shape[0] * 16
     cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
@@ -350,8 +356,9 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     has_out = outliers is not None and outliers[0].shape[0] > 0
     if zeros.is_floating_point() and zeros.dtype != torch.float32:
         zeros = zeros.float()
+    sb, sg = (stats[1], n // stats[0].shape[-1]) if stats is not None else (0, 1)
     consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,
-                     zeros.is_floating_point(), has_out)
+                     zeros.is_floating_point(), has_out, sb, sg)
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
     if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place
@@ -365,7 +372,8 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     n1, n2 = bounds if bounds is not None else (n, n)
     fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
        args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
-             b_s[2], out, part, locks, *(outliers if has_out else (locks,) * 4), m, k, n, n1, n2, r, group,
+             b_s[2], out, part, locks, *(outliers if has_out else (locks,) * 4),
+             stats[0] if stats is not None else locks, m, k, n, n1, n2, r, group,
              float(scaling), split])
     return out
 
@@ -378,13 +386,16 @@ def _sms(device: torch.device) -> int:
 @torch.library.custom_op("gptqlora::gemv_mma", mutates_args=())
 def _gemv_mma_op(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
-                 bits: int, group: int, scaling: float, outliers: list[torch.Tensor]) -> torch.Tensor:
+                 bits: int, group: int, scaling: float, outliers: list[torch.Tensor], stats: list[torch.Tensor],
+                 stat_bits: int) -> torch.Tensor:
     # gemv_mma as one opaque op (torch.compile, CUDA graphs; the counters end as they began), for the layers that
-    # call it directly (SpQR's decode); QuantLinear reaches it through gptqlora::gemv. outliers: [] or the CSR.
+    # call it directly (SpQR's decode); QuantLinear reaches it through gptqlora::gemv. outliers: [] or
+    # `pack_outliers`' four; stats: [] or SpQR's (4, G, S) step and base (`scales` and `zeros` its codes then).
     return gemv_mma(x, frag, zeros, scales, bits, group, perm, locks, list(lora_a), list(lora_b), scaling,
-                    sms=_sms(x.device), outliers=tuple(outliers) if outliers else None)
+                    sms=_sms(x.device), outliers=tuple(outliers) if outliers else None,
+                    stats=(stats[0], stat_bits) if stats else None)
 
 
 @_gemv_mma_op.register_fake
-def _(x, frag, zeros, scales, perm, locks, lora_a, lora_b, bits, group, scaling, outliers):
+def _(x, frag, zeros, scales, perm, locks, lora_a, lora_b, bits, group, scaling, outliers, stats, stat_bits):
     return x.new_empty((x.shape[0], frag.shape[0] * 16))

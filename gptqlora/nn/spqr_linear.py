@@ -104,10 +104,10 @@ class SpQRLinear(nn.Module):
 
     def mma_plan(self) -> tuple | None:
         """The tensor-core decode plan (kernels/gemv_mma.py, where GPTQLORA_GEMV_MMA=1 and the layer fits): the
-        codes in fragment order (3-bit codes in 4-bit slots), the first-level statistics decoded once
-        (scales fp16, zeros fp32 [G, N]) and the outliers in packed-row order (`gemv_mma.pack_outliers`),
-        non-persistent buffers; (slot bits, group), or None (then gemv_plan's Triton path). Built once, rebuilt
-        when any SpQR tensor changes; under torch.compile the one before."""
+        codes in fragment order (3-bit codes in 4-bit slots), the statistics' steps and bases side by side (fp16
+        (4, G, S); the kernel decodes the layer's own codes) and the outliers in packed-row order
+        (`gemv_mma.pack_outliers`), non-persistent buffers; (slot bits, group), or None (then gemv_plan's Triton
+        path). Built once, rebuilt when any SpQR tensor changes; under torch.compile the one before."""
         if torch.compiler.is_compiling():
             return self._mma
         from gptqlora.kernels import gemv_mma
@@ -122,24 +122,23 @@ class SpQRLinear(nn.Module):
         from gptqlora.kernels import gemv_mma
         from gptqlora.kernels.dequant import plan_for
         from gptqlora.kernels.gemv import room_for
-        from gptqlora.kernels.spqr import spqr_stats
-
         k, n, dev = self.in_features, self.out_features, self.qweight.device
         slot = 4 if self.bits == 3 else self.bits
         gs = k if self.group_size == -1 else self.group_size
-        if not gemv_mma.wanted() or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15:
-            return None  # (the outliers' positions and offsets are int16)
+        if (not gemv_mma.wanted() or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15
+                or k % gs or n * self.stat_bits % 32):
+            return None  # (the outliers' positions and offsets are int16; whole words of statistics' codes a group)
         if dev.type == "cuda" and (resolve(self.kernel, dev) != "triton" or not gemv_mma.usable(dev)):
             return None
         rows = plan_for(self.g_idx, gs)
         nnz = self.outlier_values.shape[0]
-        if rows is None or not room_for(k * n * slot // 8 + (k // gs) * n * 6 + nnz * 4 + n * (k // 32 + 2), dev):
+        stats = (self.scales_step, self.scales_base, self.zeros_step, self.zeros_base)
+        if rows is None or not room_for(k * n * slot // 8 + 8 * stats[0].numel() + nnz * 4 + n * (k // 32 + 2), dev):
             return None
-        scales, zeros = spqr_stats(self.tensors(), self.stat_bits)
         o_vals, o_pos, _, o_offs = gemv_mma.pack_outliers(self.outlier_values, self.outlier_cols, self.outlier_rows,
                                                           rows.perm, k)
         for name, t in (("mma_frag", gemv_mma.pack_gptq(self.qweight, self.bits, rows.perm, slot)),
-                        ("mma_scales", scales.to(torch.float16)), ("mma_zeros", zeros.float()), ("mma_perm", rows.perm),
+                        ("mma_stats", torch.stack([t.to(torch.float16) for t in stats])), ("mma_perm", rows.perm),
                         ("mma_locks", torch.zeros(-(-n // 16), dtype=torch.int32, device=dev)),
                         ("mma_o_vals", o_vals), ("mma_o_pos", o_pos), ("mma_o_offs", o_offs)):
             self.register_buffer(name, t, persistent=False)
@@ -156,10 +155,11 @@ class SpQRLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = ([lora_a], [lora_b]) if lora_a is not None else ([], [])
         mma = self.mma_plan()
-        if mma is not None and gemv_mma_takes(x2, self.mma_scales, a, b):
-            y = torch.ops.gptqlora.gemv_mma(x2, self.mma_frag, self.mma_zeros, self.mma_scales, self.mma_perm,
+        if mma is not None and gemv_mma_takes(x2, self.mma_stats, a, b):
+            y = torch.ops.gptqlora.gemv_mma(x2, self.mma_frag, self.zeros_code, self.scales_code, self.mma_perm,
                                             self.mma_locks, a, b, mma[0], mma[1], float(scaling),
-                                            [self.mma_o_vals, self.mma_o_pos, self.outlier_rows, self.mma_o_offs])
+                                            [self.mma_o_vals, self.mma_o_pos, self.outlier_rows, self.mma_o_offs],
+                                            [self.mma_stats], self.stat_bits)
         else:
             plan = self.gemv_plan()
             if plan is None:

@@ -107,7 +107,7 @@ def test_variants_differ_by_their_constants():
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "UPRE": 1, "TAIL": 0}
+                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
@@ -128,11 +128,13 @@ def test_float_zeros_fold_per_group():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monkeypatch):
-    """A SpQR layer's tensor-core plan: 3-bit codes in 4-bit slots, statistics decoded once, the outliers
-    (CSR over W (N, K)) added in the same launch; emulated, it equals the layer's dense weight."""
+    """A SpQR layer's tensor-core plan: 3-bit codes in 4-bit slots, the statistics' steps and bases for the kernel
+    to decode the layer's codes with, the outliers in packed-row order; emulated (statistics decoded as the
+    kernel does), it equals the layer's dense weight."""
     from test_spqr_kernel import random_spqr
 
-    from gptqlora.formats.spqr import SpQRSpec
+    from gptqlora.formats.spqr import SpQRSpec, decode_scales, decode_stats
+    from gptqlora.kernels.spqr import unpack_along_n
     from gptqlora.nn.spqr_linear import SpQRLinear
 
     t = random_spqr(k=256, n=64, bits=bits, frac=0.03, seed=bits)
@@ -141,18 +143,23 @@ def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monke
     monkeypatch.setenv(gemv_mma.ENV, "1")
     slot, group = layer.mma_plan()
     assert (slot, group) == (4 if bits == 3 else bits, 16) and layer.mma_frag.dim() == 4
+
+    def emulated(x):
+        st = layer.mma_stats.float()  # (4, G, S): what the kernel reads beside the codes
+        assert layer.mma_stats.dtype == torch.float16 and st.shape[0] == 4
+        scales = decode_scales(unpack_along_n(layer.scales_code, layer.stat_bits, 64), st[0], st[1])
+        zeros = decode_stats(unpack_along_n(layer.zeros_code, layer.stat_bits, 64), st[2], st[3])
+        return gemv_mma.emulate(x, layer.mma_frag, zeros, scales, slot, group, layer.mma_perm,
+                                outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
+
     x = torch.randn(3, 256)
-    y = gemv_mma.emulate(x, layer.mma_frag, layer.mma_zeros, layer.mma_scales, slot, group, layer.mma_perm,
-                         outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
     want = x.double() @ layer.dequantize(torch.float32).double()
-    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(emulated(x).double(), want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         layer.outlier_values.mul_(-3)  # changed in place (a load_state_dict copies so): the plan follows
     layer.mma_plan()
-    y = gemv_mma.emulate(x, layer.mma_frag, layer.mma_zeros, layer.mma_scales, slot, group, layer.mma_perm,
-                         outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
     want = x.double() @ layer.dequantize(torch.float32).double()
-    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(emulated(x).double(), want, rtol=1e-4, atol=1e-4)
     assert layer.small_m(x) is None  # on the CPU nothing decodes through a kernel: forward's dense path
     assert "mma_frag" not in layer.state_dict()
 
@@ -170,7 +177,7 @@ def _nvrtc_or_skip():
     (4, torch.bfloat16, True, torch.float32, 1, False, False, 2),  # u Bᵀ where the cells are stored
     (2, torch.float16, True, torch.float16, 2, False, True, 2),
     (2, torch.float16, False, None, 2, False, False, 1),
-    (4, torch.bfloat16, True, torch.bfloat16, 2, True, True, 1),  # SpQR's: float zeros, outliers, a bf16 adapter
+    (4, torch.bfloat16, True, torch.bfloat16, 2, True, True, 1),  # float zeros, outliers, a bf16 adapter
 ])
 def test_cuda_source_compiles_to_tensor_core_ptx(bits, x_dtype, perm, lora, nm, fz, outliers, upre):
     """NVRTC (the test extra's wheel on the CPU; PyTorch's on a GPU machine) compiles each kind of variant,
@@ -203,7 +210,8 @@ def test_emulation_makes_its_tensors_on_the_codes_device():
     frag = gemv_mma.pack(torch.randint(0, 16, (k, n)), 4).to("meta")
     zeros, scales = torch.rand(4, n).to("meta"), torch.rand(4, n).half().to("meta")
     x, perm = torch.randn(2, k).to("meta"), torch.randperm(k).int().to("meta")
-    vals, cols, rows = torch.rand(5).half(), torch.tensor([3, 9, 1, 4, 200]).short(), torch.tensor([0] * 30 + [2, 5, 5]).int()
+    vals, cols = torch.rand(5).half(), torch.tensor([3, 9, 1, 4, 200]).short()
+    rows = torch.tensor([0] * 30 + [2, 5, 5]).int()
     packed = gemv_mma.pack_outliers(vals, cols, rows, torch.randperm(k).int(), k)
     y = gemv_mma.emulate(x, frag, zeros, scales, 4, 64, perm, outliers=tuple(t.to("meta") for t in packed))
     assert y.device.type == "meta" and y.shape == (2, n)
@@ -229,11 +237,13 @@ def test_outliers_in_packed_order_give_each_split_its_own(act):
         for r in range(n):
             base, seen = int(o_rows[r]), {}
             for s in range(k // kc):
-                lo, hi = base + int(offs[r, s * kc // gemv_mma.OSTEP]), base + int(offs[r, (s + 1) * kc // gemv_mma.OSTEP])
+                lo = base + int(offs[r, s * kc // gemv_mma.OSTEP])
+                hi = base + int(offs[r, (s + 1) * kc // gemv_mma.OSTEP])
                 pos = o_pos[lo:hi].long()
                 assert ((pos >= s * kc) & (pos < (s + 1) * kc)).all() and (pos.diff() > 0).all()
                 seen.update(zip(pos.tolist(), o_vals[lo:hi].tolist()))
-            want = {int(where[c]): float(v) for c, v in zip(cols[rows[r]:rows[r + 1]].long(), vals[rows[r]:rows[r + 1]])}
+            own = slice(int(rows[r]), int(rows[r + 1]))
+            want = {int(where[c]): float(v) for c, v in zip(cols[own].long(), vals[own])}
             assert seen == want
 
 
@@ -243,3 +253,16 @@ def test_outliers_need_k_in_int16_and_whole_steps():
         gemv_mma.pack_outliers(torch.zeros(0).half(), torch.zeros(0).short(), rows, None, 100)
     with pytest.raises(ValueError, match="below 2"):
         gemv_mma.pack_outliers(torch.zeros(0).half(), torch.zeros(0).short(), rows, None, 2**15)
+
+
+@pytest.mark.parametrize("stat_bits", [2, 3, 4, 8])
+def test_spqr_statistics_decoded_in_the_kernel_compile(stat_bits):
+    """SB: SpQR's statistics decoded from their codes in the kernel (3-bit codes straddle words), beside the
+    outliers and an fp32 adapter, as SpQRLinear's plan runs it; rounded to fp16 with cvt.rn, no FMA."""
+    _nvrtc_or_skip()
+    cfg = {"WARPS": 8, "NT": 1, "KC": 128, "NM": 1, "UPRE": 1}
+    consts = gemv_mma.defines(cfg, 4, 16, torch.bfloat16, torch.int32, True, torch.float32, False, True, stat_bits, 16)
+    assert dict(consts)["SB"] == stat_bits and dict(consts)["FZ"] == 0
+    code = gemv_mma.ptx(consts, "sm_90")
+    assert b"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in code and b"cvt.rn.f16.f32" in code
+    assert b"mul.rn.f32" in code and b"add.rn.f32" in code
