@@ -5,7 +5,7 @@
 Why a kernel of its own: the tensor-core decode kernel (gemv_mma.cu) computed each split's share of u in every
 block, ~1,400 blocks a 4096x22016 layer, and the adapter took 26 of its 55 us there (session 17, H100). Computed
 once per call, the decode kernel only adds u Bᵀ in one split. Three cuBLAS calls and a stack would be four
-launches per sibling group; this is one: a program per (projection, 512 rows of K), each reading its rows of
+launches per sibling group; this is one: a program per (projection, 256 rows of K), each reading its rows of
 every rank of A once and x (L2-resident), its (M, r) partial summed with the others' in a fixed order by the last
 program of its projection (kernels/split_k.py, as the decode kernels' splits). Session 18 (H100) measured the
 first version, a program per (projection, rank) walking all of K in series: 6.7 us at K = 4096, 16.7 at 11008,
@@ -13,9 +13,10 @@ latency-bound, and with it the u-once paths lost (docs/benchmarks.md, session 18
 with atomics): 2.8-3.0 us.
 
 Inside a program (`MODE`, `pick`): session 19's version reduced its (M, r) tile across threads at every step
-(mode 0, removed after session 20's A/B), so its time grew with M: 11.3 us at M = 8 against 3.4 at M = 1, 18.5% of the 7B's batch-8 step
-(session 20 profile). Mode 1 sums the products elementwise and reduces once (4.7 us at M = 8); mode 2 runs the
-products on tensor cores, M and r padded to 16 (5.6 us at M = 16, against mode 1's 6.1).
+(mode 0, removed after session 20's A/B), so its time grew with M: 11.3 us at M = 8 against 3.4 at M = 1,
+18.5% of the 7B's batch-8 step (session 20 profile). Mode 1 sums the products elementwise and reduces once
+(4.7 us at M = 8); mode 2 runs the products on tensor cores, M and r padded to 16 (5.6 us at M = 16, against
+mode 1's 6.1).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mod
     bm, rp = triton.next_power_of_2(m), max(2, triton.next_power_of_2(r))
     if mode == 2:
         bm, rp = max(16, bm), max(16, rp)
-    if bk is None:  # mode 1: a (BM, RP, BK) fp32 accumulator of <= 4096 values (32 registers a thread at 4 warps)
+    if bk is None:  # mode 1: a (BM, RP, BK) fp32 accumulator of ~4096 values (32 registers a thread at 4 warps)
         bk = min(kc, max(16, 4096 // (bm * rp))) if mode == 1 else min(kc, 128)
     chunks = triton.cdiv(k, kc)
     u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)
