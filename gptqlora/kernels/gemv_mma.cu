@@ -17,13 +17,13 @@
 // added where a cell is stored, by the last split's sum), TAIL (the last split sums 4 cells at once), FZ (zeros
 // are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's outliers over W (N, K) in packed-row order,
 // `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory), SB (SpQR's
-// statistics decoded in step 2 from their SB-bit codes, SG output columns a second-level group; 0: none).
+// statistics decoded in step 2 from their SB-bit codes, SG output columns a second-level group; 0: none), OSTEP
+// (packed rows per outlier offset, gemv_mma.OSTEP).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 
 #define BLOCK_COLS (WARPS * NT * 16)
-#define OSTEP 64                    // rows per outlier offset (gemv_mma.OSTEP; KC is a multiple)
 #define SPW (4 / BITS)              // mma k-steps per 32-bit word
 #define RL (64 * SPW)               // rows per 16-byte load of a lane (4 words)
 #define NLOAD (KC / RL)
@@ -395,7 +395,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 
     // 5. each cell of this lane (c0, c1 = column g, tokens 2t, 2t+1; c2, c3 = column g + 8): the adapter's share
-    // and split 0's outliers added, then out directly (one split) or as an fp32 partial the last split sums
+    // and this split's outliers added, then out directly (one split) or as an fp32 partial the last split sums
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int tile = col0 / 16 + warp * NT + j;

@@ -192,7 +192,7 @@ def pack_outliers(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, pe
     steps = torch.arange(0, k + 1, OSTEP, device=rows.device)  # (K / OSTEP + 1,)
     first = torch.searchsorted(key, torch.arange(n, device=rows.device)[:, None] * k + steps[None, :])  # (N, S + 1)
     offs = (first - rows[:-1, None].long()).to(torch.int16)
-    return vals[order].contiguous(), (key % k).to(torch.int16), rows, offs.contiguous()
+    return vals[order].half(), (key % k).to(torch.int16), rows, offs.contiguous()  # the kernel reads fp16 bits
 
 
 def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
@@ -299,7 +299,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("HAS_PERM", int(has_perm)), ("HAS_LORA", int(lora_dtype is not None)),
             ("LORA_F32", int(lora_dtype == torch.float32)), ("MAX_R", MAX_R),
             ("FZ", int(float_zeros and not stat_bits)),
-            ("SB", stat_bits), ("SG", stat_group if stat_bits else 1),
+            ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
             ("TAIL", cfg.get("TAIL", TAIL)))
 

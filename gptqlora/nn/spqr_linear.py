@@ -156,7 +156,8 @@ class SpQRLinear(nn.Module):
         a, b = ([lora_a], [lora_b]) if lora_a is not None else ([], [])
         mma = self.mma_plan()
         if mma is not None and gemv_mma_takes(x2, self.mma_stats, a, b):
-            y = torch.ops.gptqlora.gemv_mma(x2, self.mma_frag, self.zeros_code, self.scales_code, self.mma_perm,
+            y = torch.ops.gptqlora.gemv_mma(x2, self.mma_frag, self.zeros_code.contiguous(),
+                                            self.scales_code.contiguous(), self.mma_perm,
                                             self.mma_locks, a, b, mma[0], mma[1], float(scaling),
                                             [self.mma_o_vals, self.mma_o_pos, self.outlier_rows, self.mma_o_offs],
                                             [self.mma_stats], self.stat_bits)

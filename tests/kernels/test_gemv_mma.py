@@ -107,7 +107,7 @@ def test_variants_differ_by_their_constants():
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1}
+                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
@@ -266,3 +266,14 @@ def test_spqr_statistics_decoded_in_the_kernel_compile(stat_bits):
     code = gemv_mma.ptx(consts, "sm_90")
     assert b"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in code and b"cvt.rn.f16.f32" in code
     assert b"mul.rn.f32" in code and b"add.rn.f32" in code
+
+
+@pytest.mark.parametrize("nm,warps", [(1, 8), (2, 4)])
+def test_the_last_splits_four_cell_sum_compiles(nm, warps):
+    """TAIL 1 (off by default until GPU-run): the last split sums 4 cells a thread at once; its loads bypass
+    L1 as TAIL 0's do, and there are more of them in flight."""
+    _nvrtc_or_skip()
+    cfg = {"WARPS": warps, "NT": 1, "KC": 256, "NM": nm, "UPRE": 1}
+    ptx = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, TAIL=t), 4, 128, torch.bfloat16, torch.float16, True,
+                                         torch.float32), "sm_90") for t in (0, 1)]
+    assert ptx[1].count(b"ld.global.cg.f32") > ptx[0].count(b"ld.global.cg.f32") > 0
