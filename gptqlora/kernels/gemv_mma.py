@@ -64,7 +64,7 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
 #          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
 #          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
-OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; gemv_mma.cu's OSTEP): every KC is a multiple
+OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
@@ -217,7 +217,8 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
             if best is None or score > best[0]:
                 best = (score, kc)
         if best is not None:
-            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2,
+                        UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
     return None
 
 
