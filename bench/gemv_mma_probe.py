@@ -56,8 +56,9 @@ def checks(device, quick: bool = False) -> dict:
             b = [(torch.randn(w, r, device=device, generator=g) * 0.05).to(ldt) for w in widths]
         try:
             ran = plan.qweight.dim() == 4 and gemv_mma.takes(x, p[2], a or [], b or [])
-            y = G.gemv_triton(x, *p, bits, plan, a if a is None or bounds else a[0], b if b is None or bounds else b[0],
-                              2.0, bounds=bounds)
+            zeros = gemv_mma.slot_zeros(p[1], bits, n) if plan.qweight.dim() == 4 else p[1]  # 3 bit: in 4-bit slots
+            y = G.gemv_triton(x, p[0], zeros, *p[2:], bits, plan, a if a is None or bounds else a[0],
+                              b if b is None or bounds else b[0], 2.0, bounds=bounds)
             want = G.gemv_reference(x, *p, bits).float()
             if a is not None:
                 edges = [0] + list(torch.tensor(widths).cumsum(0).tolist())
@@ -89,6 +90,10 @@ def checks(device, quick: bool = False) -> dict:
         for k, n, bounds in SHAPES[:2] if quick else SHAPES:
             for m in (1, 8):
                 case(f"{bits}b {k}x{n} m{m}", k, n, bits, gs, True, m, torch.bfloat16, "f32", bounds)
+    # 3-bit GPTQ layers in 4-bit slots (session 20): codes and zeros repacked, the 4-bit kernel
+    for k, n, bounds in ((1024, 768, None),) + SHAPES[1:3]:
+        for m in (1, 8, 16):
+            case(f"3b {k}x{n} m{m}", k, n, 3, GROUP[3], True, m, torch.bfloat16, "f32", bounds)
     # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch)
     import importlib.util
     import os

@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -158,6 +158,12 @@ for r in rows:
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
     r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail_us', 'mma_no_adapter_us', 'mma_no_adapter_tail_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
+    gptq3-mma) # issue 16, after session 20: 3-bit GPTQ through the tensor-core kernel in 4-bit slots (GPTQLORA_GEMV_MMA=1; the
+               # batch-2+ default keeps 3 bit on Triton until this is timed: gemv_mma.AUTO_BITS), the 7B at batch 8 and 2 against
+               # Triton (~4 min). The quick checks of `tail` (or `mma-quick`) cover 3-bit layers through the kernel
+               python3 bench/decode.py --skip layers --bits 3 --batches "${AB_BATCHES:-8,2}" --decode-kernels triton,mma --no-old-harness \
+                 --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_gptq3_mma.json" > "$OUT/decode_gptq3_mma.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_gptq3_mma.txt" ;;
     spqr-mma)  # issue 17, after session 20: SpQR through the tensor-core kernel, each split adding its own outliers from shared
                # memory (was: split 0 walked every outlier of its columns) and the statistics decoded in the kernel from their
                # codes (was: decoded fp16 scales and fp32 zeros read, 3 bits a weight), against SpQR's default, the 7B at batch

@@ -91,7 +91,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
     if batch is not None and _mma_fits(model):
         layers = [m for m in model.modules() if type(m) is QuantLinear]
         grown = [(m, max(batch, m.decode_batch or 0)) for m in layers]
-        if any(gemv_mma.wanted(m.decode_batch) != gemv_mma.wanted(b) for m, b in grown):
+        if any(gemv_mma.wanted(m.decode_batch, m.bits) != gemv_mma.wanted(b, m.bits) for m, b in grown):
             forget_decoders(model)
             logger.info("decoding %d rows at a time: the quantized layers are planned again for the %s kernel",
                         batch, "tensor-core" if gemv_mma.wanted(batch) else "Triton")

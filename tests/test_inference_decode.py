@@ -120,14 +120,17 @@ def test_act_order_siblings_read_slices_of_their_shared_copy(model, monkeypatch)
         assert float((got - want).norm() / want.norm()) < 1e-5
 
 
-def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(monkeypatch):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(bits, monkeypatch):
     """GPTQLORA_GEMV_MMA=1 (kernels/gemv_mma.py): the layers and sibling groups plan fragment-ordered copies (the
-    group's tiles side by side, each sibling's a slice, one split-K counter per 16 output columns), and off CUDA
-    their calls take the dense fallback: greedy generations equal the reference path's."""
+    group's tiles side by side, each sibling's a slice, one split-K counter per 16 output columns; 3-bit codes
+    and zeros in 4-bit slots), and off CUDA their calls take the dense fallback, which reads the codes back from
+    the copy as the kernel would: greedy generations equal the reference path's."""
+    from gptqlora.formats.gptq import unpack_cols
     from gptqlora.kernels import gemv_mma
     from gptqlora.nn.sibling_gemv import group_plan
 
-    m = packed_tiny_llama(bits=4, group_size=32, layers=1, hidden=64, intermediate=128, seed=3)
+    m = packed_tiny_llama(bits=bits, group_size=32, layers=1, hidden=64, intermediate=128, seed=3)
     pm = get_peft_model(m, GPTQLoraConfig(r=8, lora_dropout=0.0)).eval()
     for n, p in pm.named_parameters():
         if "lora_B" in n:
@@ -150,6 +153,12 @@ def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(monkeypatc
     for b in bases:
         assert b.gemv_qweight.dim() == 4 and b.gemv_qweight.shape[0] * 16 == b.out_features
         assert b.gemv_qweight.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()
+        if bits == 3:  # the zeros the copy is read with: the same values, 4 bits each
+            assert torch.equal(unpack_cols(b.gemv_zeros, 4, b.out_features), unpack_cols(b.qzeros, 3, b.out_features))
+        else:
+            assert b.gemv_zeros is None and b.decode_zeros is b.qzeros
+    if bits == 3:  # the group's zeros side by side, 8 to an int32 word
+        assert bases[0].group_zeros.shape[1] * 8 == sum(b.out_features for b in bases)
 
 
 def test_batch_picks_the_decode_kernel_and_only_grows(monkeypatch):

@@ -242,10 +242,11 @@ def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size:
     locks = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=qweight.device)
     rows = plan_for(g_idx, group_size)
     gs = k if group_size == -1 else group_size
-    if (mma and rows is not None and gemv_mma.eligible(bits, k, n, gs, float_zeros)
+    slot = gemv_mma.slot_bits(bits)  # 3-bit codes in 4-bit slots: a third more than qweight's bytes
+    if (mma and rows is not None and slot is not None and gemv_mma.eligible(slot, k, n, gs, float_zeros)
             and (qweight.device.type != "cuda" or gemv_mma.usable(qweight.device))
-            and (repack or room_for_copy(qweight))):
-        return GemvPlan(gemv_mma.pack_gptq(qweight, bits, rows.perm), rows.perm, True, gs, locks)
+            and (repack or room_for(qweight.numel() * 4 * slot // bits, qweight.device))):
+        return GemvPlan(gemv_mma.pack_gptq(qweight, bits, rows.perm, slot), rows.perm, True, gs, locks)
     if rows is not None and rows.perm is not None and repack is None:
         repack = room_for_copy(qweight)
         if not repack:
@@ -401,7 +402,8 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     zeros_step, zeros_base), decoded in the kernel; `zeros` and `scales` are then unread.
 
     `qweight` is the layer's own (the plan may hold a repacked copy, which is what is read); `zeros`
-    packed int32 [G, N*b/32] or float [G, N]; `config` overrides `pick_config` (bench/gemv_sweep.py sweeps
+    packed int32 [G, N*b/32] or float [G, N] (with a gemv_mma plan of a 3-bit layer, read in 4-bit slots:
+    `gemv_mma.slot_zeros`); `config` overrides `pick_config` (bench/gemv_sweep.py sweeps
     it; it is made legal for the layer by `legal_config`).
     """
     m, k = x.shape
@@ -411,10 +413,11 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     if plan.qweight.dim() == 4:  # planned for the tensor-core kernel (gemv_mma); a call it cannot take: dense
         a_l = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a] if lora_a is not None else []
         b_l = lora_b if isinstance(lora_b, (list, tuple)) else [lora_b] if lora_b is not None else []
+        slot = gemv_mma.slot_bits(bits)  # the width the copy holds the codes at (3 bit: 4-bit slots)
         if spqr_stats is None and gemv_mma.takes(x, scales, a_l, b_l):
-            return gemv_mma.gemv_mma(x, plan.qweight, zeros, scales, bits, plan.group, plan.perm, plan.locks,
+            return gemv_mma.gemv_mma(x, plan.qweight, zeros, scales, slot, plan.group, plan.perm, plan.locks,
                                      list(a_l), list(b_l), scaling, bounds, sms)
-        return _dense(x, qweight, zeros, scales, g_idx, bits, plan, a_l, b_l, scaling, bounds)
+        return _dense(x, qweight, zeros, scales, g_idx, slot, plan, a_l, b_l, scaling, bounds)
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
                                lora_a, lora_b, scaling, bounds)
@@ -454,14 +457,13 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
 
 def _dense(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
     """gemv_triton's result through the dense reference, for the calls a gemv_mma plan's kernel cannot take
-    (off CUDA, fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast. A sibling
-    group passes its fragment copy as `qweight` (there is no GPTQ-layout one): its codes are read back."""
+    (off CUDA, fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast. The codes
+    are read back from the plan's fragment copy, at `bits`, the width it holds them at (and `zeros` with them:
+    a 3-bit layer's in 4-bit slots), as the kernel would read them."""
+    del qweight, g_idx  # the copy holds the codes in group order; its perm, the rows
     n = scales.shape[1]
     edges = [0, n] if bounds is None else [0, bounds[0], bounds[1], n][:4 if bounds[1] < n else 3]
-    if qweight.dim() == 2:
-        y = x.float() @ dequantize(qweight, zeros, scales, g_idx, bits, torch.float32)
-    else:
-        y = gemv_mma.emulate(x.float(), plan.qweight, zeros, scales, bits, plan.group, plan.perm)
+    y = gemv_mma.emulate(x.float(), plan.qweight, zeros, scales, bits, plan.group, plan.perm)
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         y[:, edges[i]:edges[i + 1]] += scaling * (x.float() @ a.float().t()) @ b.float().t()
     return y.to(x.dtype)

@@ -47,10 +47,11 @@ from pathlib import Path
 
 import torch
 
-from gptqlora.formats.gptq import unpack_rows
+from gptqlora.formats.gptq import pack_cols, unpack_cols, unpack_rows
 
 ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; "0": the Triton kernels; unset: `wanted`
 AUTO_MIN_BATCH = 2  # unset ENV: GPTQ layers decoding batches of this many rows or more take this kernel
+AUTO_BITS = (2, 4)  # ... at these widths (3 bit reads 4-bit slots: correct on the CPU, not yet timed on a GPU)
 #   (session 19, H100, 7B 4 bit r=8: batch 8 1099 tokens/s against the Triton kernels' 837; batch 1 232 against 280)
 UPRE_MIN_AREA = 4096 * 4096  # u once per call above this K x N; at or below, each block's share (session 19, H100,
 #   4096x4096 r=8: 13.2 against 13.8 us at M = 1, 19.3 against 26.7 at M = 8; q|k|v, gate|up, down_proj the other way)
@@ -68,18 +69,33 @@ OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
 
-def wanted(batch: int | None = None) -> bool:
+def wanted(batch: int | None = None, bits: int | None = None) -> bool:
     """Whether layers decoding `batch` rows at a time plan for this kernel: GPTQLORA_GEMV_MMA=1 always, =0
-    never; unset, where `batch` is known (inference.prepare_decode says it) and >= AUTO_MIN_BATCH."""
+    never; unset, where `batch` is known (inference.prepare_decode says it) and >= AUTO_MIN_BATCH, for the
+    widths measured through it (`AUTO_BITS`: 3-bit layers, in 4-bit slots since session 20, only when asked)."""
     value = os.environ.get(ENV, "")
     if value in ("0", "1"):
         return value == "1"
-    return batch is not None and batch >= AUTO_MIN_BATCH
+    return batch is not None and batch >= AUTO_MIN_BATCH and (bits is None or bits in AUTO_BITS)
 
 
 def rows_per_load(bits: int) -> int:
     """Rows of K one lane's 16-byte load covers: 4 words of (4 / bits) 16-row mma k-steps each."""
     return 64 * (4 // bits)
+
+
+def slot_bits(bits: int) -> int | None:
+    """The code width this kernel reads a layer of `bits` at: 2 and 4 as they are, 3 in 4-bit slots (as SpQR's
+    codes: a third more bytes than the codes, the 4-bit path's speed); None for the rest."""
+    return 4 if bits == 3 else bits if bits in BITS else None
+
+
+def slot_zeros(zeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """A layer's zeros as the kernel reads them for its `slot_bits`: packed int32 zeros of a 3-bit layer repacked
+    at 4 bits along N; float zeros and 2/4-bit ones as they are."""
+    if zeros.is_floating_point() or slot_bits(bits) == bits:
+        return zeros
+    return pack_cols(unpack_cols(zeros, bits, n), slot_bits(bits))
 
 
 def eligible(bits: int, k: int, n: int, group: int, float_zeros: bool = False) -> bool:

@@ -100,9 +100,11 @@ class QuantLinear(nn.Module):
                 return None
             from gptqlora.kernels import gemv_mma
 
-            mma = self.mma_decode and gemv_mma.wanted(self.decode_batch)
+            mma = self.mma_decode and gemv_mma.wanted(self.decode_batch, self.bits)
+            zeros = self.qzeros if mma else None  # copied for a 3-bit layer's slots (SpQRLinear, which borrows
+            # this method, has no qzeros and never plans that copy)
             key = (self.qweight.data_ptr(), self.qweight._version, self.g_idx.data_ptr(), self.g_idx._version,
-                   self.qweight.device, mma)
+                   None if zeros is None else (zeros.data_ptr(), zeros._version), self.qweight.device, mma)
             if self._gemv_key != key:
                 from gptqlora.kernels.gemv import plan_gemv
 
@@ -112,6 +114,9 @@ class QuantLinear(nn.Module):
                 self.register_buffer("gemv_qweight", copy, persistent=False)
                 self.register_buffer("gemv_perm", plan.perm, persistent=False)
                 self.register_buffer("gemv_locks", plan.locks, persistent=False)
+                slot = plan.qweight.dim() == 4 and gemv_mma.slot_bits(self.bits) != self.bits  # 3 bit in 4-bit slots
+                self.register_buffer("gemv_zeros", gemv_mma.slot_zeros(self.qzeros, self.bits, self.out_features)
+                                     if slot else None, persistent=False)
                 self._gemv, self._gemv_key = (plan.sorted, plan.group), key
         if self._gemv is None:
             return None
@@ -127,7 +132,7 @@ class QuantLinear(nn.Module):
         plan = self.gemv_plan()
         if plan is None:
             return None
-        y = gemv(x, self.qweight, self.zero_points, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
+        y = gemv(x, self.qweight, self.decode_zeros, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
                  scaling)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -135,6 +140,13 @@ class QuantLinear(nn.Module):
     def zero_points(self) -> torch.Tensor:
         """The zeros as the kernels take them: packed int32 [G, N*b/32], or float [G, N]."""
         return self.qzeros
+
+    @property
+    def decode_zeros(self) -> torch.Tensor:
+        """The zeros as the decode plan reads them (`gemv_plan`): a 3-bit layer planned for the tensor-core
+        kernel reads its codes and zeros in 4-bit slots (`gemv_zeros`); every other layer, `zero_points`."""
+        slots = getattr(self, "gemv_zeros", None)
+        return slots if slots is not None else self.zero_points
 
     @property
     def float_zeros(self) -> bool:

@@ -30,8 +30,9 @@ MIN_COLUMNS = 32  # each sibling's width must be a multiple of this: whole words
 def _key(bases: list[QuantLinear]) -> tuple:
     from gptqlora.kernels import gemv_mma
 
-    return tuple((b.qweight.data_ptr(), b.qweight._version, b.g_idx.data_ptr(), b.g_idx._version, b.qweight.device)
-                 for b in bases) + (gemv_mma.wanted(bases[0].decode_batch),)  # as the layers' plans: gemv_mma.wanted
+    return tuple((b.qweight.data_ptr(), b.qweight._version, b.g_idx.data_ptr(), b.g_idx._version,
+                  b.qzeros.data_ptr(), b.qzeros._version, b.qweight.device)
+                 for b in bases) + (gemv_mma.wanted(bases[0].decode_batch, bases[0].bits),)  # as the layers' plans
 
 
 def group_plan(bases: list[QuantLinear]) -> tuple | None:
@@ -71,7 +72,7 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
     if any((p[0].dim() == 4) != frag for p in plans):
         return None
     qweight = torch.cat([p[0] for p in plans], dim=0 if frag else 1)  # (K*b/32, N1 + N2 [+ N3]) or tiles
-    zeros = torch.cat([b.zero_points for b in bases], dim=1)
+    zeros = torch.cat([b.decode_zeros for b in bases], dim=1)  # (3-bit codes in 4-bit slots: their zeros too)
     scales = torch.cat([b.scales for b in bases], dim=1)
     locks = torch.zeros(-(-sum(b.out_features for b in bases) // 16), dtype=torch.int32, device=qweight.device)
     for name, t in (("group_qweight", qweight), ("group_zeros", zeros), ("group_scales", scales),

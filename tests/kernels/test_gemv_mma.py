@@ -53,8 +53,12 @@ def test_pack_gptq_sorts_act_order_rows_into_groups():
 def test_layers_the_kernel_cannot_read_keep_the_triton_plan():
     p = random_packed(256, 40, 4, 64, False, False, seed=4)  # N not in 16-column tiles
     assert plan_gemv(p["qweight"], p["g_idx"], 4, 64, mma=True).qweight.dim() == 2
-    p = random_packed(256, 32, 3, 64, False, False, seed=5)  # 3 bit
-    assert plan_gemv(p["qweight"], p["g_idx"], 3, 64, mma=True).qweight.dim() == 2
+    p = random_packed(256, 32, 8, 64, False, False, seed=5)  # 8 bit
+    assert plan_gemv(p["qweight"], p["g_idx"], 8, 64, mma=True).qweight.dim() == 2
+    p = random_packed(256, 32, 3, 64, True, False, seed=5)  # 3 bit: its codes in 4-bit slots, rows in group order
+    plan = plan_gemv(p["qweight"], p["g_idx"], 3, 64, mma=True)
+    codes = unpack_rows(p["qweight"], 3)[plan.perm.long()]
+    assert plan.qweight.dim() == 4 and torch.equal(gemv_mma.unpack_codes(plan.qweight, 4), codes.long())
     assert not gemv_mma.eligible(4, 256, 32, 8, False)  # groups of half a k-step
     assert not gemv_mma.eligible(4, 384, 32, 48, False)  # 48-row groups: no split of whole loads holds or fits one
 
@@ -277,3 +281,20 @@ def test_the_last_splits_four_cell_sum_compiles(nm, warps):
     ptx = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, TAIL=t), 4, 128, torch.bfloat16, torch.float16, True,
                                          torch.float32), "sm_90") for t in (0, 1)]
     assert ptx[1].count(b"ld.global.cg.f32") > ptx[0].count(b"ld.global.cg.f32") > 0
+
+
+def test_three_bit_layers_read_four_bit_slots_and_wait_to_be_asked(monkeypatch):
+    """3-bit GPTQ layers go through the kernel in 4-bit slots, codes and zeros (`slot_bits`, `slot_zeros`); the
+    batch-2+ default takes only the widths timed through it (2 and 4 bit), GPTQLORA_GEMV_MMA=1 all three."""
+    from gptqlora.formats.gptq import pack_cols, unpack_cols
+
+    assert [gemv_mma.slot_bits(b) for b in (2, 3, 4, 8)] == [2, 4, 4, None]
+    z = torch.randint(0, 8, (4, 64), generator=torch.Generator().manual_seed(0))
+    slots = gemv_mma.slot_zeros(pack_cols(z, 3), 3, 64)
+    assert slots.shape == (4, 64 * 4 // 32) and torch.equal(unpack_cols(slots, 4, 64), z)
+    four, fz = pack_cols(z, 4), torch.rand(4, 64)
+    assert gemv_mma.slot_zeros(four, 4, 64) is four and gemv_mma.slot_zeros(fz, 3, 64) is fz
+    monkeypatch.delenv(gemv_mma.ENV, raising=False)
+    assert [gemv_mma.wanted(8, b) for b in (2, 3, 4)] == [True, False, True] and not gemv_mma.wanted(1, 4)
+    monkeypatch.setenv(gemv_mma.ENV, "1")
+    assert gemv_mma.wanted(1, 3)
