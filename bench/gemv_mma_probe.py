@@ -128,7 +128,8 @@ def checks(device, quick: bool = False) -> dict:
                         print("FAIL", name, err, flush=True)
     finally:
         os.environ.pop(gemv_mma.ENV, None)
-    # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0): the same order, so the same bits
+    # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0), and the launch overlapping
+    # lora_u's (PDL 1): the same sums in the same order, so the same bits
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for k, n, bounds in SHAPES:
         p = packed_layer(k, n, 4, device, 7, GROUP[4])
@@ -142,8 +143,8 @@ def checks(device, quick: bool = False) -> dict:
             cfg = gemv_mma.pick_config(m, k, n, 4, GROUP[4], sms, bounds)
             try:
                 y = [gemv_mma.gemv_mma(x, plan.qweight, p[1], p[2], 4, GROUP[4], plan.perm, plan.locks, a, b, 2.0,
-                                       bounds, sms, dict(cfg, TAIL=t)) for t in (0, 1)]
-                ok = torch.equal(y[0], y[1]) and not plan.locks.any()
+                                       bounds, sms, dict(cfg, TAIL=t, PDL=d)) for t, d in ((0, 0), (1, 0), (0, 1))]
+                ok = torch.equal(y[0], y[1]) and torch.equal(y[0], y[2]) and not plan.locks.any()
                 err = float((y[0].float() - y[1].float()).abs().max())
             except Exception as e:  # noqa: BLE001
                 ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
@@ -262,6 +263,9 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                     t_tail_bare[tl] = timer.us(lambda tl=tl: [gemv_mma.gemv_mma(
                         x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, [], [], 2.0,
                         None, sms, dict(bare, TAIL=tl)) for i in range(copies)]) / copies
+                t_pdl = [timer.us(lambda d=d: [gemv_mma.gemv_mma(
+                    x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, a, b, 2.0,
+                    bounds, sms, dict(picked, PDL=d)) for i in range(copies)]) / copies for d in (0, 1)]
                 # u = x Aᵀ alone (session 19: the tensor-core kernel's adapter costs ~16 us at M = 8, 4096x22016)
                 t_u = timer.us(lambda: [lora_u(x, a, mma[i].locks) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
@@ -271,6 +275,7 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                        "upre_err": [round(upre_err[u], 5) for u in (0, 1)],
                        "mma_no_adapter_us": round(t_mma_bare, 2),
                        "mma_tail_us": [round(t_tail[0], 2), round(t_tail[1], 2)],
+                       "mma_pdl_us": [round(t_pdl[0], 2), round(t_pdl[1], 2)],
                        "mma_no_adapter_tail_us": [round(t_tail_bare[0], 2), round(t_tail_bare[1], 2)],
                        "triton_no_adapter_us": round(t_tri_bare, 2),
                        "triton_u_once_us": round(t_tri_u, 2),

@@ -149,7 +149,7 @@ def test_tensor_core_plans_decode_through_the_dense_fallback_off_cuda(bits, monk
     assert group_plan(bases) is not None
     group = bases[0].group_qweight
     assert group.dim() == 4 and group.shape[0] * 16 == sum(b.out_features for b in bases)
-    assert bases[0].group_locks.numel() == group.shape[0]
+    assert bases[0].group_locks.numel() == group.shape[0] + gemv_mma.U_LOCKS  # and lora_u's, past the kernel's
     for b in bases:
         assert b.gemv_qweight.dim() == 4 and b.gemv_qweight.shape[0] * 16 == b.out_features
         assert b.gemv_qweight.untyped_storage().data_ptr() == group.untyped_storage().data_ptr()

@@ -239,7 +239,7 @@ def plan_gemv(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size:
     else the per-row gather of scales and zeros. `mma`: a copy in gemv_mma's fragment order instead (its
     `qweight` is then 4-D), where the layer is eligible and the card has room for it."""
     k, n = g_idx.shape[0], qweight.shape[1]
-    locks = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=qweight.device)
+    locks = gemv_mma.counters(n, qweight.device)
     rows = plan_for(g_idx, group_size)
     gs = k if group_size == -1 else group_size
     slot = gemv_mma.slot_bits(bits)  # 3-bit codes in 4-bit slots: a third more than qweight's bytes

@@ -18,7 +18,8 @@
 // are float (G, N) fp32, else packed along N), OUTLIERS (SpQR's outliers over W (N, K) in packed-row order,
 // `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory), SB (SpQR's
 // statistics decoded in step 2 from their SB-bit codes, SG output columns a second-level group; 0: none), OSTEP
-// (packed rows per outlier offset, gemv_mma.OSTEP).
+// (packed rows per outlier offset, gemv_mma.OSTEP), PDL (with UPRE: launched to overlap the u launch before it,
+// waits for it before step 5).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -393,6 +394,12 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             }
         }
     }
+
+#if PDL
+    // launched before lora_u (the launch before this one) finished, programmatic dependent launch: wait for
+    // it (its u complete and visible) before the cells below read u. Everything above overlapped it
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
     // 5. each cell of this lane (c0, c1 = column g, tokens 2t, 2t+1; c2, c3 = column g + 8): the adapter's share
     // and this split's outliers added, then out directly (one split) or as an fp32 partial the last split sums

@@ -65,6 +65,11 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
 #          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
 #          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
+PDL = 0  # 1: u's launch lets this kernel start at once (programmatic dependent launch, sm_90+), which waits for u
+#         only before its cells take u Bᵀ: ~3-5 us a sibling group off the critical path. Written in session 20 after
+#         the device time ran out: compiled, not run on a GPU, so off until `gpu_session.sh pdl` checks and times it
+PDL_ENV = "GPTQLORA_GEMV_PDL"  # "1" / "0" overrides PDL (bench/decode.py's `pdl` kind, for the A/B)
+U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
 
@@ -82,6 +87,46 @@ def wanted(batch: int | None = None, bits: int | None = None) -> bool:
 def rows_per_load(bits: int) -> int:
     """Rows of K one lane's 16-byte load covers: 4 words of (4 / bits) 16-row mma k-steps each."""
     return 64 * (4 // bits)
+
+
+def counters(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A plan's split-K counters for N = n columns, zero between calls: one per 16 columns (this kernel's
+    column blocks and the Triton kernels'), then U_LOCKS for lora_u's chunks."""
+    return torch.zeros(-(-n // 16) + U_LOCKS, dtype=torch.int32, device=device)
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _launch_dependent(fn, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+    """fn(grid, block, args) as torch's launcher does it, but through cuLaunchKernelEx with programmatic stream
+    serialization allowed: the kernel may start before the launch before it ends (it must wait, as PDL does,
+    before reading what that launch writes). Why not torch's: its launcher (cuLaunchKernel) takes no attributes."""
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    keep, params = [], []  # the C values and pointers to them, alive until the launch returns
+    for a in args:
+        v = ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else \
+            ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a)
+        keep.append(v)
+        params.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
+    c_params = (ctypes.c_void_p * len(params))(*params)
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value = (1).to_bytes(4, "little") + bytes(60)  # programmaticStreamSerializationAllowed = 1
+    config = _LaunchConfig(*grid, *block, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+                           ctypes.pointer(attr), 1)
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(config), fn.func, c_params, None))
 
 
 def slot_bits(bits: int) -> int | None:
@@ -318,7 +363,9 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("FZ", int(float_zeros and not stat_bits)),
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("TAIL", cfg.get("TAIL", TAIL)))
+            ("TAIL", cfg.get("TAIL", TAIL)),
+            ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
+                        and bool(cfg.get("PDL", int(os.environ.get(PDL_ENV, PDL)))))))
 
 
 @functools.cache
@@ -376,22 +423,28 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     sb, sg = (stats[1], n // stats[0].shape[-1]) if stats is not None else (0, 1)
     consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,
                      zeros.is_floating_point(), has_out, sb, sg)
+    pdl = bool(dict(consts)["PDL"]) and locks.numel() >= -(-n // 16) + U_LOCKS and int(_arch(x.device)[3:]) >= 90
+    if dict(consts)["PDL"] and not pdl:  # no spare counters (a plan not from `counters`) or no PDL on this card
+        consts = tuple((name, 0 if name == "PDL" else v) for name, v in consts)
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
-    if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place
+    if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place; with PDL its counters are the spare ones
         from gptqlora.kernels.lora_u import u_slots
 
-        a_s = u_slots(x, a_s, bounds, n, locks)
+        a_s = u_slots(x, a_s, bounds, n, locks[-U_LOCKS:] if pdl else locks, pdl=pdl)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = k // cfg["KC"]
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     cols = cfg["WARPS"] * cfg["NT"] * 16
     n1, n2 = bounds if bounds is not None else (n, n)
-    fn(grid=(-(-n // cols), split, 1), block=(cfg["WARPS"] * 32, 1, 1),
-       args=[frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
-             b_s[2], out, part, locks, *(outliers if has_out else (locks,) * 4),
-             stats[0] if stats is not None else locks, m, k, n, n1, n2, r, group,
-             float(scaling), split])
+    args = [frag, x, perm if perm is not None else locks, scales, zeros, a_s[0], b_s[0], a_s[1], b_s[1], a_s[2],
+            b_s[2], out, part, locks, *(outliers if has_out else (locks,) * 4),
+            stats[0] if stats is not None else locks, m, k, n, n1, n2, r, group, float(scaling), split]
+    grid, block = (-(-n // cols), split, 1), (cfg["WARPS"] * 32, 1, 1)
+    if pdl:
+        _launch_dependent(fn, grid, block, args)
+    else:
+        fn(grid=grid, block=block, args=args)
     return out
 
 

@@ -42,7 +42,9 @@ def _dot_t(x, a, acc, F32_DOT: tl.constexpr):
 @triton.jit
 def _lora_u_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, part_ptr, lock_ptr, M, K, R, C,
                    BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, MODE: tl.constexpr,
-                   F32_DOT: tl.constexpr):
+                   F32_DOT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the decode kernel after this launch may start now (it waits for u before reading it: gemv_mma.PDL)
+        tl.extra.cuda.gdc_launch_dependents()
     p = tl.program_id(0)  # projection
     c = tl.program_id(1)  # chunk of KC rows of K
     if p == 0:
@@ -89,11 +91,13 @@ def pick(m: int) -> dict:
 
 
 def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mode: int | None = None,
-           kc: int | None = None, bk: int | None = None, warps: int | None = None) -> torch.Tensor:
+           kc: int | None = None, bk: int | None = None, warps: int | None = None, pdl: bool = False) -> torch.Tensor:
     """x (M, K) contiguous, 1-3 A's (r, K) of one rank and dtype -> u (P, M, r) fp32. `locks`: int32 counters,
     at least one per projection, zero between calls (a decode plan's split-K counters: this launch leaves them
     as it found them, before the decode kernel that reads u). mode / kc (rows a program) / bk (rows a step) /
-    warps: `pick`'s unless given (bench/lora_u_probe.py sweeps them)."""
+    warps: `pick`'s unless given (bench/lora_u_probe.py sweeps them). `pdl`: let the next launch start early
+    (programmatic dependent launch, gemv_mma.PDL). u's storage holds the partials too, so they live as long as
+    u does: a kernel that overlaps this one is never handed their memory."""
     m, k = x.shape
     r = lora_a[0].shape[0]
     if not 1 <= len(lora_a) <= 3 or m > 16 or any(a.shape != (r, k) for a in lora_a):
@@ -113,11 +117,13 @@ def lora_u(x: torch.Tensor, lora_a: list[torch.Tensor], locks: torch.Tensor, mod
     if bk is None:  # mode 1: a (BM, RP, BK) fp32 accumulator of ~4096 values (32 registers a thread at 4 warps)
         bk = min(kc, max(16, 4096 // (bm * rp))) if mode == 1 else min(kc, 128)
     chunks = triton.cdiv(k, kc)
-    u = torch.empty(len(lora_a), m, r, dtype=torch.float32, device=x.device)
-    part = torch.empty(len(lora_a), chunks, m, r, dtype=torch.float32, device=x.device)
-    _lora_u_kernel[(len(lora_a), chunks)](x.contiguous(), a[0], a[1], a[2], u, part, locks, m, k, r, chunks,
-                                          BM=bm, RP=rp, BK=bk, KC=kc, MODE=mode,
-                                          F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+    p = len(lora_a)
+    buf = torch.empty(p * m * r * (1 + chunks), dtype=torch.float32, device=x.device)  # u, then the partials
+    u, part = buf[:p * m * r].view(p, m, r), buf[p * m * r:].view(p, chunks, m, r)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    _lora_u_kernel[(p, chunks)](x.contiguous(), a[0], a[1], a[2], u, part, locks, m, k, r, chunks,
+                                BM=bm, RP=rp, BK=bk, KC=kc, MODE=mode, F32_DOT=interpret, PDL=pdl and not interpret,
+                                num_warps=warps)
     return u
 
 
@@ -127,11 +133,11 @@ def projections(bounds: tuple[int, int] | None, n: int) -> int:
 
 
 def u_slots(x: torch.Tensor, a_slots: list[torch.Tensor], bounds: tuple[int, int] | None, n: int,
-            locks: torch.Tensor) -> list[torch.Tensor]:
+            locks: torch.Tensor, pdl: bool = False) -> list[torch.Tensor]:
     """The decode kernels' three A slots (gemv_m1.lora_slots', padded with the last) with each projection's
     u = x Aᵀ, (M, r) fp32, in its A's place, padded alike."""
     count = projections(bounds, n)
-    u = lora_u(x, a_slots[:count], locks)
+    u = lora_u(x, a_slots[:count], locks, pdl=pdl)
     return [u[min(p, count - 1)] for p in range(3)]
 
 

@@ -74,7 +74,9 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
     qweight = torch.cat([p[0] for p in plans], dim=0 if frag else 1)  # (K*b/32, N1 + N2 [+ N3]) or tiles
     zeros = torch.cat([b.decode_zeros for b in bases], dim=1)  # (3-bit codes in 4-bit slots: their zeros too)
     scales = torch.cat([b.scales for b in bases], dim=1)
-    locks = torch.zeros(-(-sum(b.out_features for b in bases) // 16), dtype=torch.int32, device=qweight.device)
+    from gptqlora.kernels import gemv_mma
+
+    locks = gemv_mma.counters(sum(b.out_features for b in bases), qweight.device)
     for name, t in (("group_qweight", qweight), ("group_zeros", zeros), ("group_scales", scales),
                     ("group_locks", locks)):
         leader.register_buffer(name, t, persistent=False)

@@ -139,7 +139,7 @@ class SpQRLinear(nn.Module):
                                                           rows.perm, k)
         for name, t in (("mma_frag", gemv_mma.pack_gptq(self.qweight, self.bits, rows.perm, slot)),
                         ("mma_stats", torch.stack([t.to(torch.float16) for t in stats])), ("mma_perm", rows.perm),
-                        ("mma_locks", torch.zeros(-(-n // 16), dtype=torch.int32, device=dev)),
+                        ("mma_locks", gemv_mma.counters(n, dev)),
                         ("mma_o_vals", o_vals), ("mma_o_pos", o_pos), ("mma_o_offs", o_offs)):
             self.register_buffer(name, t, persistent=False)
         return slot, gs

@@ -111,7 +111,7 @@ def test_variants_differ_by_their_constants():
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP}
+                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP, "PDL": 0}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
@@ -298,3 +298,25 @@ def test_three_bit_layers_read_four_bit_slots_and_wait_to_be_asked(monkeypatch):
     assert [gemv_mma.wanted(8, b) for b in (2, 3, 4)] == [True, False, True] and not gemv_mma.wanted(1, 4)
     monkeypatch.setenv(gemv_mma.ENV, "1")
     assert gemv_mma.wanted(1, 3)
+
+
+def test_the_dependent_launch_waits_before_reading_u_and_its_structs_match_the_driver():
+    """PDL (off by default until GPU-run): only a variant that takes u computed once (UPRE) may start before
+    lora_u ends, and it waits (griddepcontrol.wait) before its cells read u; the launch structs cuLaunchKernelEx
+    takes have the driver's layout (CUlaunchAttribute 72 bytes: id, pad, 64-byte value; CUlaunchConfig 56); a
+    plan's counters leave U_LOCKS spare for lora_u."""
+    import ctypes
+
+    cfg = {"WARPS": 8, "NT": 1, "KC": 256, "NM": 1, "UPRE": 1}
+    assert dict(gemv_mma.defines(dict(cfg, PDL=1), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["PDL"]
+    assert not dict(gemv_mma.defines(dict(cfg, PDL=1, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True,
+                                     torch.float32))["PDL"]
+    assert not dict(gemv_mma.defines(dict(cfg, PDL=1), 4, 128, torch.bfloat16, torch.float16, True, None))["PDL"]
+    assert ctypes.sizeof(gemv_mma._LaunchAttribute) == 72 and gemv_mma._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(gemv_mma._LaunchConfig) == 56 and gemv_mma._LaunchConfig.hStream.offset == 32
+    assert gemv_mma._LaunchConfig.attrs.offset == 40 and gemv_mma._LaunchConfig.numAttrs.offset == 48
+    assert gemv_mma.counters(100).shape == (7 + gemv_mma.U_LOCKS,) and not gemv_mma.counters(100).any()
+    _nvrtc_or_skip()
+    ptx = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, PDL=p), 4, 128, torch.bfloat16, torch.float16, True,
+                                         torch.float32), "sm_90") for p in (0, 1)]
+    assert b"griddepcontrol.wait" in ptx[1] and b"griddepcontrol" not in ptx[0]
