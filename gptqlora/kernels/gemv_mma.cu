@@ -101,15 +101,6 @@ __device__ __forceinline__ float l2f(u16 v) { return x2f(v); }
 #endif
 #endif
 
-#if HAS_LORA && UPRE
-__device__ __forceinline__ float lora_cell(const float* U, const lora_t* B, int m, int row, int R) {
-    float v = 0.f;  // Σ_r u[m, r] B[row, r]: one cell's adapter term
-#pragma unroll 8
-    for (int r = 0; r < R; ++r) v += U[m * R + r] * l2f(B[(size_t)row * R + r]);
-    return v;
-}
-#endif
-
 __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {  // (a & b) | c in one LOP3 (the compiler
     u32 d;                                                      // splits two immediates into two)
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -138,6 +129,19 @@ __device__ __forceinline__ float ld_cg(const float* p) {  // another block's par
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+
+#if HAS_LORA && UPRE
+__device__ __forceinline__ float lora_cell(const float* U, const lora_t* B, int m, int row, int R) {
+    float v = 0.f;  // Σ_r u[m, r] B[row, r]: one cell's adapter term
+#pragma unroll 8
+#if PDL  // u was written by a launch this one overlapped: read past the non-coherent path
+    for (int r = 0; r < R; ++r) v += ld_cg(U + m * R + r) * l2f(B[(size_t)row * R + r]);
+#else
+    for (int r = 0; r < R; ++r) v += U[m * R + r] * l2f(B[(size_t)row * R + r]);
+#endif
+    return v;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pack's layout, rows in group order
@@ -395,7 +399,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
     }
 
-#if PDL
+#if PDL && __CUDA_ARCH__ >= 900
     // launched before lora_u (the launch before this one) finished, programmatic dependent launch: wait for
     // it (its u complete and visible) before the cells below read u. Everything above overlapped it
     asm volatile("griddepcontrol.wait;" ::: "memory");

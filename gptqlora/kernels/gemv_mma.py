@@ -317,7 +317,7 @@ def usable(device: torch.device) -> bool:
     try:
         if torch.cuda.get_device_capability(device) < (8, 0):
             return False
-        cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
+        cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1, "PDL": 0}
         kernel(defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32), _arch(device))
         return True
     except Exception as e:  # noqa: BLE001 - any failure to build or load: the Triton kernels decode instead
@@ -364,8 +364,13 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
             ("TAIL", cfg.get("TAIL", TAIL)),
-            ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
-                        and bool(cfg.get("PDL", int(os.environ.get(PDL_ENV, PDL)))))))
+            ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE)) and bool(cfg.get("PDL", _pdl())))))
+
+
+def _pdl() -> int:
+    """PDL, or GPTQLORA_GEMV_PDL where it says "0" or "1"."""
+    value = os.environ.get(PDL_ENV, "")
+    return int(value) if value in ("0", "1") else PDL
 
 
 @functools.cache

@@ -106,7 +106,8 @@ def test_no_block_fits_an_unaligned_layer():
     assert gemv_mma.pick_config(1, 4096 + 32, 4096, 4, 128, 132) is None  # K: no whole number of 64-row loads
 
 
-def test_variants_differ_by_their_constants():
+def test_variants_differ_by_their_constants(monkeypatch):
+    monkeypatch.delenv(gemv_mma.PDL_ENV, raising=False)
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
@@ -320,3 +321,8 @@ def test_the_dependent_launch_waits_before_reading_u_and_its_structs_match_the_d
     ptx = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, PDL=p), 4, 128, torch.bfloat16, torch.float16, True,
                                          torch.float32), "sm_90") for p in (0, 1)]
     assert b"griddepcontrol.wait" in ptx[1] and b"griddepcontrol" not in ptx[0]
+    assert b"ld.global.cg.f32" in ptx[1]  # u read past the non-coherent path after the wait
+    # below sm_90 there is no programmatic launch: the same variant compiles there without the wait
+    sm80 = gemv_mma.ptx(gemv_mma.defines(dict(cfg, PDL=1), 4, 128, torch.bfloat16, torch.float16, True, torch.float32),
+                        "sm_80")
+    assert b"griddepcontrol" not in sm80
