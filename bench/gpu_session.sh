@@ -154,14 +154,14 @@ for r in rows:
                # (TAIL 1) against one (TAIL 0, the default until this passes): the quick checks, with TAIL 1's output equal to
                # TAIL 0's at every 7B shape, M = 5, 8, 16 (~40 s), then down_proj and gate|up at M = 8 with both (~30 s)
                python3 bench/gemv_mma_probe.py --quick --ms "${TAIL_MS:-8}" --shapes "${TAIL_SHAPES:-3,2}" --json "$OUT/mma.json" \
-                 --budget-s "${MMA_BUDGET:-70}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
+                 --budget-s "${MMA_BUDGET:-110}" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
     r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'mma_picked_us', 'mma_tail_us', 'mma_no_adapter_us', 'mma_no_adapter_tail_us', 'lora_u_us', 'triton_us', 'bf16_us', 'best_cfg', 'mma_best_us')})" ;;
     pdl)       # issue 16, after session 20: the tensor-core kernel launched to overlap the u launch before it (programmatic
                # dependent launch, PDL 1) against after it: the quick checks (PDL 1's output equal to PDL 0's at the 7B shapes,
                # M = 5, 8, 16; graph-captured in the timings), the four shapes at M = 8 and 1 (~2.5 min), the 7B at batch 8 (~2.5 min)
-               python3 bench/gemv_mma_probe.py --quick --ms 8,1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-140}" \
+               python3 bench/gemv_mma_probe.py --quick --ms 8,1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-180}" \
                  > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
