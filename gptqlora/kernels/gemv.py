@@ -417,7 +417,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         if spqr_stats is None and gemv_mma.takes(x, scales, a_l, b_l):
             return gemv_mma.gemv_mma(x, plan.qweight, zeros, scales, slot, plan.group, plan.perm, plan.locks,
                                      list(a_l), list(b_l), scaling, bounds, sms)
-        return _dense(x, qweight, zeros, scales, g_idx, slot, plan, a_l, b_l, scaling, bounds)
+        return _dense(x, zeros, scales, slot, plan, a_l, b_l, scaling, bounds)
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
                                lora_a, lora_b, scaling, bounds)
@@ -455,12 +455,12 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
     return out
 
 
-def _dense(x, qweight, zeros, scales, g_idx, bits, plan, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
+def _dense(x, zeros, scales, bits, plan, lora_a, lora_b, scaling, bounds) -> torch.Tensor:
     """gemv_triton's result through the dense reference, for the calls a gemv_mma plan's kernel cannot take
     (off CUDA, fp32 x, an adapter of another dtype or rank > gemv_mma.MAX_R): correct, not fast. The codes
     are read back from the plan's fragment copy, at `bits`, the width it holds them at (and `zeros` with them:
-    a 3-bit layer's in 4-bit slots), as the kernel would read them."""
-    del qweight, g_idx  # the copy holds the codes in group order; its perm, the rows
+    a 3-bit layer's in 4-bit slots), as the kernel would read them: the copy holds the codes in group order,
+    its perm the rows."""
     n = scales.shape[1]
     edges = [0, n] if bounds is None else [0, bounds[0], bounds[1], n][:4 if bounds[1] < n else 3]
     y = gemv_mma.emulate(x.float(), plan.qweight, zeros, scales, bits, plan.group, plan.perm)

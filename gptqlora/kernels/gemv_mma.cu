@@ -39,37 +39,35 @@ typedef unsigned short u16;
 #define MAGIC_VAL 128.0f
 #endif
 
-__device__ __forceinline__ float x2f(u16 h) {  // x's 16-bit float -> fp32
-#if XF16
+__device__ __forceinline__ float h2f(u16 h) {  // an fp16 value -> fp32
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+}
+
+__device__ __forceinline__ float b2f(u16 h) { return __uint_as_float(((u32)h) << 16); }  // a bf16 value -> fp32
+
+__device__ __forceinline__ float x2f(u16 h) {  // x's 16-bit float -> fp32
+#if XF16
+    return h2f(h);
 #else
-    return __uint_as_float(((u32)h) << 16);
+    return b2f(h);
 #endif
 }
 
 __device__ __forceinline__ float s2f(u16 h) {  // a scale -> fp32
 #if SF16
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return h2f(h);
 #else
-    return __uint_as_float(((u32)h) << 16);
+    return b2f(h);
 #endif
 }
 
 #if SB
-__device__ __forceinline__ float x2h(u16 h) {  // an fp16 statistic -> fp32
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
 __device__ __forceinline__ float round_f16(float f) {  // f rounded to fp16 (nearest even), as fp32
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return x2h(h);
+    return h2f(h);
 }
 
 __device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, int N) {  // SB-bit code, packed
@@ -221,9 +219,9 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 if (tile < ntiles) {
 #if SB
                     const size_t st = (size_t)grp * S + col / SG;
-                    s = round_f16(__fadd_rn(x2h(stats[G * S + st]), __fmul_rn(x2h(stats[st]),
+                    s = round_f16(__fadd_rn(h2f(stats[G * S + st]), __fmul_rn(h2f(stats[st]),
                                                                            stat_code(scodes, grp, col, N))));
-                    z = __fadd_rn(x2h(stats[3 * G * S + st]), __fmul_rn(x2h(stats[2 * G * S + st]),
+                    z = __fadd_rn(h2f(stats[3 * G * S + st]), __fmul_rn(h2f(stats[2 * G * S + st]),
                                                                        stat_code(zcodes, grp, col, N)));
 #else
                     s = s2f(scales[(size_t)grp * N + col]);
@@ -304,8 +302,7 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             const short* offs = o_offs + (size_t)n * (K / OSTEP + 1);
             const int base = o_rows[n], e1 = base + offs[(k0 + KC) / OSTEP];
             for (int e = base + offs[k0 / OSTEP]; e < e1; ++e) {
-                float v;
-                asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(o_vals[e]));
+                const float v = h2f(o_vals[e]);
                 const int kk = o_pos[e] - k0;
 #pragma unroll
                 for (int m = 0; m < NM * 8; ++m) o[m] += v * x2f(xs[m][kk]);  // rows >= M: zero

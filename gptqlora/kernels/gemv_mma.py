@@ -48,11 +48,12 @@ from pathlib import Path
 import torch
 
 from gptqlora.formats.gptq import pack_cols, unpack_cols, unpack_rows
+from gptqlora.formats.spqr import csr_rows
 
 ENV = "GPTQLORA_GEMV_MMA"  # "1": plans for this kernel where a layer fits; "0": the Triton kernels; unset: `wanted`
 AUTO_MIN_BATCH = 2  # unset ENV: GPTQ layers decoding batches of this many rows or more take this kernel
-AUTO_BITS = (2, 4)  # ... at these widths (3 bit reads 4-bit slots: correct on the CPU, not yet timed on a GPU)
 #   (session 19, H100, 7B 4 bit r=8: batch 8 1099 tokens/s against the Triton kernels' 837; batch 1 232 against 280)
+AUTO_BITS = (2, 4)  # ... at these widths (3 bit reads 4-bit slots: correct on the CPU, not yet timed on a GPU)
 UPRE_MIN_AREA = 4096 * 4096  # u once per call above this K x N; at or below, each block's share (session 19, H100,
 #   4096x4096 r=8: 13.2 against 13.8 us at M = 1, 19.3 against 26.7 at M = 8; q|k|v, gate|up, down_proj the other way)
 SOURCE = Path(__file__).with_name("gemv_mma.cu")
@@ -229,9 +230,7 @@ def emulate(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: to
         y = y + scaling * (x.float() @ lora_a.float().t()) @ lora_b.float().t()
     if outliers is not None:  # `pack_outliers`': values, packed-row positions, row pointers (, offsets)
         vals, pos, rows = outliers[:3]
-        nrow = torch.repeat_interleave(torch.arange(n, device=rows.device), (rows[1:] - rows[:-1]).long(),
-                                       output_size=vals.shape[0])
-        y = y.index_add(1, nrow, xs[:, pos.long()] * vals.float())
+        y = y.index_add(1, csr_rows(rows, vals.shape[0]), xs[:, pos.long()] * vals.float())
     return y.to(x.dtype)
 
 
@@ -244,9 +243,7 @@ def pack_outliers(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, pe
     -> (values, positions int16, row pointers, offsets (N, K / OSTEP + 1) int16)."""
     if k % OSTEP or k > 2**15 - 1:
         raise ValueError(f"gemv_mma's outliers need K a multiple of {OSTEP} below 2^15, got {k}")
-    n, nnz = rows.numel() - 1, vals.numel()
-    row = torch.repeat_interleave(torch.arange(n, device=rows.device), (rows[1:] - rows[:-1]).long(),
-                                  output_size=nnz)
+    n, row = rows.numel() - 1, csr_rows(rows, vals.numel())
     pos = cols.long() if perm is None else torch.argsort(perm.long())[cols.long()]
     key = row * k + pos  # (nnz,): unique (a column holds one outlier per row), rows stay in order
     key, order = torch.sort(key)
@@ -426,11 +423,11 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     if zeros.is_floating_point() and zeros.dtype != torch.float32:
         zeros = zeros.float()
     sb, sg = (stats[1], n // stats[0].shape[-1]) if stats is not None else (0, 1)
+    if locks.numel() < -(-n // 16) + U_LOCKS or int(_arch(x.device)[3:]) < 90:
+        cfg = dict(cfg, PDL=0)  # no spare counters for lora_u (a plan not from `counters`) or no PDL on this card
     consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,
                      zeros.is_floating_point(), has_out, sb, sg)
-    pdl = bool(dict(consts)["PDL"]) and locks.numel() >= -(-n // 16) + U_LOCKS and int(_arch(x.device)[3:]) >= 90
-    if dict(consts)["PDL"] and not pdl:  # no spare counters (a plan not from `counters`) or no PDL on this card
-        consts = tuple((name, 0 if name == "PDL" else v) for name, v in consts)
+    pdl = bool(dict(consts)["PDL"])
     fn = kernel(consts, _arch(x.device))
     x = x.contiguous()
     if dict(consts)["UPRE"]:  # u (M, r) fp32 in each A's place; with PDL its counters are the spare ones

@@ -4,7 +4,7 @@
 
 Why a kernel of its own: the tensor-core decode kernel (gemv_mma.cu) computed each split's share of u in every
 block, ~1,400 blocks a 4096x22016 layer, and the adapter took 26 of its 55 us there (session 17, H100). Computed
-once per call, the decode kernel only adds u Bᵀ in one split. Three cuBLAS calls and a stack would be four
+once per call, the decode kernel only adds u Bᵀ where its cells are stored. Three cuBLAS calls and a stack would be four
 launches per sibling group; this is one: a program per (projection, 256 rows of K), each reading its rows of
 every rank of A once and x (L2-resident), its (M, r) partial summed with the others' in a fixed order by the last
 program of its projection (kernels/split_k.py, as the decode kernels' splits). Session 18 (H100) measured the

@@ -25,10 +25,10 @@ def _store_split(acc, out_ptr, part_ptr, lock_ptr, pid_n, pid_k, offs_m, offs_n,
         if done == SPLIT - 1:  # the last split of this column block: sum all partials, in a fixed order
             # CH partials per load. M = 1 or a tile of <= 128 values (kernels/lora_u.py's (M, r)): 16, one round
             # trip for 16 of them instead of a chain of SPLIT dependent L2 reads (call 10: M = 1 layers 1.0-1.35x
-            # faster; session 19: lora_u's 8 and 22 chunks at M = 8 were such a chain, unmeasured since). Decode
+            # faster; for lora_u at M = 8, session 20: no change, 11.9-13.0 us, its cost was elsewhere). Decode
             # tiles at M > 1: one by one (4 at a time made the M = 8 layers 5-30% slower in call 10: a (4, 16, BN)
             # tile per thread block)
-            CH: tl.constexpr = 16 if BM * BN <= 128 else (16 if BM == 1 else 1)
+            CH: tl.constexpr = 16 if BM == 1 or BM * BN <= 128 else 1
             offs_c = tl.arange(0, CH)
             total = tl.zeros((BM, BN), tl.float32)
             for c in range(0, SPLIT, CH):

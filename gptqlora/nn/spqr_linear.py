@@ -122,10 +122,11 @@ class SpQRLinear(nn.Module):
         from gptqlora.kernels import gemv_mma
         from gptqlora.kernels.dequant import plan_for
         from gptqlora.kernels.gemv import room_for
+
         k, n, dev = self.in_features, self.out_features, self.qweight.device
-        slot = 4 if self.bits == 3 else self.bits
+        slot = gemv_mma.slot_bits(self.bits)  # 3-bit codes in 4-bit slots
         gs = k if self.group_size == -1 else self.group_size
-        if (not gemv_mma.wanted() or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15
+        if (not gemv_mma.wanted() or slot is None or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15
                 or k % gs or n * self.stat_bits % 32):
             return None  # (the outliers' positions and offsets are int16; whole words of statistics' codes a group)
         if dev.type == "cuda" and (resolve(self.kernel, dev) != "triton" or not gemv_mma.usable(dev)):
