@@ -214,6 +214,15 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                                                 for i in range(copies)]) / copies
                 finally:
                     os.environ.pop(gemv_m1.U_ENV, None)
+
+                def mma_run(i, cfg, adapter=True):  # copy i of the layer through the tensor-core kernel
+                    return gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm,
+                                             mma[i].locks, a if adapter else [], b if adapter else [], 2.0,
+                                             bounds if adapter else None, sms, cfg)
+
+                def mma_us(cfg, adapter=True):  # us a call, over the copies
+                    return timer.us(lambda: [mma_run(i, cfg, adapter) for i in range(copies)]) / copies
+
                 picked = gemv_mma.pick_config(m, k, n, bits, gs, sms, bounds)
                 grid = [picked] + [dict(WARPS=w, NT=nt, KC=kc, NM=picked["NM"], UPRE=picked["UPRE"])
                                    for w in (4, 8) for nt in (1, 2) for kc in (128 * (4 // bits), 256 * (4 // bits),
@@ -224,13 +233,9 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                 for cfg in grid:
                     if time.time() > deadline and best is not None:
                         break
-
-                    def run(i, cfg=cfg):
-                        return gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm,
-                                                 mma[i].locks, a, b, 2.0, bounds, sms, cfg)
                     try:
-                        err = rel(run(0), want)
-                        us = timer.us(lambda: [run(i) for i in range(copies)]) / copies if err < 1e-2 else math.inf
+                        err = rel(mma_run(0, cfg), want)
+                        us = mma_us(cfg) if err < 1e-2 else math.inf
                     except Exception as e:  # noqa: BLE001
                         err, us = f"{type(e).__name__}: {str(e)[:200]}", math.inf
                     if cfg is picked:
@@ -238,34 +243,20 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
                     if best is None or us < best[0]:
                         best = (us, cfg, err)
                 bare = gemv_mma.pick_config(m, k, n, bits, gs, sms)
-                t_mma_bare = timer.us(lambda: [gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs,
-                                                                 mma[i].perm, mma[i].locks, [], [], 2.0, None, sms,
-                                                                 bare) for i in range(copies)]) / copies
+                t_mma_bare = mma_us(bare, adapter=False)
                 # picked's block with each block's share of u (0, session 16's way) and u once per call, u Bᵀ added where
                 # the cells are stored (1: the last split's sum); a wrong result: inf
                 upre, upre_err = {}, {}
                 for u in (0, 1):
                     cfg_u = dict(picked, UPRE=u)
-
-                    def run_u(i, cfg_u=cfg_u):
-                        return gemv_mma.gemv_mma(x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm,
-                                                 mma[i].locks, a, b, 2.0, bounds, sms, cfg_u)
-                    upre_err[u] = rel(run_u(0), want)
-                    upre[u] = math.inf if upre_err[u] >= 1e-2 else picked_us if cfg_u == picked else \
-                        timer.us(lambda: [run_u(i) for i in range(copies)]) / copies
-                # session 20's A/B: the last split summing a cell at a time (TAIL 0) against 4 at once (TAIL 1), both
-                # explicit (whichever gemv_mma.TAIL is), with the adapter and without
-                t_tail, t_tail_bare = {}, {}
-                for tl in (0, 1):
-                    t_tail[tl] = timer.us(lambda tl=tl: [gemv_mma.gemv_mma(
-                        x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, a, b, 2.0,
-                        bounds, sms, dict(picked, TAIL=tl)) for i in range(copies)]) / copies
-                    t_tail_bare[tl] = timer.us(lambda tl=tl: [gemv_mma.gemv_mma(
-                        x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, [], [], 2.0,
-                        None, sms, dict(bare, TAIL=tl)) for i in range(copies)]) / copies
-                t_pdl = [timer.us(lambda d=d: [gemv_mma.gemv_mma(
-                    x, mma[i].qweight, layers[i][1], layers[i][2], bits, gs, mma[i].perm, mma[i].locks, a, b, 2.0,
-                    bounds, sms, dict(picked, PDL=d)) for i in range(copies)]) / copies for d in (0, 1)]
+                    upre_err[u] = rel(mma_run(0, cfg_u), want)
+                    upre[u] = math.inf if upre_err[u] >= 1e-2 else picked_us if cfg_u == picked else mma_us(cfg_u)
+                # session 20's A/Bs, both settings explicit (whichever the module's default is): the last split summing
+                # a cell at a time (TAIL 0) or 4 at once, with the adapter and without; the launch after lora_u's (PDL 0)
+                # or overlapping it
+                t_tail = {tl: mma_us(dict(picked, TAIL=tl)) for tl in (0, 1)}
+                t_tail_bare = {tl: mma_us(dict(bare, TAIL=tl), adapter=False) for tl in (0, 1)}
+                t_pdl = [mma_us(dict(picked, PDL=d)) for d in (0, 1)]
                 # u = x Aᵀ alone (session 19: the tensor-core kernel's adapter costs ~16 us at M = 8, 4096x22016)
                 t_u = timer.us(lambda: [lora_u(x, a, mma[i].locks) for i in range(copies)]) / copies
                 row = {"shape": f"{k}x{n}", "bits": bits, "m": m, "mma_picked_us": round(picked_us, 2),
