@@ -70,6 +70,10 @@ PDL = 0  # 1: u's launch lets this kernel start at once (programmatic dependent 
 #         only before its cells take u Bᵀ: ~3-5 us a sibling group off the critical path. Written in session 20 after
 #         the device time ran out: compiled, not run on a GPU, so off until `gpu_session.sh pdl` checks and times it
 PDL_ENV = "GPTQLORA_GEMV_PDL"  # "1" / "0" overrides PDL (bench/decode.py's `pdl` kind, for the A/B)
+NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with the fewest splits, the best block of the
+#            probe's M = 8 grids at 3 of 4 7B shapes in sessions 19-20 (1.5-3.3 us a layer); 0: `pick_config`'s
+#            M = 1 choice. Off until a 7B A/B (bench/decode.py's `narrow` kind) says the grid's gain holds in a model
+NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
 U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
@@ -261,6 +265,11 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
     per SM or more (the fastest of session 16's grid on an H100 at M = 1, every 7B shape, 2 and 4 bit), else
     the most blocks up to ~4 per SM with the fewest splits."""
     rl = rows_per_load(bits)
+    if 1 < m <= 8 and _flag(NARROW_ENV, NARROW) and (bounds is None or not (bounds[0] % 128 or bounds[1] % 128)):
+        for loads in (8, 4, 2, 1):  # the fewest splits: the largest KC that fits
+            kc = rl * loads
+            if not (k % kc or not (kc % group == 0 or group % kc == 0) or kc // min(kc, group) > 8):
+                return dict(WARPS=8, NT=1, KC=kc, NM=1, UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
     for warps, nt in ((8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
         cols = warps * nt * 16
         if bounds is not None and (bounds[0] % cols or bounds[1] % cols):
@@ -364,10 +373,15 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE)) and bool(cfg.get("PDL", _pdl())))))
 
 
+def _flag(env: str, default: int) -> int:
+    """`default`, or the environment variable `env` where it says "0" or "1"."""
+    value = os.environ.get(env, "")
+    return int(value) if value in ("0", "1") else default
+
+
 def _pdl() -> int:
     """PDL, or GPTQLORA_GEMV_PDL where it says "0" or "1"."""
-    value = os.environ.get(PDL_ENV, "")
-    return int(value) if value in ("0", "1") else PDL
+    return _flag(PDL_ENV, PDL)
 
 
 @functools.cache

@@ -102,6 +102,22 @@ def test_block_picker_is_legal_for_llama_shapes(k, n, bits, group, m):
     assert blocks >= 132 or k // kc == k // (rl * 1)  # enough blocks, or as many splits as there can be
 
 
+@pytest.mark.parametrize("narrow", ["0", "1"])
+def test_narrow_blocks_take_the_fewest_splits_at_2_to_8_rows(monkeypatch, narrow):
+    monkeypatch.setenv(gemv_mma.NARROW_ENV, narrow)
+    for m in (1, 2, 8, 9):
+        for k, n, bits, group, kc in ((4096, 4096, 4, 128, 512), (11008, 4096, 4, 128, 256),
+                                      (4096, 12288, 2, 64, 512), (4096, 4096, 4, 32, 256)):
+            cfg = gemv_mma.pick_config(m, k, n, bits, group, 132)
+            if narrow == "1" and 1 < m <= 8:  # 128 columns, the largest KC that fits
+                assert (cfg["WARPS"], cfg["NT"], cfg["KC"]) == (8, 1, kc)
+            else:
+                assert cfg == gemv_mma.pick_config(m, k, n, bits, group, 132) and cfg["NT"] == 2
+    # sibling bounds off the 128-column grid: the usual picker
+    monkeypatch.setenv(gemv_mma.NARROW_ENV, "1")
+    assert gemv_mma.pick_config(8, 4096, 384, 4, 128, 132, (64, 320))["WARPS"] * 16 <= 64
+
+
 def test_no_block_fits_an_unaligned_layer():
     assert gemv_mma.pick_config(1, 4096 + 32, 4096, 4, 128, 132) is None  # K: no whole number of 64-row loads
 
