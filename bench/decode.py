@@ -279,7 +279,7 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau", "default", "pdl", "narrow"):
+    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau", "default", "pdl", "narrow", "tail", "mmapdl"):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
@@ -296,13 +296,16 @@ def _decode_kernels(kind: str, alt_table: str | None):
     gemv.py (GPTQLORA_GEMV_M1), "-mma" plans its layers for kernels/gemv_mma.py (GPTQLORA_GEMV_MMA=1), "-lorau"
     computes the adapter's u once per call (GPTQLORA_GEMV_LORA_U=1), "-pdl" is the default with the tensor-core
     kernel launched to overlap the u launch (GPTQLORA_GEMV_PDL=1), "-narrow" the default with 2-8 rows in 128-column
-    blocks of the fewest splits (GPTQLORA_GEMV_NARROW=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    blocks of the fewest splits (GPTQLORA_GEMV_NARROW=1), "-tail" the default with the last split summing 4 cells at
+    once (GPTQLORA_GEMV_TAIL=1), "-mmapdl" the tensor-core kernel at every batch, one row too, overlapping the u
+    launch (both), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
         {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else \
         {gemv_m1.U_ENV: "1"} if kind.endswith("-lorau") else {gemv_mma.PDL_ENV: "1"} if kind.endswith("-pdl") else \
-        {gemv_mma.NARROW_ENV: "1"} if kind.endswith("-narrow") else {}
-    if kind != "bf16" and not kind.endswith(("-mma", "-default", "-pdl", "-narrow")):
+        {gemv_mma.NARROW_ENV: "1"} if kind.endswith("-narrow") else {gemv_mma.TAIL_ENV: "1"} if kind.endswith("-tail") \
+        else {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"} if kind.endswith("-mmapdl") else {}
+    if kind != "bf16" and not kind.endswith(("-mma", "-default", "-pdl", "-narrow", "-tail", "-mmapdl")):
         env.setdefault(gemv_mma.ENV, "0")  # the Triton kernels at every batch (unset, batches of 2+ take gemv_mma)
 
     def fresh():
@@ -412,7 +415,8 @@ def main() -> int:
                          "adapter's u computed once per call, GPTQLORA_GEMV_LORA_U=1), default (what gptqlora picks: "
                          "triton at batch 1, mma from batch 2), pdl (default, the tensor-core kernel overlapping the u launch: "
                          "GPTQLORA_GEMV_PDL=1), narrow (default, 2-8 rows in 128-column blocks of the fewest splits: "
-                         "GPTQLORA_GEMV_NARROW=1); all but mma, default, pdl and narrow pin the Triton kernels; default triton "
+                         "GPTQLORA_GEMV_NARROW=1), tail (default, the last split summing 4 cells at once: GPTQLORA_GEMV_TAIL=1), "
+                         "mmapdl (mma overlapping the u launch, one row too); all but mma, default, pdl, narrow, tail and mmapdl pin the Triton kernels; default triton "
                          "(PyTorch's int4 kernel is measured per layer by bench/tinygemm_probe.py)")
     ap.add_argument("--no-old-harness", action="store_true",
                     help="skip transformers' own compiled generate at batch 1 (the harness before graph_decode)")

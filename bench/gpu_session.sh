@@ -161,14 +161,15 @@ for l in sys.stdin:
     pdl)       # issue 16, after session 20: the tensor-core kernel launched to overlap the u launch before it (programmatic
                # dependent launch, PDL 1) against after it: the quick checks (PDL 1's output equal to PDL 0's at the 7B shapes,
                # M = 5, 8, 16; graph-captured in the timings), the four shapes at M = 8 and 1 (~2.5 min), the 7B at batch 8 (~3 min), with `narrow`
-               # beside (2-8 rows in 128-column blocks of the fewest splits, GPTQLORA_GEMV_NARROW=1)
+               # (2-8 rows in 128-column blocks of the fewest splits) and `tail` (TAIL 1) beside; PDL_KERNELS and
+               # AB_BATCHES=1,8 with `mmapdl` add the one-row A/B (the tensor-core kernel overlapping u, against Triton)
                python3 bench/gemv_mma_probe.py --quick --ms 8,1 --json "$OUT/mma.json" --budget-s "${MMA_BUDGET:-180}" \
                  > "$OUT/mma.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma.txt" | head -12
                grep '"m": ' "$OUT/mma.txt" | python3 -c "import json,sys
 for l in sys.stdin:
     r = json.loads(l); print({k: r.get(k) for k in ('shape', 'm', 'picked_upre', 'mma_pdl_us', 'mma_tail_us', 'lora_u_us', 'mma_no_adapter_us', 'triton_us', 'bf16_us')})"
-               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-8}" --decode-kernels "${PDL_KERNELS:-default,pdl,narrow}" --no-old-harness \
-                 --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_pdl.json" > "$OUT/decode_pdl.txt" 2>> "$OUT/stderr.log" \
+               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-8}" --decode-kernels "${PDL_KERNELS:-default,pdl,narrow,tail}" --no-old-harness \
+                 --budget-s "${DECODE_BUDGET:-230}" --json "$OUT/decode_pdl.json" > "$OUT/decode_pdl.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -6 "$OUT/decode_pdl.txt" ;;
     gptq3-mma) # issue 16, after session 20: 3-bit GPTQ through the tensor-core kernel in 4-bit slots (GPTQLORA_GEMV_MMA=1; the
                # batch-2+ default keeps 3 bit on Triton until this is timed: gemv_mma.AUTO_BITS), the 7B at batch 8 and 2 against

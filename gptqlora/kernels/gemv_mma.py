@@ -66,6 +66,7 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
 #          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
 #          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
+TAIL_ENV = "GPTQLORA_GEMV_TAIL"  # "1" / "0" overrides TAIL (bench/decode.py's `tail` kind, for the A/B)
 PDL = 0  # 1: u's launch lets this kernel start at once (programmatic dependent launch, sm_90+), which waits for u
 #         only before its cells take u Bᵀ: ~3-5 us a sibling group off the critical path. Written in session 20 after
 #         the device time ran out: compiled, not run on a GPU, so off until `gpu_session.sh pdl` checks and times it
@@ -369,7 +370,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("FZ", int(float_zeros and not stat_bits)),
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("TAIL", cfg.get("TAIL", TAIL)),
+            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))),
             ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE)) and bool(cfg.get("PDL", _pdl())))))
 
 

@@ -124,6 +124,7 @@ def test_no_block_fits_an_unaligned_layer():
 
 def test_variants_differ_by_their_constants(monkeypatch):
     monkeypatch.delenv(gemv_mma.PDL_ENV, raising=False)
+    monkeypatch.delenv(gemv_mma.TAIL_ENV, raising=False)
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
     one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
@@ -133,6 +134,9 @@ def test_variants_differ_by_their_constants(monkeypatch):
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
     assert "__global__ void __launch_bounds__(WARPS * 32)" in gemv_mma.SOURCE.read_text()
+    monkeypatch.setenv(gemv_mma.TAIL_ENV, "1")  # the environment's TAIL, unless the config names one
+    assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["TAIL"] == 1
+    assert dict(gemv_mma.defines(dict(cfg, TAIL=0), 4, 128, torch.bfloat16, torch.float16, True, None))["TAIL"] == 0
 
 
 def test_float_zeros_fold_per_group():
