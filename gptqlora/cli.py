@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # bitsandbytes warns at import that it cannot fetch a CPU kernel from the Hub: not our users' concern
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ... nor that the `kernels` package (which bitsandbytes asks for one) skips a Hub publisher check offline
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # transformers deprecation noise raised from inside PEFT, not actionable by our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     command = next((a for a in argv if not a.startswith("-")), None)

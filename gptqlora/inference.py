@@ -340,7 +340,9 @@ def load_model(run_dir: str | Path | None = None, base: str | Path | None = None
     from gptqlora.devices import default_dtype, resolve_device
     from gptqlora.run import Run
 
-    if (run_dir is None) == (base is None):
+    if run_dir is None and base is None:
+        raise InferenceError("give a run folder (RUN_DIR) or --base CHECKPOINT (a quantized checkpoint folder)")
+    if run_dir is not None and base is not None:
         raise InferenceError("give a run folder (RUN_DIR) or --base CHECKPOINT, not both")
     from gptqlora.paths import require_dir
 

@@ -58,7 +58,8 @@ def require_dir(path: str | Path, option: str, what: str = "folder") -> Path:
         return p
     if p.exists():
         raise PathError(f"{option} {path}: is a file, not a {what}")
-    hint = f"; {_LOCAL_ONLY}" if _looks_like_hub_id(str(path)) else ""
+    # a run folder is made by finetune, never downloaded: the Hub hint only for models and checkpoints
+    hint = f"; {_LOCAL_ONLY}" if what != "run folder" and _looks_like_hub_id(str(path)) else ""
     raise PathError(f"{option} {path}: no such {what}{hint}")
 
 

@@ -104,6 +104,8 @@ CASES = [
     ("c-top-p-0", "chat {run} --top-p 0", "--top-p"),
     ("c-missing-run", "chat {ws}/nosuch", "RUN_DIR"),
     ("c-missing-base", "chat --base org/model", "--base"),
+    ("c-no-model", "chat", "RUN_DIR) or --base CHECKPOINT ("),
+    ("c-missing-adapter", "chat --base {q4} --adapter {ws}/nope", "no such adapter folder"),
     # generate
     ("g-missing-prompts", "generate {run} --prompts nosuch.txt", "nosuch.txt"),
     ("g-truncated-adapter", "generate {run_badadapter} --prompts {prompts}", "truncated"),

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gptqlora import paths
-from gptqlora.paths import MARKER, PathError, check_output, output_dir, read_marker
+from gptqlora.paths import MARKER, PathError, check_output, output_dir, read_marker, require_dir
 
 
 def snapshot(root):
@@ -201,3 +201,13 @@ def test_item2_quantize_onto_its_source_is_refused(tiny_dir, tmp_path, monkeypat
         err = capsys.readouterr().err
         assert rc == 2 and "MODEL_DIR" in err and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
+
+
+def test_the_hub_hint_is_for_models_not_run_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PathError, match="hf download") as e:
+        require_dir("org/model", "--base", "checkpoint folder")
+    assert str(e.value).startswith("--base org/model: no such checkpoint folder; ")
+    with pytest.raises(PathError) as e:  # made by finetune, never downloaded
+        require_dir("runs/nope", "RUN_DIR", "run folder")
+    assert str(e.value) == "RUN_DIR runs/nope: no such run folder"

@@ -111,6 +111,9 @@ def get_peft_model(model: nn.Module, config: GPTQLoraConfig | LoraConfig | None 
 def read_adapter_config(adapter_dir: str | Path) -> GPTQLoraConfig | LoraConfig:
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: no such adapter folder" if not adapter_dir.exists() else
+                           f"{adapter_dir}: is a file; give the adapter's folder (with {ADAPTER_CONFIG})")
     if not cfg_path.is_file():
         raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():

@@ -8,6 +8,7 @@ model's context, lm-eval is installed and knows each task name.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptqlora.commands.args import add_option
+from gptqlora.commands.args import add_option, ranged
 from gptqlora.eval import EvalError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                help="text file for perplexity (.txt; .json/.jsonl records: response tokens only)")
     add_option(p, "seqlen", type=int, default=None,
                help="tokens per perplexity window (default: 2048, or the model's context if shorter)")
-    add_option(p, "max_windows", type=int, default=None, help="score at most this many windows")
+    add_option(p, "max_windows", type=ranged(int, "max_windows", min=1), default=None,
+               help="score at most this many windows")
     add_option(p, "tasks", default=None, metavar="synthetic|TASK[,TASK...]",
                help="'synthetic' (the built-in suite) and/or lm-eval task names, comma-separated")
-    add_option(p, "limit", type=int, default=None,
+    add_option(p, "limit", type=ranged(int, "limit", min=1), default=None,
                help="records per task (synthetic: per eval file, default all 200; lm-eval: its --limit)")
-    add_option(p, "num_fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    add_option(p, "num_fewshot", type=ranged(int, "num_fewshot", min=0), default=None, help="lm-eval few-shot examples (default: the task's)")
     add_option(p, "adapter", default=None, help="a PEFT LoRA adapter to load on top of PATH")
     add_option(p, "no_adapter", action="store_true", help="with a run folder: evaluate its base without the adapter")
     add_option(p, "template", default=None, help="prompt template for records (default: the run's, else alpaca)")
-    add_option(p, "batch_size", type=int, default=8, help="windows / prompts per batch (default 8)")
+    add_option(p, "batch_size", type=ranged(int, "batch_size", min=1), default=8, help="windows / prompts per batch (default 8)")
     add_option(p, "device", default=None, help="device (default: cuda if available, else cpu)")
     add_option(p, "out", default=None, help="write the JSON here (default: print it)")
 
@@ -82,6 +84,9 @@ def plan(args: argparse.Namespace) -> Plan:
         raise EvalError(f"--seqlen {args.seqlen}: a window needs at least 2 tokens")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     harness = [t for t in tasks if t != SYNTHETIC]
+    near = difflib.get_close_matches(SYNTHETIC, harness, n=1, cutoff=0.75)
+    if near:  # a typo of the built-in suite, not an lm-eval task (whose check would first ask to install lm-eval)
+        raise EvalError(f"--tasks {near[0]}: no such task; did you mean {SYNTHETIC!r} (the built-in suite)?")
     if harness:
         from gptqlora.eval.harness import check_tasks
 

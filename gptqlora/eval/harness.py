@@ -22,8 +22,8 @@ def _lm_eval():
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise EvalError(f"--tasks {'{mmlu,gsm8k,...}'} needs lm-evaluation-harness, which is not installed: "
-                        f"{INSTALL}") from None
+        raise EvalError(f"lm-eval tasks (--tasks other than 'synthetic', e.g. mmlu, gsm8k) need "
+                        f"lm-evaluation-harness, which is not installed: {INSTALL}") from None
     return lm_eval, TaskManager
 
 

@@ -95,7 +95,7 @@ class TrainArguments:
         "help": "the research scripts' flag: --gradient_checkpointing full (an explicit --gradient_checkpointing "
                 "wins)"})
     gradient_checkpointing: str = field(default="auto", metadata={
-        "help": "recompute decoder blocks in backward: full (least memory, ~30%% slower), selective "
+        "help": "recompute decoder blocks in backward: full (least memory, ~30% slower), selective "
                 "(--checkpoint_fraction of the blocks), none (fastest), auto (on a GPU: as few blocks as fit "
                 "the free memory, measured on the model; on a CPU: none)",
         "choices": ("auto", "full", "selective", "none")})
@@ -106,7 +106,7 @@ class TrainArguments:
                 "x 2 bytes on the GPU, 2.5 GiB for 65B at 2048 tokens; costs a copy back per block in backward)"})
     loss: str = field(default="auto", metadata={
         "help": "how the loss over the vocabulary is computed: chunked (1024 tokens of logits at a time, one "
-                "more lm_head matmul in backward, <1%% slower), full (transformers': all fp32 logits at once), "
+                "more lm_head matmul in backward, <1% slower), full (transformers': all fp32 logits at once), "
                 "auto (Liger's fused linear+cross-entropy where --liger applies it, else chunked)",
         "choices": ("auto", "chunked", "full")})
     expandable_segments: bool = field(default=True, metadata={

@@ -59,7 +59,11 @@ def apply(model: nn.Module, plan: Plan, reentrant: bool = False, offload: bool =
     Returns the offload hooks (their `offloaded_bytes` count what moved)."""
     if plan.mode == "none":
         return None
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # frozen embeddings: reentrant checkpoints need a grad input
     blocks = decoder_blocks(model)
     chosen = set(plan.checkpointed)

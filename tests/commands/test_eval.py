@@ -56,7 +56,7 @@ def _fake_lm_eval(monkeypatch, tasks):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "short", "seqlen", "nothing", "not_a_model", "task",
-                                  "no_lm_eval"])
+                                  "no_lm_eval", "synthetic_typo", "limit_0"])
 def test_bad_input_is_one_clear_line(case, tiny_run, tiny_dir, text_file, tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -71,10 +71,12 @@ def test_bad_input_is_one_clear_line(case, tiny_run, tiny_dir, text_file, tmp_pa
         "not_a_model": (["--tasks", "synthetic"], "no config.json or run.json"),
         "task": (["--tasks", "synthetic,arc_eazy"], "no task 'arc_eazy' (did you mean arc_easy"),
         "no_lm_eval": (["--tasks", "mmlu"], "lm-evaluation-harness, which is not installed"),
+        "synthetic_typo": (["--tasks", "synthetc"], "did you mean 'synthetic'"),  # before asking for lm-eval
+        "limit_0": (["--tasks", "synthetic", "--limit", "0"], "--limit: must be >= 1, got 0"),
     }[case]
     if case == "task":
         _fake_lm_eval(monkeypatch, ["arc_easy", "arc_challenge", "mmlu"])
-    if case == "no_lm_eval":
+    if case in ("no_lm_eval", "synthetic_typo"):
         monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
     rc = main(["eval", str(tmp_path if case == "not_a_model" else tiny_run), *argv])
     err = capsys.readouterr().err
