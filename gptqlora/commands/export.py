@@ -93,6 +93,17 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> 
     return config, tensors
 
 
+def unaligned_groups(qcfg, in_features: dict[str, int]) -> list[str]:
+    """Quantized modules whose input width (module name -> K) is not a whole number of their groups, each as
+    'NAME: K inputs in groups of G'; vLLM's GPTQ layer raises on these ("input size is not aligned")."""
+    out = []
+    for name, k in sorted(in_features.items()):
+        settings = qcfg.for_module(name)
+        if settings is not None and settings["group_size"] > 0 and k % settings["group_size"]:
+            out.append(f"{name}: {k} inputs in groups of {settings['group_size']}")
+    return out
+
+
 def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False, name: str | None = None,
                 overwrite: bool = False) -> Path:
     """OUT/adapter (PEFT LoRA vLLM loads), OUT/base (the symmetric v1 GPTQ base), OUT/README.md (the command)."""
@@ -115,11 +126,19 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False
         raise ExportError(f"{base} is in the {qcfg.format} format; vLLM reads the v1 'gptq' format. Merge and "
                           f"re-quantize first: {requantize} (symmetric writes v1), or re-save the base with "
                           f"gptqlora.save_quantized(model, DIR, QuantConfig(..., format='gptq'))")
+    from gptqlora.checkpoint.io import SafetensorsSource
+
+    src = SafetensorsSource(base)
+    keys = src.keys()
+    misfit = unaligned_groups(qcfg, {k[:-len(".g_idx")]: src.shape(k)[0] for k in keys if k.endswith(".g_idx")})
+    if misfit:
+        raise ExportError(f"{base}: {misfit[0]}{f' (and {len(misfit) - 1} more)' if len(misfit) > 1 else ''}; "
+                          f"vLLM's GPTQ layer refuses a group that does not divide the input width. Re-quantize "
+                          f"with one that does (128 for LLaMA-family models): gptqlora merge {run_dir} --to gptq "
+                          f"--bits {qcfg.bits} --group-size 128 --sym --out DIR")
     if qcfg.dynamic:  # vLLM fuses q/k/v and gate/up and reads one setting per fused module
-        from gptqlora.checkpoint.io import SafetensorsSource
         from gptqlora.quant.precision import split_fused_units
 
-        keys = SafetensorsSource(base).keys()
         names = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".weight", ".qweight")) and ".layers." in k}
         split = split_fused_units(qcfg, names)
         if split:

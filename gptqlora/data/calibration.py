@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,6 +15,8 @@ import torch
 from gptqlora.data.dataset import template_for_kind
 from gptqlora.data.records import read_records
 from gptqlora.data.templates import PromptTemplate
+
+log = logging.getLogger(__name__)
 
 
 class CalibrationError(ValueError):
@@ -42,8 +45,12 @@ def long_text_ok(tokenizer: Any):
             flags[_LONG] = before
 
 
+RECORD_FIELDS = ("instruction", "input", "output", "response")  # an Alpaca-style record's text, in this order
+
+
 def read_calibration_records(path: str | Path) -> tuple[list[str], list[list[int]]]:
-    """(texts, token lists) from a .txt file (the whole file is text) or JSON/JSONL records."""
+    """(texts, token lists) from a .txt file (the whole file is text) or JSON/JSONL records: 'text',
+    'input_ids', or Alpaca-style instruction fields (joined by blank lines)."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
@@ -65,8 +72,9 @@ def read_calibration_records(path: str | Path) -> tuple[list[str], list[list[int
                 continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{path}:{n}: broken JSON line ({e})") from None
+            except json.JSONDecodeError as e:  # worded as finetune's data reader words it (data/records.py)
+                raise CalibrationError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}); each line of a "
+                                       f"JSON Lines file must be one object") from None
             where.append(f"{path}:{n}")
     texts, ids = [], []
     for rec, w in zip(records, where):
@@ -80,8 +88,13 @@ def read_calibration_records(path: str | Path) -> tuple[list[str], list[list[int
         elif isinstance(rec.get("text"), str):
             if rec["text"].strip():
                 texts.append(rec["text"])
+        elif any(isinstance(rec.get(k), str) for k in RECORD_FIELDS):  # finetune's instruction records: their text
+            text = "\n\n".join(rec[k] for k in RECORD_FIELDS if isinstance(rec.get(k), str) and rec[k].strip())
+            if text:
+                texts.append(text)
         else:
-            raise CalibrationError(f"{w}: no 'text' (string) or 'input_ids' field")
+            raise CalibrationError(f"{w}: no 'text' (string), 'input_ids' or instruction fields "
+                                   f"({', '.join(RECORD_FIELDS)})")
     return texts, ids
 
 
@@ -107,6 +120,9 @@ def load_calibration(path: str | Path, tokenizer, nsamples: int = 128, seqlen: i
             windows = sorted(rng.sample(starts, need))
         else:
             windows = [rng.randrange(len(tokens) - seqlen + 1) for _ in range(need)]
+            log.warning("%s: %d tokens make %d windows of %d, fewer than the %d asked for: the windows overlap "
+                        "(the same text ~%.0fx); give more text, or lower --nsamples / --seqlen", path, len(tokens),
+                        len(tokens) // seqlen, seqlen, need, need * seqlen / len(tokens))
         samples += [torch.tensor([tokens[s:s + seqlen]], dtype=torch.long) for s in windows]
     samples = [s for s in samples if s.shape[1] > 0]
     if not samples:

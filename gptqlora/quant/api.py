@@ -163,6 +163,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, opti
         raise QuantConfigError(f"the {FORMAT_SPQR} format is written by --method spqr, not --method {options.method}")
     if qcfg.format == FORMAT_V1 and not qcfg.sym:
         log.info("asymmetric + v1 format: zero points are kept >= 1 so that v1 can store them")
+    widths = sorted({w for w in (getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None))
+                     if isinstance(w, int)})
+    if qcfg.group_size > 0 and any(w % qcfg.group_size for w in widths):
+        log.warning("--group-size %d does not divide the layers' input widths %s: their last group is partial. "
+                    "gptqlora loads such a checkpoint, but vLLM (export) refuses it; a power of two such as 128 "
+                    "divides LLaMA-family widths", qcfg.group_size, widths)
     if options.crucial_from:  # before any work: a bad file is refused at once
         errors = read_errors(options.crucial_from)
     samples = calibration_samples(options, tokenizer, training, getattr(config, "max_position_embeddings", None),

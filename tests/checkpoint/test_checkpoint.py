@@ -202,11 +202,31 @@ def test_calibration_errors(tmp_path):
         load_calibration(tmp_path / "blank.jsonl", tok)
     with pytest.raises(CalibrationError, match=r"nofield\.jsonl:1: no 'text'"):
         load_calibration(tmp_path / "nofield.jsonl", tok)
-    with pytest.raises(CalibrationError, match=r"broken\.jsonl:2: broken JSON"):
+    with pytest.raises(CalibrationError, match=r"broken\.jsonl:2: invalid JSON \(Expecting value, column 10\)"):
         load_calibration(tmp_path / "broken.jsonl", tok)
     (tmp_path / "ids.jsonl").write_text('{"input_ids": [5, 6, 7]}\n{"text": "hello world, hello"}\n')
     s = load_calibration(tmp_path / "ids.jsonl", tok, nsamples=4, seqlen=8)
     assert s[0].tolist() == [[5, 6, 7]] and all(x.shape[1] <= 8 for x in s)
+
+
+def test_calibration_reads_instruction_records_and_says_when_windows_overlap(tmp_path, caplog):
+    """finetune's Alpaca records calibrate quantize too (their fields' text); a corpus too short for disjoint
+    windows is still used, with a warning naming the overlap."""
+    from tiny import char_tokenizer
+
+    from gptqlora.data.calibration import load_calibration, read_calibration_records
+
+    f = tmp_path / "alpaca.jsonl"
+    f.write_text('{"instruction": "Add 2 and 3.", "input": "", "output": "5"}\n{"instruction": "Say hi.", "output": "hi"}\n')
+    assert read_calibration_records(f) == (["Add 2 and 3.\n\n5", "Say hi.\n\nhi"], [])
+    tok = char_tokenizer()
+    with caplog.at_level("WARNING", logger="gptqlora.data.calibration"):
+        s = load_calibration(f, tok, nsamples=5, seqlen=8)  # 27 tokens: 3 disjoint windows
+    assert len(s) == 5 and "the windows overlap" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gptqlora.data.calibration"):
+        load_calibration(f, tok, nsamples=3, seqlen=8)  # room for 3 disjoint windows of 8
+    assert "overlap" not in caplog.text
 
 
 def test_meta_records_gptaq_as_gptqmodel_reads_it():

@@ -156,3 +156,16 @@ def test_existing_target_refused_unless_overwrite(run, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", str(run), "--out", str(tmp_path / "m2"), "--overwrite"]) == 0
     assert (tmp_path / "m2" / "config.json").is_file()
+
+
+def test_export_names_groups_that_do_not_divide_a_layers_inputs():
+    """vLLM's GPTQ layer raises on an input width that is not a whole number of groups: export refuses first."""
+    from gptqlora.commands.export import unaligned_groups
+
+    widths = {"model.layers.0.self_attn.q_proj": 64, "model.layers.0.mlp.down_proj": 176}
+    assert unaligned_groups(QuantConfig(bits=4, group_size=32), widths) == \
+        ["model.layers.0.mlp.down_proj: 176 inputs in groups of 32"]
+    assert unaligned_groups(QuantConfig(bits=4, group_size=16), widths) == []
+    assert unaligned_groups(QuantConfig(bits=4, group_size=-1), widths) == []  # one group a column: always fits
+    kept = QuantConfig(bits=4, group_size=32, dynamic={r"-:.*down_proj": {}})  # fp16: no groups
+    assert unaligned_groups(kept, widths) == []
