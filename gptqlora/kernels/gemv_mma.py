@@ -64,16 +64,18 @@ UPRE = 1  # the adapter's u = x Aᵀ by kernels/lora_u.py once per call, u Bᵀ 
 #           16's way (26 of 55 us at 4096x22016). Session 20 (H100) dropped session 17's u Bᵀ added before split 0's
 #           k-steps: at M = 1 storing it was 2.3-5.6 us faster at the three shapes above 4096x4096, at M = 8 within 1 us
 TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that many (M = 8 at 128 columns), 16 loads in
-#          flight; 0: a cell at a time, 8 loads. Written in session 20 after the device time ran out: compiled, not
-#          run on a GPU, so off until bench/gpu_session.sh's `tail` stage checks and times it
+#          flight; 0: a cell at a time, 8 loads. Session 21 (H100, bench/results/gpu-2026-12-07-s21a): the same bits,
+#          but mixed: M = 8 4096x4096 20.1 -> 17.5 us and down_proj 43.1 -> 41.2, q|k|v 31.7 -> 34.0 and gate|up
+#          44.7 -> 49.3; the 7B at batch 8 1,330 against 1,370 tokens/s (0.97x). Off
 TAIL_ENV = "GPTQLORA_GEMV_TAIL"  # "1" / "0" overrides TAIL (bench/decode.py's `tail` kind, for the A/B)
-PDL = 0  # 1: u's launch lets this kernel start at once (programmatic dependent launch, sm_90+), which waits for u
-#         only before its cells take u Bᵀ: ~3-5 us a sibling group off the critical path. Written in session 20 after
-#         the device time ran out: compiled, not run on a GPU, so off until `gpu_session.sh pdl` checks and times it
+PDL = 1  # 1: u's launch lets this kernel start at once (programmatic dependent launch, sm_90+), which waits for u
+#         only before its cells take u Bᵀ. Session 21 (H100, gpu-2026-12-07-s21a): outputs bit-equal to PDL 0 at the
+#         7B shapes; per layer 0.2-2.5 us faster at 3 of 4 shapes, M = 1 and 8 (down_proj at M = 8 +0.3); the 7B at
+#         batch 8 1,381 against 1,370 tokens/s (+0.8%, within run-to-run drift, never slower per layer by more)
 PDL_ENV = "GPTQLORA_GEMV_PDL"  # "1" / "0" overrides PDL (bench/decode.py's `pdl` kind, for the A/B)
 NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with the fewest splits, the best block of the
 #            probe's M = 8 grids at 3 of 4 7B shapes in sessions 19-20 (1.5-3.3 us a layer); 0: `pick_config`'s
-#            M = 1 choice. Off until a 7B A/B (bench/decode.py's `narrow` kind) says the grid's gain holds in a model
+#            M = 1 choice. Off until a 7B A/B (bench/decode.py's `narrow` kind; not yet run) says the gain holds
 NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
 U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple

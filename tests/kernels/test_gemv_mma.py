@@ -126,7 +126,7 @@ def test_variants_differ_by_their_constants(monkeypatch):
     monkeypatch.delenv(gemv_mma.PDL_ENV, raising=False)
     monkeypatch.delenv(gemv_mma.TAIL_ENV, raising=False)
     cfg = {"WARPS": 4, "NT": 2, "KC": 256, "NM": 1}
-    one = gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
+    one = gemv_mma.defines(dict(cfg, PDL=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
                          "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP, "PDL": 0}
@@ -322,7 +322,7 @@ def test_three_bit_layers_read_four_bit_slots_and_wait_to_be_asked(monkeypatch):
 
 
 def test_the_dependent_launch_waits_before_reading_u_and_its_structs_match_the_driver():
-    """PDL (off by default until GPU-run): only a variant that takes u computed once (UPRE) may start before
+    """PDL (on by default since session 21's A/B): only a variant that takes u computed once (UPRE) may start before
     lora_u ends, and it waits (griddepcontrol.wait) before its cells read u; the launch structs cuLaunchKernelEx
     takes have the driver's layout (CUlaunchAttribute 72 bytes: id, pad, 64-byte value; CUlaunchConfig 56); a
     plan's counters leave U_LOCKS spare for lora_u."""
