@@ -70,8 +70,8 @@ TAIL = 0  # 1: the last split sums 4 cells a thread at once where it has that ma
 TAIL_ENV = "GPTQLORA_GEMV_TAIL"  # "1" / "0" overrides TAIL (bench/decode.py's `tail` kind, for the A/B)
 PDL = 1  # 1: u's launch lets this kernel start at once (programmatic dependent launch, sm_90+), which waits for u
 #         only before its cells take u Bᵀ. Session 21 (H100, gpu-2026-12-07-s21a): outputs bit-equal to PDL 0 at the
-#         7B shapes; per layer 0.2-2.5 us faster at 3 of 4 shapes, M = 1 and 8 (down_proj at M = 8 +0.3); the 7B at
-#         batch 8 1,381 against 1,370 tokens/s (+0.8%, within run-to-run drift, never slower per layer by more)
+#         7B shapes; per layer 0.2-2.5 us faster in 6 of 8 shape/M pairs (M = 1, 8), 0.04 and 0.3 us slower in the
+#         other two; the 7B at batch 8 1,381 against 1,370 tokens/s (+0.8%, within run-to-run drift)
 PDL_ENV = "GPTQLORA_GEMV_PDL"  # "1" / "0" overrides PDL (bench/decode.py's `pdl` kind, for the A/B)
 NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with the fewest splits, the best block of the
 #            probe's M = 8 grids at 3 of 4 7B shapes in sessions 19-20 (1.5-3.3 us a layer); 0: `pick_config`'s
