@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib
 import logging
 import os
@@ -150,6 +151,16 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """'; did you mean --num_epochs?' for unknown options close to one of `parser`'s, else ''."""
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    hints = [(near[0], flag) for flag in (e.split("=")[0] for e in extra if e.startswith("--"))
+             if (near := difflib.get_close_matches(flag, known, n=1, cutoff=0.75))]
+    if len(hints) == 1:
+        return f" (did you mean {hints[0][0]}?)"
+    return f" (did you mean {', '.join(f'{a} for {b}' for a, b in hints)}?)" if hints else ""
+
+
 def _one_line(e: BaseException) -> str:
     """A user error's message on one line (a list of problems is joined with '; ')."""
     lines = [re.sub(r"^\s*- ", "", x).strip() for x in str(e).splitlines() if x.strip()]
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args, extra = parser.parse_known_args(argv)
             if extra:  # reported by the command's parser, naming the command and its --help
-                getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+                sub = getattr(args, "command_parser", parser)
+                sub.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(sub, extra)}")
         except SystemExit as e:  # --help, --version, or a one-line parse error (status 2)
             return e.code if isinstance(e.code, int) else 0
         if args.command is None:

@@ -37,6 +37,7 @@ CASES = [
     ("ft-not-a-number", "finetune --quant_checkpoint {q4} --data {data} --lora_r eight", "--lora_r"),
     ("ft-bad-choice", "finetune --quant_checkpoint {q4} --data {data} --lr_scheduler bogus", "--lr_scheduler"),
     ("ft-unknown-option", "finetune --quant_checkpoint {q4} --data {data} --no_such_option 1", "--no_such_option"),
+    ("ft-epochs", "finetune --quant_checkpoint {q4} --data {data} --epochs 1", "(did you mean --num_epochs?)"),
     # finetune: where it would write
     ("ft-output-cwd", "finetune --quant_checkpoint {q4} --data train.jsonl --output_dir .", "working directory"),
     ("ft-output-cwd-overwrite", "finetune --quant_checkpoint {q4} --data train.jsonl --output_dir . --overwrite",
@@ -64,6 +65,8 @@ CASES = [
      "truncated"),
     ("ft-targets-match-nothing", "finetune --quant_checkpoint {q4} --data {data} --target_modules nosuch_proj "
      "--output_dir {ws}/r3", "nosuch_proj"),
+    ("ft-targets-typo", "finetune --quant_checkpoint {q4} --data {data} --target_modules q_prj,v_proj "
+     "--output_dir {ws}/r3", "did you mean 'q_proj' for 'q_prj'?"),
     ("ft-adapter-name", "finetune --quant_checkpoint {q4} --data {data} --adapter_name ia3", "--adapter_name"),
     ("ft-svd-without-base", "finetune --quant_checkpoint {q4} --data {data} --init_method svd", "--base_model"),
     # quantize

@@ -166,6 +166,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, aliases:
         help_text = f.metadata.get("help", "")
         if default not in (None, "", []):
             help_text += f" (default: {default})"
+        if tp is bool and default is True and "--no-" not in help_text:  # the --no- spelling is hidden below
+            help_text += f"; off: --no-{f.name.replace('_', '-')}"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text,
                               "required": f.name in required}

@@ -7,6 +7,7 @@ bundled Alpaca-style and CoT synthetic data, with task accuracy measured before 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import random
@@ -275,9 +276,14 @@ def _check_checkpoint(args: FinetuneArgs) -> None:
     targets = list(args.lora.target_modules)
     missing = [t for t in targets if not any(_matches(m, [t]) for m in modules)]
     if missing:
-        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if "layers." in m})
+        src = SafetensorsSource(model_dir)
+        linear = {k.rsplit(".", 1)[0] for k in keys if "layers." in k and (k.endswith(".qweight") or (
+            k.endswith(".weight") and len(src.shape(k)) == 2))}  # norms' weights are 1-D: not LoRA targets
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in linear})
+        near = {t: difflib.get_close_matches(t, leaves, n=1) for t in missing}
+        hint = "; ".join(f"did you mean {v[0]!r} for {t!r}?" for t, v in near.items() if v)
         raise AdapterError(f"{_label(args, 'target_modules')} {missing} match no layer of {model_dir}; its "
-                           f"layers are named {leaves}")
+                           f"linear layers are named {leaves}" + (f" ({hint})" if hint else ""))
 
 
 def _data(args: FinetuneArgs, data_files: list[str]):
