@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # ... nor that the `kernels` package (which bitsandbytes asks for one) skips a Hub publisher check offline
     logging.getLogger("kernels").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # analyze's plots: its INFO lines are about axes
     # transformers deprecation noise raised from inside PEFT, not actionable by our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     command = next((a for a in argv if not a.startswith("-")), None)

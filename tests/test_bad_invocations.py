@@ -37,6 +37,7 @@ CASES = [
     ("ft-not-a-number", "finetune --quant_checkpoint {q4} --data {data} --lora_r eight", "--lora_r"),
     ("ft-bad-choice", "finetune --quant_checkpoint {q4} --data {data} --lr_scheduler bogus", "--lr_scheduler"),
     ("ft-unknown-option", "finetune --quant_checkpoint {q4} --data {data} --no_such_option 1", "--no_such_option"),
+    ("ft-base-is-quantized", "finetune --base_model {q4} --data {data}", "pass it as --quant_checkpoint"),
     ("ft-epochs", "finetune --quant_checkpoint {q4} --data {data} --epochs 1", "(did you mean --num_epochs?)"),
     # finetune: where it would write
     ("ft-output-cwd", "finetune --quant_checkpoint {q4} --data train.jsonl --output_dir .", "working directory"),

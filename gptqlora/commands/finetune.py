@@ -267,6 +267,10 @@ def _check_checkpoint(args: FinetuneArgs) -> None:
 
     model_dir = args.model.quant_checkpoint or args.model.base_model
     keys = SafetensorsSource(model_dir).keys()
+    if not args.model.quant_checkpoint and read_quant_config(model_dir) is not None:  # before quantizing anything
+        raise OptionError(f"{_label(args, 'base_model')} {model_dir} is already quantized (its config.json has "
+                          f"quantization_config): pass it as --quant_checkpoint {model_dir}, or give the fp16/bf16 "
+                          f"model to --base_model")
     if args.model.quant_checkpoint:
         qcfg = read_quant_config(model_dir)
         if qcfg is not None and "bits" in args.given and args.quant.bits != qcfg.bits:
