@@ -117,6 +117,9 @@ def report(summary: dict[str, Any]) -> int:
         lines.append("task accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     lines.append(f"next: gptqlora chat {summary['run_dir']}   |   gptqlora merge {summary['run_dir']} --to fp16 "
                  f"--out merged/")
+    if summary.get("demo"):  # the bundled tiny model knows its synthetic tasks only, one turn at a time
+        lines.append("      (the demo's tiny model answers its tasks' prompts, e.g. \"What is 12 + 7?\" or "
+                     "\"Reverse the word 'abc'.\"; /reset between them)")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -207,7 +210,8 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     summary = {"run_dir": str(run.root), "train_loss": _mean_train_loss(trainer, result, resume),
                "steps": result.global_step, "accuracy": {k: v["accuracy"] for k, v in evals.items()},
                "checkpointing": {"mode": plan.mode, "blocks_recomputed": len(plan.checkpointed), "why": plan.reason},
-               "lora_init": getattr(peft_model, "lora_init", None), "compile": getattr(peft_model, "compiled", None)}
+               "lora_init": getattr(peft_model, "lora_init", None), "compile": getattr(peft_model, "compiled", None),
+               "demo": demo}
     if state.is_main_process:
         run.update(quant_config=model.gptq_config.to_dict(), result=summary)
         if evals:

@@ -256,3 +256,13 @@ def test_base_quantized_without_gptaq_for_an_fp_init_unless_gptaq_given():
     assert gptaq("--bits", "2", "--init_method", "default") == 1.0
     assert gptaq("--bits", "2", "--gptaq", "1") == 1.0 and gptaq("--bits", "2", "--gptaq", "0.25") == 0.25  # given: kept
     assert base_quant_config(parse_args([])).gptaq == 0.0  # the demo: 2 bit, auto -> svd
+
+
+def test_the_report_shows_the_demo_a_prompt_it_can_answer(capsys):
+    from gptqlora.commands.finetune import report
+
+    base = {"run_dir": "runs/x", "steps": 3, "train_loss": 0.5, "accuracy": {"fp16": 0.9}}
+    assert report({**base, "demo": True}) == 0
+    out = capsys.readouterr().out
+    assert "task accuracy: fp16 90.0%" in out and "What is 12 + 7?" in out
+    assert report({**base, "demo": False}) == 0 and "12 + 7" not in capsys.readouterr().out
