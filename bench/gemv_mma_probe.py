@@ -282,6 +282,57 @@ def timings(device, timer, deadline, quick: bool = False, ms: tuple[int, ...] = 
     return rows
 
 
+def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[dict]:
+    """SpQR layers (3-bit g16, statistics 3-bit g16, 1% outliers; bench/spqr.py's random layer) at the 7B's
+    unfused shapes, per call with the r = 8 adapter: SpQR's Triton path (its default), the tensor-core kernel
+    (GPTQLORA_GEMV_MMA=1), the same without outliers (the dense part alone) and without the adapter; the
+    picked block. Session 21 measured the kernel slower than the default on the 7B (0.44x against 0.56x bf16)
+    without saying which part costs: this splits it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_spqr", Path(__file__).with_name("spqr.py"))
+    bench_spqr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_spqr)
+    rows = []
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
+        if time.time() > deadline:
+            rows.append({"spqr_shape": f"{k}x{n}", "skipped": "budget"})
+            continue
+        copies = max(2, math.ceil(3 * l2 / (k * n * 0.55)))  # ~4.4 bits a weight read: past L2 each call
+        layers = {o: [bench_spqr.spqr_layer(k, n, 3, outliers=o, device=device, seed=i) for i in range(copies)]
+                  for o in (0.01, 0.0)}
+        dense = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in range(max(2, math.ceil(3 * l2 / (2 * k * n))))]
+        for m in ms:
+            g = torch.Generator(device=device).manual_seed(k + n + m)
+            x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+            a = torch.randn(R, k, device=device, generator=g) * 0.05
+            b = torch.randn(n, R, device=device, generator=g) * 0.05
+
+            def us(lays, mma: bool, adapter: bool = True) -> float:
+                os.environ[gemv_mma.ENV] = "1" if mma else "0"
+                try:
+                    with torch.no_grad():
+                        for lay in lays:  # plans built outside the timing; None would time nothing
+                            assert lay.small_m(x, a if adapter else None, b if adapter else None, 2.0) is not None
+                        return timer.us(lambda: [lay.small_m(x, a if adapter else None, b if adapter else None, 2.0)
+                                                 for lay in lays]) / len(lays)
+                finally:
+                    os.environ.pop(gemv_mma.ENV, None)
+
+            cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device))
+            row = {"spqr_shape": f"{k}x{n}", "m": m, "picked": cfg, "splits": k // cfg["KC"] if cfg else None,
+                   "default_us": round(us(layers[0.01], False), 2), "mma_us": round(us(layers[0.01], True), 2),
+                   "mma_no_outliers_us": round(us(layers[0.0], True), 2),
+                   "mma_no_adapter_us": round(us(layers[0.01], True, False), 2),
+                   "default_no_outliers_us": round(us(layers[0.0], False), 2),
+                   "bf16_us": round(timer.us(lambda: [x @ w for w in dense]) / len(dense), 2)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del layers
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the checks and rows here")
@@ -290,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer checks; 4-bit timings only: 4096x4096 and "
                     "gate|up first, then q|k|v and down_proj while --budget-s lasts")
     ap.add_argument("--ms", default="1,8", help="comma-separated rows of x to time (each at most 16)")
+    ap.add_argument("--spqr", action="store_true", help="time SpQR layers instead (spqr_timings: its default "
+                    "path against the tensor-core kernel, with and without outliers)")
     ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES to time, in this order "
                     "(0 4096x4096, 1 q|k|v, 2 gate|up, 3 down_proj; default: all, or --quick's order)")
     a = ap.parse_args(argv)
@@ -302,7 +355,9 @@ def main(argv=None) -> int:
     res["checks"] = checks(device, a.quick)
     print("checks:", res["checks"]["passed"], "passed,", len(res["checks"]["failed"]), "failed",
           f"({time.time() - t0:.0f} s)", flush=True)
-    if not a.skip_timing:
+    if a.spqr and not a.skip_timing:
+        res["rows"] = spqr_timings(device, Timer(True), t0 + a.budget_s, tuple(int(m) for m in a.ms.split(",")))
+    elif not a.skip_timing:
         res["rows"] = timings(device, Timer(True), t0 + a.budget_s, a.quick, tuple(int(m) for m in a.ms.split(",")),
                               tuple(int(i) for i in a.shapes.split(",") if i))
     if a.json:

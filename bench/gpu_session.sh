@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -185,6 +185,12 @@ for l in sys.stdin:
                python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
+    spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against
+               # the tensor-core kernel, with and without outliers and the adapter (which part makes the kernel slower)
+               # after the quick checks (~3 min)
+               python3 bench/gemv_mma_probe.py --quick --spqr --ms "${SPQR_MS:-1,8}" --json "$OUT/mma_spqr.json" \
+                 --budget-s "${MMA_BUDGET:-170}" > "$OUT/mma_spqr.txt" 2>> "$OUT/stderr.log"; grep -E "checks:|FAIL" "$OUT/mma_spqr.txt" | head -8
+               grep '"spqr_shape"' "$OUT/mma_spqr.txt" | cut -c1-400 ;;
     loru)      # issue 16, session 20: the quick tensor-core checks (u Bᵀ added at the store now the only u-once way, ~30 s),
                # then kernels/lora_u.py's variants against each other and cuBLAS, M = 1..16, per 7B sibling group (~2.5 min)
                python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma.json" > "$OUT/mma.txt" 2>> "$OUT/stderr.log"
