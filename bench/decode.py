@@ -279,13 +279,20 @@ def build(kind: str, shape: str, device):
         model = model.float()
     pm = gptqlora.get_peft_model(model, GPTQLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                        target_modules=TARGETS)).eval()
-    if kernel not in ("", "unfused", "inplace", "split", "alt", "noact", "mma", "lorau", "default", "pdl", "narrow", "tail", "mmapdl"):
+    if kernel not in ("", "unfused", "alt", "noact", "default", *KERNEL_ENV):
         raise ValueError(f"unknown decode kernel {kernel!r}")
     if kernel == "unfused":  # every layer its own launch (before q|k|v and gate|up shared one)
         from gptqlora.adapters.siblings import unlink_siblings
 
         unlink_siblings(pm)
     return pm
+
+
+# a GPTQ kind's "-kernel" -> the environment it decodes under (see _decode_kernels; "alt" takes --alt-table's)
+KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split"}, "lorau": {gemv_m1.U_ENV: "1"},
+              "mma": {gemv_mma.ENV: "1"}, "pdl": {gemv_mma.PDL_ENV: "1"}, "narrow": {gemv_mma.NARROW_ENV: "1"},
+              "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"}}
+UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl")  # the others pin the Triton kernels
 
 
 @contextlib.contextmanager
@@ -300,12 +307,9 @@ def _decode_kernels(kind: str, alt_table: str | None):
     once (GPTQLORA_GEMV_TAIL=1), "-mmapdl" the tensor-core kernel at every batch, one row too, overlapping the u
     launch (both), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
-    env = {gemv_m1.ENV: "inplace"} if kind.endswith("-inplace") else {gemv_m1.ENV: "split"} if kind.endswith("-split") else \
-        {gemv.TUNED_ENV: alt_table} if kind.endswith("-alt") else {gemv_mma.ENV: "1"} if kind.endswith("-mma") else \
-        {gemv_m1.U_ENV: "1"} if kind.endswith("-lorau") else {gemv_mma.PDL_ENV: "1"} if kind.endswith("-pdl") else \
-        {gemv_mma.NARROW_ENV: "1"} if kind.endswith("-narrow") else {gemv_mma.TAIL_ENV: "1"} if kind.endswith("-tail") \
-        else {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"} if kind.endswith("-mmapdl") else {}
-    if kind != "bf16" and not kind.endswith(("-mma", "-default", "-pdl", "-narrow", "-tail", "-mmapdl")):
+    kernel = kind.partition("-")[2]
+    env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))
+    if kind != "bf16" and kernel not in UNPINNED:
         env.setdefault(gemv_mma.ENV, "0")  # the Triton kernels at every batch (unset, batches of 2+ take gemv_mma)
 
     def fresh():

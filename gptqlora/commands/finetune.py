@@ -270,7 +270,8 @@ def _check_checkpoint(args: FinetuneArgs) -> None:
     from gptqlora.checkpoint.io import SafetensorsSource
 
     model_dir = args.model.quant_checkpoint or args.model.base_model
-    keys = SafetensorsSource(model_dir).keys()
+    src = SafetensorsSource(model_dir)
+    keys = src.keys()
     if not args.model.quant_checkpoint and read_quant_config(model_dir) is not None:  # before quantizing anything
         raise OptionError(f"{_label(args, 'base_model')} {model_dir} is already quantized (its config.json has "
                           f"quantization_config): pass it as --quant_checkpoint {model_dir}, or give the fp16/bf16 "
@@ -284,7 +285,6 @@ def _check_checkpoint(args: FinetuneArgs) -> None:
     targets = list(args.lora.target_modules)
     missing = [t for t in targets if not any(_matches(m, [t]) for m in modules)]
     if missing:
-        src = SafetensorsSource(model_dir)
         linear = {k.rsplit(".", 1)[0] for k in keys if "layers." in k and (k.endswith(".qweight") or (
             k.endswith(".weight") and len(src.shape(k)) == 2))}  # norms' weights are 1-D: not LoRA targets
         leaves = sorted({m.rsplit(".", 1)[-1] for m in linear})

@@ -74,7 +74,7 @@ def read_calibration_records(path: str | Path) -> tuple[list[str], list[list[int
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:  # worded as finetune's data reader words it (data/records.py)
                 raise CalibrationError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}); each line of a "
-                                       f"JSON Lines file must be one object") from None
+                                       f"JSON Lines file must hold one complete JSON object") from None
             where.append(f"{path}:{n}")
     texts, ids = [], []
     for rec, w in zip(records, where):

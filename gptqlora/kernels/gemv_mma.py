@@ -260,6 +260,17 @@ def pack_outliers(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, pe
     return vals[order].half(), (key % k).to(torch.int16), rows, offs.contiguous()  # the kernel reads fp16 bits
 
 
+def _split_fits(k: int, kc: int, group: int) -> bool:
+    """KC rows a split can be: a divisor of K, whole groups or inside one, at most 8 groups (their statistics
+    are held in registers)."""
+    return k % kc == 0 and (kc % group == 0 or group % kc == 0) and kc // min(kc, group) <= 8
+
+
+def _aligned(bounds: tuple[int, int] | None, cols: int) -> bool:
+    """Whether blocks of `cols` columns stay inside one sibling projection of `bounds`."""
+    return bounds is None or not (bounds[0] % cols or bounds[1] % cols)
+
+
 def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
                 bounds: tuple[int, int] | None = None) -> dict | None:
     """Block shape for a call, or None when none fits: WARPS x NT 16-column tiles per block (a block inside
@@ -268,27 +279,26 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
     per SM or more (the fastest of session 16's grid on an H100 at M = 1, every 7B shape, 2 and 4 bit), else
     the most blocks up to ~4 per SM with the fewest splits."""
     rl = rows_per_load(bits)
-    if 1 < m <= 8 and _flag(NARROW_ENV, NARROW) and (bounds is None or not (bounds[0] % 128 or bounds[1] % 128)):
-        for loads in (8, 4, 2, 1):  # the fewest splits: the largest KC that fits
-            kc = rl * loads
-            if not (k % kc or not (kc % group == 0 or group % kc == 0) or kc // min(kc, group) > 8):
-                return dict(WARPS=8, NT=1, KC=kc, NM=1, UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
+    upre = UPRE if k * n > UPRE_MIN_AREA else 0
+    if 1 < m <= 8 and _flag(NARROW_ENV, NARROW) and _aligned(bounds, 128):
+        kc = next((rl * loads for loads in (8, 4, 2, 1) if _split_fits(k, rl * loads, group)), None)
+        if kc is not None:  # the fewest splits: the largest KC that fits
+            return dict(WARPS=8, NT=1, KC=kc, NM=1, UPRE=upre)
     for warps, nt in ((8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
         cols = warps * nt * 16
-        if bounds is not None and (bounds[0] % cols or bounds[1] % cols):
+        if not _aligned(bounds, cols):
             continue
         best = None
         for loads in (8, 4, 2, 1):
             kc = rl * loads
-            if k % kc or not (kc % group == 0 or group % kc == 0) or kc // min(kc, group) > 8 or nt * loads > 8:
+            if not _split_fits(k, kc, group) or nt * loads > 8:
                 continue
             blocks = -(-n // cols) * (k // kc)
             score = (kc == 256 and blocks >= sms, blocks >= 2 * sms, -abs(blocks - 4 * sms))
             if best is None or score > best[0]:
                 best = (score, kc)
         if best is not None:
-            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2,
-                        UPRE=UPRE if k * n > UPRE_MIN_AREA else 0)
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=upre)
     return None
 
 
@@ -373,18 +383,14 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
             ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))),
-            ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE)) and bool(cfg.get("PDL", _pdl())))))
+            ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
+                        and bool(cfg.get("PDL", _flag(PDL_ENV, PDL))))))
 
 
 def _flag(env: str, default: int) -> int:
     """`default`, or the environment variable `env` where it says "0" or "1"."""
     value = os.environ.get(env, "")
     return int(value) if value in ("0", "1") else default
-
-
-def _pdl() -> int:
-    """PDL, or GPTQLORA_GEMV_PDL where it says "0" or "1"."""
-    return _flag(PDL_ENV, PDL)
 
 
 @functools.cache
