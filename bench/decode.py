@@ -291,8 +291,9 @@ def build(kind: str, shape: str, device):
 # a GPTQ kind's "-kernel" -> the environment it decodes under (see _decode_kernels; "alt" takes --alt-table's)
 KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split"}, "lorau": {gemv_m1.U_ENV: "1"},
               "mma": {gemv_mma.ENV: "1"}, "pdl": {gemv_mma.PDL_ENV: "1"}, "narrow": {gemv_mma.NARROW_ENV: "1"},
-              "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"}}
-UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl")  # the others pin the Triton kernels
+              "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"},
+              "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"}}
+UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg")  # the others pin the Triton kernels
 
 
 @contextlib.contextmanager
@@ -305,7 +306,8 @@ def _decode_kernels(kind: str, alt_table: str | None):
     kernel launched to overlap the u launch (GPTQLORA_GEMV_PDL=1), "-narrow" the default with 2-8 rows in 128-column
     blocks of the fewest splits (GPTQLORA_GEMV_NARROW=1), "-tail" the default with the last split summing 4 cells at
     once (GPTQLORA_GEMV_TAIL=1), "-mmapdl" the tensor-core kernel at every batch, one row too, overlapping the u
-    launch (both), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    launch (both), "-mmareg" the tensor-core kernel with SpQR's statistics held per lane in registers (at most 8
+    groups a split; GPTQLORA_GEMV_SSTATS=0, session 21's kernel), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     kernel = kind.partition("-")[2]
     env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))
@@ -400,7 +402,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
-                    "of B-bit codes, spqrB-mma for it through kernels/gemv_mma.py (generation only; e.g. 3,spqr3; "
+                    "of B-bit codes, spqrB-mma for it through kernels/gemv_mma.py, spqrB-mmareg the same with its statistics "
+                    "in registers (session 21's kernel) (generation only; e.g. 3,spqr3; "
                     "default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
@@ -436,8 +439,9 @@ def main() -> int:
     t0 = time.time()
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
-    if any(isinstance(b, str) and not b.removeprefix("spqr").removesuffix("-mma").isdigit() for b in bits):
-        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB or spqrB-mma (e.g. spqr3)")
+    if any(isinstance(b, str) and not b.removeprefix("spqr").partition("-")[0].isdigit()
+           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg") for b in bits):
+        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB, spqrB-mma or spqrB-mmareg (e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)

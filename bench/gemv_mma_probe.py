@@ -15,6 +15,7 @@ against the Triton decode path and bf16 in the same run (issue 16).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -94,7 +95,8 @@ def checks(device, quick: bool = False) -> dict:
     for k, n, bounds in ((1024, 768, None),) + SHAPES[1:3]:
         for m in (1, 8, 16):
             case(f"3b {k}x{n} m{m}", k, n, 3, GROUP[3], True, m, torch.bfloat16, "f32", bounds)
-    # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch)
+    # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch), the
+    # statistics staged in shared memory (SSTATS 1, 256-row splits) and in registers (SSTATS 0, 128-row)
     import importlib.util
     import os
 
@@ -107,12 +109,13 @@ def checks(device, quick: bool = False) -> dict:
             for bits in (3,) if quick else (3, 4, 2):
                 lay = bench_spqr.spqr_layer(k, n, bits, device=device)
                 w = lay.dequantize(torch.float32)
-                for m, lora in ((1, True), (8, False), (16, True)):
+                for (m, lora), sstats in itertools.product(((1, True), (8, False), (16, True)), "10"):
+                    os.environ[gemv_mma.SSTATS_ENV] = sstats
                     g = torch.Generator(device=device).manual_seed(k + m)
                     x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
                     a = (torch.randn(8, k, device=device, generator=g) * 0.05) if lora else None
                     b = (torch.randn(n, 8, device=device, generator=g) * 0.05) if lora else None
-                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)}"
+                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)} sstats{sstats}"
                     try:
                         with torch.no_grad():
                             y = lay.small_m(x, a, b, 2.0)
@@ -128,6 +131,7 @@ def checks(device, quick: bool = False) -> dict:
                         print("FAIL", name, err, flush=True)
     finally:
         os.environ.pop(gemv_mma.ENV, None)
+        os.environ.pop(gemv_mma.SSTATS_ENV, None)
     # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0), and the launch overlapping
     # lora_u's (PDL 1): the same sums in the same order, so the same bits
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -287,7 +291,8 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
     unfused shapes, per call with the r = 8 adapter: SpQR's Triton path (its default), the tensor-core kernel
     (GPTQLORA_GEMV_MMA=1), the same without outliers (the dense part alone) and without the adapter; the
     picked block. Session 21 measured the kernel slower than the default on the 7B (0.44x against 0.56x bf16)
-    without saying which part costs: this splits it."""
+    without saying which part costs: this splits it. `mma_reg_us`: the statistics in registers (SSTATS 0, at most
+    8 groups a split: 128 rows), session 21's kernel; the others stage them in shared memory (256 rows)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_spqr", Path(__file__).with_name("spqr.py"))
@@ -309,8 +314,9 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
             a = torch.randn(R, k, device=device, generator=g) * 0.05
             b = torch.randn(n, R, device=device, generator=g) * 0.05
 
-            def us(lays, mma: bool, adapter: bool = True) -> float:
+            def us(lays, mma: bool, adapter: bool = True, sstats: str = "1") -> float:
                 os.environ[gemv_mma.ENV] = "1" if mma else "0"
+                os.environ[gemv_mma.SSTATS_ENV] = sstats
                 try:
                     with torch.no_grad():
                         for lay in lays:  # plans built outside the timing; None would time nothing
@@ -319,10 +325,12 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
                                                  for lay in lays]) / len(lays)
                 finally:
                     os.environ.pop(gemv_mma.ENV, None)
+                    os.environ.pop(gemv_mma.SSTATS_ENV, None)
 
-            cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device))
+            cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device), staged=True)
             row = {"spqr_shape": f"{k}x{n}", "m": m, "picked": cfg, "splits": k // cfg["KC"] if cfg else None,
                    "default_us": round(us(layers[0.01], False), 2), "mma_us": round(us(layers[0.01], True), 2),
+                   "mma_reg_us": round(us(layers[0.01], True, sstats="0"), 2),
                    "mma_no_outliers_us": round(us(layers[0.0], True), 2),
                    "mma_no_adapter_us": round(us(layers[0.01], True, False), 2),
                    "default_no_outliers_us": round(us(layers[0.0], False), 2),

@@ -182,7 +182,9 @@ for l in sys.stdin:
                # codes (was: decoded fp16 scales and fp32 zeros read, 3 bits a weight), against SpQR's default, the 7B at batch
                # 1 and 8 (~3 min).
                # Run after `tail` (or `mma-quick`): their quick checks cover the SpQR layers through this kernel
-               python3 bench/decode.py --skip layers --bits spqr3,spqr3-mma --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+               # After session 21: spqr3-mma stages the statistics in shared memory (SSTATS 1, 256-row splits),
+               # spqr3-mmareg is session 21's kernel (registers, 128-row splits)
+               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3,spqr3-mma,spqr3-mmareg}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against

@@ -19,7 +19,9 @@
 // `pack_outliers`: each split adds Σ value * xs[pos] of its own rows, read from shared memory), SB (SpQR's
 // statistics decoded in step 2 from their SB-bit codes, SG output columns a second-level group; 0: none), OSTEP
 // (packed rows per outlier offset, gemv_mma.OSTEP), PDL (with UPRE: launched to overlap the u launch before it,
-// waits for it before step 5).
+// waits for it before step 5), SSTATS (each group's scale and zero decoded once per block into shared memory, a
+// thread per (group, column), read there by the k-steps; else each lane holds its own in registers, which caps a
+// split at 8 groups: SpQR's 16-row groups then made 128-row splits, 32-86 of them a layer).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -78,6 +80,29 @@ __device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, i
     return (float)(v & ((1u << SB) - 1u));
 }
 #endif
+
+// one column's scale and MAGIC_VAL + zero in group `grp` (with SB decoded from SpQR's codes as formats/spqr.py
+// does: scale = fp16(base + step * code), zero in fp32, each product and sum rounded once, no FMA)
+__device__ __forceinline__ void col_stats(const void* scales_p, const void* zeros_p, const u16* stats, int grp,
+                                          int col, int N, int G, float* s, float* zf) {
+#if SB
+    const int S = N / SG;
+    const size_t st = (size_t)grp * S + col / SG;
+    *s = round_f16(__fadd_rn(h2f(stats[G * S + st]), __fmul_rn(h2f(stats[st]),
+                                                            stat_code((const u32*)scales_p, grp, col, N))));
+    *zf = MAGIC_VAL + __fadd_rn(h2f(stats[3 * G * S + st]), __fmul_rn(h2f(stats[2 * G * S + st]),
+                                                                      stat_code((const u32*)zeros_p, grp, col, N)));
+#else
+    *s = s2f(((const u16*)scales_p)[(size_t)grp * N + col]);
+#if FZ
+    *zf = MAGIC_VAL + ((const float*)zeros_p)[(size_t)grp * N + col];
+#else
+    const int bit = col * BITS;
+    const u32 word = ((const u32*)zeros_p)[(size_t)grp * (N * BITS / 32) + bit / 32];
+    *zf = MAGIC_VAL + (float)((word >> (bit % 32)) & ((1u << BITS) - 1u));
+#endif
+#endif
+}
 
 __device__ __forceinline__ u16 f2x(float f) {  // fp32 -> x's 16-bit float, round to nearest even
     u16 h;
@@ -165,6 +190,9 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
 #endif
     __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
+#if SSTATS
+    __shared__ float ssc[NGROUP][BLOCK_COLS], szf[NGROUP][BLOCK_COLS];  // each group's scale, MAGIC_VAL + zero
+#endif
 #if OUTLIERS
     __shared__ float osum[NM * 8][BLOCK_COLS];         // this split's outliers' share of each cell
 #endif
@@ -190,54 +218,39 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
     }
 
-    // 2. scales and MAGIC_VAL + zero of this lane's two columns (g, g + 8) in each group of the split; with SB,
-    // decoded here from SpQR's codes as formats/spqr.py does (scale = fp16(base + step * code), zero in fp32,
-    // each product and sum rounded once, no FMA): ~0.6 bits a weight read instead of the decoded 3
+    // 2. scales and MAGIC_VAL + zero of each group of the split (`col_stats`; with SB from SpQR's codes: ~0.6 bits a
+    // weight read instead of the decoded 3). SSTATS: a thread per (group, column) of the block into shared memory;
+    // else this lane's two columns (g, g + 8) of each of its tiles into registers
+    const int G = K / group;
+#if SSTATS
+    for (int i = tid; i < NGROUP * BLOCK_COLS; i += WARPS * 32) {
+        const int gi = i / BLOCK_COLS, c = i - gi * BLOCK_COLS;
+        float s = 0.f, z = MAGIC_VAL;
+        if (col0 + c < N) col_stats(scales_p, zeros_p, stats, (k0 + gi * GSTEPS * 16) / group, col0 + c, N, G, &s, &z);
+        ssc[gi][c] = s;
+        szf[gi][c] = z;
+    }
+#define SC(j, gi, h) ssc[gi][(warp * NT + (j)) * 16 + g + 8 * (h)]
+#define ZF(j, gi, h) szf[gi][(warp * NT + (j)) * 16 + g + 8 * (h)]
+#else
     float sc[NT][NGROUP][2], zf[NT][NGROUP][2];
-#if SB
-    const u32* scodes = (const u32*)scales_p;
-    const u32* zcodes = (const u32*)zeros_p;
-    const int G = K / group, S = N / SG;
-#else
-    const u16* scales = (const u16*)scales_p;
-#if FZ
-    const float* zeros = (const float*)zeros_p;
-#else
-    const u32* zeros = (const u32*)zeros_p;
-#endif
-#endif
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int tile = col0 / 16 + warp * NT + j;
 #pragma unroll
-        for (int gi = 0; gi < NGROUP; ++gi) {
-            const int grp = (k0 + gi * GSTEPS * 16) / group;
+        for (int gi = 0; gi < NGROUP; ++gi)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int col = tile * 16 + g + 8 * h;
-                float s = 0.f, z = 0.f;
-                if (tile < ntiles) {
-#if SB
-                    const size_t st = (size_t)grp * S + col / SG;
-                    s = round_f16(__fadd_rn(h2f(stats[G * S + st]), __fmul_rn(h2f(stats[st]),
-                                                                           stat_code(scodes, grp, col, N))));
-                    z = __fadd_rn(h2f(stats[3 * G * S + st]), __fmul_rn(h2f(stats[2 * G * S + st]),
-                                                                       stat_code(zcodes, grp, col, N)));
-#else
-                    s = s2f(scales[(size_t)grp * N + col]);
-#if FZ
-                    z = zeros[(size_t)grp * N + col];
-#else
-                    const int bit = col * BITS;
-                    z = (float)((zeros[(size_t)grp * (N * BITS / 32) + bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u));
-#endif
-#endif
-                }
-                sc[j][gi][h] = s;
-                zf[j][gi][h] = MAGIC_VAL + z;
+                sc[j][gi][h] = 0.f;
+                zf[j][gi][h] = MAGIC_VAL;
+                if (tile < ntiles)
+                    col_stats(scales_p, zeros_p, stats, (k0 + gi * GSTEPS * 16) / group, tile * 16 + g + 8 * h, N, G,
+                              &sc[j][gi][h], &zf[j][gi][h]);
             }
-        }
     }
+#define SC(j, gi, h) sc[j][gi][h]
+#define ZF(j, gi, h) zf[j][gi][h]
+#endif
 
     // 3. x rows of this split into shared memory, in packed-row order, rows >= M zero: a thread per packed row,
     // its source row read once, then the M tokens' values, all loads in flight together (session 20, H100, M = 8:
@@ -315,6 +328,10 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     for (int i = warp; i < NM * 8 * NGROUP; i += WARPS) {  // Σ x of each group's rows, a warp each, once xs is in
         const int m = i / NGROUP, gi = i - m * NGROUP;
         float v = 0.f;
+        if (m >= M) {  // warp-uniform: a zero row's sum is zero (its cells are never stored)
+            if (lane == 0) xsum[m][gi] = 0.f;
+            continue;
+        }
         for (int r = lane; r < GSTEPS * 16; r += 32) v += x2f(xs[m][gi * GSTEPS * 16 + r]);
 #pragma unroll
         for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -384,12 +401,13 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
 #pragma unroll
             for (int mm = 0; mm < NM; ++mm) mma(acc[j][mm], a, b[mm][0], b[mm][1]);
             if ((s + 1) % GSTEPS == 0) {
+                const float s2[2] = {SC(j, gi, 0), SC(j, gi, 1)}, z2[2] = {ZF(j, gi, 0), ZF(j, gi, 1)};
 #pragma unroll
                 for (int mm = 0; mm < NM; ++mm)
 #pragma unroll
                     for (int c = 0; c < 4; ++c) {
-                        acc[j][mm][c] -= zf[j][gi][c >> 1] * xsum[mm * 8 + 2 * t + (c & 1)][gi];
-                        tot[j][mm][c] += sc[j][gi][c >> 1] * acc[j][mm][c];
+                        acc[j][mm][c] -= z2[c >> 1] * xsum[mm * 8 + 2 * t + (c & 1)][gi];
+                        tot[j][mm][c] += s2[c >> 1] * acc[j][mm][c];
                         acc[j][mm][c] = 0.f;
                     }
             }

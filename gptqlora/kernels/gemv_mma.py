@@ -77,6 +77,13 @@ NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with th
 #            probe's M = 8 grids at 3 of 4 7B shapes in sessions 19-20 (1.5-3.3 us a layer); 0: `pick_config`'s
 #            M = 1 choice. Off until a 7B A/B (bench/decode.py's `narrow` kind; not yet run) says the gain holds
 NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
+SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared memory (a thread per group and column),
+#            which lifts the 8-groups-a-split cap of statistics held per lane in registers: SpQR's 16-row groups made
+#            128-row splits, 32 of them at K = 4096 and 86 at 11008 (session 21, H100: the 7B SpQR at batch 1 through
+#            this kernel 71.5 tokens/s against the Triton default's 90.3); now 256 rows. Written after session 21,
+#            not yet timed: SpQR through this kernel stays opt-in (GPTQLORA_GEMV_MMA=1) until it is
+SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "1" / "0" overrides SSTATS (bench/decode.py's `spqr3-mmareg`, for the A/B)
+SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a block may declare
 U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
 PACK_CHUNK = 1024  # columns packed at a time (int64 codes of K x 1024 transient)
@@ -260,10 +267,19 @@ def pack_outliers(vals: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, pe
     return vals[order].half(), (key % k).to(torch.int16), rows, offs.contiguous()  # the kernel reads fp16 bits
 
 
-def _split_fits(k: int, kc: int, group: int) -> bool:
-    """KC rows a split can be: a divisor of K, whole groups or inside one, at most 8 groups (their statistics
-    are held in registers)."""
-    return k % kc == 0 and (kc % group == 0 or group % kc == 0) and kc // min(kc, group) <= 8
+def _split_fits(k: int, kc: int, group: int, staged: bool = False) -> bool:
+    """KC rows a split can be: a divisor of K, whole groups or inside one, at most 8 groups where their
+    statistics are held in registers (`staged`: in shared memory, bounded by `smem_bytes` instead)."""
+    return k % kc == 0 and (kc % group == 0 or group % kc == 0) and (staged or kc // min(kc, group) <= 8)
+
+
+def smem_bytes(cols: int, kc: int, group: int, nm: int, staged: bool) -> int:
+    """A variant's static shared memory at most (the adapter's share of u and the outliers' sums counted):
+    x rows (+8 halves a row), u, Σx per group, the outliers' sums, and with `staged` each group's scale and zero
+    (fp32) per column."""
+    rows, ngroup = nm * 8, kc // min(kc, group)
+    return (rows * (kc + 8) * 2 + rows * MAX_R * 4 + rows * ngroup * 4 + rows * cols * 4
+            + (2 * ngroup * cols * 4 if staged else 0))
 
 
 def _aligned(bounds: tuple[int, int] | None, cols: int) -> bool:
@@ -272,18 +288,25 @@ def _aligned(bounds: tuple[int, int] | None, cols: int) -> bool:
 
 
 def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
-                bounds: tuple[int, int] | None = None) -> dict | None:
+                bounds: tuple[int, int] | None = None, staged: bool = False) -> dict | None:
     """Block shape for a call, or None when none fits: WARPS x NT 16-column tiles per block (a block inside
     one sibling projection), KC rows per split (a divisor of K in whole loads, whole groups or inside one, at
     most 8 groups and 8 loads a tile in registers). 8 warps and 256 rows per split where that makes a block
     per SM or more (the fastest of session 16's grid on an H100 at M = 1, every 7B shape, 2 and 4 bit), else
-    the most blocks up to ~4 per SM with the fewest splits."""
+    the most blocks up to ~4 per SM with the fewest splits. `staged`: the statistics in shared memory (SSTATS,
+    SpQR's layers), any number of groups a split that `SMEM_LIMIT` holds."""
     rl = rows_per_load(bits)
     upre = UPRE if k * n > UPRE_MIN_AREA else 0
+    nm = 1 if m <= 8 else 2
+    extra = dict(SSTATS=1) if staged else {}
+
+    def fits(kc: int, cols: int) -> bool:
+        return _split_fits(k, kc, group, staged) and (not staged or smem_bytes(cols, kc, group, nm, True) <= SMEM_LIMIT)
+
     if 1 < m <= 8 and _flag(NARROW_ENV, NARROW) and _aligned(bounds, 128):
-        kc = next((rl * loads for loads in (8, 4, 2, 1) if _split_fits(k, rl * loads, group)), None)
+        kc = next((rl * loads for loads in (8, 4, 2, 1) if fits(rl * loads, 128)), None)
         if kc is not None:  # the fewest splits: the largest KC that fits
-            return dict(WARPS=8, NT=1, KC=kc, NM=1, UPRE=upre)
+            return dict(WARPS=8, NT=1, KC=kc, NM=1, UPRE=upre, **extra)
     for warps, nt in ((8, 2), (8, 1), (4, 2), (4, 1), (2, 1), (1, 1)):
         cols = warps * nt * 16
         if not _aligned(bounds, cols):
@@ -291,14 +314,14 @@ def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
         best = None
         for loads in (8, 4, 2, 1):
             kc = rl * loads
-            if not _split_fits(k, kc, group) or nt * loads > 8:
+            if not fits(kc, cols) or nt * loads > 8:
                 continue
             blocks = -(-n // cols) * (k // kc)
             score = (kc == 256 and blocks >= sms, blocks >= 2 * sms, -abs(blocks - 4 * sms))
             if best is None or score > best[0]:
                 best = (score, kc)
         if best is not None:
-            return dict(WARPS=warps, NT=nt, KC=best[1], NM=1 if m <= 8 else 2, UPRE=upre)
+            return dict(WARPS=warps, NT=nt, KC=best[1], NM=nm, UPRE=upre, **extra)
     return None
 
 
@@ -382,7 +405,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("FZ", int(float_zeros and not stat_bits)),
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))),
+            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))), ("SSTATS", cfg.get("SSTATS", 0)),
             ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
                         and bool(cfg.get("PDL", _flag(PDL_ENV, PDL))))))
 
@@ -435,7 +458,8 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     the kernel."""
     m, k = x.shape
     n = frag.shape[0] * 16
-    cfg = config or pick_config(m, k, n, bits, group, sms, bounds)
+    staged = stats is not None and bool(_flag(SSTATS_ENV, SSTATS))
+    cfg = config or pick_config(m, k, n, bits, group, sms, bounds, staged)
     if cfg is None:
         raise ValueError(f"no gemv_mma block fits K={k}, N={n}, group {group}, bounds {bounds}")
     from gptqlora.kernels.gemv_m1 import lora_slots  # here, not at the top: gemv_m1 needs triton, CPU users of

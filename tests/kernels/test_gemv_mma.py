@@ -129,7 +129,8 @@ def test_variants_differ_by_their_constants(monkeypatch):
     one = gemv_mma.defines(dict(cfg, PDL=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32)
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
-                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP, "PDL": 0}
+                         "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP, "PDL": 0,
+                         "SSTATS": 0}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
@@ -346,3 +347,51 @@ def test_the_dependent_launch_waits_before_reading_u_and_its_structs_match_the_d
     sm80 = gemv_mma.ptx(gemv_mma.defines(dict(cfg, PDL=1), 4, 128, torch.bfloat16, torch.float16, True, torch.float32),
                         "sm_80")
     assert b"griddepcontrol" not in sm80
+
+
+def _ptx_shared_bytes(code: bytes) -> int:
+    """The static shared memory a PTX kernel declares (`.shared .align A .b8 name[bytes];`)."""
+    import re
+
+    return sum(int(n) for n in re.findall(rb"\.shared \.align \d+ \.b8 \S+\[(\d+)\];", code))
+
+
+@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 768)])
+def test_staged_spqr_statistics_lift_the_eight_group_cap_within_shared_memory(m, k, n):
+    """SSTATS (SpQR's default through this kernel): each group's scale and zero decoded once per block into
+    shared memory, so a split of 16-row groups is no longer capped at 8 groups (128 rows). The pick is legal,
+    at least as long as the registers' pick, 256 rows at the 7B's shapes up to 8 rows, and the compiled variant
+    (outliers and an fp32 adapter, the worst case) declares no more shared memory than `smem_bytes` allows."""
+    reg = gemv_mma.pick_config(m, k, n, 4, 16, 132)
+    cfg = gemv_mma.pick_config(m, k, n, 4, 16, 132, staged=True)
+    assert cfg["SSTATS"] == 1 and "SSTATS" not in reg
+    assert k % cfg["KC"] == 0 and cfg["KC"] >= reg["KC"] and cfg["NT"] * cfg["KC"] // 64 <= 8
+    if m <= 8 and k >= 4096:
+        assert cfg["KC"] == 256
+    cols = cfg["WARPS"] * cfg["NT"] * 16
+    assert gemv_mma.smem_bytes(cols, cfg["KC"], 16, cfg["NM"], True) <= gemv_mma.SMEM_LIMIT
+    _nvrtc_or_skip()
+    for upre in (0, 1):
+        consts = gemv_mma.defines(dict(cfg, UPRE=upre), 4, 16, torch.bfloat16, torch.int32, True, torch.float32,
+                                  False, True, 3, 16)
+        code = gemv_mma.ptx(consts, "sm_90")
+        assert b"ssc" in code and b"szf" in code
+        declared = _ptx_shared_bytes(code)
+        assert declared <= gemv_mma.smem_bytes(cols, cfg["KC"], 16, cfg["NM"], True) + 16 <= gemv_mma.SMEM_LIMIT + 16
+        assert declared <= gemv_mma.SMEM_LIMIT, declared
+
+
+def test_statistics_stay_in_registers_when_asked_or_for_gptq(monkeypatch):
+    """GPTQ layers keep their statistics per lane (their splits hold at most a few groups); SpQR's staging can
+    be turned off (GPTQLORA_GEMV_SSTATS=0, session 21's kernel, for the A/B): the variant then has no staged
+    arrays and the 8-group cap."""
+    _nvrtc_or_skip()
+    cfg = gemv_mma.pick_config(1, 4096, 4096, 4, 128, 132)
+    code = gemv_mma.ptx(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32), "sm_90")
+    assert b"ssc" not in code and dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True,
+                                                          None))["SSTATS"] == 0
+    monkeypatch.setenv(gemv_mma.SSTATS_ENV, "0")
+    assert not gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
+    monkeypatch.setenv(gemv_mma.SSTATS_ENV, "1")
+    assert gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
