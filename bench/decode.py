@@ -402,8 +402,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
-                    "of B-bit codes, spqrB-mma for it through kernels/gemv_mma.py, spqrB-mmareg the same with its statistics "
-                    "in registers (session 21's kernel) (generation only; e.g. 3,spqr3; "
+                    "of B-bit codes through the Triton kernels, spqrB-default as gptqlora decodes it, spqrB-mma through "
+                    "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
+                    "kernel) (generation only; e.g. 3,spqr3; "
                     "default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
@@ -440,8 +441,9 @@ def main() -> int:
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
     if any(isinstance(b, str) and not b.removeprefix("spqr").partition("-")[0].isdigit()
-           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg") for b in bits):
-        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB, spqrB-mma or spqrB-mmareg (e.g. spqr3)")
+           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "default") for b in bits):
+        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB (Triton), spqrB-default, spqrB-mma or spqrB-mmareg "
+                 "(e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)

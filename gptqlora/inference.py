@@ -101,7 +101,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
         if isinstance(mod, (QuantLinear, SpQRLinear)):
             mod.gemv_plan()
         if isinstance(mod, SpQRLinear):
-            mod.mma_plan()  # the tensor-core plan where GPTQLORA_GEMV_MMA=1 asks for it
+            mod.mma_plan()  # the tensor-core plan (on CUDA unless GPTQLORA_GEMV_MMA=0: gemv_mma.wanted_spqr)
     groups = {id(g): g for mod in model.modules() if (g := getattr(mod, "siblings", None)) is not None}
     for g in groups.values():  # q|k|v and gate|up decoded by one launch each (nn/sibling_gemv.py)
         if all(isinstance(m.base_layer, QuantLinear) for m in g.layers):

@@ -223,13 +223,66 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     // else this lane's two columns (g, g + 8) of each of its tiles into registers
     const int G = K / group;
 #if SSTATS
-    for (int i = tid; i < NGROUP * BLOCK_COLS; i += WARPS * 32) {
-        const int gi = i / BLOCK_COLS, c = i - gi * BLOCK_COLS;
-        float s = 0.f, z = MAGIC_VAL;
-        if (col0 + c < N) col_stats(scales_p, zeros_p, stats, (k0 + gi * GSTEPS * 16) / group, col0 + c, N, G, &s, &z);
-        ssc[gi][c] = s;
-        szf[gi][c] = z;
+#define SITERS ((NGROUP * BLOCK_COLS + WARPS * 32 - 1) / (WARPS * 32))  // (group, column) passes a thread
+#define SCHUNK 8  // passes whose loads are in flight together (8 x 8 registers)
+#if SB
+    // in chunks of SCHUNK passes: every raw load of a chunk first (4 fp16 steps and bases, the code words), then
+    // their decode. Written as one pass at a time, ptxas kept each pass's ~8 loads beside their use: 16 round
+    // trips to memory in a row before the first k-step at the 7B's shapes (SASS, sm_90)
+    const int S = N / SG;
+#pragma unroll
+    for (int c0 = 0; c0 < SITERS; c0 += SCHUNK) {
+        u16 raw[SCHUNK][4];
+        u32 cw[SCHUNK][2][2];  // scale's and zero's code: its word and the next where the code straddles them
+#pragma unroll
+        for (int u = 0; u < SCHUNK; ++u) {
+            const int i = tid + (c0 + u) * WARPS * 32, gi = i / BLOCK_COLS, col = col0 + i - gi * BLOCK_COLS;
+            const bool ok = c0 + u < SITERS && i < NGROUP * BLOCK_COLS && col < N;
+            const int grp = (k0 + gi * GSTEPS * 16) / group, bit = col * SB;
+            const size_t st = (size_t)grp * S + col / SG, wd = (size_t)grp * (N * SB / 32) + (bit >> 5);
+            const bool two = ok && (bit & 31) + SB > 32;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) raw[u][q] = ok ? stats[q * G * S + st] : (u16)0;
+            cw[u][0][0] = ok ? ((const u32*)scales_p)[wd] : 0u;
+            cw[u][0][1] = two ? ((const u32*)scales_p)[wd + 1] : 0u;
+            cw[u][1][0] = ok ? ((const u32*)zeros_p)[wd] : 0u;
+            cw[u][1][1] = two ? ((const u32*)zeros_p)[wd + 1] : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < SCHUNK; ++u) {
+            const int i = tid + (c0 + u) * WARPS * 32, gi = i / BLOCK_COLS, c = i - gi * BLOCK_COLS;
+            if (c0 + u < SITERS && i < NGROUP * BLOCK_COLS) {  // as col_stats: no FMA, each step rounded once
+                const int sh = ((col0 + c) * SB) & 31;
+                float q[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    u32 v = cw[u][e][0] >> sh;
+                    if (sh + SB > 32) v |= cw[u][e][1] << (32 - sh);
+                    q[e] = (float)(v & ((1u << SB) - 1u));
+                }
+                float sv = 0.f, zv = MAGIC_VAL;
+                if (col0 + c < N) {
+                    sv = round_f16(__fadd_rn(h2f(raw[u][1]), __fmul_rn(h2f(raw[u][0]), q[0])));
+                    zv = MAGIC_VAL + __fadd_rn(h2f(raw[u][3]), __fmul_rn(h2f(raw[u][2]), q[1]));
+                }
+                ssc[gi][c] = sv;
+                szf[gi][c] = zv;
+            }
+        }
     }
+#else
+#pragma unroll
+    for (int it = 0; it < SITERS; ++it) {
+        const int i = tid + it * WARPS * 32, gi = i / BLOCK_COLS, c = i - gi * BLOCK_COLS;
+        float sv = 0.f, zv = MAGIC_VAL;
+        if (i < NGROUP * BLOCK_COLS && col0 + c < N)
+            col_stats(scales_p, zeros_p, stats, (k0 + gi * GSTEPS * 16) / group, col0 + c, N, G, &sv, &zv);
+        if (i < NGROUP * BLOCK_COLS) {
+            ssc[gi][c] = sv;
+            szf[gi][c] = zv;
+        }
+    }
+#endif
 #define SC(j, gi, h) ssc[gi][(warp * NT + (j)) * 16 + g + 8 * (h)]
 #define ZF(j, gi, h) szf[gi][(warp * NT + (j)) * 16 + g + 8 * (h)]
 #else

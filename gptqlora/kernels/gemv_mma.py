@@ -83,6 +83,9 @@ SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared me
 #            this kernel 71.5 tokens/s against the Triton default's 90.3); now 256 rows. Written after session 21,
 #            not yet timed: SpQR through this kernel stays opt-in (GPTQLORA_GEMV_MMA=1) until it is
 SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "1" / "0" overrides SSTATS (bench/decode.py's `spqr3-mmareg`, for the A/B)
+SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
+#               bench/results/gpu-2026-12-07-s22a: with SSTATS per layer 0.81-0.92x the Triton SpQR path's time at
+#               M = 1 and 0.10-0.13x at M = 8; the 7B SpQR at batch 1 107.4 against 90.4 tokens/s)
 SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a block may declare
 U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
@@ -97,6 +100,15 @@ def wanted(batch: int | None = None, bits: int | None = None) -> bool:
     if value in ("0", "1"):
         return value == "1"
     return batch is not None and batch >= AUTO_MIN_BATCH and (bits is None or bits in AUTO_BITS)
+
+
+def wanted_spqr(device: torch.device | str | None = None) -> bool:
+    """Whether SpQR layers on `device` plan for this kernel: GPTQLORA_GEMV_MMA=1 always (the CPU too: its tests
+    check the plan), =0 never; unset, on CUDA (`SPQR_AUTO`)."""
+    value = os.environ.get(ENV, "")
+    if value in ("0", "1"):
+        return value == "1"
+    return bool(SPQR_AUTO) and torch.device(device or "cpu").type == "cuda"
 
 
 def rows_per_load(bits: int) -> int:

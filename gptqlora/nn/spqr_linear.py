@@ -103,17 +103,18 @@ class SpQRLinear(nn.Module):
         return plan
 
     def mma_plan(self) -> tuple | None:
-        """The tensor-core decode plan (kernels/gemv_mma.py, where GPTQLORA_GEMV_MMA=1 and the layer fits): the
-        codes in fragment order (3-bit codes in 4-bit slots), the statistics' steps and bases side by side (fp16
-        (4, G, S); the kernel decodes the layer's own codes) and the outliers in packed-row order
-        (`gemv_mma.pack_outliers`), non-persistent buffers; (slot bits, group), or None (then gemv_plan's Triton
-        path). Built once, rebuilt when any SpQR tensor changes; under torch.compile the one before."""
+        """The tensor-core decode plan (kernels/gemv_mma.py, on CUDA unless GPTQLORA_GEMV_MMA=0, where the layer
+        fits: `gemv_mma.wanted_spqr`): the codes in fragment order (3-bit codes in 4-bit slots), the statistics'
+        steps and bases side by side (fp16 (4, G, S); the kernel decodes the layer's own codes) and the outliers
+        in packed-row order (`gemv_mma.pack_outliers`), non-persistent buffers; (slot bits, group), or None (then
+        gemv_plan's Triton path). Built once, rebuilt when any SpQR tensor changes; under torch.compile the one
+        before."""
         if torch.compiler.is_compiling():
             return self._mma
         from gptqlora.kernels import gemv_mma
 
         key = (*((getattr(self, name).data_ptr(), getattr(self, name)._version) for name in SPQR_TENSORS),
-               self.qweight.device, gemv_mma.wanted(), self.kernel)  # every tensor the plan copies from
+               self.qweight.device, gemv_mma.wanted_spqr(self.qweight.device), self.kernel)  # every tensor the plan copies from
         if self._mma_key != key:
             self._mma, self._mma_key = self._build_mma(), key
         return self._mma
@@ -126,7 +127,7 @@ class SpQRLinear(nn.Module):
         k, n, dev = self.in_features, self.out_features, self.qweight.device
         slot = gemv_mma.slot_bits(self.bits)  # 3-bit codes in 4-bit slots
         gs = k if self.group_size == -1 else self.group_size
-        if (not gemv_mma.wanted() or slot is None or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15
+        if (not gemv_mma.wanted_spqr(dev) or slot is None or not gemv_mma.eligible(slot, k, n, gs) or k % gemv_mma.OSTEP or k >= 2**15
                 or k % gs or n * self.stat_bits % 32):
             return None  # (the outliers' positions and offsets are int16; whole words of statistics' codes a group)
         if dev.type == "cuda" and (resolve(self.kernel, dev) != "triton" or not gemv_mma.usable(dev)):

@@ -395,3 +395,15 @@ def test_statistics_stay_in_registers_when_asked_or_for_gptq(monkeypatch):
     assert not gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
     monkeypatch.setenv(gemv_mma.SSTATS_ENV, "1")
     assert gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
+
+
+def test_spqr_layers_take_the_kernel_by_default_on_cuda_only(monkeypatch):
+    """SpQR layers plan for this kernel on CUDA unless GPTQLORA_GEMV_MMA=0 (session 22: faster than SpQR's
+    Triton path at one row and far faster at 8); on the CPU only when asked (the plan's tests)."""
+    monkeypatch.delenv(gemv_mma.ENV, raising=False)
+    assert gemv_mma.wanted_spqr("cuda") and gemv_mma.wanted_spqr(torch.device("cuda", 1))
+    assert not gemv_mma.wanted_spqr("cpu") and not gemv_mma.wanted_spqr()
+    monkeypatch.setenv(gemv_mma.ENV, "0")
+    assert not gemv_mma.wanted_spqr("cuda")
+    monkeypatch.setenv(gemv_mma.ENV, "1")
+    assert gemv_mma.wanted_spqr("cpu")
