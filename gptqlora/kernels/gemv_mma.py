@@ -79,13 +79,12 @@ NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with th
 NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
 SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared memory (a thread per group and column),
 #            which lifts the 8-groups-a-split cap of statistics held per lane in registers: SpQR's 16-row groups made
-#            128-row splits, 32 of them at K = 4096 and 86 at 11008 (session 21, H100: the 7B SpQR at batch 1 through
-#            this kernel 71.5 tokens/s against the Triton default's 90.3); now 256 rows. Written after session 21,
-#            not yet timed: SpQR through this kernel stays opt-in (GPTQLORA_GEMV_MMA=1) until it is
+#            128-row splits, 32 of them at K = 4096 and 86 at 11008; now 256 rows. Session 22 (H100, records
+#            bench/results/gpu-2026-12-07-s22b): per layer 0.53-0.59x the registers' time at the 7B's shapes, M = 1, 8
 SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "1" / "0" overrides SSTATS (bench/decode.py's `spqr3-mmareg`, for the A/B)
 SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
-#               bench/results/gpu-2026-12-07-s22a: with SSTATS per layer 0.81-0.92x the Triton SpQR path's time at
-#               M = 1 and 0.10-0.13x at M = 8; the 7B SpQR at batch 1 107.4 against 90.4 tokens/s)
+#               gpu-2026-12-07-s22b/c: per layer 0.71-0.76x the Triton SpQR path's time at M = 1 and 0.09-0.10x at
+#               M = 8; the 7B 3-bit SpQR + r=8 at batch 1 0.73x bf16 against the Triton path's 0.54x, batch 8 0.58x)
 SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a block may declare
 U_LOCKS = 3  # counters past the kernel's own (`counters`) for lora_u's chunks: with PDL the two launches overlap
 OSTEP = 64  # packed rows per outlier offset (`pack_outliers`; a define of gemv_mma.cu): every KC is a multiple
