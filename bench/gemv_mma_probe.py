@@ -96,7 +96,8 @@ def checks(device, quick: bool = False) -> dict:
         for m in (1, 8, 16):
             case(f"3b {k}x{n} m{m}", k, n, 3, GROUP[3], True, m, torch.bfloat16, "f32", bounds)
     # SpQR layers (3-bit g16 codes in 4-bit slots, decoded statistics, 1% outliers in the same launch), the
-    # statistics staged in shared memory (SSTATS 1, 256-row splits) and in registers (SSTATS 0, 128-row)
+    # statistics staged in shared memory (SSTATS 1, 256-row splits), their raw values staged (SSTATS 2) and in
+    # registers (SSTATS 0, 128-row)
     import importlib.util
     import os
 
@@ -109,7 +110,7 @@ def checks(device, quick: bool = False) -> dict:
             for bits in (3,) if quick else (3, 4, 2):
                 lay = bench_spqr.spqr_layer(k, n, bits, device=device)
                 w = lay.dequantize(torch.float32)
-                for (m, lora), sstats in itertools.product(((1, True), (8, False), (16, True)), "10"):
+                for (m, lora), sstats in itertools.product(((1, True), (8, False), (16, True)), "102"):
                     os.environ[gemv_mma.SSTATS_ENV] = sstats
                     g = torch.Generator(device=device).manual_seed(k + m)
                     x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
@@ -292,7 +293,8 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
     (GPTQLORA_GEMV_MMA=1), the same without outliers (the dense part alone) and without the adapter; the
     picked block. Session 21 measured the kernel slower than the default on the 7B (0.44x against 0.56x bf16)
     without saying which part costs: this splits it. `mma_reg_us`: the statistics in registers (SSTATS 0, at most
-    8 groups a split: 128 rows), session 21's kernel; the others stage them in shared memory (256 rows)."""
+    8 groups a split: 128 rows), session 21's kernel; `mma_raw_us` stages the block's raw values and decodes from
+    shared memory (SSTATS 2); the others stage decoded values in shared memory (256 rows)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_spqr", Path(__file__).with_name("spqr.py"))
@@ -327,10 +329,13 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
                     os.environ.pop(gemv_mma.ENV, None)
                     os.environ.pop(gemv_mma.SSTATS_ENV, None)
 
-            cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device), staged=True)
+            cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device), staged=gemv_mma.sstats(), stat_bits=3,
+                                       stat_group=16)
             row = {"spqr_shape": f"{k}x{n}", "m": m, "picked": cfg, "splits": k // cfg["KC"] if cfg else None,
                    "default_us": round(us(layers[0.01], False), 2), "mma_us": round(us(layers[0.01], True), 2),
                    "mma_reg_us": round(us(layers[0.01], True, sstats="0"), 2),
+                   "mma_raw_us": round(us(layers[0.01], True, sstats="2"), 2),
+                   "mma_raw_no_adapter_us": round(us(layers[0.01], True, False, sstats="2"), 2),
                    "mma_no_outliers_us": round(us(layers[0.0], True), 2),
                    "mma_no_adapter_us": round(us(layers[0.01], True, False), 2),
                    "default_no_outliers_us": round(us(layers[0.0], False), 2),

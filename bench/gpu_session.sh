@@ -183,8 +183,9 @@ for l in sys.stdin:
                # 1 and 8 (~3 min).
                # Run after `tail` (or `mma-quick`): their quick checks cover the SpQR layers through this kernel
                # After session 21: spqr3-mma stages the statistics in shared memory (SSTATS 1, 256-row splits),
-               # spqr3-mmareg is session 21's kernel (registers, 128-row splits)
-               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3,spqr3-mma,spqr3-mmareg}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+               # spqr3-mmareg is session 21's kernel (registers, 128-row splits); after session 22 spqr3-default is that
+               # (SpQR's default since), spqr3-mmaraw stages the raw statistics (SSTATS 2). ~90 s a model
+               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3,spqr3-default,spqr3-mmaraw}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against

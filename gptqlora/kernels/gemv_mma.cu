@@ -21,7 +21,9 @@
 // (packed rows per outlier offset, gemv_mma.OSTEP), PDL (with UPRE: launched to overlap the u launch before it,
 // waits for it before step 5), SSTATS (each group's scale and zero decoded once per block into shared memory, a
 // thread per (group, column), read there by the k-steps; else each lane holds its own in registers, which caps a
-// split at 8 groups: SpQR's 16-row groups then made 128-row splits, 32-86 of them a layer).
+// split at 8 groups: SpQR's 16-row groups then made 128-row splits, 32-86 of them a layer; SSTATS 2, SpQR only:
+// the block's raw code words and second-level values copied once into shared memory, each a thread, then
+// decoded from there: ~8 loads a thread, not 8 per (group, column)).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -66,11 +68,13 @@ __device__ __forceinline__ float s2f(u16 h) {  // a scale -> fp32
 }
 
 #if SB
-__device__ __forceinline__ float round_f16(float f) {  // f rounded to fp16 (nearest even), as fp32
+__device__ __forceinline__ u16 f2h(float f) {  // f rounded to fp16 (nearest even)
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h2f(h);
+    return h;
 }
+
+__device__ __forceinline__ float round_f16(float f) { return h2f(f2h(f)); }  // ... as fp32
 
 __device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, int N) {  // SB-bit code, packed
     const int bit = col * SB;                                                                 // along N
@@ -190,7 +194,14 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     __shared__ float us[NM * 8][MAX_R];               // this split's share of u = x Aᵀ
 #endif
     __shared__ float xsum[NM * 8][NGROUP];            // Σ x over each group's rows in this split, per token
-#if SSTATS
+#if SSTATS == 2
+#define NSL (BLOCK_COLS / SG + 2)       // second-level entries a block's columns span, at most
+#define NCW (BLOCK_COLS * SB / 32 + 2)  // code words they span, at most
+    __shared__ u16 ssc[NGROUP][BLOCK_COLS];  // each group's scale as fp16 (exact: the decode rounds it to fp16)
+    __shared__ float szf[NGROUP][BLOCK_COLS];  // MAGIC_VAL + zero
+    __shared__ u16 sraw[4][NGROUP][NSL];     // the block's second-level scale step, base, zero step, base
+    __shared__ u32 scw[2][NGROUP][NCW];      // the block's scale and zero code words
+#elif SSTATS
     __shared__ float ssc[NGROUP][BLOCK_COLS], szf[NGROUP][BLOCK_COLS];  // each group's scale, MAGIC_VAL + zero
 #endif
 #if OUTLIERS
@@ -222,7 +233,46 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     // weight read instead of the decoded 3). SSTATS: a thread per (group, column) of the block into shared memory;
     // else this lane's two columns (g, g + 8) of each of its tiles into registers
     const int G = K / group;
-#if SSTATS
+#if SSTATS == 2
+    // the raw values only (their decode waits for the barrier after step 3): all of a thread's loads, then its
+    // stores, so the loads are in flight together
+    const int S = N / SG, cend = min(col0 + BLOCK_COLS, N), ns0 = col0 / SG, w0 = col0 * SB / 32;
+    const int nsl = (cend - 1) / SG - ns0 + 1, ncw = (cend * SB - 1) / 32 - w0 + 1;
+#define RAWN (4 * NGROUP * NSL + 2 * NGROUP * NCW)
+#define RITERS ((RAWN + WARPS * 32 - 1) / (WARPS * 32))
+    {
+        u32 rv[RITERS];
+#pragma unroll
+        for (int it = 0; it < RITERS; ++it) {
+            const int i = tid + it * WARPS * 32;
+            rv[it] = 0u;
+            if (i < 4 * NGROUP * NSL) {
+                const int q = i / (NGROUP * NSL), r = i - q * (NGROUP * NSL), gi = r / NSL, e = r - gi * NSL;
+                if (e < nsl)
+                    rv[it] = stats[(size_t)q * G * S + (size_t)((k0 + gi * GSTEPS * 16) / group) * S + ns0 + e];
+            } else if (i < RAWN) {
+                const int r0 = i - 4 * NGROUP * NSL, wh = r0 / (NGROUP * NCW), r = r0 - wh * (NGROUP * NCW);
+                const int gi = r / NCW, e = r - gi * NCW;
+                if (e < ncw)
+                    rv[it] = ((const u32*)(wh ? zeros_p : scales_p))[(size_t)((k0 + gi * GSTEPS * 16) / group) *
+                                                                       (N * SB / 32) + w0 + e];
+            }
+        }
+#pragma unroll
+        for (int it = 0; it < RITERS; ++it) {
+            const int i = tid + it * WARPS * 32;
+            if (i < 4 * NGROUP * NSL) {
+                const int q = i / (NGROUP * NSL), r = i - q * (NGROUP * NSL);
+                sraw[q][r / NSL][r % NSL] = (u16)rv[it];
+            } else if (i < RAWN) {
+                const int r0 = i - 4 * NGROUP * NSL, wh = r0 / (NGROUP * NCW), r = r0 - wh * (NGROUP * NCW);
+                scw[wh][r / NCW][r % NCW] = rv[it];
+            }
+        }
+    }
+#define SC(j, gi, h) h2f(ssc[gi][(warp * NT + (j)) * 16 + g + 8 * (h)])
+#define ZF(j, gi, h) szf[gi][(warp * NT + (j)) * 16 + g + 8 * (h)]
+#elif SSTATS
 #define SITERS ((NGROUP * BLOCK_COLS + WARPS * 32 - 1) / (WARPS * 32))  // (group, column) passes a thread
 #define SCHUNK 8  // passes whose loads are in flight together (8 x 8 registers)
 #if SB
@@ -376,6 +426,29 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
         }
 #pragma unroll
         for (int m = 0; m < NM * 8; ++m) osum[m][c] = o[m];
+    }
+#endif
+#if SSTATS == 2
+    // each (group, column)'s scale and zero from the staged raw values, as col_stats does (no FMA, each step
+    // rounded once; the scale kept as the fp16 it rounds to)
+    for (int i = tid; i < NGROUP * BLOCK_COLS; i += WARPS * 32) {
+        const int gi = i / BLOCK_COLS, c = i - gi * BLOCK_COLS, col = col0 + c;
+        u16 sh = 0;
+        float zv = MAGIC_VAL;
+        if (col < N) {
+            const int e = col / SG - ns0, bit = col * SB - w0 * 32, wd = bit >> 5, sft = bit & 31;
+            float q[2];
+#pragma unroll
+            for (int wh = 0; wh < 2; ++wh) {
+                u32 v = scw[wh][gi][wd] >> sft;
+                if (sft + SB > 32) v |= scw[wh][gi][wd + 1] << (32 - sft);
+                q[wh] = (float)(v & ((1u << SB) - 1u));
+            }
+            sh = f2h(__fadd_rn(h2f(sraw[1][gi][e]), __fmul_rn(h2f(sraw[0][gi][e]), q[0])));
+            zv = MAGIC_VAL + __fadd_rn(h2f(sraw[3][gi][e]), __fmul_rn(h2f(sraw[2][gi][e]), q[1]));
+        }
+        ssc[gi][c] = sh;
+        szf[gi][c] = zv;
     }
 #endif
     for (int i = warp; i < NM * 8 * NGROUP; i += WARPS) {  // Σ x of each group's rows, a warp each, once xs is in

@@ -80,8 +80,12 @@ NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
 SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared memory (a thread per group and column),
 #            which lifts the 8-groups-a-split cap of statistics held per lane in registers: SpQR's 16-row groups made
 #            128-row splits, 32 of them at K = 4096 and 86 at 11008; now 256 rows. Session 22 (H100, records
-#            bench/results/gpu-2026-12-07-s22b): per layer 0.53-0.59x the registers' time at the 7B's shapes, M = 1, 8
-SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "1" / "0" overrides SSTATS (bench/decode.py's `spqr3-mmareg`, for the A/B)
+#            bench/results/gpu-2026-12-07-s22b): per layer 0.53-0.59x the registers' time at the 7B's shapes, M = 1, 8.
+#            2: the block's raw code words and second-level values copied once (~8 loads a thread, not ~8 per
+#            (group, column): ~32 K load instructions a block at the 7B's shapes), decoded from shared memory; the
+#            scale kept as fp16. Written after session 22, compiled and read in SASS on the CPU, not yet GPU-run
+SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "0" / "1" / "2" overrides SSTATS (bench/decode.py's `spqr3-mmareg` and
+#                                     `spqr3-mmaraw`, for the A/B)
 SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
 #               gpu-2026-12-07-s22b/c: per layer 0.71-0.76x the Triton SpQR path's time at M = 1 and 0.09-0.10x at
 #               M = 8; the 7B 3-bit SpQR + r=8 at batch 1 0.73x bf16 against the Triton path's 0.54x, batch 8 0.58x)
@@ -284,13 +288,22 @@ def _split_fits(k: int, kc: int, group: int, staged: bool = False) -> bool:
     return k % kc == 0 and (kc % group == 0 or group % kc == 0) and (staged or kc // min(kc, group) <= 8)
 
 
-def smem_bytes(cols: int, kc: int, group: int, nm: int, staged: bool) -> int:
+def smem_bytes(cols: int, kc: int, group: int, nm: int, staged: int, stat_bits: int = 8, stat_group: int = 1) -> int:
     """A variant's static shared memory at most (the adapter's share of u and the outliers' sums counted):
-    x rows (+8 halves a row), u, Σx per group, the outliers' sums, and with `staged` each group's scale and zero
-    (fp32) per column."""
+    x rows (+8 halves a row), u, Σx per group, the outliers' sums, and with `staged` (SSTATS) each group's scale
+    and zero per column (1: both fp32; 2: an fp16 scale, plus the block's raw second-level values and code
+    words at `stat_bits`, `stat_group` columns to a second-level entry)."""
     rows, ngroup = nm * 8, kc // min(kc, group)
-    return (rows * (kc + 8) * 2 + rows * MAX_R * 4 + rows * ngroup * 4 + rows * cols * 4
-            + (2 * ngroup * cols * 4 if staged else 0))
+    base = rows * (kc + 8) * 2 + rows * MAX_R * 4 + rows * ngroup * 4 + rows * cols * 4
+    if staged == 2:
+        return base + 6 * ngroup * cols + 8 * ngroup * (cols // stat_group + 2) + 8 * ngroup * (cols * stat_bits // 32 + 2)
+    return base + (8 * ngroup * cols if staged else 0)
+
+
+def sstats() -> int:
+    """SpQR's statistics mode (SSTATS), or GPTQLORA_GEMV_SSTATS where it says 0, 1 or 2."""
+    value = os.environ.get(SSTATS_ENV, "")
+    return int(value) if value in ("0", "1", "2") else SSTATS
 
 
 def _aligned(bounds: tuple[int, int] | None, cols: int) -> bool:
@@ -299,20 +312,23 @@ def _aligned(bounds: tuple[int, int] | None, cols: int) -> bool:
 
 
 def pick_config(m: int, k: int, n: int, bits: int, group: int, sms: int = 132,
-                bounds: tuple[int, int] | None = None, staged: bool = False) -> dict | None:
+                bounds: tuple[int, int] | None = None, staged: int = 0, stat_bits: int = 8,
+                stat_group: int = 1) -> dict | None:
     """Block shape for a call, or None when none fits: WARPS x NT 16-column tiles per block (a block inside
     one sibling projection), KC rows per split (a divisor of K in whole loads, whole groups or inside one, at
     most 8 groups and 8 loads a tile in registers). 8 warps and 256 rows per split where that makes a block
     per SM or more (the fastest of session 16's grid on an H100 at M = 1, every 7B shape, 2 and 4 bit), else
-    the most blocks up to ~4 per SM with the fewest splits. `staged`: the statistics in shared memory (SSTATS,
-    SpQR's layers), any number of groups a split that `SMEM_LIMIT` holds."""
+    the most blocks up to ~4 per SM with the fewest splits. `staged`: the statistics in shared memory (SSTATS 1
+    or 2, SpQR's layers of `stat_bits` codes, `stat_group` columns a second-level entry), any number of groups a
+    split that `SMEM_LIMIT` holds."""
     rl = rows_per_load(bits)
     upre = UPRE if k * n > UPRE_MIN_AREA else 0
     nm = 1 if m <= 8 else 2
-    extra = dict(SSTATS=1) if staged else {}
+    extra = dict(SSTATS=int(staged)) if staged else {}
 
     def fits(kc: int, cols: int) -> bool:
-        return _split_fits(k, kc, group, staged) and (not staged or smem_bytes(cols, kc, group, nm, True) <= SMEM_LIMIT)
+        return _split_fits(k, kc, group, bool(staged)) and (
+            not staged or smem_bytes(cols, kc, group, nm, staged, stat_bits, stat_group) <= SMEM_LIMIT)
 
     if 1 < m <= 8 and _flag(NARROW_ENV, NARROW) and _aligned(bounds, 128):
         kc = next((rl * loads for loads in (8, 4, 2, 1) if fits(rl * loads, 128)), None)
@@ -416,7 +432,7 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("FZ", int(float_zeros and not stat_bits)),
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))), ("SSTATS", cfg.get("SSTATS", 0)),
+            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))), ("SSTATS", cfg.get("SSTATS", 0) if stat_bits else min(cfg.get("SSTATS", 0), 1)),
             ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
                         and bool(cfg.get("PDL", _flag(PDL_ENV, PDL))))))
 
@@ -469,8 +485,9 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     the kernel."""
     m, k = x.shape
     n = frag.shape[0] * 16
-    staged = stats is not None and bool(_flag(SSTATS_ENV, SSTATS))
-    cfg = config or pick_config(m, k, n, bits, group, sms, bounds, staged)
+    sb, sg = (stats[1], n // stats[0].shape[-1]) if stats is not None else (0, 1)
+    staged = sstats() if stats is not None else 0
+    cfg = config or pick_config(m, k, n, bits, group, sms, bounds, staged, sb, sg)
     if cfg is None:
         raise ValueError(f"no gemv_mma block fits K={k}, N={n}, group {group}, bounds {bounds}")
     from gptqlora.kernels.gemv_m1 import lora_slots  # here, not at the top: gemv_m1 needs triton, CPU users of
@@ -480,7 +497,6 @@ def gemv_mma(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: t
     has_out = outliers is not None and outliers[0].shape[0] > 0
     if zeros.is_floating_point() and zeros.dtype != torch.float32:
         zeros = zeros.float()
-    sb, sg = (stats[1], n // stats[0].shape[-1]) if stats is not None else (0, 1)
     if locks.numel() < -(-n // 16) + U_LOCKS or int(_arch(x.device)[3:]) < 90:
         cfg = dict(cfg, PDL=0)  # no spare counters for lora_u (a plan not from `counters`) or no PDL on this card
     consts = defines(cfg, bits, group, x.dtype, scales.dtype, perm is not None, a_s[0].dtype if has_lora else None,

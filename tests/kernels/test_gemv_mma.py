@@ -356,29 +356,34 @@ def _ptx_shared_bytes(code: bytes) -> int:
     return sum(int(n) for n in re.findall(rb"\.shared \.align \d+ \.b8 \S+\[(\d+)\];", code))
 
 
+@pytest.mark.parametrize("staged,stat_bits", [(1, 3), (2, 3), (2, 2), (2, 8)])
 @pytest.mark.parametrize("m", [1, 8, 16])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096), (1024, 768)])
-def test_staged_spqr_statistics_lift_the_eight_group_cap_within_shared_memory(m, k, n):
+def test_staged_spqr_statistics_lift_the_eight_group_cap_within_shared_memory(m, k, n, staged, stat_bits):
     """SSTATS (SpQR's default through this kernel): each group's scale and zero decoded once per block into
-    shared memory, so a split of 16-row groups is no longer capped at 8 groups (128 rows). The pick is legal,
-    at least as long as the registers' pick, 256 rows at the 7B's shapes up to 8 rows, and the compiled variant
-    (outliers and an fp32 adapter, the worst case) declares no more shared memory than `smem_bytes` allows."""
+    shared memory, so a split of 16-row groups is no longer capped at 8 groups (128 rows); SSTATS 2 also stages
+    the block's raw code words and second-level values. The pick is legal, at least as long as the registers'
+    pick, 256 rows at the 7B's shapes up to 8 rows (3-bit statistics), and the compiled variant (outliers and an
+    fp32 adapter, the worst case) declares no more shared memory than `smem_bytes` allows."""
     reg = gemv_mma.pick_config(m, k, n, 4, 16, 132)
-    cfg = gemv_mma.pick_config(m, k, n, 4, 16, 132, staged=True)
-    assert cfg["SSTATS"] == 1 and "SSTATS" not in reg
+    cfg = gemv_mma.pick_config(m, k, n, 4, 16, 132, staged=staged, stat_bits=stat_bits, stat_group=16)
+    assert cfg["SSTATS"] == staged and "SSTATS" not in reg
     assert k % cfg["KC"] == 0 and cfg["KC"] >= reg["KC"] and cfg["NT"] * cfg["KC"] // 64 <= 8
-    if m <= 8 and k >= 4096:
+    if m <= 8 and k >= 4096 and stat_bits <= 3:
         assert cfg["KC"] == 256
     cols = cfg["WARPS"] * cfg["NT"] * 16
-    assert gemv_mma.smem_bytes(cols, cfg["KC"], 16, cfg["NM"], True) <= gemv_mma.SMEM_LIMIT
+    bound = gemv_mma.smem_bytes(cols, cfg["KC"], 16, cfg["NM"], staged, stat_bits, 16)
+    assert bound <= gemv_mma.SMEM_LIMIT
+    if m == 8 or n != 4096:
+        return  # compiled at the largest and smallest shared memory (M = 16, 1) of the two N = 4096 shapes only
     _nvrtc_or_skip()
     for upre in (0, 1):
         consts = gemv_mma.defines(dict(cfg, UPRE=upre), 4, 16, torch.bfloat16, torch.int32, True, torch.float32,
-                                  False, True, 3, 16)
+                                  False, True, stat_bits, 16)
         code = gemv_mma.ptx(consts, "sm_90")
-        assert b"ssc" in code and b"szf" in code
+        assert b"ssc" in code and b"szf" in code and (b"scw" in code) == (staged == 2)
         declared = _ptx_shared_bytes(code)
-        assert declared <= gemv_mma.smem_bytes(cols, cfg["KC"], 16, cfg["NM"], True) + 16 <= gemv_mma.SMEM_LIMIT + 16
+        assert declared <= bound + 16, (declared, bound)  # + s_last and alignment
         assert declared <= gemv_mma.SMEM_LIMIT, declared
 
 
@@ -391,10 +396,11 @@ def test_statistics_stay_in_registers_when_asked_or_for_gptq(monkeypatch):
     code = gemv_mma.ptx(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, torch.float32), "sm_90")
     assert b"ssc" not in code and dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True,
                                                           None))["SSTATS"] == 0
-    monkeypatch.setenv(gemv_mma.SSTATS_ENV, "0")
-    assert not gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
-    monkeypatch.setenv(gemv_mma.SSTATS_ENV, "1")
-    assert gemv_mma._flag(gemv_mma.SSTATS_ENV, gemv_mma.SSTATS)
+    for value in "012":
+        monkeypatch.setenv(gemv_mma.SSTATS_ENV, value)
+        assert gemv_mma.sstats() == int(value)
+    monkeypatch.setenv(gemv_mma.SSTATS_ENV, "3")  # not a mode: the default
+    assert gemv_mma.sstats() == gemv_mma.SSTATS
 
 
 def test_spqr_layers_take_the_kernel_by_default_on_cuda_only(monkeypatch):
