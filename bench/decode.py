@@ -292,8 +292,9 @@ def build(kind: str, shape: str, device):
 KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split"}, "lorau": {gemv_m1.U_ENV: "1"},
               "mma": {gemv_mma.ENV: "1"}, "pdl": {gemv_mma.PDL_ENV: "1"}, "narrow": {gemv_mma.NARROW_ENV: "1"},
               "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"},
-              "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"}, "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"}}
-UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmaraw")  # the others pin the Triton kernels
+              "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"}, "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
+              "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"}}
+UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmaraw", "mmaopre")  # the others pin the Triton kernels
 
 
 @contextlib.contextmanager
@@ -308,7 +309,8 @@ def _decode_kernels(kind: str, alt_table: str | None):
     once (GPTQLORA_GEMV_TAIL=1), "-mmapdl" the tensor-core kernel at every batch, one row too, overlapping the u
     launch (both), "-mmareg" the tensor-core kernel with SpQR's statistics held per lane in registers (at most 8
     groups a split; GPTQLORA_GEMV_SSTATS=0, session 21's kernel), "-mmaraw" the same with the block's raw statistics
-    staged before their decode (GPTQLORA_GEMV_SSTATS=2), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    staged before their decode (GPTQLORA_GEMV_SSTATS=2), "-mmaopre" that with the outliers' offsets read before the
+    block's barrier (GPTQLORA_GEMV_OPRE=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     kernel = kind.partition("-")[2]
     env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))
@@ -405,7 +407,8 @@ def main() -> int:
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
                     "of B-bit codes through the Triton kernels, spqrB-default as gptqlora decodes it, spqrB-mma through "
                     "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
-                    "kernel), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2) (generation only; "
+                    "kernel), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2), spqrB-mmaopre that "
+                    "and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1) (generation only; "
                     "e.g. 3,spqr3; "
                     "default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -443,9 +446,9 @@ def main() -> int:
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
     if any(isinstance(b, str) and not b.removeprefix("spqr").partition("-")[0].isdigit()
-           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "mmaraw", "default") for b in bits):
-        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB (Triton), spqrB-default, spqrB-mma, spqrB-mmareg or "
-                 "spqrB-mmaraw (e.g. spqr3)")
+           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "mmaraw", "mmaopre", "default") for b in bits):
+        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB (Triton), spqrB-default, spqrB-mma, spqrB-mmareg, "
+                 "spqrB-mmaraw or spqrB-mmaopre (e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)

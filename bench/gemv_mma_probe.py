@@ -110,13 +110,14 @@ def checks(device, quick: bool = False) -> dict:
             for bits in (3,) if quick else (3, 4, 2):
                 lay = bench_spqr.spqr_layer(k, n, bits, device=device)
                 w = lay.dequantize(torch.float32)
-                for (m, lora), sstats in itertools.product(((1, True), (8, False), (16, True)), "102"):
-                    os.environ[gemv_mma.SSTATS_ENV] = sstats
+                for (m, lora), (sstats, opre) in itertools.product(((1, True), (8, False), (16, True)),
+                                                                  ("10", "00", "20", "21")):
+                    os.environ[gemv_mma.SSTATS_ENV], os.environ[gemv_mma.OPRE_ENV] = sstats, opre
                     g = torch.Generator(device=device).manual_seed(k + m)
                     x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
                     a = (torch.randn(8, k, device=device, generator=g) * 0.05) if lora else None
                     b = (torch.randn(n, 8, device=device, generator=g) * 0.05) if lora else None
-                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)} sstats{sstats}"
+                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)} sstats{sstats} opre{opre}"
                     try:
                         with torch.no_grad():
                             y = lay.small_m(x, a, b, 2.0)
@@ -131,8 +132,8 @@ def checks(device, quick: bool = False) -> dict:
                         out["failed"].append({"case": name, "err": err})
                         print("FAIL", name, err, flush=True)
     finally:
-        os.environ.pop(gemv_mma.ENV, None)
-        os.environ.pop(gemv_mma.SSTATS_ENV, None)
+        for name in (gemv_mma.ENV, gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV):
+            os.environ.pop(name, None)
     # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0), and the launch overlapping
     # lora_u's (PDL 1): the same sums in the same order, so the same bits
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -294,7 +295,8 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
     picked block. Session 21 measured the kernel slower than the default on the 7B (0.44x against 0.56x bf16)
     without saying which part costs: this splits it. `mma_reg_us`: the statistics in registers (SSTATS 0, at most
     8 groups a split: 128 rows), session 21's kernel; `mma_raw_us` stages the block's raw values and decodes from
-    shared memory (SSTATS 2); the others stage decoded values in shared memory (256 rows)."""
+    shared memory (SSTATS 2), `mma_raw_opre_us` also reads the outliers' offsets and first entries before the
+    block's barrier (OPRE 1); the others stage decoded values in shared memory (256 rows)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_spqr", Path(__file__).with_name("spqr.py"))
@@ -316,9 +318,9 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
             a = torch.randn(R, k, device=device, generator=g) * 0.05
             b = torch.randn(n, R, device=device, generator=g) * 0.05
 
-            def us(lays, mma: bool, adapter: bool = True, sstats: str = "1") -> float:
+            def us(lays, mma: bool, adapter: bool = True, sstats: str = "1", opre: str = "0") -> float:
                 os.environ[gemv_mma.ENV] = "1" if mma else "0"
-                os.environ[gemv_mma.SSTATS_ENV] = sstats
+                os.environ[gemv_mma.SSTATS_ENV], os.environ[gemv_mma.OPRE_ENV] = sstats, opre
                 try:
                     with torch.no_grad():
                         for lay in lays:  # plans built outside the timing; None would time nothing
@@ -326,8 +328,8 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
                         return timer.us(lambda: [lay.small_m(x, a if adapter else None, b if adapter else None, 2.0)
                                                  for lay in lays]) / len(lays)
                 finally:
-                    os.environ.pop(gemv_mma.ENV, None)
-                    os.environ.pop(gemv_mma.SSTATS_ENV, None)
+                    for name in (gemv_mma.ENV, gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV):
+                        os.environ.pop(name, None)
 
             cfg = gemv_mma.pick_config(m, k, n, 4, 16, G._sm_count(device), staged=gemv_mma.sstats(), stat_bits=3,
                                        stat_group=16)
@@ -336,6 +338,7 @@ def spqr_timings(device, timer, deadline, ms: tuple[int, ...] = (1, 8)) -> list[
                    "mma_reg_us": round(us(layers[0.01], True, sstats="0"), 2),
                    "mma_raw_us": round(us(layers[0.01], True, sstats="2"), 2),
                    "mma_raw_no_adapter_us": round(us(layers[0.01], True, False, sstats="2"), 2),
+                   "mma_raw_opre_us": round(us(layers[0.01], True, sstats="2", opre="1"), 2),
                    "mma_no_outliers_us": round(us(layers[0.0], True), 2),
                    "mma_no_adapter_us": round(us(layers[0.01], True, False), 2),
                    "default_no_outliers_us": round(us(layers[0.0], False), 2),

@@ -23,7 +23,9 @@
 // thread per (group, column), read there by the k-steps; else each lane holds its own in registers, which caps a
 // split at 8 groups: SpQR's 16-row groups then made 128-row splits, 32-86 of them a layer; SSTATS 2, SpQR only:
 // the block's raw code words and second-level values copied once into shared memory, each a thread, then
-// decoded from there: ~8 loads a thread, not 8 per (group, column)).
+// decoded from there: ~8 loads a thread, not 8 per (group, column)), OPRE (with OUTLIERS: each column's outlier
+// offsets read with step 2's loads and its first OPF entries before the barrier, not both after it: two round trips
+// to memory off the block's chain).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -233,6 +235,22 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     // weight read instead of the decoded 3). SSTATS: a thread per (group, column) of the block into shared memory;
     // else this lane's two columns (g, g + 8) of each of its tiles into registers
     const int G = K / group;
+#if OUTLIERS && OPRE
+#define OCOLS ((BLOCK_COLS + WARPS * 32 - 1) / (WARPS * 32))  // columns a thread sums the outliers of
+#define OPF 4                                                 // entries of each read before the barrier
+    int oe0[OCOLS], oe1[OCOLS];  // this split's entries of the thread's columns: [oe0, oe1)
+#pragma unroll
+    for (int q = 0; q < OCOLS; ++q) {
+        const int c = tid + q * WARPS * 32, n = col0 + c;
+        oe0[q] = oe1[q] = 0;
+        if (c < BLOCK_COLS && n < N) {
+            const short* offs = o_offs + (size_t)n * (K / OSTEP + 1);
+            const int base = o_rows[n];
+            oe0[q] = base + offs[k0 / OSTEP];
+            oe1[q] = base + offs[(k0 + KC) / OSTEP];
+        }
+    }
+#endif
 #if SSTATS == 2
     // the raw values only (their decode waits for the barrier after step 3): all of a thread's loads, then its
     // stores, so the loads are in flight together
@@ -404,8 +422,46 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
     }
 #endif  // UPRE
 #endif
+#if OUTLIERS && OPRE
+    u32 opv[OCOLS][OPF];  // the first OPF entries of each column: values and positions, in flight over the barrier
+    int opp[OCOLS][OPF];
+#pragma unroll
+    for (int q = 0; q < OCOLS; ++q)
+#pragma unroll
+        for (int u = 0; u < OPF; ++u) {
+            const bool ok = oe0[q] + u < oe1[q];
+            opv[q][u] = ok ? o_vals[oe0[q] + u] : 0u;
+            opp[q][u] = ok ? o_pos[oe0[q] + u] : k0;
+        }
+#endif
     __syncthreads();
-#if OUTLIERS
+#if OUTLIERS && OPRE
+#pragma unroll
+    for (int q = 0; q < OCOLS; ++q) {
+        const int c = tid + q * WARPS * 32;
+        if (c >= BLOCK_COLS) break;
+        float o[NM * 8];
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) o[m] = 0.f;
+#pragma unroll
+        for (int u = 0; u < OPF; ++u) {  // in entry order, as the loop below: the same sums
+            if (oe0[q] + u < oe1[q]) {
+                const float v = h2f((u16)opv[q][u]);
+                const int kk = opp[q][u] - k0;
+#pragma unroll
+                for (int m = 0; m < NM * 8; ++m) o[m] += v * x2f(xs[m][kk]);
+            }
+        }
+        for (int e = oe0[q] + OPF; e < oe1[q]; ++e) {  // the rest (rare: ~1-3 a split)
+            const float v = h2f(o_vals[e]);
+            const int kk = o_pos[e] - k0;
+#pragma unroll
+            for (int m = 0; m < NM * 8; ++m) o[m] += v * x2f(xs[m][kk]);
+        }
+#pragma unroll
+        for (int m = 0; m < NM * 8; ++m) osum[m][c] = o[m];
+    }
+#elif OUTLIERS
     // a thread per column: Σ value * x over the column's outliers in this split's rows, x from shared memory.
     // Split 0 walking all of a column's (~1% of K: 41 at K = 4096, 110 at 11008) was one long chain per thread
     // (session 19: SpQR through this kernel 0.48x bf16); a split holds ~1-3 of them

@@ -86,6 +86,10 @@ SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared me
 #            scale kept as fp16. Written after session 22, compiled and read in SASS on the CPU, not yet GPU-run
 SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "0" / "1" / "2" overrides SSTATS (bench/decode.py's `spqr3-mmareg` and
 #                                     `spqr3-mmaraw`, for the A/B)
+OPRE = 0  # 1: each column's outlier offsets read with the statistics' loads and its first 4 entries before the
+#          block's barrier (two round trips to memory off each block's chain; the same sums in the same order).
+#          Written after session 22 (outliers cost 2-11 us a layer there), not yet GPU-run: off
+OPRE_ENV = "GPTQLORA_GEMV_OPRE"  # "1" / "0" overrides OPRE (bench/decode.py's `spqr3-mmaraw` sets it with SSTATS 2)
 SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
 #               gpu-2026-12-07-s22b/c: per layer 0.71-0.76x the Triton SpQR path's time at M = 1 and 0.09-0.10x at
 #               M = 8; the 7B 3-bit SpQR + r=8 at batch 1 0.73x bf16 against the Triton path's 0.54x, batch 8 0.58x)
@@ -432,7 +436,9 @@ def defines(cfg: dict, bits: int, group: int, x_dtype: torch.dtype, s_dtype: tor
             ("FZ", int(float_zeros and not stat_bits)),
             ("SB", stat_bits), ("SG", stat_group if stat_bits else 1), ("OSTEP", OSTEP),
             ("OUTLIERS", int(outliers)), ("UPRE", int(lora_dtype is not None and cfg.get("UPRE", UPRE))),
-            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))), ("SSTATS", cfg.get("SSTATS", 0) if stat_bits else min(cfg.get("SSTATS", 0), 1)),
+            ("TAIL", cfg.get("TAIL", _flag(TAIL_ENV, TAIL))),
+            ("SSTATS", cfg.get("SSTATS", 0) if stat_bits else min(cfg.get("SSTATS", 0), 1)),
+            ("OPRE", int(outliers and bool(cfg.get("OPRE", _flag(OPRE_ENV, OPRE))))),
             ("PDL", int(lora_dtype is not None and bool(cfg.get("UPRE", UPRE))
                         and bool(cfg.get("PDL", _flag(PDL_ENV, PDL))))))
 

@@ -130,7 +130,7 @@ def test_variants_differ_by_their_constants(monkeypatch):
     assert dict(one) == {"BITS": 4, "XF16": 0, "SF16": 1, "NM": 1, "NT": 2, "WARPS": 4, "KC": 256, "GSTEPS": 8,
                          "HAS_PERM": 1, "HAS_LORA": 1, "LORA_F32": 1, "MAX_R": gemv_mma.MAX_R, "FZ": 0, "OUTLIERS": 0,
                          "UPRE": 1, "TAIL": 0, "SB": 0, "SG": 1, "OSTEP": gemv_mma.OSTEP, "PDL": 0,
-                         "SSTATS": 0}
+                         "SSTATS": 0, "OPRE": 0}
     assert dict(gemv_mma.defines(dict(cfg, UPRE=0), 4, 128, torch.bfloat16, torch.float16, True, torch.float32))["UPRE"] == 0
     assert dict(gemv_mma.defines(cfg, 4, 128, torch.bfloat16, torch.float16, True, None))["UPRE"] == 0  # no adapter
     assert dict(gemv_mma.defines(cfg, 2, 1024, torch.float16, torch.bfloat16, False, None))["GSTEPS"] == 16
@@ -413,3 +413,21 @@ def test_spqr_layers_take_the_kernel_by_default_on_cuda_only(monkeypatch):
     assert not gemv_mma.wanted_spqr("cuda")
     monkeypatch.setenv(gemv_mma.ENV, "1")
     assert gemv_mma.wanted_spqr("cpu")
+
+
+def test_outlier_offsets_read_early_only_with_outliers(monkeypatch):
+    """OPRE (off until GPU-run; GPTQLORA_GEMV_OPRE=1): a SpQR variant reads each column's outlier offsets with
+    the statistics' loads and its first entries before the block's barrier. Only variants with outliers carry
+    it; it compiles with both statistics modes at M = 1 and 16, no local arrays in the PTX."""
+    monkeypatch.setenv(gemv_mma.OPRE_ENV, "1")
+    cfg = gemv_mma.pick_config(1, 4096, 4096, 4, 16, 132, staged=2, stat_bits=3, stat_group=16)
+    assert dict(gemv_mma.defines(cfg, 4, 16, torch.bfloat16, torch.int32, True, None, False, True, 3, 16))["OPRE"] == 1
+    assert dict(gemv_mma.defines(cfg, 4, 16, torch.bfloat16, torch.int32, True, None, False, False, 3, 16))["OPRE"] == 0
+    monkeypatch.delenv(gemv_mma.OPRE_ENV)
+    assert dict(gemv_mma.defines(cfg, 4, 16, torch.bfloat16, torch.int32, True, None, False, True, 3, 16))["OPRE"] == gemv_mma.OPRE
+    _nvrtc_or_skip()
+    for staged, m in ((1, 1), (2, 16)):
+        cfg = gemv_mma.pick_config(m, 4096, 4096, 4, 16, 132, staged=staged, stat_bits=3, stat_group=16)
+        code = [gemv_mma.ptx(gemv_mma.defines(dict(cfg, OPRE=o), 4, 16, torch.bfloat16, torch.int32, True,
+                                              torch.float32, False, True, 3, 16), "sm_90") for o in (0, 1)]
+        assert code[0] != code[1] and all(b".local" not in c for c in code)
