@@ -16,7 +16,7 @@ _API = {
     "save_quantized": "gptqlora.checkpoint.checkpoint",
     "QuantConfig": "gptqlora.checkpoint.config",
     "quantize": "gptqlora.quant.api",
-    "QuantizeOptions": "gptqlora.quant.api",
+    "QuantizeOptions": "gptqlora.quant.options",
     "QuantLinear": "gptqlora.nn.quant_linear",
     "GPTQLoraConfig": "gptqlora.adapters.config",
     "get_peft_model": "gptqlora.adapters.model",

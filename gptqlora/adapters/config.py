@@ -14,11 +14,8 @@ from typing import Any, Optional
 
 from peft import LoraConfig
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INIT_METHODS = ("default", "svd", "aware", "output")
-FP_INITS = ("svd", "aware", "output")  # the inits that read the original weights (svd_source)
-CALIBRATED_INITS = ("aware", "output")  # the inits that also need calibration samples
-LORA_DTYPES = ("float32", "bfloat16")
+from gptqlora.adapters.names import CALIBRATED_INITS, FP_INITS, INIT_METHODS, LLAMA_TARGETS, LORA_DTYPES  # noqa: F401
+
 OWN_FIELDS = ("lora_dtype", "init_method", "svd_iters", "svd_source")  # not LoraConfig's: kept out of its file
 SETTINGS_FILE = "gptqlora_adapter.json"  # beside adapter_config.json: OWN_FIELDS
 CONFIG_FILE = "adapter_config.json"

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from gptqlora.formats.base import FormatError
-from gptqlora.formats.gptq import FORMAT_V1, FORMAT_V2, SUPPORTED_BITS
-from gptqlora.nn.registry import FORMATS
+from gptqlora.formats.names import FORMAT_V1, FORMAT_V2, SUPPORTED_BITS
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # searched before config.json
 # --descent-passes when not given, per quant method: on for GPTQ, opt-in for SpQR (docs/results.md, section 3,
@@ -25,6 +24,14 @@ DEFAULT_DESCENT_PASSES = 3
 
 class QuantConfigError(ValueError):
     pass
+
+
+def _formats():
+    """The format registry. It binds formats to their layers (gptqlora.nn, torch), so it is imported when a
+    config is checked or read, not with this module: `gptqlora COMMAND --help` shows the fields only."""
+    from gptqlora.nn.registry import FORMATS
+
+    return FORMATS
 
 
 @dataclass
@@ -101,7 +108,7 @@ class QuantConfig:
         if self.group_size == 0 or self.group_size < -1:
             raise QuantConfigError(f"group_size must be -1 or positive, got {self.group_size}")
         try:
-            FORMATS.lookup(None, self.format).format.check_bits(self.bits)
+            _formats().lookup(None, self.format).format.check_bits(self.bits)
         except FormatError as e:
             raise QuantConfigError(str(e)) from None
         if self.dynamic is not None:
@@ -117,7 +124,7 @@ class QuantConfig:
     @property
     def method(self) -> str:
         """The `quant_method` of this config's format."""
-        return FORMATS.lookup(None, self.format).format.method
+        return _formats().lookup(None, self.format).format.method
 
     def to_dict(self) -> dict:
         """The dict written to config.json / quantize_config.json (both key spellings, as GPTQModel does)."""
@@ -144,7 +151,7 @@ class QuantConfig:
     def from_dict(cls, d: dict, where: str = "quantization_config") -> "QuantConfig":
         method = d.get("quant_method", d.get("method", "gptq"))
         try:
-            fmt = FORMATS.lookup(method, d.get("checkpoint_format", d.get("format"))).format.name
+            fmt = _formats().lookup(method, d.get("checkpoint_format", d.get("format"))).format.name
             return cls(bits=int(d["bits"]), group_size=int(d.get("group_size", -1)),
                        desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)), format=fmt,
                        static_groups=bool(d.get("static_groups", False)),
@@ -207,7 +214,7 @@ def check_dynamic(dynamic: dict, fmt: str) -> dict:
                                    f"settings (got {override})")
         if "bits" in override:
             try:
-                FORMATS.lookup(None, fmt).format.check_bits(int(override["bits"]))
+                _formats().lookup(None, fmt).format.check_bits(int(override["bits"]))
             except (FormatError, TypeError, ValueError) as e:
                 raise QuantConfigError(f"precision rule {pattern!r}: {e}") from None
         gs = override.get("group_size", -1)

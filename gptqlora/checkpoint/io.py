@@ -9,13 +9,14 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from gptqlora.paths import check_output, output_dir
+
+if TYPE_CHECKING:  # annotations only: parse_size checks --max-shard-size while the options parse, without torch
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # refused, never unpickled
@@ -133,6 +134,8 @@ class ShardedWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
+        from safetensors.torch import save_file  # imports torch, which parse_size (an option type) must not
+
         path = self.dir / f"shard-{len(self.shards):05d}.tmp"
         save_file(self.buffer, str(path), metadata={"format": "pt"})
         self.shards.append((path, list(self.buffer)))

@@ -19,14 +19,12 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TextIO
-
-import torch
-from transformers import TextIteratorStreamer
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import (OFF, InferenceError, PromptFormat, Sampling, compiled_decode, generate_ids, load_model,
-                                using_adapter)
+
+if TYPE_CHECKING:  # inference (torch, transformers) loads where a session starts: `--help` needs none of it
+    from gptqlora.inference import PromptFormat, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +53,8 @@ class ChatSession:
 
     def __init__(self, model: Any, tokenizer: Any, fmt: PromptFormat, sampling: Sampling, context_size: int,
                  adapters: Sequence[str] = (), active: str | None = None) -> None:
+        from gptqlora.inference import OFF
+
         self.model, self.tokenizer, self.fmt, self.sampling = model, tokenizer, fmt, sampling
         self.context_size = context_size
         self.adapters = list(adapters)
@@ -66,6 +66,8 @@ class ChatSession:
         self.history.clear()
 
     def use(self, name: str) -> None:
+        from gptqlora.inference import OFF, InferenceError
+
         if name != OFF and name not in self.adapters:
             raise InferenceError(f"no adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'} "
                                  f"(or {OFF!r} for the base model)")
@@ -73,6 +75,8 @@ class ChatSession:
 
     def prompt_ids(self, message: str) -> tuple[list[int], int]:
         """Token ids for ``message`` after the history, and how many oldest turns must go to fit."""
+        from gptqlora.inference import InferenceError
+
         budget = self.context_size - self.sampling.max_new_tokens
         for drop in range(len(self.history) + 1):
             ids = self.fmt.encode(self.history[drop:], message, self.tokenizer)
@@ -84,6 +88,11 @@ class ChatSession:
 
     def reply(self, message: str, on_text: Callable[[str], None]) -> Reply:
         """Generate a reply, calling ``on_text`` with each new piece; Ctrl-C stops it (the text so far stays)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from gptqlora.inference import generate_ids, using_adapter
+
         ids, dropped = self.prompt_ids(message)
         del self.history[:dropped]
         device = next(self.model.parameters()).device
@@ -160,6 +169,8 @@ def _join(job: Future) -> None:
 
 def _command(session: ChatSession, line: str, out: TextIO) -> bool:
     """Handle a slash command; False means exit."""
+    from gptqlora.inference import OFF, InferenceError
+
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
     if cmd in ("/exit", "/quit"):
@@ -187,6 +198,8 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
 def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
              banner: str | None = None) -> int:
     """The chat loop: ``read(prompt)`` gives lines (EOFError / KeyboardInterrupt end it), replies go to ``out``."""
+    from gptqlora.inference import InferenceError
+
     if banner:
         out.write(banner + "\n")
         out.flush()
@@ -226,6 +239,8 @@ def run_chat_command(run_dir: str | None = None, base: str | None = None, adapte
                      sampling: Sampling | None = None, max_context: int | None = None, device: str | None = None,
                      seed: int | None = None) -> int:
     """What `gptqlora chat` does: load, then chat on the terminal; returns the exit status."""
+    from gptqlora.inference import Sampling, compiled_decode, load_model
+
     sampling = sampling or Sampling()
     loaded = load_model(run_dir, base, adapters, device, template)
     fmt = loaded.prompt_format(chat_template, system)

@@ -14,19 +14,12 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from gptqlora.adapters.layer import expand_qalora_a
-from gptqlora.adapters.config import standard_adapter_config
-from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from gptqlora.checkpoint.config import read_quant_config
-from gptqlora.checkpoint.io import atomic_output_dir
 from gptqlora.commands.args import add_option
-from gptqlora.nn.registry import FORMATS
-from gptqlora.paths import check_output, require_dir
-from gptqlora.run import Run
+
+if TYPE_CHECKING:  # torch, peft and the layers load in `_convert` and `export_vllm`: `--help` needs none of them
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +62,10 @@ def check_vllm_adapter(config: dict) -> list[str]:
 
 def _convert(config: dict, tensors: dict[str, torch.Tensor], pad_rank: bool) -> tuple[dict, dict]:
     """QA-LoRA -> plain LoRA, and rank padding, both exact."""
+    import torch
+
+    from gptqlora.adapters.layer import expand_qalora_a
+
     config, tensors = dict(config), dict(tensors)
     if config.get("use_qalora"):
         gs = int(config["qalora_group_size"])
@@ -107,8 +104,17 @@ def unaligned_groups(qcfg, in_features: dict[str, int]) -> list[str]:
 def export_vllm(run_dir: str | Path, out_dir: str | Path, pad_rank: bool = False, name: str | None = None,
                 overwrite: bool = False) -> Path:
     """OUT/adapter (PEFT LoRA vLLM loads), OUT/base (the symmetric v1 GPTQ base), OUT/README.md (the command)."""
+    from safetensors.torch import load_file, save_file
+
+    from gptqlora.adapters.config import standard_adapter_config
+    from gptqlora.adapters.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from gptqlora.adapters.saved import SavedAdapter
-    from gptqlora.commands.merge import MergedSource
+    from gptqlora.checkpoint.config import read_quant_config
+    from gptqlora.checkpoint.io import atomic_output_dir
+    from gptqlora.commands.merging import MergedSource
+    from gptqlora.nn.registry import FORMATS
+    from gptqlora.paths import check_output, require_dir
+    from gptqlora.run import Run
 
     require_dir(run_dir, "RUN_DIR", "run folder")
     run = Run.open(run_dir)

@@ -14,11 +14,12 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gptqlora.commands.args import OptionError, add_dataclass_arguments, build_dataclasses, read_yaml_config
+
+if TYPE_CHECKING:  # torch loads where the job runs: `finetune --help` and parse errors need none of it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ research-script spellings are accepted too: --data_path, --cutoff_len, --use_gra
 
 def arg_classes() -> list[type]:
     from gptqlora.checkpoint.config import QuantConfig
-    from gptqlora.quant.api import QuantizeOptions
+    from gptqlora.quant.options import QuantizeOptions
     from gptqlora.train.arguments import DataArguments, LoraArguments, ModelArguments, TrainArguments
 
     return [ModelArguments, QuantConfig, QuantizeOptions, DataArguments, LoraArguments, TrainArguments]
@@ -130,6 +131,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     Everything that can be wrong with the input is found before the run folder appears: a new run is built
     in a temporary sibling (data, tokenizer, base quantization, model load, adapter wrap) and put in place
     only once training is about to start, so a failed start leaves nothing that blocks the retry."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -356,6 +358,7 @@ def _mean_train_loss(trainer, result, resume: str | None) -> float:
 
 def _versions() -> dict[str, str]:
     import peft
+    import torch
     import transformers
 
     from gptqlora import __version__
@@ -512,6 +515,7 @@ def _accuracy(model, tokenizer, template, targs, what: str) -> dict[str, Any]:
 
 
 def _accuracy_of_fp_model(model_dir: str, tokenizer, template, targs, device) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM
 
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(device)

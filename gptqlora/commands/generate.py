@@ -11,12 +11,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from gptqlora.commands.args import add_option, ranged
 from gptqlora.commands.model_options import add_model_options, sampling as sampling_from, set_seed
-from gptqlora.inference import (OFF, InferenceError, Loaded, PromptFormat, Sampling, compiled_decode,
-                                generate_responses, load_model, using_adapter)
+
+if TYPE_CHECKING:  # inference (torch, transformers) loads where the command runs: `--help` needs none of it
+    from gptqlora.inference import Loaded, PromptFormat, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def read_prompts(path: str, fmt: str = "auto", stdin: TextIO | None = None) -> l
     with a "prompt" string, an optional "input" string (template context) and any other fields.
     ``-`` reads standard input.
     """
+    from gptqlora.inference import InferenceError
+
     name = "<stdin>" if path == "-" else path
     if path == "-":
         text = (stdin or sys.stdin).read()
@@ -105,6 +108,8 @@ def generate_items(loaded: Loaded, fmt: PromptFormat, items: Sequence[tuple[str,
     Prompts are done in chunks so output appears as it goes; within a chunk all adapters run, and lines
     come out in input order (per prompt: one line per adapter). Returns the number of lines written.
     """
+    from gptqlora.inference import OFF, InferenceError, generate_responses, using_adapter
+
     if batch_size < 1:
         raise InferenceError(f"--batch-size must be at least 1, got {batch_size}")
     use = list(use) if use else [loaded.adapters[0] if loaded.adapters else OFF]
@@ -147,6 +152,8 @@ def run_generate(prompts: str, run_dir: str | None = None, base: str | None = No
                  file_format: str = "auto", device: str | None = None, seed: int | None = None,
                  out: TextIO | None = None) -> int:
     """What `gptqlora generate` does; returns the exit status."""
+    from gptqlora.inference import Sampling, compiled_decode, load_model
+
     sampling = sampling or Sampling()
     items = read_prompts(prompts, file_format)  # a bad prompts file fails before the model loads
     loaded = load_model(run_dir, base, adapters, device, template)

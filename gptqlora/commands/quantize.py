@@ -23,7 +23,7 @@ ALIASES = {"calibration_seed": ("seed",)}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gptqlora.checkpoint.config import QuantConfig
-    from gptqlora.quant.api import QuantizeOptions
+    from gptqlora.quant.options import QuantizeOptions
 
     p.add_argument("model_dir", help="directory with config.json, *.safetensors and tokenizer files")
     p.add_argument("out_dir", help="output directory (must not exist or be empty; --overwrite replaces only a "

@@ -9,9 +9,10 @@ weight, is bound to the format in `gptqlora.nn.registry`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:  # annotations only: FormatError (QuantConfig, every command's options) imports no torch
+    import torch
 
 
 class FormatError(ValueError):

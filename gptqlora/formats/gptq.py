@@ -20,13 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gptqlora.formats.base import FormatError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-FORMAT_V1 = "gptq"
-FORMAT_V2 = "gptq_v2"
-# gptqlora's own: v2 with float zeros [G, N] in `zeros` where an exact QA-LoRA merge moved them off the
-# integers; other GPTQ loaders do not read it (its name makes them refuse rather than misread).
-FORMAT_V2_FLOAT_ZEROS = "gptq_v2_float_zeros"
+from gptqlora.formats.names import FORMAT_V1, FORMAT_V2, FORMAT_V2_FLOAT_ZEROS, SUPPORTED_BITS  # noqa: F401
 
 
 def check_bits(bits: int) -> int:

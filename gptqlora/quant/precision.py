@@ -32,9 +32,6 @@ PRESETS = {
     "ffn": r"-:.*\.mlp\.(gate_proj|up_proj|down_proj)$",
     "attn": r"-:.*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$",
 }
-KEEP_HELP = ("keep modules in full precision (fp16 nn.Linear): ffn (gate/up/down_proj), attn (q/k/v/o_proj), "
-             "crucial (every down_proj + the two attention projections with the largest GPTQ error, measured "
-             "first or read from --crucial-from), or a regex over full module names; repeatable")
 
 
 def _type_of(name: str) -> str:

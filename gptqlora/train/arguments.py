@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from gptqlora.adapters.config import INIT_METHODS, LLAMA_TARGETS
+from gptqlora.adapters.names import INIT_METHODS, LLAMA_TARGETS
 
 
 @dataclass
