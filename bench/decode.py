@@ -60,6 +60,7 @@ spqr_layer = _bench_module("spqr").spqr_layer  # bench/spqr.py's SpQR layer (g16
 from gptqlora.graph_decode import DECODERS  # noqa: E402
 from gptqlora.kernels import gemv, gemv_m1, gemv_mma  # noqa: E402
 from gptqlora.kernels.gemv import gemv_triton, plan_gemv  # noqa: E402
+from gptqlora.nn import spqr_siblings  # noqa: E402
 
 
 
@@ -293,8 +294,9 @@ KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split
               "mma": {gemv_mma.ENV: "1"}, "pdl": {gemv_mma.PDL_ENV: "1"}, "narrow": {gemv_mma.NARROW_ENV: "1"},
               "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"},
               "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"}, "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
-              "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"}}
-UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmaraw", "mmaopre")  # the others pin the Triton kernels
+              "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"},
+              "sib": {spqr_siblings.ENV: "1"}}
+UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmaraw", "mmaopre", "sib")  # the others pin the Triton kernels
 
 
 @contextlib.contextmanager
@@ -310,7 +312,8 @@ def _decode_kernels(kind: str, alt_table: str | None):
     launch (both), "-mmareg" the tensor-core kernel with SpQR's statistics held per lane in registers (at most 8
     groups a split; GPTQLORA_GEMV_SSTATS=0, session 21's kernel), "-mmaraw" the same with the block's raw statistics
     staged before their decode (GPTQLORA_GEMV_SSTATS=2), "-mmaopre" that with the outliers' offsets read before the
-    block's barrier (GPTQLORA_GEMV_OPRE=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    block's barrier (GPTQLORA_GEMV_OPRE=1), "-sib" SpQR's default with its siblings (q|k|v, gate|up) in one launch
+    each (GPTQLORA_SPQR_SIBLINGS=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     kernel = kind.partition("-")[2]
     env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))
@@ -408,7 +411,8 @@ def main() -> int:
                     "of B-bit codes through the Triton kernels, spqrB-default as gptqlora decodes it, spqrB-mma through "
                     "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
                     "kernel), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2), spqrB-mmaopre that "
-                    "and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1) (generation only; "
+                    "and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1), spqrB-sib with siblings in one launch "
+                    "(GPTQLORA_SPQR_SIBLINGS=1) (generation only; "
                     "e.g. 3,spqr3; "
                     "default 2,3,4)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -446,9 +450,9 @@ def main() -> int:
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
     if any(isinstance(b, str) and not b.removeprefix("spqr").partition("-")[0].isdigit()
-           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "mmaraw", "mmaopre", "default") for b in bits):
+           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "mmaraw", "mmaopre", "sib", "default") for b in bits):
         ap.error(f"--bits {a.bits}: each entry a bit width, spqrB (Triton), spqrB-default, spqrB-mma, spqrB-mmareg, "
-                 "spqrB-mmaraw or spqrB-mmaopre (e.g. spqr3)")
+                 "spqrB-mmaraw, spqrB-mmaopre or spqrB-sib (e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)

@@ -185,8 +185,9 @@ for l in sys.stdin:
                # After session 21: spqr3-mma stages the statistics in shared memory (SSTATS 1, 256-row splits),
                # spqr3-mmareg is session 21's kernel (registers, 128-row splits); after session 22 spqr3-default is that
                # (SpQR's default since), spqr3-mmaraw stages the raw statistics (SSTATS 2), spqr3-mmaopre also reads
-               # the outliers' offsets before the barrier (OPRE 1). ~90 s a model: SPQR_BATCHES=1 fits one call
-               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3-default,spqr3-mmaraw,spqr3-mmaopre}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+               # the outliers' offsets before the barrier (OPRE 1), spqr3-sib SpQR's siblings in one launch each
+               # (GPTQLORA_SPQR_SIBLINGS=1). ~80 s a model: SPQR_BATCHES=1 fits one call
+               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3-default,spqr3-mmaraw,spqr3-mmaopre,spqr3-sib}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against

@@ -80,7 +80,12 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         name = self._plain_adapter(kwargs)
         if name is None or self._dropout_p(name):
             return None
-        return small_m(x.to(compute_dtype(x)), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        xc = x.to(compute_dtype(x))
+        if self.siblings is not None and self.siblings.enabled:  # one launch for all, where the base has one
+            y = self.siblings.output(self, x, lambda layers, _: _decode_other_group(layers, xc, name, kwargs))
+            if y is not None:
+                return y
+        return small_m(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def _fused_parts(self, name: str, p: float | None = None) -> tuple[PackedBase, torch.Tensor, torch.Tensor,
                                                                         float, float]:
@@ -163,6 +168,22 @@ def _decode_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwar
         return None
     return decode_group([m.base_layer for m in layers], x, [m.lora_A[name].weight for m in layers],
                         [m.lora_B[name].weight for m in layers], scalings.pop())
+
+
+def _decode_other_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
+    """All siblings' decode outputs from one launch of their base type's `decode_group` (SpQR's:
+    nn/spqr_siblings.py), or None as `_decode_group` (or where the type has none)."""
+    kind = type(layers[0].base_layer)
+    group = getattr(kind, "decode_group", None)
+    if group is None or any(type(m.base_layer) is not kind for m in layers):
+        return None
+    if any(m._plain_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
+        return None
+    scalings = {m.scaling[name] for m in layers}
+    if len(scalings) != 1:
+        return None
+    return group([m.base_layer for m in layers], x, [m.lora_A[name].weight for m in layers],
+                 [m.lora_B[name].weight for m in layers], scalings.pop())
 
 
 def _fused_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):

@@ -539,15 +539,17 @@ def _sms(device: torch.device) -> int:
 def _gemv_mma_op(x: torch.Tensor, frag: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
                  bits: int, group: int, scaling: float, outliers: list[torch.Tensor], stats: list[torch.Tensor],
-                 stat_bits: int) -> torch.Tensor:
+                 stat_bits: int, bounds: list[int] | None = None) -> torch.Tensor:
     # gemv_mma as one opaque op (torch.compile, CUDA graphs; the counters end as they began), for the layers that
     # call it directly (SpQR's decode); QuantLinear reaches it through gptqlora::gemv. outliers: [] or
-    # `pack_outliers`' four; stats: [] or SpQR's (4, G, S) step and base (`scales` and `zeros` its codes then).
+    # `pack_outliers`' four; stats: [] or SpQR's (4, G, S) step and base (`scales` and `zeros` its codes then);
+    # bounds: siblings side by side (nn/spqr_siblings.py), a LoRA pair each, or None.
     return gemv_mma(x, frag, zeros, scales, bits, group, perm, locks, list(lora_a), list(lora_b), scaling,
                     sms=_sms(x.device), outliers=tuple(outliers) if outliers else None,
-                    stats=(stats[0], stat_bits) if stats else None)
+                    stats=(stats[0], stat_bits) if stats else None, bounds=tuple(bounds) if bounds else None)
 
 
 @_gemv_mma_op.register_fake
-def _(x, frag, zeros, scales, perm, locks, lora_a, lora_b, bits, group, scaling, outliers, stats, stat_bits):
+def _(x, frag, zeros, scales, perm, locks, lora_a, lora_b, bits, group, scaling, outliers, stats, stat_bits,
+      bounds=None):
     return x.new_empty((x.shape[0], frag.shape[0] * 16))

@@ -146,6 +146,14 @@ class SpQRLinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
         return slot, gs
 
+    @staticmethod
+    def decode_group(bases: list[SpQRLinear], x: torch.Tensor, lora_a: list[torch.Tensor],
+                     lora_b: list[torch.Tensor], scaling: float) -> tuple[torch.Tensor, ...] | None:
+        """Sibling layers' (q|k|v, gate|up) decode outputs from one launch, or None (nn/spqr_siblings.py)."""
+        from gptqlora.nn import spqr_siblings
+
+        return spqr_siblings.decode_group(bases, x, lora_a, lora_b, scaling)
+
     def small_m(self, x: torch.Tensor, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scaling: float = 1.0) -> torch.Tensor | None:
         """y = x @ W + bias [+ scaling * (x @ Aᵀ) @ Bᵀ] without a dense W when it applies (at most 16 rows, the
