@@ -86,6 +86,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
     from gptqlora.kernels import gemv_mma
     from gptqlora.nn.quant_linear import QuantLinear
     from gptqlora.nn.sibling_gemv import group_plan
+    from gptqlora.nn import spqr_siblings
     from gptqlora.nn.spqr_linear import SpQRLinear
 
     if batch is not None and _mma_fits(model):
@@ -106,6 +107,8 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
     for g in groups.values():  # q|k|v and gate|up decoded by one launch each (nn/sibling_gemv.py)
         if all(isinstance(m.base_layer, QuantLinear) for m in g.layers):
             group_plan([m.base_layer for m in g.layers])
+        elif all(type(m.base_layer) is SpQRLinear for m in g.layers) and spqr_siblings.wanted():
+            spqr_siblings.group_plan([m.base_layer for m in g.layers])  # SpQR's (nn/spqr_siblings.py)
 
 
 def _mma_fits(model: Any) -> bool:

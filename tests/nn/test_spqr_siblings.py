@@ -118,3 +118,18 @@ def test_adapter_takes_every_siblings_output_from_one_group_call(monkeypatch):
     want = x @ attn.k_proj.base_layer.dequantize(torch.float32) + attn.k_proj.lora_B["default"](
         attn.k_proj.lora_A["default"](x)) * attn.k_proj.scaling["default"]
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_decode_builds_the_siblings_plan_before_compiling(monkeypatch):
+    """Under torch.compile a plan cannot be built (the siblings would decode one by one): prepare_decode
+    builds it where GPTQLORA_SPQR_SIBLINGS=1 asks for it, and not otherwise."""
+    from gptqlora.inference import prepare_decode
+
+    monkeypatch.setenv(gemv_mma.ENV, "1")
+    for wanted in ("0", "1"):
+        monkeypatch.setenv(spqr_siblings.ENV, wanted)
+        pm = get_peft_model(Attention(siblings()), GPTQLoraConfig(r=4, lora_dropout=0.0, task_type=None,
+                                                                  target_modules=["q_proj", "k_proj", "v_proj"]))
+        prepare_decode(pm, 1)
+        lead = pm.base_model.model.q_proj.base_layer
+        assert (getattr(lead, "_spqr_group", None) is not None) == (wanted == "1")
