@@ -131,8 +131,38 @@ def checks(device, quick: bool = False) -> dict:
                     else:
                         out["failed"].append({"case": name, "err": err})
                         print("FAIL", name, err, flush=True)
+        # SpQR siblings (q|k|v-like 3 x 1024, gate|up-like 2 x 2048) in one launch (nn/spqr_siblings.py): each
+        # sibling's output equal to its own launch's (the sums differ only by the split of K: same KC, same order)
+        from gptqlora.nn import spqr_siblings
+
+        os.environ[spqr_siblings.ENV] = "1"
+        for name in (gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV):  # the shipped statistics path
+            os.environ.pop(name, None)
+        for widths in ((1024, 1024, 1024), (2048, 2048)):
+            lays = [bench_spqr.spqr_layer(1024, n, 3, device=device, seed=i) for i, n in enumerate(widths)]
+            for lay in lays[1:]:
+                lay.g_idx.copy_(lays[0].g_idx)  # one row order, as siblings quantized on one input have
+            for m in (1, 8, 16):
+                g = torch.Generator(device=device).manual_seed(m)
+                x = torch.randn(m, 1024, device=device, generator=g).to(torch.bfloat16)
+                a = [torch.randn(8, 1024, device=device, generator=g) * 0.05 for _ in lays]
+                b = [torch.randn(n, 8, device=device, generator=g) * 0.05 for n in widths]
+                name = f"spqr siblings {widths} m{m}"
+                try:
+                    with torch.no_grad():
+                        ys = spqr_siblings.decode_group(lays, x, a, b, 2.0)
+                        want = [lay.small_m(x, ai, bi, 2.0) for lay, ai, bi in zip(lays, a, b)]
+                    err = None if ys is None else max(rel(y, w.float()) for y, w in zip(ys, want))
+                    ok = err is not None and err < 1e-2 and not lays[0].group_locks.any()
+                except Exception as e:  # noqa: BLE001
+                    ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
+                if ok:
+                    out["passed"] += 1
+                else:
+                    out["failed"].append({"case": name, "err": err})
+                    print("FAIL", name, err, flush=True)
     finally:
-        for name in (gemv_mma.ENV, gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV):
+        for name in (gemv_mma.ENV, gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV, "GPTQLORA_SPQR_SIBLINGS"):
             os.environ.pop(name, None)
     # the last split's sum, 4 cells a thread at once (TAIL 1) against one (TAIL 0), and the launch overlapping
     # lora_u's (PDL 1): the same sums in the same order, so the same bits
