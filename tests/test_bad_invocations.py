@@ -84,6 +84,12 @@ CASES = [
     ("q-group-0", "quantize {fp} {ws}/q --calibration {calib} --group-size 0", "--group"),
     ("q-shard-size", "quantize {fp} {ws}/q --calibration {calib} --max-shard-size lots", "--max-shard-size"),
     ("q-no-calibration", "quantize {fp} {ws}/q", "--calibration"),
+    ("q-calibration-no-kind", "quantize {fp} {ws}/q --calibration {nokind}", "nokind.jsonl:2: cannot tell the record"),
+    ("q-calibration-mixed-kinds", "quantize {fp} {ws}/q --calibration {mixed}", "mixed.jsonl:2: looks like a cot"),
+    # a bad --keep fails before the tokenizer, the calibration or any log (one line is all of stderr)
+    ("q-keep-nonsense", "quantize {fp} {ws}/q --calibration {calib} --keep nonsense", "rule 'nonsense' matches no"),
+    ("q-keep-bad-regex", "quantize {fp} {ws}/q --calibration {calib} --keep (", "--keep (: not a valid regex"),
+    ("q-rule-nosuch", "quantize {fp} {ws}/q --calibration {calib} --keep ffn --rule nosuch=bits:8", "'nosuch'"),
     # merge
     ("m-out-is-run", "merge {run} --to fp16 --out {run} --overwrite", "is the input"),
     ("m-out-inside-run", "merge {run} --to fp16 --out {run}/merged", "inside the input"),
@@ -163,6 +169,9 @@ def workspace(tmp_path_factory):
     shutil.copytree(other / "adapter", ws / "run_other" / "adapter")
     (ws / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     (ws / "badids.jsonl").write_text(json.dumps({"input_ids": [5, 6, 100000, 7]}) + "\n")
+    (ws / "nokind.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    (ws / "mixed.jsonl").write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n"
+                                    + json.dumps({"question": "q", "rationale": "r", "answer": "a"}) + "\n")
     (ws / "prompts.txt").write_text("Reverse the word: cat\n")
     (ws / "afile").write_text("not a folder\n")
     work = ws / "work"
@@ -173,6 +182,7 @@ def workspace(tmp_path_factory):
     return {"ws": ws, "work": work, "fp": fp, "q4": ws / "q4", "q2": q2, "qtrunc": ws / "qtrunc", "run": run,
             "run_badadapter": ws / "run_badadapter", "run_notok": ws / "run_notok", "run_other": ws / "run_other",
             "data": data, "datadir": ws / "data", "calib": ws / "calib.txt", "badids": ws / "badids.jsonl",
+            "nokind": ws / "nokind.jsonl", "mixed": ws / "mixed.jsonl",
             "prompts": ws / "prompts.txt", "afile": ws / "afile", "repo": REPO}
 
 

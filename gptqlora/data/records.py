@@ -68,6 +68,12 @@ def detect_kind(record: dict[str, Any]) -> str | None:
     return None
 
 
+def unknown_kind(rec: Any, where: str) -> str:
+    """The one line saying that ``rec`` (at ``where``) is no record of a known kind, and what each kind needs."""
+    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+    return f"{where}: cannot tell the record kind from fields {keys}; " + "; ".join(_HINT.values())
+
+
 def _read_raw(path: Path) -> tuple[list[Any], list[str]]:
     """Parse a JSON array or JSONL file into (objects, locations)."""
     try:
@@ -155,11 +161,7 @@ def read_records(path: str | Path) -> RecordFile:
     first = items[0]
     kind = detect_kind(first) if isinstance(first, dict) else None
     if kind is None:
-        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
-        raise DataError(
-            f"{locations[0]}: cannot tell the record kind from fields {keys}; "
-            + "; ".join(_HINT.values())
-        )
+        raise DataError(unknown_kind(first, locations[0]))
     for rec, where in zip(items, locations):
         other = detect_kind(rec) if isinstance(rec, dict) else None
         if other is not None and other != kind:

@@ -24,7 +24,7 @@ from gptqlora.formats.spqr import FORMAT_SPQR
 from gptqlora.paths import require_dir
 from gptqlora.quant.driver import QuantizeReport, TensorSource, check_token_ids, quantize_model
 from gptqlora.quant.options import DTYPE_NAMES, FILE_SEQLEN, QuantizeOptions  # QuantizeOptions: imported from here too
-from gptqlora.quant.precision import build_rules, read_errors
+from gptqlora.quant.precision import build_rules, check_precision_first, read_errors
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def calibration_samples(options: QuantizeOptions, tokenizer: Any, training: Trai
                                    f"(max_position_embeddings {max_positions}); use at most {max_positions}")
         seqlen = max_positions
     if options.calibration:
-        samples = load_calibration(options.calibration, tokenizer, options.nsamples, seqlen,
-                                   options.calibration_seed)
+        samples = load_calibration(options.calibration, tokenizer, options.nsamples, seqlen, options.calibration_seed,
+                                   training.template if training is not None else None)  # as training renders
     elif training is None or not training.files:
         raise CalibrationError("quantizing needs calibration data: pass --calibration FILE")
     else:
@@ -82,6 +82,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, opti
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: no config.json; not a Hugging Face model folder")
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if options.method == "spqr" and qcfg.format != FORMAT_SPQR:
+        qcfg = dataclasses.replace(qcfg, format=FORMAT_SPQR)  # SpQR layers have their own format
+    elif options.method != "spqr" and qcfg.format == FORMAT_SPQR:
+        raise QuantConfigError(f"the {FORMAT_SPQR} format is written by --method spqr, not --method {options.method}")
+    if options.keep or options.rule:  # a bad --keep / --rule fails here, before the tokenizer, any log or weight
+        check_precision_first(options.keep, options.rule, qcfg.dynamic, config, qcfg.format)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -90,10 +96,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, qcfg: QuantConfig, opti
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]}); the "
                                   f"model folder needs its tokenizer files") from None
-    if options.method == "spqr" and qcfg.format != FORMAT_SPQR:
-        qcfg = dataclasses.replace(qcfg, format=FORMAT_SPQR)  # SpQR layers have their own format
-    elif options.method != "spqr" and qcfg.format == FORMAT_SPQR:
-        raise QuantConfigError(f"the {FORMAT_SPQR} format is written by --method spqr, not --method {options.method}")
     if qcfg.format == FORMAT_V1 and not qcfg.sym:
         log.info("asymmetric + v1 format: zero points are kept >= 1 so that v1 can store them")
     widths = sorted({w for w in (getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None))

@@ -5,6 +5,7 @@ names its options offer. Without torch: `quantize`, `finetune` and `merge` build
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,8 +28,9 @@ class QuantizeOptions:
                 "fp16 outliers, written in the spqr format; its group size defaults to 16, zeros to asymmetric)",
         "choices": METHODS})
     calibration: Optional[str] = field(default=None, metadata={
-        "help": "calibration data: a .txt file, or .json/.jsonl records with a 'text' field or an 'input_ids' "
-                "field (token lists, used as given); finetune and merge default to the training data"})
+        "help": "calibration data: a .txt file, or .json/.jsonl records with a 'text' field, an 'input_ids' "
+                "field (token lists, used as given), or training records (Alpaca, CoT, chat; rendered with the "
+                "prompt template, as training renders them); finetune and merge default to the training data"})
     nsamples: int = field(default=128, metadata={"min": 1, "help": "calibration samples"})
     seqlen: Optional[int] = field(default=None, metadata={"min": 1,
         "help": f"tokens per calibration sample (default: the training cutoff_len in finetune and merge, "
@@ -64,6 +66,12 @@ class QuantizeOptions:
         if self.method != "spqr" and (self.outlier_fraction is not None or self.outlier_threshold is not None):
             raise QuantConfigError(f"--outlier-fraction and --outlier-threshold apply to --method spqr, not "
                                    f"--method {self.method}")
+        for k in self.keep:  # a preset name is a valid regex too; the modules a --keep matches are checked later
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise QuantConfigError(f"--keep {k}: not a valid regex ({e}); give ffn, attn, crucial or a regex "
+                                       f"over full module names") from None
         if self.crucial_from and "crucial" not in self.keep:
             raise QuantConfigError("--crucial-from is read by --keep crucial; add --keep crucial or drop it")
 

@@ -20,9 +20,12 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
+from gptqlora.checkpoint.checkpoint import build_empty_model
 from gptqlora.checkpoint.config import RULE_KEYS, QuantConfigError, check_dynamic, matching_rule, rule_regex
+from gptqlora.quant.model_utils import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +132,10 @@ def build_rules(keep: Sequence[str] = (), rules: Sequence[str] = (), existing: M
     return out or None
 
 
-def check_rules(dynamic: Mapping | None, names: Iterable[str], fmt: str) -> None:
+def check_rules(dynamic: Mapping | None, names: Iterable[str], fmt: str, quiet: bool = False) -> None:
     """Refuse rules that match none of `names` (the quantizable modules) and rules that earlier rules
-    shadow completely with a different outcome. A shadowed rule with the same outcome is only logged."""
+    shadow completely with a different outcome. A shadowed rule with the same outcome is only logged (not
+    when `quiet`: a first check, made again later)."""
     if not dynamic:
         return
     check_dynamic(dict(dynamic), fmt)
@@ -153,8 +157,24 @@ def check_rules(dynamic: Mapping | None, names: Iterable[str], fmt: str) -> None
             raise QuantConfigError(f"conflicting precision rules: {rule_regex(pattern)!r} ({what}) never applies, "
                                    f"because the earlier rule {rule_regex(differ[0])!r} decides all of its "
                                    f"{len(hits)} module(s) otherwise (first match wins): put the narrower rule first")
-        log.info("precision rule %r is redundant: earlier rules already give its modules the same setting",
-                 rule_regex(pattern))
+        if not quiet:
+            log.info("precision rule %r is redundant: earlier rules already give its modules the same setting",
+                     rule_regex(pattern))
+
+
+def check_precision_first(keep: Sequence[str], rules: Sequence[str], existing: Mapping | None, config,
+                          fmt: str) -> None:
+    """--keep and --rule checked against the module names of `config`'s model (its skeleton on the meta
+    device) before any weights, calibration or measuring, so that a typo fails at once. The full rules are
+    checked again when quantizing."""
+    dynamic = build_rules([k for k in keep if k != "crucial"], rules, existing)
+    if not dynamic:
+        return
+    names = quantizable_names(*decoder_layers(build_empty_model(config, torch.float32)))
+    # --keep crucial's modules are known once measured, and its rule may decide a module first and so settle
+    # a conflict between later rules: with it, each rule is checked alone (a valid regex matching a module)
+    for part in ([{p: s} for p, s in dynamic.items()] if "crucial" in keep else [dynamic]):
+        check_rules(part, names, fmt, quiet=True)
 
 
 def quantizable_names(layers_name: str, layers: nn.ModuleList) -> list[str]:

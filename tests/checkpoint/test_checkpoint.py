@@ -200,7 +200,7 @@ def test_calibration_errors(tmp_path):
         load_calibration(tmp_path / "empty.txt", tok)
     with pytest.raises(CalibrationError, match=r"blank\.jsonl: no usable"):
         load_calibration(tmp_path / "blank.jsonl", tok)
-    with pytest.raises(CalibrationError, match=r"nofield\.jsonl:1: no 'text'"):
+    with pytest.raises(CalibrationError, match=r"nofield\.jsonl:1: cannot tell the record kind"):
         load_calibration(tmp_path / "nofield.jsonl", tok)
     with pytest.raises(CalibrationError, match=r"broken\.jsonl:2: invalid JSON \(Expecting value, column 10\)"):
         load_calibration(tmp_path / "broken.jsonl", tok)
@@ -210,22 +210,26 @@ def test_calibration_errors(tmp_path):
 
 
 def test_calibration_reads_instruction_records_and_says_when_windows_overlap(tmp_path, caplog):
-    """finetune's Alpaca records calibrate quantize too (their fields' text); a corpus too short for disjoint
-    windows is still used, with a warning naming the overlap."""
+    """finetune's Alpaca records calibrate quantize too (rendered with the template, as training renders them;
+    tests/data/test_calibration.py); a corpus too short for disjoint windows is still used, with a warning
+    naming the overlap."""
     from tiny import char_tokenizer
 
     from gptqlora.data.calibration import load_calibration, read_calibration_records
+    from gptqlora.data.templates import PromptTemplate
 
     f = tmp_path / "alpaca.jsonl"
     f.write_text('{"instruction": "Add 2 and 3.", "input": "", "output": "5"}\n{"instruction": "Say hi.", "output": "hi"}\n')
-    assert read_calibration_records(f) == (["Add 2 and 3.\n\n5", "Say hi.\n\nhi"], [])
+    short = PromptTemplate.load("alpaca_short")
+    assert read_calibration_records(f, short) == (["### Instruction:\nAdd 2 and 3.\n\n### Response:\n5",
+                                                   "### Instruction:\nSay hi.\n\n### Response:\nhi"], [])
     tok = char_tokenizer()
     with caplog.at_level("WARNING", logger="gptqlora.data.calibration"):
-        s = load_calibration(f, tok, nsamples=5, seqlen=8)  # 27 tokens: 3 disjoint windows
+        s = load_calibration(f, tok, nsamples=5, seqlen=32, template=short)  # 89 tokens: 2 disjoint windows
     assert len(s) == 5 and "the windows overlap" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="gptqlora.data.calibration"):
-        load_calibration(f, tok, nsamples=3, seqlen=8)  # room for 3 disjoint windows of 8
+        load_calibration(f, tok, nsamples=2, seqlen=32, template=short)  # room for 2 disjoint windows of 32
     assert "overlap" not in caplog.text
 
 

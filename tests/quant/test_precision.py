@@ -12,7 +12,8 @@ from gptqlora.adapters import GPTQLoraConfig, GPTQLoraLinear, get_peft_model
 from gptqlora.checkpoint import QuantConfig, QuantConfigError, load_quantized, read_quant_config, save_quantized
 from gptqlora.cli import main
 from gptqlora.nn.quant_linear import QuantLinear
-from gptqlora.quant.precision import PRESETS, build_rules, check_rules, crucial_types, parse_rule, read_errors
+from gptqlora.quant.precision import (PRESETS, build_rules, check_precision_first, check_rules, crucial_types,
+                                      parse_rule, read_errors)
 from tiny import train_steps
 
 NAMES = [f"model.layers.{i}.{m}" for i in range(2) for m in (
@@ -63,6 +64,27 @@ def test_bad_rules_are_refused():
     with pytest.raises(QuantConfigError, match="unsupported bits=5"):
         QuantConfig(dynamic={".*": {"bits": 5}})
     check_rules(build_rules(["ffn"], [r".*\.0\.mlp\.down_proj=skip"]), NAMES, "gptq")  # redundant, same outcome: ok
+
+
+def test_keep_and_rules_are_checked_before_any_work(tiny_dir):
+    """quantize checks --keep and --rule against the module names its config gives (no weights, no calibration);
+    `crucial` waits for its measurement, and a --keep that is no regex fails when the options are made."""
+    from transformers import AutoConfig
+
+    from gptqlora.quant.options import QuantizeOptions
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    check_precision_first(["crucial", "ffn"], [".*q_proj=bits:8"], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match="rule 'nonsense' matches no module of this model"):
+        check_precision_first(["crucial", "nonsense"], [], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match="conflicting"):
+        check_precision_first(["ffn"], [".*down_proj=bits:8"], None, config, "gptq")
+    # crucial keeps every down_proj first, so the skip rule is only redundant: no conflict before measuring
+    check_precision_first(["crucial"], [".*proj=bits:8", ".*down_proj=skip"], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match="conflicting"):
+        check_precision_first([], [".*proj=bits:8", ".*down_proj=skip"], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match=r"--keep \(: not a valid regex"):
+        QuantizeOptions(keep=["("])
 
 
 def test_crucial_is_down_proj_and_the_two_worst_attention_types():
