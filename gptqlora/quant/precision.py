@@ -14,6 +14,7 @@ that never decides anything because earlier rules decide all its modules differe
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -145,7 +146,9 @@ def check_rules(dynamic: Mapping | None, names: Iterable[str], fmt: str, quiet: 
     for pattern, settings in dynamic.items():
         hits = [n for n in names if re.match(rule_regex(pattern), n)]
         if not hits:
-            raise QuantConfigError(f"precision rule {rule_regex(pattern)!r} matches no module of this model "
+            near = difflib.get_close_matches(rule_regex(pattern), [*PRESETS, "crucial"], n=1, cutoff=0.6)
+            hint = f" (did you mean --keep {near[0]}?)" if near and pattern.startswith("-:") else ""  # a preset's typo
+            raise QuantConfigError(f"precision rule {rule_regex(pattern)!r} matches no module of this model{hint} "
                                    f"(full names such as {names[0] if names else '?'!r} are matched from the start; "
                                    f"its linear layers are {leaves}): fix the regex, e.g. '.*{leaves[0] if leaves else ''}'")
         winners = {decided_by[n] for n in hits}

@@ -75,8 +75,14 @@ def test_keep_and_rules_are_checked_before_any_work(tiny_dir):
 
     config = AutoConfig.from_pretrained(tiny_dir)
     check_precision_first(["crucial", "ffn"], [".*q_proj=bits:8"], None, config, "gptq")
-    with pytest.raises(QuantConfigError, match="rule 'nonsense' matches no module of this model"):
-        check_precision_first(["crucial", "nonsense"], [], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match="rule 'nonsense' matches no module of this model \\(full"):
+        check_precision_first(["crucial", "nonsense"], [], None, config, "gptq")  # no preset near: no hint
+    with pytest.raises(QuantConfigError, match=r"rule 'fnn' matches no module of this model \(did you mean --keep ffn\?\)"):
+        check_precision_first(["fnn"], [], None, config, "gptq")  # a preset's typo
+    with pytest.raises(QuantConfigError, match="rule 'atn' matches no module .*did you mean --keep attn"):
+        check_precision_first(["atn"], [], None, config, "gptq")
+    with pytest.raises(QuantConfigError, match="rule 'fnn' matches no module of this model \\(full"):
+        check_precision_first([], ["fnn=bits:8"], None, config, "gptq")  # a --rule is no preset: no hint
     with pytest.raises(QuantConfigError, match="conflicting"):
         check_precision_first(["ffn"], [".*down_proj=bits:8"], None, config, "gptq")
     # crucial keeps every down_proj first, so the skip rule is only redundant: no conflict before measuring
