@@ -11,6 +11,8 @@ Public API (imported lazily so `import gptqlora` stays light):
 
 __version__ = "0.1.0"
 
+from gptqlora.lazy import lazy_exports
+
 _API = {
     "load_quantized": "gptqlora.checkpoint.checkpoint",
     "save_quantized": "gptqlora.checkpoint.checkpoint",
@@ -24,14 +26,5 @@ _API = {
     "load_run": "gptqlora.run",
     "Run": "gptqlora.run",
 }
-
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'gptqlora' has no attribute {name!r}")
-
-
+__getattr__ = lazy_exports(__name__, _API)
 __all__ = list(_API)

@@ -3,6 +3,8 @@
 The names below are imported lazily, so that `gptqlora.adapters.names` (the options' help) imports no peft.
 """
 
+from gptqlora.lazy import lazy_exports
+
 _API = {
     "GPTQLoraConfig": "gptqlora.adapters.config",
     "GPTQLoraLinear": "gptqlora.adapters.layer",
@@ -10,14 +12,5 @@ _API = {
     "get_peft_model": "gptqlora.adapters.model",
     "load_adapter": "gptqlora.adapters.model",
 }
-
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'gptqlora.adapters' has no attribute {name!r}")
-
-
+__getattr__ = lazy_exports(__name__, _API)
 __all__ = list(_API)

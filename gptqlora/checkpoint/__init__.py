@@ -5,6 +5,8 @@ below are imported lazily, so that reading a QuantConfig (every command's option
 transformers' model loading.
 """
 
+from gptqlora.lazy import lazy_exports
+
 _API = {
     "load_quantized": "gptqlora.checkpoint.checkpoint",
     "save_quantized": "gptqlora.checkpoint.checkpoint",
@@ -13,14 +15,5 @@ _API = {
     "read_quant_config": "gptqlora.checkpoint.config",
     "CheckpointError": "gptqlora.checkpoint.io",
 }
-
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'gptqlora.checkpoint' has no attribute {name!r}")
-
-
+__getattr__ = lazy_exports(__name__, _API)
 __all__ = list(_API)
