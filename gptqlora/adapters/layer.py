@@ -158,32 +158,27 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         return "gptqlora." + super().__repr__()
 
 
-def _decode_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
-    """All siblings' decode outputs from one small-M launch (nn/sibling_gemv.py), or None when they can't
-    share one (another adapter or dropout on one of them, scalings or ranks that differ)."""
-    if any(m._fused_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
-        return None
-    scalings = {m.scaling[name] for m in layers}
-    if len(scalings) != 1:
-        return None
-    return decode_group([m.base_layer for m in layers], x, [m.lora_A[name].weight for m in layers],
-                        [m.lora_B[name].weight for m in layers], scalings.pop())
-
-
-def _decode_other_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
-    """All siblings' decode outputs from one launch of their base type's `decode_group` (SpQR's:
-    nn/spqr_siblings.py), or None as `_decode_group` (or where the type has none)."""
-    kind = type(layers[0].base_layer)
-    group = getattr(kind, "decode_group", None)
-    if group is None or any(type(m.base_layer) is not kind for m in layers):
-        return None
-    if any(m._plain_adapter(kwargs) != name or m._dropout_p(name) for m in layers):
+def _decode_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict,
+                  kind: type = QuantLinear, group=decode_group):
+    """All siblings' decode outputs from one small-M launch (`group`: nn/sibling_gemv.py's for QuantLinear
+    bases, else the base type's own), or None when they can't share one (another base type, another adapter
+    or dropout on one of them, scalings or ranks that differ)."""
+    if any(not isinstance(m.base_layer, kind) or m._plain_adapter(kwargs) != name or m._dropout_p(name)
+           for m in layers):
         return None
     scalings = {m.scaling[name] for m in layers}
     if len(scalings) != 1:
         return None
     return group([m.base_layer for m in layers], x, [m.lora_A[name].weight for m in layers],
                  [m.lora_B[name].weight for m in layers], scalings.pop())
+
+
+def _decode_other_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
+    """`_decode_group` through the base type's `decode_group` (SpQR's: nn/spqr_siblings.py); None where the
+    type has none."""
+    kind = type(layers[0].base_layer)
+    group = getattr(kind, "decode_group", None)
+    return None if group is None else _decode_group(layers, x, name, kwargs, kind, group)
 
 
 def _fused_group(layers: list[GPTQLoraLinear], x: torch.Tensor, name: str, kwargs: dict):
