@@ -43,6 +43,13 @@ def rel(y, want) -> float:
 def checks(device, quick: bool = False) -> dict:
     out = {"passed": 0, "failed": []}
 
+    def record(name: str, ok: bool, err, **extra) -> None:  # a check's outcome; a failure printed at once
+        if ok:
+            out["passed"] += 1
+        else:
+            out["failed"].append({"case": name, "err": err, **extra})
+            print("FAIL", name, err, *extra.values(), flush=True)
+
     def case(name, k, n, bits, gs, act, m, dtype, lora, bounds=None):
         p = packed_layer(k, n, bits, device, hash((k, n, bits, gs, act, m)) % 10**6, gs, act)
         plan = G.plan_gemv(p[0], p[3], bits, gs, True, mma=True)
@@ -70,11 +77,7 @@ def checks(device, quick: bool = False) -> dict:
             ok = ran and err < 1e-2 and locks == 0
         except Exception as e:  # noqa: BLE001
             ok, err, locks, ran = False, f"{type(e).__name__}: {str(e)[:300]}", -1, False
-        if ok:
-            out["passed"] += 1
-        else:
-            out["failed"].append({"case": name, "err": err, "locks": locks, "ran_mma": ran})
-            print("FAIL", name, err, locks, ran, flush=True)
+        record(name, ok, err, locks=locks, ran_mma=ran)
 
     for bits in (4, 2):
         gs = GROUP[bits]
@@ -126,11 +129,7 @@ def checks(device, quick: bool = False) -> dict:
                         ok = lay.mma_plan() is not None and err < 1e-2 and not lay.mma_locks.any()
                     except Exception as e:  # noqa: BLE001
                         ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
-                    if ok:
-                        out["passed"] += 1
-                    else:
-                        out["failed"].append({"case": name, "err": err})
-                        print("FAIL", name, err, flush=True)
+                    record(name, ok, err)
         # SpQR siblings (q|k|v-like 3 x 1024, gate|up-like 2 x 2048) in one launch (nn/spqr_siblings.py): each
         # sibling's output equal to its own launch's (the sums differ only by the split of K: same KC, same order)
         from gptqlora.nn import spqr_siblings
@@ -156,11 +155,7 @@ def checks(device, quick: bool = False) -> dict:
                     ok = err is not None and err < 1e-2 and not lays[0].group_locks.any()
                 except Exception as e:  # noqa: BLE001
                     ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
-                if ok:
-                    out["passed"] += 1
-                else:
-                    out["failed"].append({"case": name, "err": err})
-                    print("FAIL", name, err, flush=True)
+                record(name, ok, err)
     finally:
         for name in (gemv_mma.ENV, gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV, "GPTQLORA_SPQR_SIBLINGS"):
             os.environ.pop(name, None)
@@ -185,11 +180,7 @@ def checks(device, quick: bool = False) -> dict:
                 err = float((y[0].float() - y[1].float()).abs().max())
             except Exception as e:  # noqa: BLE001
                 ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
-            if ok:
-                out["passed"] += 1
-            else:
-                out["failed"].append({"case": f"tail {k}x{n} m{m}", "err": err})
-                print("FAIL", f"tail {k}x{n} m{m}", err, flush=True)
+            record(f"tail {k}x{n} m{m}", ok, err)
     # a CUDA graph replays it with new inputs
     p = packed_layer(4096, 4096, 4, device, 1, 128)
     plan = G.plan_gemv(p[0], p[3], 4, 128, True, mma=True)
