@@ -449,10 +449,12 @@ def main() -> int:
     t0 = time.time()
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
-    if any(isinstance(b, str) and not b.removeprefix("spqr").partition("-")[0].isdigit()
-           or isinstance(b, str) and b.partition("-")[2] not in ("", "mma", "mmareg", "mmaraw", "mmaopre", "sib", "default") for b in bits):
-        ap.error(f"--bits {a.bits}: each entry a bit width, spqrB (Triton), spqrB-default, spqrB-mma, spqrB-mmareg, "
-                 "spqrB-mmaraw, spqrB-mmaopre or spqrB-sib (e.g. spqr3)")
+    spqr_kinds = ("", "default", "mma", "mmareg", "mmaraw", "mmaopre", "sib")  # the decode kinds a SpQR model takes
+    for b in bits:
+        width, _, kind = b.removeprefix("spqr").partition("-") if isinstance(b, str) else (str(b), "", "")
+        if not width.isdigit() or kind not in spqr_kinds:
+            ap.error(f"--bits {a.bits}: each entry a bit width, or spqrB[-KIND] with KIND one of "
+                     f"{', '.join(k for k in spqr_kinds if k)} (none: the Triton kernels; e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"
     copy = copy_gbps(device, timer, 2**30 if cuda else 2**24)
