@@ -27,6 +27,17 @@ MIN_COLUMNS = 32  # each sibling's width must be a multiple of this: whole words
 # fill 3 words), and a column block lies in one projection
 
 
+def one_row_order(perms: list[torch.Tensor | None]) -> bool:
+    """Whether siblings' act-order row orders (None: rows in order) are one: one launch reads x once for all."""
+    return all((q is None) == (perms[0] is None) and (q is None or torch.equal(q, perms[0])) for q in perms)
+
+
+def column_bounds(widths: list[int]) -> tuple[int, int]:
+    """The kernels' `bounds` of siblings side by side: where the second and third projections start."""
+    ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+    return ends[0], ends[1] if len(ends) == 3 else ends[-1]
+
+
 def _key(bases: list[QuantLinear]) -> tuple:
     from gptqlora.kernels import gemv_mma
 
@@ -63,8 +74,7 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
     plans = [b.gemv_plan() for b in bases]
     if any(p is None or not p[3] or p[4] != plans[0][4] for p in plans):  # the Triton path, rows in group order
         return None
-    perms = [p[1] for p in plans]
-    if any((q is None) != (perms[0] is None) or (q is not None and not torch.equal(q, perms[0])) for q in perms):
+    if not one_row_order([p[1] for p in plans]):
         return None  # different act-order row orders: one launch cannot read x for both
     if not room_for(sum(p[0].numel() * 4 for p in plans), leader.qweight.device):
         return None
@@ -87,8 +97,7 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
             b.gemv_qweight = qweight[n0 // 16:n1 // 16]  # contiguous tiles
         elif b.gemv_qweight is not None:
             b.gemv_qweight = qweight[:, n0:n1]  # (K*b/32, N_p), row stride N1 + N2 [+ N3]: read as such
-    bounds = (ends[0], ends[1] if len(ends) == 3 else ends[-1])
-    return plans[0][4], bounds, tuple(widths)  # group, column bounds, widths; the tensors are the leader's
+    return plans[0][4], column_bounds(widths), tuple(widths)  # group, column bounds, widths; the tensors are the leader's
 
 
 def decode_group(bases: list[QuantLinear], x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from gptqlora.nn.sibling_gemv import MIN_COLUMNS, column_bounds, one_row_order
 from gptqlora.nn.spqr_linear import SpQRLinear
 
 ENV = "GPTQLORA_SPQR_SIBLINGS"  # "1": SpQR siblings decode in one launch; otherwise one launch a layer
@@ -63,10 +64,9 @@ def _build(bases: list[SpQRLinear], plans: list[tuple | None]) -> tuple | None:
     if any(b.out_features % n != 0 or b.out_features // n != bases[0].out_features // n_sg[0]
            for b, n in zip(bases, n_sg)):
         return None
-    if any(b.out_features % 32 for b in bases):  # whole column blocks of a projection (MIN_COLUMNS, as GPTQ's)
+    if any(b.out_features % MIN_COLUMNS for b in bases):  # whole column blocks of a projection, as GPTQ's
         return None
-    perms = [b.mma_perm for b in bases]  # None: rows in order
-    if any((q is None) != (perms[0] is None) or (q is not None and not torch.equal(q, perms[0])) for q in perms):
+    if not one_row_order([b.mma_perm for b in bases]):
         return None  # different act-order row orders: one launch cannot read x for both
     if not room_for(sum(b.mma_frag.numel() * 4 for b in bases), leader.qweight.device):
         return None
@@ -84,8 +84,7 @@ def _build(bases: list[SpQRLinear], plans: list[tuple | None]) -> tuple | None:
                     ("group_locks", gemv_mma.counters(sum(b.out_features for b in bases), leader.qweight.device))):
         leader.register_buffer(name, t, persistent=False)
     widths = [b.out_features for b in bases]
-    cum = [sum(widths[:i + 1]) for i in range(len(widths))]
-    return plans[0], (cum[0], cum[1] if len(cum) == 3 else cum[-1]), tuple(widths)
+    return plans[0], column_bounds(widths), tuple(widths)
 
 
 def decode_group(bases: list[SpQRLinear], x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
