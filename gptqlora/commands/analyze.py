@@ -25,9 +25,13 @@ EPILOG = """example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gptqlora.quant.options import CALIBRATION_TEMPLATE_HELP
+
     p.add_argument("model_dir", help="an fp16/bf16 model directory (config.json, *.safetensors, tokenizer)")
     add_option(p, "calibration", required=True,
-               help="calibration data: .txt, or .json/.jsonl records with 'text' or 'input_ids'")
+               help="calibration data: .txt, or .json/.jsonl records with 'text', 'input_ids' (token lists) or "
+                    "training records (Alpaca, CoT, chat; rendered with --template)")
+    add_option(p, "template", default="alpaca", metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
     add_option(p, "out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     add_option(p, "bits", type=str2list, default=["2", "3", "4"], help="bit widths to measure (default 2,3,4)")
     add_option(p, "group_size", type=int, default=128, help="GPTQ group size (default 128; -1 = per channel)")
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from gptqlora.checkpoint.io import atomic_output_dir
     from gptqlora.eval.plots import PlotsUnavailable, error_heatmap, outlier_plot
     from gptqlora.quant.analysis import analyze_model
-    from gptqlora.quant.api import QuantizeOptions, calibration_samples
+    from gptqlora.data.templates import PromptTemplate
+    from gptqlora.quant.api import QuantizeOptions, TrainingData, calibration_samples
 
     try:
         bits = tuple(int(b) for b in args.bits)
@@ -62,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
         raise QuantConfigError(f"--bits: {bad or 'none given'}; GPTQ packs 2, 3, 4 and 8 bit")
     if args.group_size == 0 or args.group_size < -1:
         raise QuantConfigError(f"--group-size {args.group_size}: must be -1 or positive")
+    template = PromptTemplate.load(args.template)  # a bad name fails before the model is read
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     samples = calibration_samples(QuantizeOptions(calibration=args.calibration, nsamples=args.nsamples,
                                                   seqlen=args.seqlen, calibration_seed=args.calibration_seed),
-                                  tokenizer)
+                                  tokenizer, TrainingData((), template))
     with atomic_output_dir(args.out, args.overwrite) as tmp:  # nothing half-written on failure
         result = analyze_model(args.model_dir, samples, bits, args.group_size, args.desc_act, not args.asym,
                                act_threshold=args.act_threshold, top_k=args.top_k, device=args.device)

@@ -23,7 +23,7 @@ ALIASES = {"calibration_seed": ("seed",)}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from gptqlora.checkpoint.config import QuantConfig
-    from gptqlora.quant.options import QuantizeOptions
+    from gptqlora.quant.options import CALIBRATION_TEMPLATE_HELP, QuantizeOptions
 
     p.add_argument("model_dir", help="directory with config.json, *.safetensors and tokenizer files")
     p.add_argument("out_dir", help="output directory (must not exist or be empty; --overwrite replaces only a "
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, QuantConfig, ALIASES, title="quantization", bool_values=False)
     add_dataclass_arguments(p, QuantizeOptions, ALIASES, title="calibration", bool_values=False,
                             required=("calibration",))
+    add_option(p, "template", default="alpaca", metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
     add_option(p, "device", default=None, help="device to quantize on (default: cuda if available, else cpu)")
     add_option(p, "max_shard_size", default="2GB", type=shard_size, help="largest safetensors shard (default 2GB)")
     add_option(p, "overwrite", action="store_true",
@@ -55,9 +56,10 @@ def describe(report) -> str:
 def run(args: argparse.Namespace) -> int:
     from gptqlora.checkpoint.config import QuantConfig
     from gptqlora.checkpoint.io import CheckpointError
+    from gptqlora.data.templates import PromptTemplate
     from gptqlora.devices import check_device
     from gptqlora.paths import check_output, require_dir, require_file
-    from gptqlora.quant.api import QuantizeOptions, quantize
+    from gptqlora.quant.api import QuantizeOptions, TrainingData, quantize
 
     classes = [QuantConfig, QuantizeOptions]
     qcfg, options = build_dataclasses(classes, given_values(args, classes))
@@ -66,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"MODEL_DIR {args.model_dir}: no config.json; not a Hugging Face model folder")
     require_file(options.calibration, "--calibration", "calibration file")
+    template = PromptTemplate.load(args.template)  # its records render as finetune --template renders them
     check_device(args.device)
     check_output(args.out_dir, "OUT_DIR", {f"MODEL_DIR {args.model_dir}": model_dir,
                                            f"--calibration {options.calibration}": options.calibration},
                  overwrite=args.overwrite, kind="quantized model")
-    report = quantize(args.model_dir, args.out_dir, qcfg, options, device=args.device,
+    report = quantize(args.model_dir, args.out_dir, qcfg, options, training=TrainingData((), template), device=args.device,
                       max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     worst = max((b["rel_output_error"] for b in report.blocks), default=0.0)
     sys.stdout.write(f"wrote {args.out_dir} ({describe(report)}, worst block relative output error {worst:.4f}, "

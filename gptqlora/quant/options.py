@@ -17,6 +17,10 @@ FILE_SEQLEN = 2048  # tokens per sample cut from a calibration file
 KEEP_HELP = ("keep modules in full precision (fp16 nn.Linear): ffn (gate/up/down_proj), attn (q/k/v/o_proj), "
              "crucial (every down_proj + the two attention projections with the largest GPTQ error, measured "
              "first or read from --crucial-from), or a regex over full module names; repeatable")
+CALIBRATION_TEMPLATE_HELP = ("prompt template the calibration file's training records (Alpaca, CoT) are rendered "
+                             "with, as finetune --template renders them: alpaca, alpaca_short, cot, or a path to "
+                             "a template JSON file (default alpaca, finetune's; chat records use the tokenizer's "
+                             "chat template)")
 
 
 @dataclass

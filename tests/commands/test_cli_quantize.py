@@ -37,3 +37,41 @@ def test_bad_calibration_is_one_clear_line(tiny_dir, tmp_path, capsys, body, exp
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and "c.jsonl" in err and "Traceback" not in err
     assert not (tmp_path / "q").exists()
+
+
+def test_template_renders_training_records(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--template reaches the calibration reader: Alpaca records render with it, as finetune --template would."""
+    import gptqlora.quant.api as api
+
+    seen = []
+    real = api.load_calibration
+
+    def spy(path, tokenizer, nsamples, seqlen, seed, template):
+        seen.append(template.name)
+        return real(path, tokenizer, nsamples, seqlen, seed, template)
+
+    monkeypatch.setattr(api, "load_calibration", spy)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 3.", "input": "", "output": str(i + 3)})
+                               for i in range(20)))
+    for name in ("alpaca_short", str(tmp_path / "mine.json")):
+        if name.endswith(".json"):
+            (tmp_path / "mine.json").write_text(json.dumps(
+                {"prompt_input": "Q: {instruction} {input}\nA: ", "prompt_no_input": "Q: {instruction}\nA: ",
+                 "response_split": "A: "}))
+        out = tmp_path / f"q-{len(seen)}"
+        assert main(["quantize", str(tiny_dir), str(out), "--bits", "4", "--calibration", str(calib),
+                     "--nsamples", "2", "--seqlen", "32", "--template", name]) == 0
+    assert seen == ["alpaca_short", "mine"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze"])
+def test_unknown_template_is_one_clear_line(tiny_dir, tmp_path, capsys, command):
+    calib = tmp_path / "c.jsonl"
+    calib.write_text(json.dumps({"text": "hello there"}) + "\n")
+    out = tmp_path / "q"
+    where = [str(out)] if command == "quantize" else ["--out", str(out)]
+    rc = main([command, str(tiny_dir), *where, "--calibration", str(calib), "--template", "alpacca"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--template alpacca: unknown prompt template" in err and "Traceback" not in err
+    assert not out.exists()
