@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out_dir, "OUT_DIR", {f"MODEL_DIR {args.model_dir}": model_dir,
                                            f"--calibration {options.calibration}": options.calibration},
                  overwrite=args.overwrite, kind="quantized model")
-    report = quantize(args.model_dir, args.out_dir, qcfg, options, training=TrainingData((), template), device=args.device,
-                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    report = quantize(args.model_dir, args.out_dir, qcfg, options, training=TrainingData((), template),
+                      device=args.device, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     worst = max((b["rel_output_error"] for b in report.blocks), default=0.0)
     sys.stdout.write(f"wrote {args.out_dir} ({describe(report)}, worst block relative output error {worst:.4f}, "
                      f"{report.seconds:.1f}s); details in quant_report.json\n")

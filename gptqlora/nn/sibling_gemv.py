@@ -97,7 +97,8 @@ def _build(bases: list[QuantLinear]) -> tuple | None:
             b.gemv_qweight = qweight[n0 // 16:n1 // 16]  # contiguous tiles
         elif b.gemv_qweight is not None:
             b.gemv_qweight = qweight[:, n0:n1]  # (K*b/32, N_p), row stride N1 + N2 [+ N3]: read as such
-    return plans[0][4], column_bounds(widths), tuple(widths)  # group, column bounds, widths; the tensors are the leader's
+    # group, column bounds, widths; the tensors are the leader's
+    return plans[0][4], column_bounds(widths), tuple(widths)
 
 
 def decode_group(bases: list[QuantLinear], x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],

@@ -34,7 +34,9 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 @dataclass
 class TrainingData:
     """The training a quantization belongs to (finetune, merge): its records are the default calibration
-    data, rendered as training renders them, and its cutoff_len the default sample length."""
+    data, rendered as training renders them, and its cutoff_len the default sample length. Without files
+    (quantize, analyze: --calibration is required there) only its template is used, for the calibration
+    file's training records."""
 
     files: Sequence[str | Path]
     template: PromptTemplate

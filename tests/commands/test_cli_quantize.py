@@ -29,7 +29,8 @@ def test_quantize_cli(tiny_dir, tmp_path, capsys):
     assert (out / "tokenizer.json").is_file() and (out / "quant_report.json").is_file()
 
 
-@pytest.mark.parametrize("body,expect", [("", "no usable calibration text"), ('{"x": 1}\n', "cannot tell the record kind")])
+@pytest.mark.parametrize("body,expect", [("", "no usable calibration text"),
+                                         ('{"x": 1}\n', "cannot tell the record kind")])
 def test_bad_calibration_is_one_clear_line(tiny_dir, tmp_path, capsys, body, expect):
     calib = tmp_path / "c.jsonl"
     calib.write_text(body)

@@ -77,7 +77,8 @@ def test_keep_and_rules_are_checked_before_any_work(tiny_dir):
     check_precision_first(["crucial", "ffn"], [".*q_proj=bits:8"], None, config, "gptq")
     with pytest.raises(QuantConfigError, match="rule 'nonsense' matches no module of this model \\(full"):
         check_precision_first(["crucial", "nonsense"], [], None, config, "gptq")  # no preset near: no hint
-    with pytest.raises(QuantConfigError, match=r"rule 'fnn' matches no module of this model \(did you mean --keep ffn\?\)"):
+    with pytest.raises(QuantConfigError,
+                       match=r"rule 'fnn' matches no module of this model \(did you mean --keep ffn\?\)"):
         check_precision_first(["fnn"], [], None, config, "gptq")  # a preset's typo
     with pytest.raises(QuantConfigError, match="rule 'atn' matches no module .*did you mean --keep attn"):
         check_precision_first(["atn"], [], None, config, "gptq")
