@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from gptqlora.data.collate import pad_token_id
-from gptqlora.data.templates import PromptTemplate
+from gptqlora.data.templates import DEFAULT_TEMPLATE, PromptTemplate
 from gptqlora.data.tokenize import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,7 @@ def load_model(run_dir: str | Path | None = None, base: str | Path | None = None
         dev = resolve_device(device)
         model = load_quantized(base, device=dev, dtype=default_dtype(dev))
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        tpl = PromptTemplate.load(template or "alpaca")
+        tpl = PromptTemplate.load(template or DEFAULT_TEMPLATE)
         source = str(base)
     for name, path in specs:
         if name in names:

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from gptqlora.commands.args import add_option, str2list
+from gptqlora.data.templates import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "calibration", required=True,
                help="calibration data: .txt, or .json/.jsonl records with 'text', 'input_ids' (token lists) or "
                     "training records (Alpaca, CoT, chat; rendered with --template)")
-    add_option(p, "template", default="alpaca", metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
+    add_option(p, "template", default=DEFAULT_TEMPLATE, metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
     add_option(p, "out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     add_option(p, "bits", type=str2list, default=["2", "3", "4"], help="bit widths to measure (default 2,3,4)")
     add_option(p, "group_size", type=int, default=128, help="GPTQ group size (default 128; -1 = per channel)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptqlora.commands.args import add_option, ranged
+from gptqlora.data.templates import DEFAULT_TEMPLATE
 from gptqlora.eval import EvalError
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer, template or PromptTemplate.load("alpaca"), info
+    return model, tokenizer, template or PromptTemplate.load(DEFAULT_TEMPLATE), info
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gptqlora.commands.args import add_dataclass_arguments, add_option, build_dataclasses, given_values, shard_size
+from gptqlora.data.templates import DEFAULT_TEMPLATE
 
 DESCRIPTION = ("Quantize a Hugging Face causal LM (LLaMA family) with GPTQ, block by block, streaming weights from "
                "its safetensors files. Writes a standard GPTQ checkpoint (loads in gptqlora, GPTQModel and "
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, QuantConfig, ALIASES, title="quantization", bool_values=False)
     add_dataclass_arguments(p, QuantizeOptions, ALIASES, title="calibration", bool_values=False,
                             required=("calibration",))
-    add_option(p, "template", default="alpaca", metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
+    add_option(p, "template", default=DEFAULT_TEMPLATE, metavar="NAME|FILE", help=CALIBRATION_TEMPLATE_HELP)
     add_option(p, "device", default=None, help="device to quantize on (default: cuda if available, else cpu)")
     add_option(p, "max_shard_size", default="2GB", type=shard_size, help="largest safetensors shard (default 2GB)")
     add_option(p, "overwrite", action="store_true",

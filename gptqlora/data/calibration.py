@@ -15,7 +15,7 @@ import torch
 
 from gptqlora.data.dataset import template_for_kind
 from gptqlora.data.records import DataError, detect_kind, read_records, unknown_kind, validate_record
-from gptqlora.data.templates import PromptTemplate
+from gptqlora.data.templates import DEFAULT_TEMPLATE, PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def read_calibration_records(path: str | Path, template: PromptTemplate | None =
         if found is not None:
             if kind is None:  # as in finetune's reader, the first training record sets the file's kind
                 kind, first = found, w
-                tpl = template_for_kind(kind, template or PromptTemplate.load("alpaca"))  # finetune's default
+                tpl = template_for_kind(kind, template or PromptTemplate.load(DEFAULT_TEMPLATE))
             elif found != kind:  # finetune's reader refuses such a file too
                 raise CalibrationError(f"{w}: looks like a {found} record but the file holds {kind} records (from "
                                        f"{first}); keep to one kind of training record in a file, as finetune does")

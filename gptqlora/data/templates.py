@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 KINDS = ("alpaca", "cot")
+DEFAULT_TEMPLATE = "alpaca"  # finetune --template's default, and every reader's without one
 
 
 class TemplateError(ValueError):
