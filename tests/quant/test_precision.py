@@ -255,3 +255,39 @@ def test_siblings_of_different_bits_fuse_correctly(tiny_dir, tmp_path):
         fused = pm(ids).logits
         unlink_siblings(pm)
         torch.testing.assert_close(pm(ids).logits, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_spqr_takes_per_module_rules(tiny_dir, tmp_path):
+    """SpQR honours the rules as GPTQ does (docs/results.md, session 24: a 4-bit base on some modules, 3 bits on
+    the rest): each module has its rule's bits and group, a kept one stays fp16, the report's average counts each
+    module at its own bits, the checkpoint round-trips, and LoRA trains on it."""
+    from gptqlora.nn.spqr_linear import SpQRLinear
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), str(out), "--method", "spqr", "--bits", "3", "--group-size", "16",
+                 "--outlier-fraction", "0.01", "--rule", ".*down_proj=bits:4,group_size:32", "--keep", r".*\.o_proj",
+                 "--calibration", str(_calib(tmp_path)), "--nsamples", "3", "--seqlen", "32"]) == 0
+    model = load_quantized(out, device="cpu", dtype=torch.float32)
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, (SpQRLinear, nn.Linear)) and ".layers." in n}
+    for name, m in mods.items():
+        if name.endswith("o_proj"):
+            assert type(m) is nn.Linear, name
+        else:
+            assert isinstance(m, SpQRLinear), name
+            assert (m.bits, m.group_size) == ((4, 32) if name.endswith("down_proj") else (3, 16)), name
+    report = json.loads((out / "quant_report.json").read_text())
+    quantized = [m for m in mods.values() if isinstance(m, SpQRLinear)]
+    weights = sum(m.in_features * m.out_features for m in quantized)
+    expect = sum(m.in_features * m.out_features * m.average_bits for m in quantized) / weights
+    assert report["summary"]["avg_bits_quantized"] == pytest.approx(expect, abs=1e-3)
+    assert {report["modules"][n]["bits"] for n in report["modules"] if n.endswith("down_proj")} == {4}
+
+    save_quantized(model, tmp_path / "again")
+    again = load_quantized(tmp_path / "again", device="cpu", dtype=torch.float32)
+    ids = torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    torch.manual_seed(0)
+    pm = get_peft_model(again, GPTQLoraConfig(r=4, lora_dropout=0.0))
+    losses = train_steps(pm, steps=5, lr=5e-3, vocab=again.config.vocab_size)
+    assert losses[-1] < losses[0] - 0.1
