@@ -293,10 +293,13 @@ def build(kind: str, shape: str, device):
 KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split"}, "lorau": {gemv_m1.U_ENV: "1"},
               "mma": {gemv_mma.ENV: "1"}, "pdl": {gemv_mma.PDL_ENV: "1"}, "narrow": {gemv_mma.NARROW_ENV: "1"},
               "tail": {gemv_mma.TAIL_ENV: "1"}, "mmapdl": {gemv_mma.ENV: "1", gemv_mma.PDL_ENV: "1"},
-              "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"}, "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
+              "mmareg": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "0"},
+              "mmadec": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "1"},
+              "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
               "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"},
               "sib": {spqr_siblings.ENV: "1"}}
-UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmaraw", "mmaopre", "sib")  # the others pin the Triton kernels
+# the kinds that leave the tensor-core kernel free (the others pin the Triton kernels)
+UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmadec", "mmaraw", "mmaopre", "sib")
 
 
 @contextlib.contextmanager
@@ -310,8 +313,9 @@ def _decode_kernels(kind: str, alt_table: str | None):
     blocks of the fewest splits (GPTQLORA_GEMV_NARROW=1), "-tail" the default with the last split summing 4 cells at
     once (GPTQLORA_GEMV_TAIL=1), "-mmapdl" the tensor-core kernel at every batch, one row too, overlapping the u
     launch (both), "-mmareg" the tensor-core kernel with SpQR's statistics held per lane in registers (at most 8
-    groups a split; GPTQLORA_GEMV_SSTATS=0, session 21's kernel), "-mmaraw" the same with the block's raw statistics
-    staged before their decode (GPTQLORA_GEMV_SSTATS=2), "-mmaopre" that with the outliers' offsets read before the
+    groups a split; GPTQLORA_GEMV_SSTATS=0, session 21's kernel), "-mmadec" with their decoded values staged
+    (GPTQLORA_GEMV_SSTATS=1, the default before session 24), "-mmaraw" with the block's raw statistics staged before
+    their decode (GPTQLORA_GEMV_SSTATS=2, the default since), "-mmaopre" that with the outliers' offsets read before the
     block's barrier (GPTQLORA_GEMV_OPRE=1), "-sib" SpQR's default with its siblings (q|k|v, gate|up) in one launch
     each (GPTQLORA_SPQR_SIBLINGS=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
@@ -410,8 +414,9 @@ def main() -> int:
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
                     "of B-bit codes through the Triton kernels, spqrB-default as gptqlora decodes it, spqrB-mma through "
                     "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
-                    "kernel), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2), spqrB-mmaopre that "
-                    "and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1), spqrB-sib with siblings in one launch "
+                    "kernel), spqrB-mmadec with its decoded statistics staged (GPTQLORA_GEMV_SSTATS=1, the default "
+                    "before session 24), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2, "
+                    "the default since), spqrB-mmaopre that and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1), spqrB-sib with siblings in one launch "
                     "(GPTQLORA_SPQR_SIBLINGS=1) (generation only; "
                     "e.g. 3,spqr3; "
                     "default 2,3,4)")
@@ -449,7 +454,8 @@ def main() -> int:
     t0 = time.time()
     timer = Timer(device)
     bits = [b if b.startswith("spqr") else int(b) for b in a.bits.split(",")]
-    spqr_kinds = ("", "default", "mma", "mmareg", "mmaraw", "mmaopre", "sib")  # the decode kinds a SpQR model takes
+    # the decode kinds a SpQR model takes
+    spqr_kinds = ("", "default", "mma", "mmareg", "mmadec", "mmaraw", "mmaopre", "sib")
     for b in bits:
         width, _, kind = b.removeprefix("spqr").partition("-") if isinstance(b, str) else (str(b), "", "")
         if not width.isdigit() or kind not in spqr_kinds:

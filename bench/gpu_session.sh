@@ -187,7 +187,8 @@ for l in sys.stdin:
                # (SpQR's default since), spqr3-mmaraw stages the raw statistics (SSTATS 2), spqr3-mmaopre also reads
                # the outliers' offsets before the barrier (OPRE 1), spqr3-sib SpQR's siblings in one launch each
                # (GPTQLORA_SPQR_SIBLINGS=1). ~80 s a model: SPQR_BATCHES=1 fits one call
-               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3-default,spqr3-mmaraw,spqr3-mmaopre,spqr3-sib}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+               # After session 24 the default is SSTATS 2 (raw staging); spqr3-mmadec is the SSTATS 1 it replaced
+               python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3-default,spqr3-mmadec,spqr3-sib}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against

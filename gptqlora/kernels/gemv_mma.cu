@@ -78,12 +78,24 @@ __device__ __forceinline__ u16 f2h(float f) {  // f rounded to fp16 (nearest eve
 
 __device__ __forceinline__ float round_f16(float f) { return h2f(f2h(f)); }  // ... as fp32
 
-__device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, int N) {  // SB-bit code, packed
-    const int bit = col * SB;                                                                 // along N
-    const u32* row = codes + (size_t)grp * (N * SB / 32);
-    u32 v = row[bit >> 5] >> (bit & 31);
-    if ((bit & 31) + SB > 32) v |= row[(bit >> 5) + 1] << (32 - (bit & 31));  // straddles two words
+// SpQR's statistics, the one formula of `col_stats` and both staged decodes (SSTATS 1 and 2):
+// the SB-bit code at bit `sft` of word `lo` (its high bits from `hi` where it straddles the two words) ...
+__device__ __forceinline__ float code_at(u32 lo, u32 hi, int sft) {
+    u32 v = lo >> sft;
+    if (sft + SB > 32) v |= hi << (32 - sft);
     return (float)(v & ((1u << SB) - 1u));
+}
+
+// ... and the statistic it codes, base + step * code as formats/spqr.py computes it (no FMA, each step rounded
+// once): a scale is then rounded to fp16, a zero kept in fp32
+__device__ __forceinline__ float spqr_stat(u16 step, u16 base, float code) {
+    return __fadd_rn(h2f(base), __fmul_rn(h2f(step), code));
+}
+
+__device__ __forceinline__ float stat_code(const u32* codes, int grp, int col, int N) {  // SB-bit code, packed
+    const int bit = col * SB, sft = bit & 31;                                                 // along N
+    const u32* row = codes + (size_t)grp * (N * SB / 32) + (bit >> 5);
+    return code_at(row[0], sft + SB > 32 ? row[1] : 0u, sft);
 }
 #endif
 
@@ -94,10 +106,9 @@ __device__ __forceinline__ void col_stats(const void* scales_p, const void* zero
 #if SB
     const int S = N / SG;
     const size_t st = (size_t)grp * S + col / SG;
-    *s = round_f16(__fadd_rn(h2f(stats[G * S + st]), __fmul_rn(h2f(stats[st]),
-                                                            stat_code((const u32*)scales_p, grp, col, N))));
-    *zf = MAGIC_VAL + __fadd_rn(h2f(stats[3 * G * S + st]), __fmul_rn(h2f(stats[2 * G * S + st]),
-                                                                      stat_code((const u32*)zeros_p, grp, col, N)));
+    *s = round_f16(spqr_stat(stats[st], stats[G * S + st], stat_code((const u32*)scales_p, grp, col, N)));
+    *zf = MAGIC_VAL + spqr_stat(stats[2 * G * S + st], stats[3 * G * S + st],
+                                stat_code((const u32*)zeros_p, grp, col, N));
 #else
     *s = s2f(((const u16*)scales_p)[(size_t)grp * N + col]);
 #if FZ
@@ -323,15 +334,11 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
                 const int sh = ((col0 + c) * SB) & 31;
                 float q[2];
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    u32 v = cw[u][e][0] >> sh;
-                    if (sh + SB > 32) v |= cw[u][e][1] << (32 - sh);
-                    q[e] = (float)(v & ((1u << SB) - 1u));
-                }
+                for (int e = 0; e < 2; ++e) q[e] = code_at(cw[u][e][0], cw[u][e][1], sh);
                 float sv = 0.f, zv = MAGIC_VAL;
                 if (col0 + c < N) {
-                    sv = round_f16(__fadd_rn(h2f(raw[u][1]), __fmul_rn(h2f(raw[u][0]), q[0])));
-                    zv = MAGIC_VAL + __fadd_rn(h2f(raw[u][3]), __fmul_rn(h2f(raw[u][2]), q[1]));
+                    sv = round_f16(spqr_stat(raw[u][0], raw[u][1], q[0]));
+                    zv = MAGIC_VAL + spqr_stat(raw[u][2], raw[u][3], q[1]);
                 }
                 ssc[gi][c] = sv;
                 szf[gi][c] = zv;
@@ -495,13 +502,10 @@ gemv_mma(const u32* __restrict__ frag,      // (N/16, K/RL, 32, 4): gemv_mma.pac
             const int e = col / SG - ns0, bit = col * SB - w0 * 32, wd = bit >> 5, sft = bit & 31;
             float q[2];
 #pragma unroll
-            for (int wh = 0; wh < 2; ++wh) {
-                u32 v = scw[wh][gi][wd] >> sft;
-                if (sft + SB > 32) v |= scw[wh][gi][wd + 1] << (32 - sft);
-                q[wh] = (float)(v & ((1u << SB) - 1u));
-            }
-            sh = f2h(__fadd_rn(h2f(sraw[1][gi][e]), __fmul_rn(h2f(sraw[0][gi][e]), q[0])));
-            zv = MAGIC_VAL + __fadd_rn(h2f(sraw[3][gi][e]), __fmul_rn(h2f(sraw[2][gi][e]), q[1]));
+            for (int wh = 0; wh < 2; ++wh)
+                q[wh] = code_at(scw[wh][gi][wd], sft + SB > 32 ? scw[wh][gi][wd + 1] : 0u, sft);
+            sh = f2h(spqr_stat(sraw[0][gi][e], sraw[1][gi][e], q[0]));
+            zv = MAGIC_VAL + spqr_stat(sraw[2][gi][e], sraw[3][gi][e], q[1]);
         }
         ssc[gi][c] = sh;
         szf[gi][c] = zv;

@@ -77,18 +77,21 @@ NARROW = 0  # 1: batches of 2-8 rows take 8 warps x 1 tile (128 columns) with th
 #            probe's M = 8 grids at 3 of 4 7B shapes in sessions 19-20 (1.5-3.3 us a layer); 0: `pick_config`'s
 #            M = 1 choice. Off until a 7B A/B (bench/decode.py's `narrow` kind; not yet run) says the gain holds
 NARROW_ENV = "GPTQLORA_GEMV_NARROW"  # "1" / "0" overrides NARROW
-SSTATS = 1  # 1: a SpQR layer's statistics decoded once per block into shared memory (a thread per group and column),
+SSTATS = 2  # 1: a SpQR layer's statistics decoded once per block into shared memory (a thread per group and column),
 #            which lifts the 8-groups-a-split cap of statistics held per lane in registers: SpQR's 16-row groups made
 #            128-row splits, 32 of them at K = 4096 and 86 at 11008; now 256 rows. Session 22 (H100, records
 #            bench/results/gpu-2026-12-07-s22b): per layer 0.53-0.59x the registers' time at the 7B's shapes, M = 1, 8.
 #            2: the block's raw code words and second-level values copied once (~8 loads a thread, not ~8 per
 #            (group, column): ~32 K load instructions a block at the 7B's shapes), decoded from shared memory; the
-#            scale kept as fp16. Written after session 22, compiled and read in SASS on the CPU, not yet GPU-run
-SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "0" / "1" / "2" overrides SSTATS (bench/decode.py's `spqr3-mmareg` and
-#                                     `spqr3-mmaraw`, for the A/B)
+#            scale kept as fp16. The default since session 24 (H200, bench/results/gpu-2026-12-07-s24): the GPU
+#            checks pass and per layer it took 0.96x / 0.99x SSTATS 1's time at 4096x4096 (M = 1 / 8) and 0.86x /
+#            0.86x at 4096x11008; 11008x4096 and the 7B A/B (decode.py's spqr3-mmadec, SSTATS 1) not yet run
+SSTATS_ENV = "GPTQLORA_GEMV_SSTATS"  # "0" / "1" / "2" overrides SSTATS (bench/decode.py's `spqr3-mmareg`,
+#                                     `spqr3-mmadec` and `spqr3-mmaraw`, for the A/B)
 OPRE = 0  # 1: each column's outlier offsets read with the statistics' loads and its first 4 entries before the
 #          block's barrier (two round trips to memory off each block's chain; the same sums in the same order).
-#          Written after session 22 (outliers cost 2-11 us a layer there), not yet GPU-run: off
+#          Written after session 22 (outliers cost 2-11 us a layer there). Session 24 (H200): correct, but with
+#          SSTATS 2 it took 1.12x / 1.25x the time at 4096x4096 (M = 1 / 8) and 0.99x at 4096x11008: off
 OPRE_ENV = "GPTQLORA_GEMV_OPRE"  # "1" / "0" overrides OPRE (bench/decode.py's `spqr3-mmaraw` sets it with SSTATS 2)
 SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
 #               gpu-2026-12-07-s22b/c: per layer 0.71-0.76x the Triton SpQR path's time at M = 1 and 0.09-0.10x at
