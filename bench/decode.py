@@ -416,7 +416,8 @@ def main() -> int:
                     "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
                     "kernel), spqrB-mmadec with its decoded statistics staged (GPTQLORA_GEMV_SSTATS=1, the default "
                     "before session 24), spqrB-mmaraw with its raw statistics staged (GPTQLORA_GEMV_SSTATS=2, "
-                    "the default since), spqrB-mmaopre that and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1), spqrB-sib with siblings in one launch "
+                    "the default since), spqrB-mmaopre that and the outliers' offsets early (GPTQLORA_GEMV_OPRE=1), "
+                    "spqrB-sib with siblings in one launch "
                     "(GPTQLORA_SPQR_SIBLINGS=1) (generation only; "
                     "e.g. 3,spqr3; "
                     "default 2,3,4)")

@@ -92,7 +92,7 @@ OPRE = 0  # 1: each column's outlier offsets read with the statistics' loads and
 #          block's barrier (two round trips to memory off each block's chain; the same sums in the same order).
 #          Written after session 22 (outliers cost 2-11 us a layer there). Session 24 (H200): correct, but with
 #          SSTATS 2 it took 1.12x / 1.25x the time at 4096x4096 (M = 1 / 8) and 0.99x at 4096x11008: off
-OPRE_ENV = "GPTQLORA_GEMV_OPRE"  # "1" / "0" overrides OPRE (bench/decode.py's `spqr3-mmaraw` sets it with SSTATS 2)
+OPRE_ENV = "GPTQLORA_GEMV_OPRE"  # "1" / "0" overrides OPRE (bench/decode.py's `spqr3-mmaopre` sets it with SSTATS 2)
 SPQR_AUTO = 1  # unset ENV: SpQR layers decode through this kernel at every batch, one row too (session 22, H100,
 #               gpu-2026-12-07-s22b/c: per layer 0.71-0.76x the Triton SpQR path's time at M = 1 and 0.09-0.10x at
 #               M = 8; the 7B 3-bit SpQR + r=8 at batch 1 0.73x bf16 against the Triton path's 0.54x, batch 8 0.58x)
