@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers l2)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -191,6 +191,18 @@ for l in sys.stdin:
                python3 bench/decode.py --skip layers --bits "${SPQR_KINDS:-spqr3-default,spqr3-mmadec,spqr3-sib}" --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-150}" --json "$OUT/decode_spqr_mma.json" > "$OUT/decode_spqr_mma.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mma.txt" ;;
+    l2)        # issue 16, session 25: each one-token launch asking L2 for the next launch's weights (GPTQLORA_L2_AHEAD,
+               # kernels/gemv_m1.ahead_config): chains of 7B blocks per variant (bench/l2_ahead.py, outputs bit-equal to
+               # no prefetch, ~2-3 min), then the 7B at batch 1 with the chain's best 4-bit variant against none (~3 min)
+               python3 bench/l2_ahead.py --bits "${L2_BITS:-4,2}" --json "$OUT/l2_ahead.json" --budget-s "${L2_BUDGET:-200}" \
+                 > "$OUT/l2_ahead.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cut -c1-300 "$OUT/l2_ahead.txt"
+               BENCH_L2=$(python3 -c "import json; r = [x for x in json.load(open('$OUT/l2_ahead.json'))['rows'] if x.get('bits') == 4
+                 and x.get('equal_to_off') and x['env']['GPTQLORA_L2_AHEAD'] != '0']
+print(','.join(min(r, key=lambda x: x['chain_us'])['env'].values()) if r else '16,end,1,0')" 2>> "$OUT/stderr.log")
+               echo "7B A/B with BENCH_L2=$BENCH_L2"; export BENCH_L2
+               python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-1}" --decode-kernels triton,l2 --no-old-harness \
+                 --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_l2.json" > "$OUT/decode_l2.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -6 "$OUT/decode_l2.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against
                # the tensor-core kernel, with and without outliers and the adapter (which part makes the kernel slower)
                # after the quick checks (~3 min)

@@ -85,6 +85,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
     from gptqlora.graph_decode import forget_decoders
     from gptqlora.kernels import gemv_mma
     from gptqlora.nn.quant_linear import QuantLinear
+    from gptqlora.nn.decode_order import link_ahead
     from gptqlora.nn.sibling_gemv import group_plan
     from gptqlora.nn import spqr_siblings
     from gptqlora.nn.spqr_linear import SpQRLinear
@@ -109,6 +110,7 @@ def prepare_decode(model: Any, batch: int | None = None) -> None:
             group_plan([m.base_layer for m in g.layers])
         elif all(type(m.base_layer) is SpQRLinear for m in g.layers) and spqr_siblings.wanted():
             spqr_siblings.group_plan([m.base_layer for m in g.layers])  # SpQR's (nn/spqr_siblings.py)
+    link_ahead(model)  # each launch told the next one's packed weight (nn/decode_order.py; GPTQLORA_L2_AHEAD)
 
 
 def _mma_fits(model: Any) -> bool:

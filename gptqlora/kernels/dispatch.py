@@ -66,17 +66,19 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
          bits: int, plan: tuple, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-         scaling: float = 1.0, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+         scaling: float = 1.0, bounds: tuple[int, int] | None = None,
+         ahead: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) with at most MAX_M rows -> x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ] by the small-M Triton
     kernel. `lora_a`/`lora_b`: one layer's A and B, or with `bounds` lists of each sibling's.
     `plan` = (packed weight read, perm, counters, rows sorted, group): a kernels.gemv.GemvPlan's
     fields, as QuantLinear.gemv_plan keeps them (building one imported kernels.gemv, which registered the op
     that torch.compile and CUDA graphs see as one opaque call). `bounds`: sibling projections side by side
-    (kernels.gemv.gemv_triton). No gradient."""
+    (kernels.gemv.gemv_triton). `ahead`: the next launch's packed weight (nn/decode_order.py), which the
+    one-token kernel may ask L2 for (kernels/gemv_m1.ahead_config). No gradient."""
     read, perm, locks, rows_sorted, group = plan
     n1, n2 = bounds if bounds is not None else (-1, -1)
     a = [] if lora_a is None else list(lora_a) if isinstance(lora_a, (list, tuple)) else [lora_a]
     b = [] if lora_b is None else list(lora_b) if isinstance(lora_b, (list, tuple)) else [lora_b]
     y = torch.ops.gptqlora.gemv(x.reshape(-1, x.shape[-1]), qweight, zeros, scales, g_idx, read, perm, locks,
-                                a, b, bits, group, rows_sorted, float(scaling), n1, n2)
+                                a, b, bits, group, rows_sorted, float(scaling), n1, n2, ahead)
     return y.reshape(*x.shape[:-1], y.shape[-1])

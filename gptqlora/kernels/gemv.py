@@ -391,8 +391,12 @@ def pick_m1_config(k: int, n: int, bits: int, group: int, sms: int, bounds: tupl
 def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, plan: GemvPlan, lora_a: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None, scaling: float = 1.0, config: dict | None = None,
-                sms: int = 132, spqr_stats: tuple | None = None, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+                sms: int = 132, spqr_stats: tuple | None = None, bounds: tuple[int, int] | None = None,
+                ahead: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) with M <= 16 -> (M, N) in x's dtype: x @ dequant(W) [+ scaling * (x @ Aᵀ) @ Bᵀ].
+
+    `ahead`: the packed weight the next decode launch reads; the one-token kernel asks L2 for it under
+    GPTQLORA_L2_AHEAD (gemv_m1.ahead_config), the other kernels ignore it.
 
     `bounds` (n1, n2): W is two or three sibling projections side by side (columns [0, n1), [n1, n2),
     [n2, N); n2 = N for two), each with its own LoRA: `lora_a` and `lora_b` are then lists of their A (r, K)
@@ -420,7 +424,7 @@ def gemv_triton(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sca
         return _dense(x, zeros, scales, slot, plan, a_l, b_l, scaling, bounds)
     if config is None and gemv_m1.takes(m, k, bits, plan, spqr_stats is not None, bounds):  # opt-in, one token
         return gemv_m1.gemv_m1(x, qweight, zeros, scales, bits, plan, pick_m1_config(k, n, bits, plan.group, sms, bounds),
-                               lora_a, lora_b, scaling, bounds)
+                               lora_a, lora_b, scaling, bounds, ahead)
     spqr = spqr_stats is not None
     cfg = pick_config(m, k, n, bits, plan, sms, spqr) if config is None else \
         legal_config({**heuristic_config(m, k, n, bits, plan, sms, spqr), **config}, k, bits, plan)
@@ -489,17 +493,17 @@ def _sm_count(device: torch.device) -> int:
 def _gemv_op(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
              plan_qweight: torch.Tensor, perm: torch.Tensor | None, locks: torch.Tensor, lora_a: list[torch.Tensor],
              lora_b: list[torch.Tensor], bits: int, group: int, sorted_rows: bool, scaling: float,
-             n1: int = -1, n2: int = -1) -> torch.Tensor:
+             n1: int = -1, n2: int = -1, ahead: torch.Tensor | None = None) -> torch.Tensor:
     # An opaque op for torch.compile (and CUDA graphs): the split-K counters it touches end as they began.
     # lora_a, lora_b: [] (no adapter), one per layer; n1, n2: sibling projections' column bounds (gemv_triton's
-    # `bounds`), -1 for one layer.
+    # `bounds`), -1 for one layer; ahead: the next launch's packed weight (gemv_triton's), or None.
     plan = GemvPlan(plan_qweight, perm, sorted_rows, group, locks)
     return gemv_triton(x, qweight, zeros, scales, g_idx, bits, plan, list(lora_a) or None, list(lora_b) or None,
-                       scaling, sms=_sm_count(x.device), bounds=None if n1 < 0 else (n1, n2))
+                       scaling, sms=_sm_count(x.device), bounds=None if n1 < 0 else (n1, n2), ahead=ahead)
 
 
 @_gemv_op.register_fake
 def _(x, qweight, zeros, scales, g_idx, plan_qweight, perm, locks, lora_a, lora_b, bits, group, sorted_rows, scaling,
-      n1=-1, n2=-1):
+      n1=-1, n2=-1, ahead=None):
     return x.new_empty((x.shape[0], scales.shape[1]))
 

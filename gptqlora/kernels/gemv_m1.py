@@ -52,6 +52,12 @@ from gptqlora.kernels.split_k import _store_split
 ENV = "GPTQLORA_GEMV_M1"  # unset: one-token 2/4-bit calls take this kernel; "split": gemv.py's; "inplace": 8 bit too
 U_ENV = "GPTQLORA_GEMV_LORA_U"  # "1": the adapter's u = x Aᵀ once per call (kernels/lora_u.py), u Bᵀ added by
 #                                 split 0, instead of each program's share of u in its loop (session 17, unmeasured)
+AHEAD_ENV = "GPTQLORA_L2_AHEAD"  # MB of the next launch's packed weight each call asks L2 for (0 or unset: none;
+#   session 25, not yet measured): "16" = its first 16 MB, "all" = all of it. The next launch's weight is the
+#   `ahead` tensor a layer is given (nn/decode_order.py links them in a model's launch order)
+AHEAD_AT_ENV = "GPTQLORA_L2_AHEAD_AT"  # "end" (default): each program asks after its own words are in; "start"
+AHEAD_LAST_ENV = "GPTQLORA_L2_AHEAD_LAST"  # "1" (default): ask with the evict_last hint; "0": plain
+OWN_FIRST_ENV = "GPTQLORA_L2_OWN_FIRST"  # "1": this layer's own words read with evict_first (they are read once)
 DEFAULT_BITS = (2, 4)  # where the 7B A/B measured it ahead (session 14); 8 bit unmeasured
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
@@ -84,13 +90,33 @@ def _magic(J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
     return 2.0 ** (23 - O)
 
 
-@triton.jit(do_not_specialize=["SPLIT"])
+@triton.jit
+def _l2_ahead(ahead_ptr, lines, PFB: tl.constexpr, EVICT_LAST: tl.constexpr):
+    """Asks L2 for this program's share of the first `lines` 128-byte lines at ahead_ptr (int32: 32 a line),
+    PFB at a time, one per thread: fire and forget (a PREFETCH instruction, no register waits for it)."""
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    share = tl.cdiv(lines, nprog)
+    first = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * share
+    last = tl.minimum(first + share, lines)
+    for i in range(first, last, PFB):
+        offs = i + tl.arange(0, PFB)
+        offs = tl.where(offs < last, offs, last - 1).to(tl.int64) * 32  # past the share: its last line again
+        if EVICT_LAST:
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [ahead_ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [ahead_ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["SPLIT", "AHEAD_LINES"])
 def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, b_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-                    out_ptr, part_ptr, lock_ptr, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT,
-                    BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_LORA: tl.constexpr,
-                    SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr, NREP: tl.constexpr,
-                    COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr,
-                    LOOP_STAGES: tl.constexpr, UPRE: tl.constexpr):
+                    out_ptr, part_ptr, lock_ptr, ahead_ptr, K, N, N1, N2, QW_STRIDE, R, GROUP, lora_scale, SPLIT,
+                    AHEAD_LINES, BITS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                    HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr,
+                    NREP: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr,
+                    LOOP_STAGES: tl.constexpr, UPRE: tl.constexpr, AHEAD: tl.constexpr, PFB: tl.constexpr,
+                    EVICT_LAST: tl.constexpr, OWN_FIRST: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
     WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
     BN: tl.constexpr = NREP * COLS
@@ -114,6 +140,9 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
         a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
     elif n_first >= N1:
         a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
+    if AHEAD == 1:  # the next launch's weights asked of L2 before this program's own (see l2_ahead_lines)
+        _l2_ahead(ahead_ptr, AHEAD_LINES, PFB, EVICT_LAST)
+    OWN: tl.constexpr = "evict_first" if OWN_FIRST else ""  # this layer's words: read once, let them go first
     if PREFETCH:  # the first tile's words here, each next tile's before the current one is computed
         mw0 = (w_start + offs_w) < w_end
         nxt = tl.load(qweight_ptr + (w_start + offs_w)[:, None, None] * QW_STRIDE + offs_n2[None, :, :],
@@ -126,9 +155,10 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
             words = nxt
             mwn = (rows_w + BW) < w_end
             nxt = tl.load(qweight_ptr + (rows_w + BW)[:, None, None] * QW_STRIDE + offs_n2[None, :, :],
-                          mask=mwn[:, None, None] & mn2[None, :, :], other=0)
+                          mask=mwn[:, None, None] & mn2[None, :, :], other=0, eviction_policy=OWN)
         else:
-            words = tl.load(qweight_ptr + rows_w[:, None, None] * QW_STRIDE + offs_n2[None, :, :], mask=m3, other=0)
+            words = tl.load(qweight_ptr + rows_w[:, None, None] * QW_STRIDE + offs_n2[None, :, :], mask=m3, other=0,
+                            eviction_policy=OWN)
         words = words.to(tl.uint32, bitcast=True)  # (BW, NREP, COLS)
         p = tl.zeros((BW, NREP, COLS), tl.float32)  # Σ_j (m_j + q_j) x_j per word
         xs = tl.zeros((BW,), tl.float32)  # Σ_j x_j per word row
@@ -156,6 +186,8 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
             xl = tl.load(x_ptr + kk, mask=mk, other=0).to(tl.float32)
             at = tl.load(a_ptr + offs_r[:, None] * K + kk[None, :], mask=mr[:, None] & mk[None, :], other=0)
             xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xl[None, :]  # A in x's dtype, as in training
+    if AHEAD == 2:  # after this program's own words: the DRAM idles through the split-K tail and the launches
+        _l2_ahead(ahead_ptr, AHEAD_LINES, PFB, EVICT_LAST)  # between, unless asked for the next layer's
     y = tl.sum(acc, axis=0)  # (NREP, COLS)
     if HAS_LORA:  # + s (x_c A_cᵀ) B_nᵀ
         dt = x_ptr.dtype.element_ty
@@ -246,13 +278,38 @@ def legal_config(cfg: dict, k: int, n: int, bits: int, bounds: tuple[int, int] |
     return cfg
 
 
+def ahead_config(ahead: torch.Tensor | None) -> tuple[int, int, bool, bool]:
+    """(AHEAD, lines, EVICT_LAST, OWN_FIRST) of a call whose next launch reads `ahead` (its packed weight).
+
+    Why: a 7B layer at 4 bit is 8-45 MB, read in 10-35 us, and each launch begins with a ramp (every program
+    waits for its first words) and ends with the split-K tail (only a column block's last program works); the
+    DRAM idles through both and through the small kernels between two layers (norms, attention). Session 12's
+    ncu read 19-41% of peak DRAM throughput over the kernel's span. Asking L2 for the next launch's words
+    while this one finishes keeps the DRAM busy there, and that launch then starts from L2. The L2 holds 50
+    MB (H100, H200), so a part of the largest (gate|up, 45 MB) is asked for. GPTQLORA_L2_AHEAD sets how much;
+    off (0) unless set, and always off in the interpreter and on the CPU (an inline PTX prefetch)."""
+    spec = os.environ.get(AHEAD_ENV, "0").strip().lower()
+    if (ahead is None or ahead.device.type != "cuda" or ahead.dtype != torch.int32 or spec in ("", "0")
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        return 0, 0, False, False
+    nbytes = ahead.numel() * ahead.element_size()
+    if spec != "all":
+        nbytes = min(nbytes, int(float(spec) * 2**20))
+    lines = nbytes // 128
+    at = 1 if os.environ.get(AHEAD_AT_ENV, "end") == "start" else 2
+    return (at if lines else 0), lines, os.environ.get(AHEAD_LAST_ENV, "1") != "0", \
+        os.environ.get(OWN_FIRST_ENV, "0") == "1"
+
+
 def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, plan,
             cfg: dict, lora_a: torch.Tensor | list[torch.Tensor] | None = None,
             lora_b: torch.Tensor | list[torch.Tensor] | None = None,
-            scaling: float = 1.0, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+            scaling: float = 1.0, bounds: tuple[int, int] | None = None,
+            ahead: torch.Tensor | None = None) -> torch.Tensor:
     """x (1, K) -> (1, N) in x's dtype through `plan` (gemv.GemvPlan with rows in group order: `plan.qweight`
     is read, with a row stride that may exceed N for a column slice of a siblings' copy); `cfg` a legal
-    config; lora_a, lora_b as gemv.gemv_triton's (one layer's, or one per projection of `bounds`)."""
+    config; lora_a, lora_b as gemv.gemv_triton's (one layer's, or one per projection of `bounds`); `ahead`
+    the next launch's packed weight, asked of L2 under GPTQLORA_L2_AHEAD (`ahead_config`), else unread."""
     k = x.shape[1]
     n = qweight.shape[1]
     qw = plan.qweight
@@ -268,11 +325,13 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     per = 32 // bits
     cols = cfg.get("COLS", COLS)
     grid = (triton.cdiv(n, cols * cfg["NREP"]), split)
+    at, lines, evict_last, own_first = ahead_config(ahead)
     _launch[grid](x, qw, zeros, scales, plan.perm if plan.perm is not None else plan.locks, a_s[0], b_s[0], a_s[1],
-                  b_s[1], a_s[2], b_s[2], out, part, plan.locks, k, n, n1, n2, qw.stride(0), r, plan.group,
-                  float(scaling), split, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
+                  b_s[1], a_s[2], b_s[2], out, part, plan.locks, ahead if at else plan.locks, k, n, n1, n2,
+                  qw.stride(0), r, plan.group, float(scaling), split, lines, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
                   COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                  LOOP_STAGES=cfg.get("loop_stages", 1), UPRE=upre, num_warps=cfg["num_warps"])
+                  LOOP_STAGES=cfg.get("loop_stages", 1), UPRE=upre, AHEAD=at, PFB=32 * cfg["num_warps"],
+                  EVICT_LAST=evict_last, OWN_FIRST=own_first, num_warps=cfg["num_warps"])
     return out

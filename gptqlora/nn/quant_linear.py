@@ -37,6 +37,7 @@ class QuantLinear(nn.Module):
 
     mma_decode = True  # decode through kernels/gemv_mma.py's copy where gemv_mma.wanted and the layer fits
     decode_batch: int | None = None  # the most rows decoded at a time that inference.prepare_decode was told of
+    decode_ahead: torch.Tensor | None = None  # the packed weight the next decode launch reads (nn/decode_order.py)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float16,
@@ -133,7 +134,7 @@ class QuantLinear(nn.Module):
         if plan is None:
             return None
         y = gemv(x, self.qweight, self.decode_zeros, self.scales, self.g_idx, self.bits, plan, lora_a, lora_b,
-                 scaling)  # (..., N)
+                 scaling, ahead=self.decode_ahead)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property

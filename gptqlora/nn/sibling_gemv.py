@@ -118,6 +118,6 @@ def decode_group(bases: list[QuantLinear], x: torch.Tensor, lora_a: list[torch.T
     qweight = leader.group_qweight
     read = (qweight, leader.gemv_perm, leader.group_locks, True, group)  # perm: every sibling's (checked equal)
     y = gemv(x, qweight, leader.group_zeros, leader.group_scales, leader.g_idx, leader.bits, read, list(lora_a),
-             list(lora_b), scaling, bounds)  # (..., N1 + N2 [+ N3]); each projection's A, B read where they are
+             list(lora_b), scaling, bounds, ahead=leader.decode_ahead)  # (..., N1 + N2 [+ N3]); each A, B where it is
     ys = y.split(list(widths), dim=-1)
     return tuple(yi if m.bias is None else yi + m.bias.to(yi.dtype) for yi, m in zip(ys, bases))
