@@ -187,3 +187,97 @@ def test_tuned_table_entries_for_this_kernel(tmp_path, monkeypatch):
         gemv.tuned_table.cache_clear()
         with pytest.raises(ValueError, match="m1 keys"):
             gemv.tuned_table()
+
+
+_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gptqlora.kernels import gemv_m1
+
+values = json.loads(sys.argv[1])
+ints = ("qweight_ptr", "zeros_ptr", "perm_ptr", "lock_ptr", "ahead_ptr")
+types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scales_ptr": "*fp16", "lora_scale": "fp32"}
+sig = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*i32" if p.name in ints else
+                                                           "*fp32" if p.name.endswith("_ptr") else "i32")
+       for p in gemv_m1._gemv_m1_kernel.params}
+src = ASTSource(gemv_m1._gemv_m1_kernel, sig, {n: values[n] for n, t in sig.items() if t == "constexpr"})
+try:
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+except RuntimeError as e:  # a Triton build without the CUDA backend's toolchain
+    print("SKIP", e)
+    sys.exit(0)
+sys.stdout.write(k.asm["ptx"])
+"""
+
+
+def _sm90_ptx(**constexprs) -> str:
+    """The one-token kernel compiled offline for sm_90 (no GPU needed: Triton's CUDA backend and its ptxas), in a
+    process of its own: this suite runs under TRITON_INTERPRET=1, whose kernels cannot be compiled."""
+    import os
+    import subprocess
+    import sys
+
+    values = dict(BITS=4, FLOAT_ZEROS=False, HAS_PERM=True, HAS_LORA=True, SPLIT_K=True, ONE_GROUP=True, BW=4,
+                  NREP=2, COLS=128, BR=8, PREFETCH=False, LOOP_STAGES=1, UPRE=False, AHEAD=0, PFB=128,
+                  EVICT_LAST=True, OWN_FIRST=False) | constexprs
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90, json.dumps(values)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout)
+    return done.stdout
+
+
+@pytest.mark.parametrize("ahead,last,own", [(0, True, False), (1, True, False), (2, False, True)])
+def test_l2_ahead_compiles_to_prefetches_for_sm90(ahead, last, own):
+    """AHEAD 1/2 (before / after the program's own loop) issue L2 prefetches of the next launch's words, with
+    the evict_last hint or without; AHEAD 0 none; OWN_FIRST reads the layer's own words with evict_first. The
+    interpreter cannot run inline PTX, so this (and the GPU chain bench, bench/l2_ahead.py) is their check."""
+    ptx = _sm90_ptx(AHEAD=ahead, EVICT_LAST=last, OWN_FIRST=own)
+    prefetches = [ln for ln in ptx.splitlines() if "prefetch.global.L2" in ln]
+    assert (len(prefetches) > 0) == (ahead > 0)
+    assert all(("evict_last" in ln) == last for ln in prefetches)
+    assert ("L2::evict_first" in ptx) == own
+
+
+def test_ahead_config_caps_and_is_off_where_it_cannot_run(monkeypatch):
+    """GPTQLORA_L2_AHEAD: MB of the next weight (capped at its size; "all"), after the loop unless "start";
+    off when unset or 0, for CPU tensors, non-int32 tensors and in the interpreter."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV):
+        monkeypatch.delenv(name, raising=False)
+    words = 3 * 2**20  # a 12 MB packed weight
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.int32, numel=lambda: words, element_size=lambda: 4)
+    assert gemv_m1.ahead_config(cuda) == (0, 0, False, False)  # unset: off
+    monkeypatch.setenv(gemv_m1.AHEAD_ENV, "8")
+    assert gemv_m1.ahead_config(cuda) == (2, 8 * 2**20 // 128, True, False)
+    monkeypatch.setenv(gemv_m1.AHEAD_ENV, "all")
+    monkeypatch.setenv(gemv_m1.AHEAD_AT_ENV, "start")
+    monkeypatch.setenv(gemv_m1.AHEAD_LAST_ENV, "0")
+    monkeypatch.setenv(gemv_m1.OWN_FIRST_ENV, "1")
+    assert gemv_m1.ahead_config(cuda) == (1, 12 * 2**20 // 128, False, True)
+    monkeypatch.setenv(gemv_m1.AHEAD_ENV, "64")  # more than there is: all of it
+    assert gemv_m1.ahead_config(cuda)[1] == 12 * 2**20 // 128
+    assert gemv_m1.ahead_config(None)[0] == 0
+    assert gemv_m1.ahead_config(torch.zeros(64, dtype=torch.int32))[0] == 0  # CPU
+    assert gemv_m1.ahead_config(SimpleNamespace(**{**vars(cuda), "dtype": torch.float16}))[0] == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gemv_m1.ahead_config(cuda)[0] == 0
+
+
+def test_ahead_leaves_the_result_unchanged_in_the_interpreter(monkeypatch):
+    """A call given the next launch's weight computes what it did without (the prefetch is a hint, and the
+    interpreter skips it: this checks the argument's plumbing, the sm_90 test above the instructions)."""
+    monkeypatch.setenv(gemv_m1.AHEAD_ENV, "all")
+    p = random_packed(256, 128, 4, 32, act_order=True, float_zeros=False, seed=5, device=DEVICE)
+    nxt = random_packed(128, 96, 4, 32, act_order=False, float_zeros=False, seed=6, device=DEVICE)
+    plan = plan_gemv(p["qweight"], p["g_idx"], 4, 32, repack=True)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan)
+    got = gemv_triton(x, p["qweight"], p["zeros"], p["scales"], p["g_idx"], 4, plan, ahead=nxt["qweight"])
+    assert torch.equal(got, want)
