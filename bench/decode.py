@@ -298,8 +298,10 @@ KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split
               "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
               "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"},
               "sib": {spqr_siblings.ENV: "1"},
-              "l2": dict(zip((gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV),
-                             os.environ.get("BENCH_L2", "16,end,1,0").split(",")))}
+              "l2": dict(zip((gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV,
+                              gemv_m1.SELF_ENV),
+                             os.environ.get("BENCH_L2", "16,end,1,0").split(","))),
+              "l2self": {gemv_m1.SELF_ENV: "1"}}
 # the kinds that leave the tensor-core kernel free (the others pin the Triton kernels)
 UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmadec", "mmaraw", "mmaopre", "sib")
 
@@ -321,7 +323,8 @@ def _decode_kernels(kind: str, alt_table: str | None):
     block's barrier (GPTQLORA_GEMV_OPRE=1), "-sib" SpQR's default with its siblings (q|k|v, gate|up) in one launch
     each (GPTQLORA_SPQR_SIBLINGS=1), "-l2" the Triton kernels with each one-token launch asking L2 for the next
     launch's weights (GPTQLORA_L2_AHEAD and companions from $BENCH_L2 = "MB,end|start,evict_last 1|0,own
-    evict_first 1|0", default "16,end,1,0"; bench/l2_ahead.py picks one), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
+    evict_first 1|0[,own words first 1|0]", default "16,end,1,0"; bench/l2_ahead.py picks one), "-l2self" each program asking L2 for
+    all of its own words before its loop (GPTQLORA_L2_SELF=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
     the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     kernel = kind.partition("-")[2]
     env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))

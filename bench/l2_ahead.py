@@ -34,17 +34,19 @@ from gptqlora.kernels import gemv_m1  # noqa: E402
 # (K, N, bounds) of a 7B block's launches: q|k|v and gate|up as one launch each (nn/sibling_gemv.py)
 UNITS = ((4096, 12288, (4096, 8192)), (4096, 4096, None), (4096, 22016, (11008, 22016)), (11008, 4096, None))
 R = 8
-ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV)
-VARIANTS = {  # name -> (MB ahead, at, evict_last, own evict_first)
-    "off": ("0", "end", "1", "0"),
-    "end8": ("8", "end", "1", "0"),
-    "end16": ("16", "end", "1", "0"),
-    "end32": ("32", "end", "1", "0"),
-    "endall": ("all", "end", "1", "0"),
-    "start16": ("16", "start", "1", "0"),
-    "end16plain": ("16", "end", "0", "0"),
-    "end32own": ("32", "end", "1", "1"),
-    "own": ("0", "end", "1", "1"),
+ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV, gemv_m1.SELF_ENV)
+VARIANTS = {  # name -> (MB ahead, at, evict_last, own evict_first, own words asked first)
+    "off": ("0", "end", "1", "0", "0"),
+    "end8": ("8", "end", "1", "0", "0"),
+    "end16": ("16", "end", "1", "0", "0"),
+    "end32": ("32", "end", "1", "0", "0"),
+    "endall": ("all", "end", "1", "0", "0"),
+    "start16": ("16", "start", "1", "0", "0"),
+    "end16plain": ("16", "end", "0", "0", "0"),
+    "end32own": ("32", "end", "1", "1", "0"),
+    "own": ("0", "end", "1", "1", "0"),
+    "self": ("0", "end", "1", "0", "1"),  # session 25, after the first run: each program's own words first
+    "self_end8": ("8", "end", "1", "0", "1"),
 }
 
 

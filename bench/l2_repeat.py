@@ -26,7 +26,7 @@ import decode  # noqa: E402
 from gptqlora.graph_decode import forget_decoders  # noqa: E402
 from gptqlora.kernels import gemv_m1  # noqa: E402
 
-ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV)
+ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV, gemv_m1.SELF_ENV)
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--builds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="none/ahead pairs per build")
-    ap.add_argument("--l2", default="8,end,1,0", help="MB,end|start,evict_last,own evict_first")
+    ap.add_argument("--l2", default="8,end,1,0,0", help="MB,end|start,evict_last,own evict_first,own words first")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -48,7 +48,7 @@ def main() -> None:
             break
         model = decode.build(f"gptq{a.bits}", "7b", device)
         for rep in range(a.reps):
-            for name, env in (("none", ("0", "end", "1", "0")), ("ahead", tuple(a.l2.split(",")))):
+            for name, env in (("none", ("0", "end", "1", "0", "0")), ("ahead", tuple(a.l2.split(",")))):
                 if time.time() - t0 > a.budget_s:
                     break
                 os.environ.update(dict(zip(ENVS, env)))

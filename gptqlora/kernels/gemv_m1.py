@@ -58,6 +58,7 @@ AHEAD_ENV = "GPTQLORA_L2_AHEAD"  # MB of the next launch's packed weight each ca
 AHEAD_AT_ENV = "GPTQLORA_L2_AHEAD_AT"  # "end" (default): each program asks after its own words are in; "start"
 AHEAD_LAST_ENV = "GPTQLORA_L2_AHEAD_LAST"  # "1" (default): ask with the evict_last hint; "0": plain
 OWN_FIRST_ENV = "GPTQLORA_L2_OWN_FIRST"  # "1": this layer's own words read with evict_first (they are read once)
+SELF_ENV = "GPTQLORA_L2_SELF"  # "1": each program asks L2 for all its own words before its loop (session 25, unmeasured)
 DEFAULT_BITS = (2, 4)  # where the 7B A/B measured it ahead (session 14); 8 bit unmeasured
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it
@@ -91,9 +92,21 @@ def _magic(J: tl.constexpr, BITS: tl.constexpr, WIN: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs, EVICT_LAST: tl.constexpr):
+    """A PREFETCH to L2 of each address (fire and forget: nothing waits for it). Inline PTX: Triton has no
+    prefetch of its own, and a load whose value is unused would be removed or waited for."""
+    if EVICT_LAST:
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _l2_ahead(ahead_ptr, lines, PFB: tl.constexpr, EVICT_LAST: tl.constexpr):
     """Asks L2 for this program's share of the first `lines` 128-byte lines at ahead_ptr (int32: 32 a line),
-    PFB at a time, one per thread: fire and forget (a PREFETCH instruction, no register waits for it)."""
+    PFB at a time, one per thread."""
     nprog = tl.num_programs(0) * tl.num_programs(1)
     share = tl.cdiv(lines, nprog)
     first = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * share
@@ -101,12 +114,21 @@ def _l2_ahead(ahead_ptr, lines, PFB: tl.constexpr, EVICT_LAST: tl.constexpr):
     for i in range(first, last, PFB):
         offs = i + tl.arange(0, PFB)
         offs = tl.where(offs < last, offs, last - 1).to(tl.int64) * 32  # past the share: its last line again
-        if EVICT_LAST:
-            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                      [ahead_ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                      [ahead_ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
+        _prefetch_l2(ahead_ptr + offs, EVICT_LAST)
+
+
+@triton.jit
+def _l2_self(qweight_ptr, w_start, w_end, col0, N, QW_STRIDE, BN: tl.constexpr, PFB: tl.constexpr):
+    """Asks L2 for all of this program's own words (word rows [w_start, w_end), columns [col0, col0 + BN)) before
+    its loop reads them tile by tile: every tile's lines in flight at once, each from the SM that will read it.
+    A line is 32 words of a row; columns past N are clamped to the row's last line."""
+    LPR: tl.constexpr = BN // 32  # lines a row
+    total = (w_end - w_start) * LPR
+    for i in range(0, total, PFB):
+        idx = i + tl.arange(0, PFB)
+        idx = tl.where(idx < total, idx, total - 1)
+        col = tl.minimum(col0 + (idx % LPR) * 32, N - 1)
+        _prefetch_l2(qweight_ptr + (w_start + idx // LPR).to(tl.int64) * QW_STRIDE + col, False)
 
 
 @triton.jit(do_not_specialize=["SPLIT", "AHEAD_LINES"])
@@ -116,7 +138,7 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
                     HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr, ONE_GROUP: tl.constexpr, BW: tl.constexpr,
                     NREP: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, PREFETCH: tl.constexpr,
                     LOOP_STAGES: tl.constexpr, UPRE: tl.constexpr, AHEAD: tl.constexpr, PFB: tl.constexpr,
-                    EVICT_LAST: tl.constexpr, OWN_FIRST: tl.constexpr):
+                    EVICT_LAST: tl.constexpr, OWN_FIRST: tl.constexpr, SELF_PF: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word: rows w * PER + j, j < PER
     WIN: tl.constexpr = max(0, 12 - BITS) if x_ptr.dtype.element_ty.primitive_bitwidth == 16 else 0
     BN: tl.constexpr = NREP * COLS
@@ -140,7 +162,9 @@ def _gemv_m1_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, perm_ptr, a_ptr, 
         a_ptr, b_ptr, n_off = a2_ptr, b2_ptr, N2
     elif n_first >= N1:
         a_ptr, b_ptr, n_off = a1_ptr, b1_ptr, N1
-    if AHEAD == 1:  # the next launch's weights asked of L2 before this program's own (see l2_ahead_lines)
+    if SELF_PF:  # this program's own words asked of L2 at once (GPTQLORA_L2_SELF)
+        _l2_self(qweight_ptr, w_start, w_end, pid_n * BN, N, QW_STRIDE, BN, PFB)
+    if AHEAD == 1:  # the next launch's weights asked of L2 before this program's own (see ahead_config)
         _l2_ahead(ahead_ptr, AHEAD_LINES, PFB, EVICT_LAST)
     OWN: tl.constexpr = "evict_first" if OWN_FIRST else ""  # this layer's words: read once, let them go first
     if PREFETCH:  # the first tile's words here, each next tile's before the current one is computed
@@ -301,6 +325,15 @@ def ahead_config(ahead: torch.Tensor | None) -> tuple[int, int, bool, bool]:
         os.environ.get(OWN_FIRST_ENV, "0") == "1"
 
 
+def self_first(x: torch.Tensor) -> bool:
+    """GPTQLORA_L2_SELF=1: each program asks L2 for all of its own words before its loop (`_l2_self`). Why: the
+    loop reads one tile, waits, computes, reads the next (Triton keeps loads into registers out of its software
+    pipeliner, session 12), so a program has one tile in flight; asked ahead, every later tile comes from L2.
+    Off in the interpreter and on the CPU (inline PTX)."""
+    return (os.environ.get(SELF_ENV, "0") == "1" and x.device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
 def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, plan,
             cfg: dict, lora_a: torch.Tensor | list[torch.Tensor] | None = None,
             lora_b: torch.Tensor | list[torch.Tensor] | None = None,
@@ -333,5 +366,5 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
                   COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
                   LOOP_STAGES=cfg.get("loop_stages", 1), UPRE=upre, AHEAD=at, PFB=32 * cfg["num_warps"],
-                  EVICT_LAST=evict_last, OWN_FIRST=own_first, num_warps=cfg["num_warps"])
+                  EVICT_LAST=evict_last, OWN_FIRST=own_first, SELF_PF=self_first(x), num_warps=cfg["num_warps"])
     return out

@@ -221,7 +221,7 @@ def _sm90_ptx(**constexprs) -> str:
 
     values = dict(BITS=4, FLOAT_ZEROS=False, HAS_PERM=True, HAS_LORA=True, SPLIT_K=True, ONE_GROUP=True, BW=4,
                   NREP=2, COLS=128, BR=8, PREFETCH=False, LOOP_STAGES=1, UPRE=False, AHEAD=0, PFB=128,
-                  EVICT_LAST=True, OWN_FIRST=False) | constexprs
+                  EVICT_LAST=True, OWN_FIRST=False, SELF_PF=False) | constexprs
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _SM90, json.dumps(values)], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -229,6 +229,13 @@ def _sm90_ptx(**constexprs) -> str:
     if done.stdout.startswith("SKIP"):
         pytest.skip(done.stdout)
     return done.stdout
+
+
+def test_l2_self_compiles_to_prefetches_for_sm90():
+    """SELF_PF: each program asks L2 for its own words (plain prefetches, no hint) before its loop."""
+    ptx = _sm90_ptx(SELF_PF=True)
+    prefetches = [ln for ln in ptx.splitlines() if "prefetch.global.L2" in ln]
+    assert prefetches and not any("evict" in ln for ln in prefetches)
 
 
 @pytest.mark.parametrize("ahead,last,own", [(0, True, False), (1, True, False), (2, False, True)])
