@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers l2)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers l2 l2-next)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -203,6 +203,15 @@ print(','.join(min(r, key=lambda x: x['chain_us'])['env'].values()) if r else '1
                python3 bench/decode.py --skip layers --bits 4 --batches "${AB_BATCHES:-1}" --decode-kernels triton,l2 --no-old-harness \
                  --budget-s "${DECODE_BUDGET:-200}" --json "$OUT/decode_l2.json" > "$OUT/decode_l2.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -6 "$OUT/decode_l2.txt" ;;
+    l2-next)   # issue 16, after session 25 (prepared, not run): own words asked of L2 first (GPTQLORA_L2_SELF) in the chains,
+               # then whether the 8-MB-ahead outcome is fixed per model build or varies per capture (bench/l2_repeat.py: one
+               # build decoded 3 times none/ahead alternating, a second build likewise, ~4 min), then SELF on the 7B (~1.5 min)
+               python3 bench/l2_ahead.py --bits 4,2 --variants off,self,end8,self_end8,off --json "$OUT/l2_chain.json" \
+                 --budget-s 100 > "$OUT/l2_chain.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cut -c1-300 "$OUT/l2_chain.txt"
+               python3 bench/l2_repeat.py --builds 2 --reps 3 --json "$OUT/l2_repeat.json" --budget-s "${L2_BUDGET:-220}" \
+                 > "$OUT/l2_repeat.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cat "$OUT/l2_repeat.txt"
+               python3 bench/l2_repeat.py --builds 1 --reps 2 --l2 0,end,1,0,1 --json "$OUT/l2_self.json" --budget-s 60 \
+                 > "$OUT/l2_self.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cat "$OUT/l2_self.txt" ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against
                # the tensor-core kernel, with and without outliers and the adapter (which part makes the kernel slower)
                # after the quick checks (~3 min)
