@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from gptqlora.checkpoint.config import QuantConfig, QuantConfigError
+from gptqlora.data.templates import DEFAULT_TEMPLATE, available_templates
 
 METHODS = ("gptq", "rtn", "spqr")  # the solvers' names (`gptqlora.quant.solvers.SOLVERS`, which tests check)
 DTYPE_NAMES = ("float16", "bfloat16")  # the torch dtypes the non-quantized weights may be written in
@@ -18,9 +19,9 @@ KEEP_HELP = ("keep modules in full precision (fp16 nn.Linear): ffn (gate/up/down
              "crucial (every down_proj + the two attention projections with the largest GPTQ error, measured "
              "first or read from --crucial-from), or a regex over full module names; repeatable")
 CALIBRATION_TEMPLATE_HELP = ("prompt template the calibration file's training records (Alpaca, CoT) are rendered "
-                             "with, as finetune --template renders them: alpaca, alpaca_short, cot, or a path to "
-                             "a template JSON file (default alpaca, finetune's; chat records use the tokenizer's "
-                             "chat template)")
+                             f"with, as finetune --template renders them: {', '.join(available_templates())} "
+                             f"(bundled), or a path to a template JSON file (default {DEFAULT_TEMPLATE}, finetune's; "
+                             "chat records use the tokenizer's chat template)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from gptqlora.adapters.names import INIT_METHODS, LLAMA_TARGETS
-from gptqlora.data.templates import DEFAULT_TEMPLATE
+from gptqlora.data.templates import DEFAULT_TEMPLATE, available_templates
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DataArguments:
         "help": "JSON/JSONL files (comma-separated): Alpaca (instruction/input/output), CoT "
                 "(question/rationale/answer) or chat (messages) records. Default: the bundled synthetic sets"})
     template: str = field(default=DEFAULT_TEMPLATE, metadata={
-        "help": "prompt template: alpaca, alpaca_short, cot, or a path to a template JSON file"})
+        "help": f"prompt template: {', '.join(available_templates())} (bundled), or a path to a template JSON file"})
     cutoff_len: int = field(default=256, metadata={
         "min": 8, "help": "longest example in tokens (longer ones are cut)"})
     val_set_size: float = field(default=0, metadata={"min": 0,

@@ -71,3 +71,18 @@ def test_custom_template_defaults(tmp_path):
         PromptTemplate.from_dict({"prompt_input": ""})
     with pytest.raises(TemplateError):
         PromptTemplate.load(tmp_path / "missing.json")
+
+
+def test_help_texts_name_every_bundled_template():
+    """finetune's --template help and the calibration readers' name what is bundled (they are built from it)."""
+    import dataclasses
+
+    from gptqlora.data.templates import available_templates
+    from gptqlora.quant.options import CALIBRATION_TEMPLATE_HELP
+    from gptqlora.train.arguments import DataArguments
+
+    finetune_help = next(f.metadata["help"] for f in dataclasses.fields(DataArguments) if f.name == "template")
+    assert len(available_templates()) >= 3
+    for name in available_templates():
+        assert f"{name}," in finetune_help or f"{name} " in finetune_help
+        assert f"{name}," in CALIBRATION_TEMPLATE_HELP or f"{name} " in CALIBRATION_TEMPLATE_HELP
