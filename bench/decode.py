@@ -323,9 +323,9 @@ def _decode_kernels(kind: str, alt_table: str | None):
     block's barrier (GPTQLORA_GEMV_OPRE=1), "-sib" SpQR's default with its siblings (q|k|v, gate|up) in one launch
     each (GPTQLORA_SPQR_SIBLINGS=1), "-l2" the Triton kernels with each one-token launch asking L2 for the next
     launch's weights (GPTQLORA_L2_AHEAD and companions from $BENCH_L2 = "MB,end|start,evict_last 1|0,own
-    evict_first 1|0[,own words first 1|0]", default "16,end,1,0"; bench/l2_ahead.py picks one), "-l2self" each program asking L2 for
-    all of its own words before its loop (GPTQLORA_L2_SELF=1), "-alt" has the kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS);
-    the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
+    evict_first 1|0[,own words first 1|0]", default "16,end,1,0"; bench/l2_ahead.py picks one), "-l2self"
+    each program asking L2 for all of its own words before its loop (GPTQLORA_L2_SELF=1), "-alt" has the
+    kernels read their configs from `alt_table` (GPTQLORA_GEMV_CONFIGS); the configs picked so far (cached per shape) are dropped on the way in and out. bf16: nothing."""
     kernel = kind.partition("-")[2]
     env = {gemv.TUNED_ENV: alt_table} if kernel == "alt" else dict(KERNEL_ENV.get(kernel, {}))
     if kind != "bf16" and kernel not in UNPINNED:

@@ -53,8 +53,9 @@ ENV = "GPTQLORA_GEMV_M1"  # unset: one-token 2/4-bit calls take this kernel; "sp
 U_ENV = "GPTQLORA_GEMV_LORA_U"  # "1": the adapter's u = x Aᵀ once per call (kernels/lora_u.py), u Bᵀ added by
 #                                 split 0, instead of each program's share of u in its loop (session 17, unmeasured)
 AHEAD_ENV = "GPTQLORA_L2_AHEAD"  # MB of the next launch's packed weight each call asks L2 for (0 or unset: none;
-#   session 25, not yet measured): "16" = its first 16 MB, "all" = all of it. The next launch's weight is the
-#   `ahead` tensor a layer is given (nn/decode_order.py links them in a model's launch order)
+#   "8" = its first 8 MB, "all" = all of it). Off: on an H100 the 4-bit 7B gained 0.91x-1.22x, build by build
+#   (session 25, docs/benchmarks.md). The next launch's weight is the `ahead` tensor a layer is given
+#   (nn/decode_order.py links them in a model's launch order)
 AHEAD_AT_ENV = "GPTQLORA_L2_AHEAD_AT"  # "end" (default): each program asks after its own words are in; "start"
 AHEAD_LAST_ENV = "GPTQLORA_L2_AHEAD_LAST"  # "1" (default): ask with the evict_last hint; "0": plain
 OWN_FIRST_ENV = "GPTQLORA_L2_OWN_FIRST"  # "1": this layer's own words read with evict_first (they are read once)
@@ -361,7 +362,8 @@ def gemv_m1(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     at, lines, evict_last, own_first = ahead_config(ahead)
     _launch[grid](x, qw, zeros, scales, plan.perm if plan.perm is not None else plan.locks, a_s[0], b_s[0], a_s[1],
                   b_s[1], a_s[2], b_s[2], out, part, plan.locks, ahead if at else plan.locks, k, n, n1, n2,
-                  qw.stride(0), r, plan.group, float(scaling), split, lines, BITS=bits, FLOAT_ZEROS=zeros.is_floating_point(),
+                  qw.stride(0), r, plan.group, float(scaling), split, lines, BITS=bits,
+                  FLOAT_ZEROS=zeros.is_floating_point(),
                   HAS_PERM=plan.perm is not None, HAS_LORA=has_lora, SPLIT_K=split > 1,
                   ONE_GROUP=plan.group % (cfg["BW"] * per) == 0, BW=cfg["BW"], NREP=cfg["NREP"],
                   COLS=cols, BR=max(2, triton.next_power_of_2(r)), PREFETCH=bool(cfg.get("PREFETCH", 0)),
