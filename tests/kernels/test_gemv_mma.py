@@ -152,30 +152,31 @@ def test_float_zeros_fold_per_group():
     assert dict(gemv_mma.defines(cfg, 4, 64, torch.bfloat16, torch.float16, True, None, True, True))["FZ"] == 1
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, monkeypatch):
+@pytest.mark.parametrize("bits,group", [(2, 16), (3, 16), (4, 16), (4, 64), (3, 128)])
+def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, group, monkeypatch):
     """A SpQR layer's tensor-core plan: 3-bit codes in 4-bit slots, the statistics' steps and bases for the kernel
     to decode the layer's codes with, the outliers in packed-row order; emulated (statistics decoded as the
-    kernel does), it equals the layer's dense weight."""
+    kernel does), it equals the layer's dense weight. Groups of 64 and 128 too: the 3.994-bit mix of
+    docs/results.md section 3 (session 25) has 4-bit g64 and 3-bit g128 layers."""
     from test_spqr_kernel import random_spqr
 
     from gptqlora.formats.spqr import SpQRSpec, decode_scales, decode_stats
     from gptqlora.kernels.spqr import unpack_along_n
     from gptqlora.nn.spqr_linear import SpQRLinear
 
-    t = random_spqr(k=256, n=64, bits=bits, frac=0.03, seed=bits)
-    layer = SpQRLinear.from_packed(SpQRSpec(256, 64, bits, 16), dict(zip(t.__dataclass_fields__, t.as_tuple())))
+    t = random_spqr(k=256, n=64, bits=bits, group=group, frac=0.03, seed=bits)
+    layer = SpQRLinear.from_packed(SpQRSpec(256, 64, bits, group), dict(zip(t.__dataclass_fields__, t.as_tuple())))
     assert layer.mma_plan() is None  # not asked for
     monkeypatch.setenv(gemv_mma.ENV, "1")
-    slot, group = layer.mma_plan()
-    assert (slot, group) == (4 if bits == 3 else bits, 16) and layer.mma_frag.dim() == 4
+    slot, planned = layer.mma_plan()
+    assert (slot, planned) == (4 if bits == 3 else bits, group) and layer.mma_frag.dim() == 4
 
     def emulated(x):
         st = layer.mma_stats.float()  # (4, G, S): what the kernel reads beside the codes
         assert layer.mma_stats.dtype == torch.float16 and st.shape[0] == 4
         scales = decode_scales(unpack_along_n(layer.scales_code, layer.stat_bits, 64), st[0], st[1])
         zeros = decode_stats(unpack_along_n(layer.zeros_code, layer.stat_bits, 64), st[2], st[3])
-        return gemv_mma.emulate(x, layer.mma_frag, zeros, scales, slot, group, layer.mma_perm,
+        return gemv_mma.emulate(x, layer.mma_frag, zeros, scales, slot, planned, layer.mma_perm,
                                 outliers=(layer.mma_o_vals, layer.mma_o_pos, layer.outlier_rows, layer.mma_o_offs))
 
     x = torch.randn(3, 256)
