@@ -236,10 +236,17 @@ def step_profile(model, batch: int, prompt: int, new: int, device, top: int = 12
                                        "wall_us_per_token": round(wall * 1e6 / new, 1)}]
 
 
-def build_spqr(shape: str, bits: int, device):
+# "spqrmix": session 25's 3.994-bit SpQR (docs/results.md section 3): a 4-bit base in groups of 64, q_proj and
+# k_proj at 3 bits in groups of 128, 0.01% outliers; (bits, group, outlier fraction) by projection name
+MIX = {"q_proj": (3, 128, 1e-4), "k_proj": (3, 128, 1e-4)}
+MIX_REST = (4, 64, 1e-4)
+
+
+def build_spqr(shape: str, bits: int, device, mix: bool = False):
     """A LLaMA of `shape` whose seven projections are SpQR layers (bench/spqr.py's `spqr_layer`: group 16,
-    3-bit statistics in groups of 16, 1% outliers), built as train_step.build_gptq builds GPTQ ones: the
-    model on the meta device, then each projection made on `device` (no dense copy of the model ever)."""
+    3-bit statistics in groups of 16, 1% outliers; with `mix`, MIX's settings), built as train_step.build_gptq
+    builds GPTQ ones: the model on the meta device, then each projection made on `device` (no dense copy of
+    the model ever)."""
     cfg, model = train_step.meta_llama(shape)
     projections = [(name, mod.in_features, mod.out_features) for name, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
@@ -252,8 +259,9 @@ def build_spqr(shape: str, bits: int, device):
     train_step.fresh_rotary(model, cfg, device)
     for name, k, n in projections:  # scale as build_gptq's (activations stay O(1)); seed: one per block, so
         block = int(name.split(".layers.")[1].split(".")[0])  # siblings share their act-order, as GPTQ's do
-        model.set_submodule(name, spqr_layer(k, n, bits, device=device, scale=1.0 / (math.sqrt(k) * 2 ** (bits - 1)),
-                                             seed=block))
+        b, group, frac = MIX.get(name.rsplit(".", 1)[-1], MIX_REST) if mix else (bits, 16, 0.01)
+        model.set_submodule(name, spqr_layer(k, n, b, group=group, outliers=frac, device=device,
+                                             scale=1.0 / (math.sqrt(k) * 2 ** (b - 1)), seed=block))
     return model
 
 
@@ -264,14 +272,16 @@ def build(kind: str, shape: str, device):
     (built alike; generation_rows has its kernels read the --alt-table configs); "gptqB-noact" (no act-order:
     g_idx in row order, so the kernel reads x without `perm`: what the permuted read of x costs in a whole
     model); "spqrB" (SpQR, B-bit codes, with the r=8
-    adapter: `build_spqr`)."""
+    adapter: `build_spqr`); "spqrmix" (session 25's 3.994-bit SpQR: MIX)."""
     if kind == "bf16":
         return build_dense(shape, False, device).eval()
     import gptqlora
     from gptqlora.adapters import GPTQLoraConfig
 
     kind, _, kernel = kind.partition("-")
-    if kind.startswith("spqr"):
+    if kind == "spqrmix":
+        model = build_spqr(shape, 4, device, mix=True)
+    elif kind.startswith("spqr"):
         model = build_spqr(shape, int(kind.removeprefix("spqr")), device)
     else:
         bits = int(kind.removeprefix("gptq"))
@@ -419,6 +429,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape micro)")
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--bits", default="2,3,4", help="comma-separated GPTQ bit widths, or spqrB for a SpQR model "
+                    "(spqrmix: session 25's 3.994-bit mix, 4-bit g64 with q/k_proj 3-bit g128) "
                     "of B-bit codes through the Triton kernels, spqrB-default as gptqlora decodes it, spqrB-mma through "
                     "kernels/gemv_mma.py, spqrB-mmareg the same with its statistics in registers (session 21's "
                     "kernel), spqrB-mmadec with its decoded statistics staged (GPTQLORA_GEMV_SSTATS=1, the default "
@@ -466,8 +477,8 @@ def main() -> int:
     spqr_kinds = ("", "default", "mma", "mmareg", "mmadec", "mmaraw", "mmaopre", "sib")
     for b in bits:
         width, _, kind = b.removeprefix("spqr").partition("-") if isinstance(b, str) else (str(b), "", "")
-        if not width.isdigit() or kind not in spqr_kinds:
-            ap.error(f"--bits {a.bits}: each entry a bit width, or spqrB[-KIND] with KIND one of "
+        if not (width.isdigit() or width == "mix") or kind not in spqr_kinds:
+            ap.error(f"--bits {a.bits}: each entry a bit width, or spqrB[-KIND] / spqrmix[-KIND] with KIND one of "
                      f"{', '.join(k for k in spqr_kinds if k)} (none: the Triton kernels; e.g. spqr3)")
     batches = [int(b) for b in a.batches.split(",")]
     cuda = device.type == "cuda"

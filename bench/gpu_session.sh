@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh check kernels train        (stages: check kernels train lite ab best host cast-ab ablations check-compile compile default interleave spqr gemlite m8probe copies
 #                                                    tune decode tinygemm journey scale scale-speed scale-memory
 #                                                    scale-memory-both quant-stream scale-tests stages inplace-ab
-#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers l2 l2-next)
+#                                                    spqr-decode default-ab mma mma-quick b8 auto upre loru xg tail spqr-mma gptq3-mma pdl spqr-layers l2 l2-next spqr-mix)
 # Wheels (bitsandbytes, liger-kernel, peft, gemlite) travel in .whl/ (git-ignored): pip download them here first
 # (gemlite is an sdist: `pip wheel --no-deps gemlite==0.6.0.post2 -w .whl`).
 set -uo pipefail
@@ -212,6 +212,14 @@ print(','.join(min(r, key=lambda x: x['chain_us'])['env'].values()) if r else '1
                  > "$OUT/l2_repeat.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cat "$OUT/l2_repeat.txt"
                python3 bench/l2_repeat.py --builds 1 --reps 2 --l2 0,end,1,0,1 --json "$OUT/l2_self.json" --budget-s 60 \
                  > "$OUT/l2_self.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cat "$OUT/l2_self.txt" ;;
+    spqr-mix)  # issue 17, after session 25 (prepared, not run): the 3.994-bit SpQR mix (4-bit g64, q/k_proj 3-bit g128, 0.01%
+               # outliers; closer to fp16 than GPTQ 4 bit g128 on held-out text) checked through the decode kernels at its
+               # groups (~1 min), then the 7B with it against the 3-bit g16 default and bf16, batch 1 then 8 (~4 min)
+               python3 bench/spqr_mix_check.py > "$OUT/spqr_mix_check.txt" 2>> "$OUT/stderr.log"; rc=$?; tail -1 "$OUT/spqr_mix_check.txt"
+               if [ $rc != 0 ]; then grep '"ok": false' "$OUT/spqr_mix_check.txt" | head -5; tail -5 "$OUT/stderr.log"; echo "SPQR MIX CHECK FAILED"; else
+               python3 bench/decode.py --skip layers --bits spqrmix-default,spqr3-default --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
+                 --budget-s "${SPQR_BUDGET:-200}" --json "$OUT/decode_spqr_mix.json" > "$OUT/decode_spqr_mix.txt" 2>> "$OUT/stderr.log" \
+                 || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mix.txt"; fi ;;
     spqr-layers) # issue 17, session 21: SpQR layers per call at the 7B's shapes, M = 1 and 8: the default (Triton) against
                # the tensor-core kernel, with and without outliers and the adapter (which part makes the kernel slower)
                # after the quick checks (~3 min)

@@ -390,3 +390,21 @@ def test_recovery_sweep_generated_windows_keep_prefixes_match_uncached_sampling_
     assert torch.equal(mod.generated(None, x, 4, 7, tmp_path / "m", eos=2, cache_dir=tmp_path / "c"), gen)  # cached
     other = mod.generated(model, x, 0, 7, tmp_path / "m", eos=2, cache_dir=tmp_path / "c")  # EOS start
     assert (other[:, 0] == 2).all() and len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_decode_spqr_mix_model_holds_session_25s_recipe():
+    """build("spqrmix"): q_proj and k_proj 3-bit SpQR in groups of 128, the other five 4-bit in groups of 64,
+    ~0.01% outliers, under 4.0 bits on average (the 3.994-bit mix of docs/results.md section 3)."""
+    import torch
+
+    from gptqlora.adapters.layer import GPTQLoraLinear
+
+    mod = _bench_module("decode")
+    model = mod.build("spqrmix", "micro", torch.device("cpu"))
+    named = {n.rsplit(".", 1)[-1]: m.base_layer for n, m in model.named_modules() if isinstance(m, GPTQLoraLinear)}
+    assert {k: (m.bits, m.group_size) for k, m in named.items()} == {
+        "q_proj": (3, 128), "k_proj": (3, 128), "v_proj": (4, 64), "o_proj": (4, 64), "gate_proj": (4, 64),
+        "up_proj": (4, 64), "down_proj": (4, 64)}
+    layers = [m.base_layer for m in model.modules() if isinstance(m, GPTQLoraLinear)]
+    assert all(m.outlier_fraction < 1e-3 for m in layers)
+    assert 3.8 < mod.average_bits(model) < 4.0
