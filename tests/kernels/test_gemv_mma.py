@@ -152,20 +152,22 @@ def test_float_zeros_fold_per_group():
     assert dict(gemv_mma.defines(cfg, 4, 64, torch.bfloat16, torch.float16, True, None, True, True))["FZ"] == 1
 
 
-@pytest.mark.parametrize("bits,group", [(2, 16), (3, 16), (4, 16), (4, 64), (3, 128)])
-def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, group, monkeypatch):
+@pytest.mark.parametrize("bits,group,stat_group", [(2, 16, 16), (3, 16, 16), (4, 16, 16), (4, 64, 16), (3, 128, 16),
+                                                   (4, 64, 64), (3, 128, 64)])
+def test_spqr_layer_plans_its_codes_in_slots_with_decoded_statistics(bits, group, stat_group, monkeypatch):
     """A SpQR layer's tensor-core plan: 3-bit codes in 4-bit slots, the statistics' steps and bases for the kernel
     to decode the layer's codes with, the outliers in packed-row order; emulated (statistics decoded as the
-    kernel does), it equals the layer's dense weight. Groups of 64 and 128 too: the 3.994-bit mix of
-    docs/results.md section 3 (session 25) has 4-bit g64 and 3-bit g128 layers."""
+    kernel does), it equals the layer's dense weight. Groups of 64 and 128 and statistics groups of 64 too: the
+    4.0-bit mixes of docs/results.md section 3 (session 25) have 4-bit g64 and 3-bit g128 layers."""
     from test_spqr_kernel import random_spqr
 
     from gptqlora.formats.spqr import SpQRSpec, decode_scales, decode_stats
     from gptqlora.kernels.spqr import unpack_along_n
     from gptqlora.nn.spqr_linear import SpQRLinear
 
-    t = random_spqr(k=256, n=64, bits=bits, group=group, frac=0.03, seed=bits)
-    layer = SpQRLinear.from_packed(SpQRSpec(256, 64, bits, group), dict(zip(t.__dataclass_fields__, t.as_tuple())))
+    t = random_spqr(k=256, n=64, bits=bits, group=group, stat_group=stat_group, frac=0.03, seed=bits)
+    layer = SpQRLinear.from_packed(SpQRSpec(256, 64, bits, group, 3, stat_group),
+                                   dict(zip(t.__dataclass_fields__, t.as_tuple())))
     assert layer.mma_plan() is None  # not asked for
     monkeypatch.setenv(gemv_mma.ENV, "1")
     slot, planned = layer.mma_plan()
