@@ -308,9 +308,7 @@ KERNEL_ENV = {"inplace": {gemv_m1.ENV: "inplace"}, "split": {gemv_m1.ENV: "split
               "mmaraw": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2"},
               "mmaopre": {gemv_mma.ENV: "1", gemv_mma.SSTATS_ENV: "2", gemv_mma.OPRE_ENV: "1"},
               "sib": {spqr_siblings.ENV: "1"},
-              "l2": dict(zip((gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV,
-                              gemv_m1.SELF_ENV),
-                             os.environ.get("BENCH_L2", "16,end,1,0").split(","))),
+              "l2": dict(zip(gemv_m1.L2_ENVS, os.environ.get("BENCH_L2", "16,end,1,0").split(","))),
               "l2self": {gemv_m1.SELF_ENV: "1"}}
 # the kinds that leave the tensor-core kernel free (the others pin the Triton kernels)
 UNPINNED = ("mma", "default", "pdl", "narrow", "tail", "mmapdl", "mmareg", "mmadec", "mmaraw", "mmaopre", "sib")

@@ -109,27 +109,42 @@ def checks(device, quick: bool = False) -> dict:
     spec.loader.exec_module(bench_spqr)
     os.environ[gemv_mma.ENV] = "1"
     try:
+        def spqr_case(name, lay, w, k, n, m, lora):
+            g = torch.Generator(device=device).manual_seed(k + m)
+            x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+            a = (torch.randn(8, k, device=device, generator=g) * 0.05) if lora else None
+            b = (torch.randn(n, 8, device=device, generator=g) * 0.05) if lora else None
+            try:
+                with torch.no_grad():
+                    y = lay.small_m(x, a, b, 2.0)
+                want = x.float() @ w + (2.0 * (x.float() @ a.t()) @ b.t() if lora else 0)
+                err = rel(y, want)
+                ok = lay.mma_plan() is not None and err < 1e-2 and not lay.mma_locks.any()
+            except Exception as e:  # noqa: BLE001
+                ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
+            record(name, ok, err)
+
+        cases = ((1, True), (8, False), (16, True))
         for k, n in ((1024, 768), (4096, 4096)) if quick else ((1024, 768), (4096, 4096), (11008, 4096), (4096, 11008)):
             for bits in (3,) if quick else (3, 4, 2):
                 lay = bench_spqr.spqr_layer(k, n, bits, device=device)
                 w = lay.dequantize(torch.float32)
-                for (m, lora), (sstats, opre) in itertools.product(((1, True), (8, False), (16, True)),
-                                                                  ("10", "00", "20", "21")):
+                for (m, lora), (sstats, opre) in itertools.product(cases, ("10", "00", "20", "21")):
                     os.environ[gemv_mma.SSTATS_ENV], os.environ[gemv_mma.OPRE_ENV] = sstats, opre
-                    g = torch.Generator(device=device).manual_seed(k + m)
-                    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
-                    a = (torch.randn(8, k, device=device, generator=g) * 0.05) if lora else None
-                    b = (torch.randn(n, 8, device=device, generator=g) * 0.05) if lora else None
-                    name = f"spqr{bits} {k}x{n} m{m} lora{int(lora)} sstats{sstats} opre{opre}"
-                    try:
-                        with torch.no_grad():
-                            y = lay.small_m(x, a, b, 2.0)
-                        want = x.float() @ w + (2.0 * (x.float() @ a.t()) @ b.t() if lora else 0)
-                        err = rel(y, want)
-                        ok = lay.mma_plan() is not None and err < 1e-2 and not lay.mma_locks.any()
-                    except Exception as e:  # noqa: BLE001
-                        ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
-                    record(name, ok, err)
+                    spqr_case(f"spqr{bits} {k}x{n} m{m} lora{int(lora)} sstats{sstats} opre{opre}", lay, w, k, n, m,
+                              lora)
+        # session 25's 4.0-bit mixes (docs/results.md section 3): 4-bit codes in groups of 64, 3-bit in groups of
+        # 128, statistics groups of 16 or 64, ~0.01% outliers; the shipped statistics path
+        for name in (gemv_mma.SSTATS_ENV, gemv_mma.OPRE_ENV):
+            os.environ.pop(name, None)
+        for k, n in ((1024, 768), (4096, 4096)) if quick else ((1024, 768), (4096, 4096), (11008, 4096), (4096, 11008)):
+            for bits, group, stat_group in ((4, 64, 16), (3, 128, 16), (4, 64, 64)):
+                lay = bench_spqr.spqr_layer(k, n, bits, group=group, stat_group=stat_group, outliers=1e-4,
+                                            device=device)
+                w = lay.dequantize(torch.float32)
+                for m, lora in cases:
+                    spqr_case(f"spqr{bits} g{group} s{stat_group} {k}x{n} m{m} lora{int(lora)}", lay, w, k, n, m,
+                              lora)
         # SpQR siblings (q|k|v-like 3 x 1024, gate|up-like 2 x 2048) in one launch (nn/spqr_siblings.py): each
         # sibling's output equal to its own launch's (the sums differ only by the split of K: same KC, same order)
         from gptqlora.nn import spqr_siblings

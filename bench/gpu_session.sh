@@ -213,10 +213,11 @@ print(','.join(min(r, key=lambda x: x['chain_us'])['env'].values()) if r else '1
                python3 bench/l2_repeat.py --builds 1 --reps 2 --l2 0,end,1,0,1 --json "$OUT/l2_self.json" --budget-s 60 \
                  > "$OUT/l2_self.txt" 2>> "$OUT/stderr.log" || tail -5 "$OUT/stderr.log"; cat "$OUT/l2_self.txt" ;;
     spqr-mix)  # issue 17, after session 25 (prepared, not run): the 3.994-bit SpQR mix (4-bit g64, q/k_proj 3-bit g128, 0.01%
-               # outliers; closer to fp16 than GPTQ 4 bit g128 on held-out text) checked through the decode kernels at its
-               # groups (~1 min), then the 7B with it against the 3-bit g16 default and bf16, batch 1 then 8 (~4 min)
-               python3 bench/spqr_mix_check.py > "$OUT/spqr_mix_check.txt" 2>> "$OUT/stderr.log"; rc=$?; tail -1 "$OUT/spqr_mix_check.txt"
-               if [ $rc != 0 ]; then grep '"ok": false' "$OUT/spqr_mix_check.txt" | head -5; tail -5 "$OUT/stderr.log"; echo "SPQR MIX CHECK FAILED"; else
+               # outliers; closer to fp16 than GPTQ 4 bit g128 on held-out text): the probe's quick checks, which hold its
+               # layers' groups (~1.5 min), then the 7B with it against the 3-bit g16 default and bf16, batch 1 then 8 (~4 min)
+               python3 bench/gemv_mma_probe.py --quick --skip-timing --json "$OUT/mma_checks.json" > "$OUT/mma_checks.txt" \
+                 2>> "$OUT/stderr.log"; rc=$?; grep -E "checks:|FAIL" "$OUT/mma_checks.txt" | head -8
+               if [ $rc != 0 ]; then tail -5 "$OUT/stderr.log"; echo "MMA CHECKS FAILED: no model run"; else
                python3 bench/decode.py --skip layers --bits spqrmix-default,spqr3-default --batches "${SPQR_BATCHES:-1,8}" --no-old-harness \
                  --budget-s "${SPQR_BUDGET:-200}" --json "$OUT/decode_spqr_mix.json" > "$OUT/decode_spqr_mix.txt" 2>> "$OUT/stderr.log" \
                  || tail -5 "$OUT/stderr.log"; tail -8 "$OUT/decode_spqr_mix.txt"; fi ;;

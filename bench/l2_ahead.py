@@ -34,7 +34,7 @@ from gptqlora.kernels import gemv_m1  # noqa: E402
 # (K, N, bounds) of a 7B block's launches: q|k|v and gate|up as one launch each (nn/sibling_gemv.py)
 UNITS = ((4096, 12288, (4096, 8192)), (4096, 4096, None), (4096, 22016, (11008, 22016)), (11008, 4096, None))
 R = 8
-ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV, gemv_m1.SELF_ENV)
+ENVS = gemv_m1.L2_ENVS
 VARIANTS = {  # name -> (MB ahead, at, evict_last, own evict_first, own words asked first)
     "off": ("0", "end", "1", "0", "0"),
     "end8": ("8", "end", "1", "0", "0"),

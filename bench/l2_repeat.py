@@ -26,7 +26,7 @@ import decode  # noqa: E402
 from gptqlora.graph_decode import forget_decoders  # noqa: E402
 from gptqlora.kernels import gemv_m1  # noqa: E402
 
-ENVS = (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV, gemv_m1.SELF_ENV)
+ENVS = gemv_m1.L2_ENVS
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ AHEAD_AT_ENV = "GPTQLORA_L2_AHEAD_AT"  # "end" (default): each program asks afte
 AHEAD_LAST_ENV = "GPTQLORA_L2_AHEAD_LAST"  # "1" (default): ask with the evict_last hint; "0": plain
 OWN_FIRST_ENV = "GPTQLORA_L2_OWN_FIRST"  # "1": this layer's own words read with evict_first (they are read once)
 SELF_ENV = "GPTQLORA_L2_SELF"  # "1": each program asks L2 for all its own words before its loop (session 25, unmeasured)
+L2_ENVS = (AHEAD_ENV, AHEAD_AT_ENV, AHEAD_LAST_ENV, OWN_FIRST_ENV, SELF_ENV)  # the L2 settings, in the benches' order
 DEFAULT_BITS = (2, 4)  # where the 7B A/B measured it ahead (session 14); 8 bit unmeasured
 TUNABLE = ("NREP", "BW", "SPLIT", "num_warps", "PREFETCH", "loop_stages")
 COLS = 128  # columns of one block: a warp's 32 threads x 4 (one 16-byte load each); less only where siblings' widths need it

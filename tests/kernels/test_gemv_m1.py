@@ -256,7 +256,7 @@ def test_ahead_config_caps_and_is_off_where_it_cannot_run(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name in (gemv_m1.AHEAD_ENV, gemv_m1.AHEAD_AT_ENV, gemv_m1.AHEAD_LAST_ENV, gemv_m1.OWN_FIRST_ENV):
+    for name in gemv_m1.L2_ENVS:
         monkeypatch.delenv(name, raising=False)
     words = 3 * 2**20  # a 12 MB packed weight
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.int32, numel=lambda: words, element_size=lambda: 4)
